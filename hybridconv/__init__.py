@@ -1,0 +1,21 @@
+"""hybridconv: convert hybrid (attention + SSM/recurrent) Hugging Face checkpoints
+to MLX, and check that the result computes the same function.
+
+Python API::
+
+    import hybridconv, mlx.core as mx
+    model = hybridconv.load("out-folder")
+    logits = model(mx.array([[2, 17, 42]], dtype=mx.int32))   # [B, T, V]
+"""
+
+__version__ = "0.1.0"
+
+
+def load(path, lazy: bool = False):
+    """Load a converted MLX folder as a hybridconv model (see :mod:`hybridconv.loading`)."""
+    from .loading import load as _load
+
+    return _load(path, lazy=lazy)
+
+
+__all__ = ["__version__", "load"]

@@ -1,0 +1,339 @@
+"""Planning and running a conversion.
+
+:func:`plan` reads only config.json and safetensors headers: it normalises the
+config, runs every tensor's metadata through the architecture's rules and
+checks the result against the parameters of the MLX model (built lazily, so no
+weight memory is allocated). The ledger must balance: every source tensor kept
+or dropped with a reason, every model parameter filled with the right shape.
+
+:func:`convert` then streams the data shard by shard and tensor by tensor in
+bounded chunks (peak memory: a chunk, or one conv kernel), writes into a
+temporary sibling of OUT and renames it into place only when everything —
+weights, index, config, tokenizer files — is written.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .checkpoint import CARRY_PATTERNS, INDEX_NAME, Source, WeightIndex, index_weights, resolve
+from .config import read_config
+from .converters import Architecture, lookup
+from .converters.rules import Meta, Step, apply_transpose, plan_tensor
+from .errors import LedgerError, OutputError, UsageError
+from .safetensors_io import (
+    DTYPE_NAMES,
+    FLOAT_DTYPES,
+    ITEMSIZE,
+    convert_raw,
+    header_bytes,
+    iter_raw_chunks,
+    read_tensor,
+)
+
+DTYPE_LABELS = {v: k for k, v in DTYPE_NAMES.items()}  # "F32" -> "float32"
+CONVERSION_RECORD = "conversion.json"
+_LAYER = re.compile(r"\.layers\.(?:layers\.)?(\d+)\.")
+
+
+@dataclass
+class Plan:
+    source: Source
+    arch: Architecture
+    raw_config: dict
+    config: dict  # normalised
+    index: WeightIndex
+    dtype: str  # safetensors code of the output float dtype
+    steps: list[Step] = field(default_factory=list)
+    expected: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[Step]:
+        return [s for s in self.steps if s.target is not None]
+
+    @property
+    def dropped(self) -> list[Step]:
+        return [s for s in self.steps if s.target is None]
+
+    @property
+    def parameter_count(self) -> int:
+        total = 0
+        for shape in self.expected.values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def output_bytes(self) -> int:
+        return sum(_nbytes(s.dtype, s.shape) for s in self.kept)
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = ITEMSIZE[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+def default_dtype(raw_config: dict, index: WeightIndex) -> str:
+    """The checkpoint's own dtype: config's dtype/torch_dtype, else the commonest float."""
+    for key in ("dtype", "torch_dtype"):
+        value = raw_config.get(key)
+        if isinstance(value, str) and value in DTYPE_NAMES:
+            return DTYPE_NAMES[value]
+    counts = Counter(t.dtype for t in index.tensors.values() if t.dtype in FLOAT_DTYPES)
+    code = counts.most_common(1)[0][0] if counts else "F32"
+    return code if code in DTYPE_LABELS else "F32"
+
+
+def expected_parameters(arch: Architecture, config: dict) -> dict[str, tuple[int, ...]]:
+    from mlx.utils import tree_flatten
+
+    model = arch.build_model(config)  # lazy: parameters are not materialised
+    return {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
+
+
+def plan(source: Source, dtype: str | None = None) -> Plan:
+    raw = read_config(source.path)
+    arch = lookup(raw)
+    config = arch.normalize_config(raw)
+    index = index_weights(source.path)
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    code = DTYPE_NAMES[dtype] if dtype else default_dtype(raw, index)
+    p = Plan(source, arch, raw, config, index, code)
+    rules = arch.rules(config)
+    p.steps = [
+        plan_tensor(Meta(t.name, t.dtype, t.shape), rules, code) for t in index.tensors.values()
+    ]
+    p.expected = expected_parameters(arch, config)
+    check_ledger(p)
+    return p
+
+
+def check_ledger(p: Plan) -> None:
+    """Every source tensor accounted for; every parameter filled, with its shape."""
+    targets: dict[str, Step] = {}
+    for s in p.kept:
+        if s.target in targets:
+            raise LedgerError(
+                f"tensors '{targets[s.target].source}' and '{s.source}' both map to '{s.target}'"
+            )
+        targets[s.target] = s
+    n_layers = p.config["num_hidden_layers"]
+    unexpected = sorted(set(targets) - set(p.expected))
+    if unexpected:
+        beyond = sorted(
+            {int(m.group(1)) for n in unexpected if (m := _LAYER.search(n)) and int(m.group(1)) >= n_layers}
+        )
+        if beyond:
+            raise LedgerError(
+                f"the checkpoint has tensors for layer {beyond[-1]} but config.json says "
+                f"num_hidden_layers = {n_layers} (e.g. '{unexpected[0]}')",
+                "config.json and the weights disagree; fix num_hidden_layers",
+            )
+        raise LedgerError(
+            f"{len(unexpected)} source tensor(s) match no parameter of {p.arch.title}: "
+            + ", ".join(f"'{targets[n].source}'" for n in unexpected[:8])
+            + (" ..." if len(unexpected) > 8 else ""),
+            "the checkpoint does not match its config (or holds extra tensors); check config.json",
+        )
+    missing = sorted(set(p.expected) - set(targets))
+    if missing:
+        present = {int(m.group(1)) for n in targets if (m := _LAYER.search(n))}
+        hint = "the checkpoint is incomplete, or config.json describes a different model"
+        if present and max(present) + 1 < n_layers and all(
+            (m := _LAYER.search(n)) and int(m.group(1)) > max(present) for n in missing
+        ):
+            hint = f"config.json says num_hidden_layers = {n_layers}, the weights hold {max(present) + 1} layers"
+        raise LedgerError(
+            f"{len(missing)} model parameter(s) have no source tensor: "
+            + ", ".join(f"'{n}'" for n in missing[:8])
+            + (" ..." if len(missing) > 8 else ""),
+            hint,
+        )
+    for name, step in targets.items():
+        want = p.expected[name]
+        if tuple(step.shape) != want:
+            raise LedgerError(
+                f"tensor '{step.source}': shape {list(step.shape)} after the rules, but the config "
+                f"implies {list(want)}",
+                "config.json and the weights disagree; check the sizes in config.json",
+            )
+
+
+# --- running ---------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    plan: Plan
+    out: Path
+    files: list[str]
+    bytes_written: int
+
+
+Progress = Callable[[int, str], None]  # (bytes just processed, tensor name)
+
+
+def output_config(p: Plan) -> dict:
+    cfg = dict(p.config)
+    label = DTYPE_LABELS[p.dtype]
+    cfg["torch_dtype"] = label
+    cfg["dtype"] = label
+    return cfg
+
+
+def _carried_files(folder: Path) -> list[Path]:
+    out = []
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name != "config.json" and any(
+            fnmatch.fnmatch(f.name, pat) for pat in CARRY_PATTERNS
+        ):
+            out.append(f)
+    return out
+
+
+def prepare_output(out: Path, force: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(
+            f"{out}: already exists",
+            "choose another -o, or pass --force to replace it (the old one is kept until the new one is complete)",
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: the output's parent folder does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{parent}: not writable")
+    return parent / f".{out.name}.partial-{os.getpid()}"
+
+
+def write_weights(p: Plan, tmp: Path, progress: Progress | None = None) -> list[str]:
+    groups = [
+        (shard, [s for s in p.kept if p.index.tensors[s.source].file == shard])
+        for shard in p.index.shards
+    ]
+    groups = [(shard, steps) for shard, steps in groups if steps]
+    n = len(groups)
+    names = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+    weight_map: dict[str, str] = {}
+    total = 0
+    for name, (shard, steps) in zip(names, groups):
+        steps = sorted(steps, key=lambda s: s.target)
+        head = header_bytes([(s.target, s.dtype, s.shape) for s in steps], {"format": "mlx"})
+        with open(shard, "rb") as src, open(tmp / name, "wb") as dst:
+            dst.write(head)
+            for s in steps:
+                info = p.index.tensors[s.source]
+                if s.transpose:
+                    raw = apply_transpose(read_tensor(info, src), s)
+                    dst.write(convert_raw(raw, info.dtype, s.dtype).tobytes())
+                else:
+                    for chunk in iter_raw_chunks(info, src):
+                        dst.write(convert_raw(chunk, info.dtype, s.dtype).tobytes())
+                        if progress:
+                            progress(chunk.nbytes, s.source)
+                if progress and s.transpose:
+                    progress(info.nbytes, s.source)
+                weight_map[s.target] = name
+                total += _nbytes(s.dtype, s.shape)
+    # Dropped tensors still count as processed for the progress bar.
+    if progress:
+        for s in p.dropped:
+            progress(p.index.tensors[s.source].nbytes, s.source)
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return names + [INDEX_NAME]
+
+
+def ledger_record(p: Plan) -> dict:
+    return {
+        "tool": "hybridconv",
+        "version": __version__,
+        "source": p.source.label,
+        "source_revision": p.source.revision,
+        "model_type": p.arch.model_type,
+        "dtype": DTYPE_LABELS[p.dtype],
+        "rules": [r.describe() for r in p.arch.rules(p.config)],
+        "tensors": [
+            {
+                "source": s.source,
+                "target": s.target,
+                "dtype": DTYPE_LABELS.get(s.dtype, s.dtype) if s.dtype else None,
+                "shape": list(s.shape) if s.shape else None,
+                "actions": s.actions,
+                **({"dropped_because": s.dropped_because} if s.target is None else {}),
+            }
+            for s in p.steps
+        ],
+    }
+
+
+def convert(
+    source: str,
+    out: Path,
+    dtype: str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> Result:
+    src = resolve(source, revision)
+    out = Path(out)
+    if out.resolve() == src.path.resolve():
+        raise UsageError(f"{out}: is the source folder; choose another output")
+    tmp = prepare_output(out, force)
+    p = plan(src, dtype)
+    if on_plan:
+        on_plan(p)
+    try:
+        tmp.mkdir()
+        files = write_weights(p, tmp, progress)
+        (tmp / "config.json").write_text(json.dumps(output_config(p), indent=2) + "\n")
+        files.append("config.json")
+        for f in _carried_files(src.path):
+            shutil.copyfile(f, tmp / f.name)  # follows the HF cache's symlinks
+            files.append(f.name)
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(ledger_record(p), indent=2) + "\n")
+        files.append(CONVERSION_RECORD)
+        _swap_into_place(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(
+            f"{out}: writing failed ({exc.strerror or exc})",
+            "check free space and permissions; nothing was left at the output path",
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Result(p, out, files, p.output_bytes())
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

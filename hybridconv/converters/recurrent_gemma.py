@@ -1,0 +1,136 @@
+"""RecurrentGemma (Griffin) converter: config normalisation and tensor rules.
+
+Architecture and math: :mod:`hybridconv.models.recurrent_gemma`.
+
+Config normalisation (transformers 4 and 5, and the published configs):
+
+* ``rope_theta`` and ``partial_rotary_factor`` from the top level or from
+  transformers 5's ``rope_parameters`` (defaults 10000 and 0.5, as the
+  reference assumes); only the ``default`` rope type exists for this model.
+* ``block_types`` from ``block_types`` or ``_block_types`` (the 2B and 9B
+  configs differ), validated: every entry ``recurrent`` or ``attention``.
+* ``lru_width`` defaults to ``hidden_size``; ``num_key_value_heads`` to
+  ``num_attention_heads`` (transformers' default; the published models set 1);
+  ``head_dim`` is ``hidden_size / num_attention_heads`` whatever the file says
+  (transformers recomputes it the same way).
+* ``dtype`` / ``torch_dtype``: both are written, naming the output dtype.
+
+Tensor rules: ``drop`` rotary ``inv_freq`` buffers and a tied ``lm_head.weight``;
+``conv1d-to-mlx`` for ``temporal_block.conv_1d.weight`` (``K = conv1d_width``);
+everything else cast to ``--dtype``, names unchanged. The RG-LRU parameters stay
+in the model dtype here because mlx-lm's implementation requires the recurrence
+coefficients and inputs to share a dtype.
+"""
+
+from __future__ import annotations
+
+from ..config import pick, positive
+from ..errors import ConfigError
+from ..models import recurrent_gemma as model_module
+from .registry import Architecture, register
+from .rules import ConvToMLX, Drop, Rule
+
+BLOCK_KINDS = ("recurrent", "attention")
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_approx")
+
+
+def parse_block_types(value) -> list[str]:
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            f"config.json: block_types must be a non-empty list, found {value!r}",
+            f"each entry is one of: {', '.join(BLOCK_KINDS)}",
+        )
+    for i, kind in enumerate(value):
+        if kind not in BLOCK_KINDS:
+            raise ConfigError(
+                f"config.json: block_types[{i}] is {kind!r}; allowed: {', '.join(BLOCK_KINDS)}"
+            )
+    return list(value)
+
+
+def normalize_config(raw: dict) -> dict:
+    cfg = dict(raw)
+    cfg["model_type"] = "recurrent_gemma"
+
+    def req_int(*names):
+        return positive(names[0], pick(raw, *names, kind=int))
+
+    hidden = cfg["hidden_size"] = req_int("hidden_size")
+    cfg["intermediate_size"] = req_int("intermediate_size")
+    cfg["num_hidden_layers"] = req_int("num_hidden_layers")
+    cfg["vocab_size"] = req_int("vocab_size")
+    heads = cfg["num_attention_heads"] = req_int("num_attention_heads")
+    kv = cfg["num_key_value_heads"] = positive(
+        "num_key_value_heads", pick(raw, "num_key_value_heads", default=heads, kind=int)
+    )
+    lru = cfg["lru_width"] = positive("lru_width", pick(raw, "lru_width", default=hidden, kind=int))
+    cfg["attention_window_size"] = positive(
+        "attention_window_size",
+        pick(raw, "attention_window_size", "sliding_window", default=2048, kind=int),
+    )
+    cfg["conv1d_width"] = positive("conv1d_width", pick(raw, "conv1d_width", default=4, kind=int))
+    cfg["logits_soft_cap"] = pick(raw, "logits_soft_cap", default=30.0, kind=float)
+    cfg["rms_norm_eps"] = pick(raw, "rms_norm_eps", default=1e-6, kind=float)
+    cfg["rope_theta"] = pick(
+        raw, "rope_theta", "rope_parameters.rope_theta", default=10000.0, kind=float
+    )
+    cfg["partial_rotary_factor"] = pick(
+        raw,
+        "partial_rotary_factor",
+        "rope_parameters.partial_rotary_factor",
+        default=0.5,
+        kind=float,
+    )
+    rope_type = pick(raw, "rope_parameters.rope_type", "rope_scaling.rope_type", default="default")
+    if rope_type != "default":
+        raise ConfigError(
+            f"config.json: rope type {rope_type!r} is not supported by RecurrentGemma (only 'default')"
+        )
+    cfg["block_types"] = parse_block_types(
+        pick(raw, "block_types", "_block_types", default=["recurrent", "recurrent", "attention"])
+    )
+    cfg.pop("_block_types", None)
+    act = pick(raw, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh", kind=str)
+    if act not in ACTIVATIONS:
+        raise ConfigError(
+            f"config.json: hidden_activation {act!r} is not supported; expected one of {', '.join(ACTIVATIONS)}"
+        )
+    cfg["attention_bias"] = pick(raw, "attention_bias", default=False, kind=bool)
+    cfg["tie_word_embeddings"] = pick(raw, "tie_word_embeddings", default=True, kind=bool)
+    cfg["embeddings_scale_by_sqrt_dim"] = pick(
+        raw, "embeddings_scale_by_sqrt_dim", default=True, kind=bool
+    )
+    for name, num, den in (
+        ("hidden_size", hidden, heads),
+        ("lru_width", lru, heads),
+        ("num_attention_heads", heads, kv),
+    ):
+        if num % den:
+            raise ConfigError(
+                f"config.json: {name} ({num}) must be a multiple of {den} "
+                f"({'num_key_value_heads' if name == 'num_attention_heads' else 'num_attention_heads'})"
+            )
+    cfg["head_dim"] = hidden // heads
+    return cfg
+
+
+def rules(cfg: dict) -> list[Rule]:
+    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta")]
+    if cfg["tie_word_embeddings"]:
+        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight"))
+    out.append(ConvToMLX(r"\.temporal_block\.conv_1d\.weight$", cfg["conv1d_width"]))
+    return out
+
+
+ARCH = register(
+    Architecture(
+        model_type="recurrent_gemma",
+        architectures=("RecurrentGemmaForCausalLM",),
+        title="RecurrentGemma / Griffin (RG-LRU + local attention)",
+        normalize_config=normalize_config,
+        rules=rules,
+        model_module=model_module,
+    )
+)

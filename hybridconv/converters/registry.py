@@ -1,0 +1,65 @@
+"""The architecture registry, keyed by ``model_type`` and ``architectures``.
+
+Each converter module registers one :class:`Architecture`. Lookup fails with
+the list of supported architectures: there is no fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+from ..errors import UnsupportedArchitectureError
+from .rules import Rule
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    architectures: tuple[str, ...]
+    title: str
+    normalize_config: Callable[[dict], dict]
+    rules: Callable[[dict], list[Rule]]
+    model_module: ModuleType  # provides ModelArgs, Model, layer_schedule
+
+    def model_args(self, config: dict):
+        return self.model_module.ModelArgs.from_dict(config)
+
+    def build_model(self, config: dict):
+        return self.model_module.Model(self.model_args(config))
+
+    def schedule(self, config: dict) -> list[str]:
+        return self.model_module.layer_schedule(self.model_args(config))
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    _REGISTRY[arch.model_type] = arch
+    return arch
+
+
+def supported() -> list[Architecture]:
+    return sorted(_REGISTRY.values(), key=lambda a: a.model_type)
+
+
+def supported_list() -> str:
+    return ", ".join(f"{a.model_type} ({', '.join(a.architectures)})" for a in supported())
+
+
+def lookup(config: dict) -> Architecture:
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    names = config.get("architectures") or []
+    if isinstance(names, list):
+        for arch in _REGISTRY.values():
+            if any(n in arch.architectures for n in names):
+                return arch
+    found = f"model_type={model_type!r}, architectures={names!r}"
+    raise UnsupportedArchitectureError(
+        f"config.json: unsupported architecture ({found}); supported: {supported_list()}",
+        "hybridconv converts only the hybrid architectures listed; other models are served by mlx_lm.convert",
+    )

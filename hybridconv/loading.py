@@ -1,0 +1,42 @@
+"""Loading a converted folder into hybridconv's own MLX model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import index_weights
+from .config import read_config
+from .converters import lookup
+from .errors import CheckpointError
+
+
+def load_config(path: Path) -> tuple[object, dict]:
+    raw = read_config(Path(path))
+    arch = lookup(raw)
+    return arch, arch.normalize_config(raw)
+
+
+def load(path, lazy: bool = False):
+    """The MLX model of a converted folder; ``model(ids[B, T]) -> logits[B, T, V]``."""
+    import mlx.core as mx
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder")
+    arch, config = load_config(path)
+    model = arch.build_model(config)
+    index = index_weights(path)
+    weights: dict = {}
+    for shard in index.shards:
+        weights.update(mx.load(str(shard)))
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit the {arch.title} model: {exc}",
+            "load a folder written by `hybridconv convert` (a Hugging Face checkpoint must be converted first)",
+        ) from None
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model

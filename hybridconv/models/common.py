@@ -1,0 +1,78 @@
+"""Building blocks shared by the hybrid architectures.
+
+Kept deliberately small: an RMSNorm whose scale is ``weight + offset`` (both
+PLaMo-2 and RecurrentGemma store norm weights as a *difference* from a fixed
+scale), a causal depthwise 1-D convolution with a rolling state for decoding,
+and the causal (optionally sliding-window) attention mask for a chunk of new
+tokens placed after ``offset`` cached ones.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class OffsetRMSNorm(nn.Module):
+    """RMSNorm with scale ``weight + offset``.
+
+    ``y = x / sqrt(mean(x^2) + eps) * (weight + offset)``. The checkpoint stores
+    ``weight`` as the difference from ``offset`` (initialised at zero), so losing
+    the offset silently rescales every activation: it is a constructor argument
+    here, never a weight.
+    """
+
+    def __init__(self, dims: int, eps: float = 1e-6, offset: float = 1.0):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+        self.offset = offset
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight + self.offset, self.eps)
+
+
+def causal_depthwise_conv(
+    x: mx.array,
+    weight: mx.array,
+    bias: Optional[mx.array],
+    state: Optional[mx.array],
+) -> tuple[mx.array, mx.array]:
+    """Causal depthwise convolution over time.
+
+    ``x``: ``[B, T, C]``; ``weight``: MLX layout ``[C, K, 1]`` (PyTorch stores
+    ``[C, 1, K]``; the converter transposes it). ``state`` holds the previous
+    ``K - 1`` inputs (``None`` at sequence start, meaning zeros, i.e. PyTorch's
+    left padding). Returns the output and the new state.
+    """
+    channels, k, _ = weight.shape
+    if state is None:
+        padded = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
+    else:
+        padded = mx.concatenate([state.astype(x.dtype), x], axis=1)
+    y = mx.conv_general(padded, weight, groups=channels)
+    if bias is not None:
+        y = y + bias
+    return y, padded[:, padded.shape[1] - (k - 1) :, :]
+
+
+def attention_mask(
+    n_queries: int, n_keys: int, offset: int, window: Optional[int]
+) -> Optional[mx.array]:
+    """Boolean mask ``[n_queries, n_keys]`` for queries at absolute positions
+    ``offset .. offset+n_queries-1`` over the last ``n_keys`` positions (keys in
+    temporal order, ending with the queries' own). A query at ``q`` sees keys
+    ``k`` with ``q - window < k <= q`` (``window`` counts the query itself, as
+    in transformers' sliding-window mask). ``None`` when nothing is masked.
+    """
+    if n_queries == 1 and (window is None or n_keys <= window):
+        return None
+    q_pos = mx.arange(offset, offset + n_queries)[:, None]
+    first_key = offset + n_queries - n_keys
+    k_pos = mx.arange(first_key, first_key + n_keys)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    return mask

@@ -1,0 +1,398 @@
+"""PLaMo-2 (Preferred Networks): Mamba-2 mixers interleaved with attention.
+
+Architecture
+============
+A decoder-only stack of ``num_hidden_layers`` layers. Every layer is
+``x + post_mixer_norm(mixer(pre_mixer_norm(x)))`` followed by
+``x + post_mlp_norm(mlp(pre_mlp_norm(x)))``, where ``mixer`` is either a Mamba-2
+SSM block or grouped-query attention. Embeddings may be tied to the output head.
+
+Layer schedule (``mamba_step``)
+-------------------------------
+Layer ``i`` is attention when ``i % mamba_step == mamba_step // 2`` and Mamba
+otherwise; with ``mamba_step = 2`` that is Mamba, attention, Mamba, attention…
+When the stack is too short to reach the first attention slot
+(``num_hidden_layers <= mamba_step // 2``) the *last* layer is attention so the
+model still has one. ``mamba_enabled = false`` makes every layer attention.
+(mlx-lm indexes its caches with ``mamba_step // 2`` and crashes in that short
+case; here the schedule is a list and nothing is indexed by the rule.)
+
+Four norms per layer, with offsets
+----------------------------------
+PLaMo-2 normalises both *before* and *after* each sub-block ("sandwich" norm):
+the post-norms bound the size of what each sub-block adds to the residual
+stream, which keeps deep hybrid stacks stable in training. Norm weights are
+stored as differences from a fixed scale: ``scale = weight + offset`` with
+offset ``1`` for the two pre-norms and the final norm, ``1/5`` for the
+post-mixer norm and ``1/5**1.5`` for the post-MLP norm (small initial
+contributions from each sub-block, a depth-scaled initialisation written into
+the parameterisation).
+
+The Mamba-2 mixer, step by step (Dao & Gu, 2024, "Transformers are SSMs:
+Generalized Models and Efficient Algorithms Through Structured State Space
+Duality", arXiv:2405.21060)
+--------------------------------------------------------------------------------
+With ``H = mamba_num_heads`` heads of ``P = hidden_size_per_head`` channels and
+state size ``N = mamba_d_state``:
+
+1. ``in_proj`` maps ``x`` to ``2·H·P`` features, laid out *per head* as
+   ``[z_h | x_h]`` (``P`` each): reshape to ``[H, 2P]`` and split, not a split of
+   the flat vector in halves.
+2. ``x`` goes through a causal depthwise conv1d of width ``mamba_d_conv`` (no
+   bias) and SiLU.
+3. ``bcdt_proj(x)`` gives ``B`` (``N``), ``C`` (``N``) and a low-rank ``dt``
+   (``max(64, hidden/16)``), each RMS-normalised with its own weight
+   (``B_norm_weight``, ``C_norm_weight``, ``dt_norm_weight``; no offset).
+   ``B`` and ``C`` are shared by all heads (one group).
+4. ``dt = softplus(dt_proj(dt) + dt_bias)`` per head, clipped to
+   ``[1e-3, 100]`` (mlx-lm's SSD time-step limit, which the oracle uses).
+5. ``A = -exp(A_log)`` (the checkpoint stores the log of ``-A`` so that ``A``
+   stays negative, i.e. the state decays). Per head and step, with
+   ``h ∈ R^{P×N}``::
+
+       h_t = exp(dt_t · A) · h_{t-1} + dt_t · x_t ⊗ B_t
+       y_t = h_t · C_t + D · x_t                      (D: per-head skip)
+
+6. Output gate: ``out_proj(silu(z) * y)``.
+
+Prefill evaluates the recurrence in the SSD "chunked" form (vectorised over
+time): within a chunk of ``mamba_chunk_size`` steps the output is a masked,
+decay-weighted attention-like product ``(C_t·B_s)·exp(Σ_{s<k≤t} dt_k A)``; the
+state is carried from chunk to chunk. Decoding runs the same code on one step.
+
+Attention
+---------
+Fused ``qkv_proj`` (``num_attention_heads`` query heads,
+``num_key_value_heads`` key/value heads of ``hidden_size_per_head``), then
+*QK normalisation*: each of q and k is RMS-normalised per head without weight
+and multiplied by a learned per-head, per-channel weight (``q_weight``
+``[H_q, d]``, ``k_weight`` ``[H_kv, d]``). Rotary embeddings over the full head,
+``rope_theta`` (10000 by default).
+
+Cache: a layer listed in ``full_attention_idx`` keeps the full KV history; any
+other attention layer attends within ``attention_window_size`` positions and
+keeps a rotating cache of that size. (mlx-lm leaves this as a TODO and gives
+every layer a full KV cache; the window is what the config key means, and the
+rotating cache bounds memory on long generations. For sequences shorter than
+the window the two are identical.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+
+from .common import OffsetRMSNorm, attention_mask, causal_depthwise_conv
+
+# mlx-lm's SSD limit on dt (ssm.py); the oracle logits were computed with it.
+DT_MIN, DT_MAX = 1e-3, 100.0
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "plamo2"
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    hidden_size_per_head: int = 128
+    max_position_embeddings: int = 2048
+    attention_window_size: int = 2048
+    full_attention_idx: list[int] = field(default_factory=list)
+    mamba_d_state: int = 64
+    mamba_d_conv: int = 4
+    mamba_num_heads: int = 64
+    mamba_step: int = 2
+    mamba_chunk_size: int = 256
+    mamba_enabled: bool = True
+    intermediate_size: int = 13312
+    vocab_size: int = 32000
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ModelArgs":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
+def layer_schedule(args: ModelArgs) -> list[str]:
+    """``"mamba"`` or ``"attention"`` for every layer (see module docstring)."""
+    n, step = args.num_hidden_layers, args.mamba_step
+    if not args.mamba_enabled:
+        return ["attention"] * n
+    if n <= step // 2:
+        return ["mamba"] * (n - 1) + ["attention"]
+    return ["attention" if i % step == step // 2 else "mamba" for i in range(n)]
+
+
+def dt_dim(args: ModelArgs) -> int:
+    return max(64, args.hidden_size // 16)
+
+
+def segsum(a: mx.array) -> mx.array:
+    """``out[..., t, s] = sum(a[..., s+1 : t+1])`` for ``s <= t``, ``-inf`` above.
+
+    Computed as a masked cumulative sum rather than ``cumsum[t] - cumsum[s]``,
+    which loses precision in float32 once the running sum is large.
+    """
+    q = a.shape[-1]
+    x = mx.repeat(a[..., None], q, axis=-1)  # x[..., t, s] = a[t]
+    x = mx.tril(x, -1)  # keep t > s
+    out = mx.cumsum(x, axis=-2)
+    lower = mx.tril(mx.ones((q, q), dtype=mx.bool_))
+    return mx.where(lower, out, -mx.inf)
+
+
+def ssd_scan(
+    x: mx.array,
+    dt: mx.array,
+    A: mx.array,
+    B: mx.array,
+    C: mx.array,
+    D: mx.array,
+    state: Optional[mx.array],
+    chunk_size: int,
+) -> tuple[mx.array, mx.array]:
+    """The Mamba-2 recurrence in chunked (SSD) form, float32 throughout.
+
+    ``x``: ``[b, T, H, P]``; ``dt``: ``[b, T, H]`` (after softplus); ``A``, ``D``:
+    ``[H]``; ``B``, ``C``: ``[b, T, N]``; ``state``: ``[b, H, P, N]`` or ``None``.
+    Returns ``y`` ``[b, T, H, P]`` and the final state.
+    """
+    b, T, H, P = x.shape
+    N = B.shape[-1]
+    if state is None:
+        state = mx.zeros((b, H, P, N), dtype=mx.float32)
+    ys = []
+    for start in range(0, T, chunk_size):  # loop over chunks, not time steps
+        xs = x[:, start : start + chunk_size]
+        dts = dt[:, start : start + chunk_size]
+        Bs = B[:, start : start + chunk_size]
+        Cs = C[:, start : start + chunk_size]
+        dtA = (dts * A).transpose(0, 2, 1)  # [b, H, Q]
+        L = mx.exp(segsum(dtA))  # [b, H, Q(t), Q(s)] decay from s to t
+        CB = Cs @ Bs.swapaxes(1, 2)  # [b, Q(t), Q(s)]
+        dtx = dts[..., None] * xs  # [b, Q, H, P]
+        # Within the chunk: y_t = sum_s (C_t . B_s) exp(sum_{s<k<=t} dtA_k) dt_s x_s
+        y = (CB[:, None] * L) @ dtx.transpose(0, 2, 1, 3)  # [b, H, Q, P]
+        # From the state carried in: exp(sum_{k<=t} dtA_k) * (h0 . C_t)
+        decay_in = mx.exp(mx.cumsum(dtA, axis=-1))  # [b, H, Q]
+        y = y + decay_in[..., None] * (Cs[:, None] @ state.swapaxes(2, 3))
+        # Carry: h_end = exp(sum dtA) h0 + sum_s exp(sum_{s<k<=end} dtA_k) dt_s x_s (x) B_s
+        decay_out = L[:, :, -1, :]  # [b, H, Q(s)]
+        weighted = dtx.transpose(0, 2, 3, 1) * decay_out[:, :, None, :]  # [b,H,P,Q]
+        state = decay_in[:, :, -1, None, None] * state + weighted @ Bs[:, None]
+        ys.append(y.transpose(0, 2, 1, 3))
+    y = mx.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
+    return y + x * D[:, None], state
+
+
+class Mamba(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.num_heads = args.mamba_num_heads
+        self.head_dim = args.hidden_size_per_head
+        self.d_state = args.mamba_d_state
+        self.chunk_size = args.mamba_chunk_size
+        self.dt_dim = dt_dim(args)
+        inner = self.num_heads * self.head_dim
+        self.in_proj = nn.Linear(args.hidden_size, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(
+            inner, inner, args.mamba_d_conv, groups=inner, bias=False
+        )
+        self.bcdt_proj = nn.Linear(inner, self.dt_dim + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_dim, self.num_heads, bias=False)
+        self.dt_bias = mx.zeros((self.num_heads,))
+        self.A_log = mx.zeros((self.num_heads,))
+        self.D = mx.ones((self.num_heads,))
+        self.dt_norm_weight = mx.ones((self.dt_dim,))
+        self.B_norm_weight = mx.ones((self.d_state,))
+        self.C_norm_weight = mx.ones((self.d_state,))
+        self.out_proj = nn.Linear(inner, args.hidden_size, bias=False)
+
+    def __call__(self, h: mx.array, cache: Optional[ArraysCache] = None) -> mx.array:
+        b, T, _ = h.shape
+        eps = self.args.rms_norm_eps
+        zx = self.in_proj(h).reshape(b, T, self.num_heads, 2 * self.head_dim)
+        z, x = zx[..., : self.head_dim], zx[..., self.head_dim :]
+        x = x.reshape(b, T, -1)
+
+        conv_state = cache[0] if cache is not None else None
+        x, conv_state = causal_depthwise_conv(x, self.conv1d.weight, None, conv_state)
+        x = nn.silu(x)
+
+        bcdt = self.bcdt_proj(x)
+        Bm = bcdt[..., : self.d_state]
+        Cm = bcdt[..., self.d_state : 2 * self.d_state]
+        dt = bcdt[..., 2 * self.d_state :]
+        Bm = mx.fast.rms_norm(Bm, self.B_norm_weight, eps)
+        Cm = mx.fast.rms_norm(Cm, self.C_norm_weight, eps)
+        dt = mx.fast.rms_norm(dt, self.dt_norm_weight, eps)
+        dt = self.dt_proj(dt).astype(mx.float32)
+        dt = mx.clip(nn.softplus(dt + self.dt_bias.astype(mx.float32)), DT_MIN, DT_MAX)
+        A = -mx.exp(self.A_log.astype(mx.float32))
+
+        ssm_state = cache[1] if cache is not None else None
+        y, ssm_state = ssd_scan(
+            x.reshape(b, T, self.num_heads, self.head_dim).astype(mx.float32),
+            dt,
+            A,
+            Bm.astype(mx.float32),
+            Cm.astype(mx.float32),
+            self.D.astype(mx.float32),
+            ssm_state,
+            self.chunk_size,
+        )
+        if cache is not None:
+            cache[0], cache[1] = conv_state, ssm_state
+        y = y.astype(h.dtype).reshape(b, T, -1)
+        return self.out_proj(nn.silu(z.reshape(b, T, -1)) * y)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, window: Optional[int]):
+        super().__init__()
+        d = args.hidden_size_per_head
+        self.n_q, self.n_kv, self.head_dim = (
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            d,
+        )
+        self.window = window
+        self.scale = d**-0.5
+        self.qkv_proj = nn.Linear(
+            args.hidden_size, (self.n_q + 2 * self.n_kv) * d, bias=False
+        )
+        self.o_proj = nn.Linear(self.n_q * d, args.hidden_size, bias=False)
+        self.q_weight = mx.ones((self.n_q, d))
+        self.k_weight = mx.ones((self.n_kv, d))
+        self.rope = nn.RoPE(d, traditional=False, base=args.rope_theta)
+
+    def __call__(self, h: mx.array, cache=None) -> mx.array:
+        b, T, _ = h.shape
+        d = self.head_dim
+        qkv = self.qkv_proj(h)
+        q = qkv[..., : self.n_q * d].reshape(b, T, self.n_q, d).transpose(0, 2, 1, 3)
+        k = qkv[..., self.n_q * d : (self.n_q + self.n_kv) * d]
+        k = k.reshape(b, T, self.n_kv, d).transpose(0, 2, 1, 3)
+        v = qkv[..., (self.n_q + self.n_kv) * d :]
+        v = v.reshape(b, T, self.n_kv, d).transpose(0, 2, 1, 3)
+        # QK norm: per-head RMSNorm (fixed eps, as in PLaMo-2) with a [heads, d] weight.
+        q = mx.fast.rms_norm(q, None, 1e-6) * self.q_weight[:, None]
+        k = mx.fast.rms_norm(k, None, 1e-6) * self.k_weight[:, None]
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        mask = attention_mask(T, k.shape[2], offset, self.window)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(
+            args.hidden_size, 2 * args.intermediate_size, bias=False
+        )
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, kind: str, window: Optional[int]):
+        super().__init__()
+        self.kind = kind
+        self.is_mamba = kind == "mamba"
+        self.mixer = Mamba(args) if self.is_mamba else Attention(args, window)
+        self.mlp = MLP(args)
+        eps = args.rms_norm_eps
+        self.pre_mixer_norm = OffsetRMSNorm(args.hidden_size, eps, offset=1.0)
+        self.post_mixer_norm = OffsetRMSNorm(args.hidden_size, eps, offset=1.0 / 5)
+        self.pre_mlp_norm = OffsetRMSNorm(args.hidden_size, eps, offset=1.0)
+        self.post_mlp_norm = OffsetRMSNorm(args.hidden_size, eps, offset=1.0 / 5**1.5)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        x = x + self.post_mixer_norm(self.mixer(self.pre_mixer_norm(x), cache=cache))
+        return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        full = set(args.full_attention_idx or [])
+        self.layers = [
+            DecoderLayer(
+                args, kind, None if i in full else args.attention_window_size
+            )
+            for i, kind in enumerate(layer_schedule(args))
+        ]
+
+
+class PlamoModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = Decoder(args)  # parameter path model.layers.layers.N, as in HF
+        self.norm = OffsetRMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
+
+
+class Model(nn.Module):
+    """PLaMo-2 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = PlamoModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers.layers
+
+    def block_kinds(self) -> list[str]:
+        return [layer.kind for layer in self.layers]
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        return self.model.embed_tokens(inputs)
+
+    def head(self, h: mx.array) -> mx.array:
+        h = self.model.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
+        """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
+        every block is appended to it (used to localise divergence)."""
+        h = self.embed(inputs)
+        caches = cache if cache is not None else [None] * len(self.layers)
+        for layer, c in zip(self.layers, caches):
+            h = layer(h, cache=c)
+            if hidden_states is not None:
+                hidden_states.append(h)
+        return self.head(h)
+
+    def make_cache(self) -> list:
+        caches = []
+        for layer in self.layers:
+            if layer.is_mamba:
+                caches.append(ArraysCache(size=2))  # [conv state, SSM state]
+            elif layer.mixer.window is None:
+                caches.append(KVCache())
+            else:
+                caches.append(RotatingKVCache(max_size=layer.mixer.window))
+        return caches

@@ -1,0 +1,221 @@
+"""Safetensors headers, read and written without loading tensors.
+
+The format: 8 bytes little-endian header length ``n``, ``n`` bytes of JSON
+(``name -> {dtype, shape, data_offsets: [begin, end]}`` plus an optional
+``__metadata__``), then the data section. Offsets are relative to the data
+section. Headers are validated before anything is read: a truncated file or a
+tensor whose offsets do not fit its shape is reported naming the file and the
+tensor, not discovered as garbage later.
+
+Data is moved in bounded chunks (:data:`CHUNK_BYTES`), so converting a 1 GB
+embedding never holds 1 GB in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from .errors import CheckpointError
+
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Tensors (in file order) and ``__metadata__`` of one safetensors file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(
+                    f"{path}: truncated ({size} bytes; a safetensors file starts with an 8-byte header length)",
+                    "the download or copy was interrupted; fetch the file again",
+                )
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: header length {n} runs past the end of the file ({size} bytes)",
+                    "the file is truncated or not a safetensors file; fetch it again",
+                )
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: __metadata__ is not a JSON object")
+    data_start, data_len = 8 + n, size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _parse_entry(path, name, entry, data_start, data_len)
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors '{a}' and '{b}' overlap in the data section")
+    order = sorted(tensors.values(), key=lambda t: (t.begin, t.name))
+    return {t.name: t for t in order}, metadata
+
+
+def _parse_entry(path: Path, name: str, entry, data_start: int, data_len: int) -> TensorInfo:
+    where = f"{path}: tensor '{name}'"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: header entry is not an object")
+    dtype = entry.get("dtype")
+    if dtype not in ITEMSIZE:
+        raise CheckpointError(
+            f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(ITEMSIZE))})"
+        )
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise CheckpointError(
+            f"{where}: data_offsets [{begin}, {end}] lie outside the data section (0..{data_len})",
+            "the file is truncated or corrupt; fetch it again",
+        )
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{where}: shape {shape} x {dtype} needs {expected} bytes, offsets give {end - begin}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+# --- conversions between raw storage and float32 ------------------------------------
+
+_NP_RAW = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+}  # fmt: skip
+
+
+def raw_array(buf: bytes | bytearray | memoryview, dtype: str) -> np.ndarray:
+    """A numpy view of raw safetensors bytes (bfloat16 as its uint16 bits)."""
+    return np.frombuffer(buf, dtype=_NP_RAW[dtype])
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        u = x.view(np.uint32)
+        # round to nearest, ties to even; keep NaNs NaN (quiet bit set)
+        rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+        nan = np.isnan(x)
+        if nan.any():
+            rounded[nan] = ((u[nan] >> 16) | np.uint32(0x40)).astype(np.uint16)
+        return rounded
+    return x.astype(_NP_RAW[dtype])
+
+
+def convert_raw(raw: np.ndarray, src: str, dst: str) -> np.ndarray:
+    if src == dst:
+        return raw
+    return from_float32(to_float32(raw, src), dst)
+
+
+# --- reading and writing ----------------------------------------------------------------
+
+
+def read_tensor(info: TensorInfo, f: BinaryIO | None = None) -> np.ndarray:
+    """The whole tensor as a raw numpy array of its shape (small tensors only)."""
+    own = f is None
+    f = f or open(info.file, "rb")
+    try:
+        f.seek(info.begin)
+        buf = f.read(info.nbytes)
+    finally:
+        if own:
+            f.close()
+    if len(buf) != info.nbytes:
+        raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated")
+    return raw_array(buf, info.dtype).reshape(info.shape)
+
+
+def iter_raw_chunks(info: TensorInfo, f: BinaryIO) -> Iterator[np.ndarray]:
+    """The tensor's raw elements, flat, in element-aligned chunks."""
+    item = ITEMSIZE[info.dtype]
+    step = max(item, CHUNK_BYTES // item * item)
+    f.seek(info.begin)
+    remaining = info.nbytes
+    while remaining:
+        buf = f.read(min(step, remaining))
+        if not buf:
+            raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated")
+        remaining -= len(buf)
+        yield raw_array(buf, info.dtype)
+
+
+def header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict) -> bytes:
+    """The header for tensors written back to back in ``entries`` order."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        n = math.prod(shape) * ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def fsync_file(f: BinaryIO) -> None:
+    f.flush()
+    os.fsync(f.fileno())
