@@ -29,8 +29,12 @@ class Architecture:
     def build_model(self, config: dict):
         return self.model_module.Model(self.model_args(config))
 
-    def schedule(self, config: dict) -> list[str]:
-        return self.model_module.layer_schedule(self.model_args(config))
+    def schedule(self, config: dict) -> list[tuple[str, int | None]]:
+        """(kind, attention window or None) for every layer."""
+        args = self.model_args(config)
+        return list(
+            zip(self.model_module.layer_schedule(args), self.model_module.layer_windows(args))
+        )
 
 
 _REGISTRY: dict[str, Architecture] = {}

@@ -40,7 +40,8 @@ class Step:
     target: str | None  # None: dropped
     dtype: str | None = None
     shape: tuple[int, ...] | None = None
-    actions: list[str] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)  # what changed, in words
+    applied: list[str] = field(default_factory=list)  # names of the rules that changed it
     transpose: tuple[int, ...] | None = None  # axes, applied to the source shape
     dropped_because: str | None = None
     keep_float32: bool = False
@@ -73,6 +74,7 @@ class Drop(Rule):
         step.target = None
         step.dropped_because = self.reason
         step.actions.append(f"drop: {self.reason}")
+        step.applied.append(self.name)
         return meta
 
     def describe(self) -> str:
@@ -92,6 +94,7 @@ class Rename(Rule):
         new = self.pattern.sub(self.replacement, meta.name)
         if new != meta.name:
             step.actions.append(f"rename -> {new}")
+            step.applied.append(self.name)
         return Meta(new, meta.dtype, meta.shape)
 
     def describe(self) -> str:
@@ -117,6 +120,7 @@ class ConvToMLX(Rule):
         if len(shape) == 3 and shape[1:] == (1, k):
             step.transpose = (0, 2, 1)
             step.actions.append(f"transpose conv1d [C, 1, {k}] -> [C, {k}, 1]")
+            step.applied.append(self.name)
             return Meta(meta.name, meta.dtype, (shape[0], k, 1))
         raise LedgerError(
             f"tensor '{meta.name}': shape {list(shape)} is neither the PyTorch conv1d layout "
@@ -143,6 +147,7 @@ class KeepFloat32(Rule):
         step.keep_float32 = True
         if meta.dtype != "F32":
             step.actions.append(f"keep in float32 ({self.reason})")
+            step.applied.append(self.name)
         return Meta(meta.name, "F32", meta.shape)
 
     def describe(self) -> str:
@@ -159,6 +164,7 @@ def plan_tensor(meta: Meta, rules: list[Rule], dtype: str | None) -> Step:
                 return step
     if dtype and meta.dtype in FLOAT_DTYPES and not step.keep_float32 and meta.dtype != dtype:
         step.actions.append(f"cast {meta.dtype} -> {dtype}")
+        step.applied.append("cast")
         meta = Meta(meta.name, dtype, meta.shape)
     step.target, step.dtype, step.shape = meta.name, meta.dtype, meta.shape
     return step

@@ -131,6 +131,15 @@ def layer_schedule(args: ModelArgs) -> list[str]:
     return ["attention" if i % step == step // 2 else "mamba" for i in range(n)]
 
 
+def layer_windows(args: ModelArgs) -> list[int | None]:
+    """Attention window per layer (``None``: Mamba, or full attention)."""
+    full = set(args.full_attention_idx or [])
+    return [
+        None if kind == "mamba" or i in full else args.attention_window_size
+        for i, kind in enumerate(layer_schedule(args))
+    ]
+
+
 def dt_dim(args: ModelArgs) -> int:
     return max(64, args.hidden_size // 16)
 
@@ -331,12 +340,9 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        full = set(args.full_attention_idx or [])
         self.layers = [
-            DecoderLayer(
-                args, kind, None if i in full else args.attention_window_size
-            )
-            for i, kind in enumerate(layer_schedule(args))
+            DecoderLayer(args, kind, window)
+            for kind, window in zip(layer_schedule(args), layer_windows(args))
         ]
 
 

@@ -120,6 +120,14 @@ def layer_schedule(args: ModelArgs) -> list[str]:
     return [bt[i % len(bt)] for i in range(args.num_hidden_layers)]
 
 
+def layer_windows(args: ModelArgs) -> list[int | None]:
+    """Attention window per layer (``None`` for recurrent layers)."""
+    return [
+        args.attention_window_size if kind == "attention" else None
+        for kind in layer_schedule(args)
+    ]
+
+
 def bf16_round(x: float) -> float:
     """Round a Python float to the nearest bfloat16 value."""
     return mx.array(x, dtype=mx.bfloat16).astype(mx.float32).item()

@@ -1,0 +1,109 @@
+"""The ``hybridconv`` command line: thin Typer commands over the library.
+
+Each command parses options, calls the library and renders with Rich. Errors
+the user can act on are printed without a traceback (``--debug`` or
+``HYBRIDCONV_DEBUG=1`` shows one). torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .. import __version__
+from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, HybridconvError
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 quality gate failed (verify); 2 bad usage or bad input "
+    "(arguments, missing or malformed checkpoint/config, unknown architecture, a tensor "
+    "the rules cannot account for); 3 output could not be written; 130 interrupted (Ctrl-C); "
+    "143 terminated (SIGTERM)."
+)
+
+app = typer.Typer(
+    name="hybridconv",
+    help=(
+        "Convert hybrid Hugging Face checkpoints (PLaMo-2, RecurrentGemma) to MLX, "
+        "checking every tensor on the way.\n\n" + EXIT_CODES_HELP
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler so that cleanup (``finally``) runs."""
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised via subprocess
+    raise Terminated()
+
+
+def _version(value: bool):
+    if value:
+        console.print(f"hybridconv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show Python tracebacks for errors.")
+    ] = False,
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = None,
+):
+    _state["debug"] = debug or os.environ.get("HYBRIDCONV_DEBUG") == "1"
+
+
+def main() -> None:
+    from . import convert as _convert  # noqa: F401  (register commands)
+    from . import inspect as _inspect  # noqa: F401
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
+    except HybridconvError as exc:
+        if _state["debug"]:
+            err_console.print_exception()
+        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            err_console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        err_console.print("[red]interrupted[/]: temporary output removed")
+        sys.exit(EXIT_INTERRUPTED)
+    except Terminated:
+        err_console.print("[red]terminated[/]: temporary output removed")
+        sys.exit(EXIT_TERMINATED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and genuine bugs
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if _state["debug"]:
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+            "this is a bug in hybridconv; rerun with --debug for a traceback and report it",
+            highlight=False,
+        )
+        sys.exit(70)

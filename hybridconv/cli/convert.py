@@ -1,0 +1,83 @@
+"""``hybridconv convert``."""
+
+from __future__ import annotations
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from ..convert import DTYPE_LABELS, convert
+from . import app, console
+from .options import DtypeOpt, ForceOpt, OutOpt, RevisionOpt, SourceArg
+from .render import human_bytes
+
+
+@app.command("convert")
+def convert_cmd(
+    source: SourceArg,
+    out: OutOpt,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
+    force: ForceOpt = False,
+):
+    """Convert a Hugging Face checkpoint to an MLX folder that hybridconv and mlx_lm.load open.
+
+    Streams tensor by tensor (peak memory: a 64 MB chunk, not the model), accounts for every
+    tensor (kept, transformed or dropped with a reason) and every model parameter, and writes
+    into a temporary folder that is renamed to OUT only when complete.
+    """
+    with Progress(
+        TextColumn("[bold]converting[/]"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[tensor]}", style="dim"),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("convert", total=None, tensor="planning")
+
+        def on_plan(p):
+            bar.update(task, total=p.index.total_bytes)
+
+        def progress(n, name):
+            bar.update(task, advance=n, tensor=name)
+
+        result = convert(
+            source,
+            out,
+            dtype=dtype.value if dtype else None,
+            revision=revision,
+            force=force,
+            progress=progress,
+            on_plan=on_plan,
+        )
+    p = result.plan
+    table = Table(title=f"converted {p.source.label} -> {result.out}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("architecture", p.arch.title)
+    table.add_row("layers", str(p.config["num_hidden_layers"]))
+    table.add_row("parameters", f"{p.parameter_count:,}")
+    table.add_row("dtype", DTYPE_LABELS[p.dtype])
+    table.add_row("tensors", f"{len(p.kept)} written, {len(p.dropped)} dropped")
+    for rule, count in _rule_counts(p).items():
+        table.add_row(f"  {rule}", str(count))
+    table.add_row("size", f"{human_bytes(p.index.total_bytes)} -> {human_bytes(result.bytes_written)}")
+    table.add_row("files", ", ".join(result.files))
+    console.print(table)
+
+
+def _rule_counts(p) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in p.steps:
+        for name in s.applied:
+            counts[name] = counts.get(name, 0) + 1
+    return counts

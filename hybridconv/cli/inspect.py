@@ -1,0 +1,72 @@
+"""``hybridconv inspect``."""
+
+from __future__ import annotations
+
+import json
+
+from rich.table import Table
+
+from ..checkpoint import resolve
+from ..convert import plan
+from ..inspect import describe
+from . import app, console
+from .options import DtypeOpt, JsonOpt, RevisionOpt, SourceArg
+from .render import human_bytes
+
+
+@app.command("inspect")
+def inspect_cmd(
+    source: SourceArg,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
+    json_out: JsonOpt = False,
+):
+    """Show what a conversion would do, reading only config.json and safetensors headers.
+
+    Architecture, layer schedule (index -> mamba / attention / recurrent, with attention
+    windows), parameter count, what each rule does to which tensors, and the estimated output
+    size per dtype and quantization width. Fails like convert would (exit 2) when the ledger
+    does not balance.
+    """
+    info = describe(plan(resolve(source, revision), dtype.value if dtype else None))
+    if json_out:
+        console.print_json(json.dumps(info))
+        return
+    head = Table(title=f"{info['architecture']} — {info['source']}", show_header=False)
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("model_type", info["model_type"])
+    head.add_row("parameters", f"{info['parameters']:,}")
+    head.add_row("hidden / vocab", f"{info['hidden_size']} / {info['vocab_size']}")
+    head.add_row("tied embeddings", str(info["tie_word_embeddings"]))
+    head.add_row("source", f"{info['source_tensors']} tensors, {human_bytes(info['source_bytes'])}, "
+                 f"{len(info['source_shards'])} shard(s)")
+    console.print(head)
+
+    layers = Table(title="layer schedule")
+    layers.add_column("layer", justify="right")
+    layers.add_column("kind")
+    layers.add_column("attention window")
+    for row in info["layers"]:
+        window = "" if row["kind"] != "attention" else (str(row["window"]) if row["window"] else "full")
+        layers.add_row(str(row["index"]), row["kind"], window)
+    console.print(layers)
+
+    rules = Table(title=f"rules (output dtype {info['output_dtype']})")
+    rules.add_column("rule")
+    rules.add_column("what it does")
+    rules.add_column("matches", justify="right")
+    rules.add_column("changes", justify="right")
+    rules.add_column("e.g.")
+    for r in info["rules"]:
+        rules.add_row(r["rule"], r["description"], str(r["matches"]), str(r["changes"]),
+                      r["tensors"][0] if r["tensors"] else "")
+    console.print(rules)
+
+    sizes = Table(title="estimated output size")
+    sizes.add_column("format")
+    sizes.add_column("size", justify="right")
+    for k, v in info["estimated_output_bytes"].items():
+        sizes.add_row(k, human_bytes(v))
+    console.print(sizes)
+    console.print(f"[dim]{info['estimate_note']}[/]")

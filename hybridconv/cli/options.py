@@ -1,0 +1,47 @@
+"""Options shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+SourceArg = Annotated[
+    str,
+    typer.Argument(
+        help="A local Hugging Face checkpoint folder, or a Hub repo id (ORG/NAME) to download "
+        "into the Hugging Face cache.",
+        show_default=False,
+    ),
+]
+RevisionOpt = Annotated[
+    Optional[str],
+    typer.Option("--revision", help="Hub branch, tag or commit (repo ids only).", show_default=False),
+]
+DtypeOpt = Annotated[
+    Optional[Dtype],
+    typer.Option(
+        "--dtype",
+        help="Output dtype of floating tensors [default: the checkpoint's own]. "
+        "SSM parameters (A_log, D, dt_bias) stay float32 whatever this says.",
+        show_default=False,
+    ),
+]
+OutOpt = Annotated[
+    Path,
+    typer.Option("-o", "--out", help="Output folder (must not exist unless --force).", show_default=False),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Replace an existing output folder (only once the new one is complete)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]

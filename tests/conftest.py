@@ -1,0 +1,148 @@
+"""Shared helpers: the outside oracle fixtures, and tiny random checkpoints built
+the same way (Hugging Face layout, PyTorch tensor layouts) in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("HYBRIDCONV_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURE_CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.safetensors").is_file()) if FIXTURES.is_dir() else []
+
+
+def tolerance(ref: np.ndarray) -> float:
+    return 1e-4 + 1e-5 * float(np.abs(ref).max())
+
+
+def assert_logits_close(got: np.ndarray, ref: np.ndarray, check_argmax: bool = True):
+    got = np.asarray(got, dtype=np.float32)
+    ref = np.asarray(ref, dtype=np.float32)
+    assert got.shape == ref.shape
+    diff = float(np.abs(got - ref).max())
+    assert diff <= tolerance(ref), f"max |Δ| {diff} > {tolerance(ref)}"
+    if check_argmax:
+        top2 = np.sort(ref, axis=-1)[..., -2:]
+        clear = (top2[..., 1] - top2[..., 0]) > 1e-3
+        assert (got.argmax(-1) == ref.argmax(-1))[clear].all()
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"oracle fixtures not found at {FIXTURES} (set HYBRIDCONV_FIXTURES)")
+    return FIXTURES
+
+
+def perturb_mlx(model, seed: int, scale: float = 0.05):
+    """Move every parameter away from its initial value (as the fixtures do)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    rng = np.random.default_rng(seed)
+    new = []
+    for name, p in tree_flatten(model.parameters()):
+        noise = rng.normal(0, scale, size=p.shape).astype(np.float32)
+        new.append((name, p + mx.array(noise)))
+    model.update(tree_unflatten(new))
+    mx.eval(model.parameters())
+
+
+def copy_tokenizer(dst: Path):
+    src = FIXTURES / "plamo2-tiny"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+
+
+def save_hf_plamo2(folder: Path, config: dict, seed: int = 0):
+    """A random PLaMo-2 checkpoint in HF layout, and mlx-lm's logits for it
+    (the same oracle as the fixtures) when mlx-lm can build the model."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import plamo2 as ref
+
+    folder.mkdir(parents=True, exist_ok=True)
+    args = ref.ModelArgs.from_dict(config)
+    model = ref.Model(args)
+    perturb_mlx(model, seed)
+    tensors = {}
+    for name, p in tree_flatten(model.parameters()):
+        a = np.array(p)
+        if name.endswith("conv1d.weight"):
+            a = np.ascontiguousarray(a.transpose(0, 2, 1))  # MLX [C,K,1] -> PyTorch [C,1,K]
+        tensors[name] = a
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    copy_tokenizer(folder)
+    return model
+
+
+def plamo2_config(**over) -> dict:
+    cfg = {
+        "architectures": ["Plamo2ForCausalLM"],
+        "model_type": "plamo2",
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size_per_head": 16,
+        "max_position_embeddings": 2048,
+        "attention_window_size": 2048,
+        "full_attention_idx": [],
+        "mamba_d_state": 16,
+        "mamba_d_conv": 4,
+        "mamba_num_heads": 4,
+        "mamba_step": 2,
+        "mamba_chunk_size": 256,
+        "mamba_enabled": True,
+        "intermediate_size": 128,
+        "vocab_size": 320,
+        "torch_dtype": "float32",
+    }
+    cfg.update(over)
+    return cfg
+
+
+def save_hf_recurrent_gemma(folder: Path, seed: int = 0, **over):
+    """A random RecurrentGemma checkpoint written by transformers itself, and the
+    transformers model (the oracle) for it."""
+    import torch
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    kw = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        attention_window_size=16,
+        conv1d_width=4,
+        block_types=["recurrent", "recurrent", "attention"],
+    )
+    kw.update(over)
+    config = RecurrentGemmaConfig(**kw)
+    torch.manual_seed(seed)
+    model = RecurrentGemmaForCausalLM(config).float().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(folder)
+    copy_tokenizer(folder)
+    return model
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor(ids, dtype=torch.long), use_cache=False)
+    return out.logits.float().numpy()
