@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from . import __version__
 from .checkpoint import CARRY_PATTERNS, INDEX_NAME, Source, WeightIndex, index_weights, resolve
 from .config import read_config
@@ -36,8 +38,10 @@ from .safetensors_io import (
     ITEMSIZE,
     convert_raw,
     header_bytes,
+    chunk_buffer,
     iter_raw_chunks,
     read_tensor,
+    write_all,
 )
 
 DTYPE_LABELS = {v: k for k, v in DTYPE_NAMES.items()}  # "F32" -> "float32"
@@ -235,19 +239,20 @@ def write_weights(p: Plan, tmp: Path, progress: Progress | None = None) -> list[
     )
     weight_map: dict[str, str] = {}
     total = 0
+    buf = chunk_buffer()
     for name, (shard, steps) in zip(names, groups):
         steps = sorted(steps, key=lambda s: s.target)
         head = header_bytes([(s.target, s.dtype, s.shape) for s in steps], {"format": "mlx"})
-        with open(shard, "rb") as src, open(tmp / name, "wb") as dst:
-            dst.write(head)
+        with open(shard, "rb", buffering=0) as src, open(tmp / name, "wb", buffering=0) as dst:
+            write_all(dst, head)
             for s in steps:
                 info = p.index.tensors[s.source]
                 if s.transpose:
                     raw = apply_transpose(read_tensor(info, src), s)
-                    dst.write(convert_raw(raw, info.dtype, s.dtype).tobytes())
+                    write_all(dst, np.ascontiguousarray(convert_raw(raw, info.dtype, s.dtype)))
                 else:
-                    for chunk in iter_raw_chunks(info, src):
-                        dst.write(convert_raw(chunk, info.dtype, s.dtype).tobytes())
+                    for chunk in iter_raw_chunks(info, src, buf):
+                        write_all(dst, convert_raw(chunk, info.dtype, s.dtype))  # no copy if unchanged
                         if progress:
                             progress(chunk.nbytes, s.source)
                 if progress and s.transpose:

@@ -58,10 +58,10 @@ def test_plamo2_decode_equals_prefill(plamo_model, prefix, chunk):
 
 
 def test_plamo2_cache_kinds(plamo_model):
-    from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+    from hybridconv.models.common import KVCache, StateCache, WindowKVCache
 
     kinds = [type(c) for c in plamo_model.make_cache()]
-    assert kinds == [ArraysCache, RotatingKVCache, ArraysCache, KVCache]
+    assert kinds == [StateCache, WindowKVCache, StateCache, KVCache]
 
 
 def test_window_matters(rg_model):

@@ -94,10 +94,9 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors and genuine bugs
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
+        show = getattr(exc, "show", None)  # click/typer usage errors (typer vendors click)
+        if callable(show) and hasattr(exc, "exit_code"):
+            show()
             sys.exit(2)
         if _state["debug"]:
             raise

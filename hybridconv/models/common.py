@@ -76,3 +76,56 @@ def attention_mask(
     if window is not None:
         mask = mask & (k_pos > q_pos - window)
     return mask
+
+
+class KVCache:
+    """Full key/value history for an attention layer (keys ``[B, H, T, d]``)."""
+
+    def __init__(self):
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = mx.concatenate([self.keys, keys], axis=2)
+            self.values = mx.concatenate([self.values, values], axis=2)
+        self.offset += keys.shape[2]
+        return self.keys, self.values
+
+
+class WindowKVCache(KVCache):
+    """Key/value cache for sliding-window attention.
+
+    Returns the kept history plus the new keys (in temporal order, so
+    :func:`attention_mask` applies), then keeps only the last ``window - 1``
+    positions: the next query sees itself and those. Memory stays bounded by
+    the window however long the generation runs.
+    """
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        k, v = super().update_and_fetch(keys, values)
+        keep = self.window - 1
+        if k.shape[2] > keep:
+            self.keys = k[:, :, k.shape[2] - keep :] if keep else None
+            self.values = v[:, :, v.shape[2] - keep :] if keep else None
+        return k, v
+
+
+class StateCache:
+    """Recurrent state of an SSM or RG-LRU layer: ``[conv state, recurrent state]``."""
+
+    def __init__(self):
+        self.state: list[Optional[mx.array]] = [None, None]
+
+    def __getitem__(self, i: int) -> Optional[mx.array]:
+        return self.state[i]
+
+    def __setitem__(self, i: int, value: Optional[mx.array]) -> None:
+        self.state[i] = value

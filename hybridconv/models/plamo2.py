@@ -71,9 +71,9 @@ and multiplied by a learned per-head, per-channel weight (``q_weight``
 
 Cache: a layer listed in ``full_attention_idx`` keeps the full KV history; any
 other attention layer attends within ``attention_window_size`` positions and
-keeps a rotating cache of that size. (mlx-lm leaves this as a TODO and gives
+keeps only the last ``window - 1`` positions in its cache. (mlx-lm leaves this as a TODO and gives
 every layer a full KV cache; the window is what the config key means, and the
-rotating cache bounds memory on long generations. For sequences shorter than
+bounded cache keeps memory flat on long generations. For sequences shorter than
 the window the two are identical.)
 """
 
@@ -84,9 +84,14 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
-
-from .common import OffsetRMSNorm, attention_mask, causal_depthwise_conv
+from .common import (
+    KVCache,
+    OffsetRMSNorm,
+    StateCache,
+    WindowKVCache,
+    attention_mask,
+    causal_depthwise_conv,
+)
 
 # mlx-lm's SSD limit on dt (ssm.py); the oracle logits were computed with it.
 DT_MIN, DT_MAX = 1e-3, 100.0
@@ -226,7 +231,7 @@ class Mamba(nn.Module):
         self.C_norm_weight = mx.ones((self.d_state,))
         self.out_proj = nn.Linear(inner, args.hidden_size, bias=False)
 
-    def __call__(self, h: mx.array, cache: Optional[ArraysCache] = None) -> mx.array:
+    def __call__(self, h: mx.array, cache: Optional[StateCache] = None) -> mx.array:
         b, T, _ = h.shape
         eps = self.args.rms_norm_eps
         zx = self.in_proj(h).reshape(b, T, self.num_heads, 2 * self.head_dim)
@@ -396,9 +401,9 @@ class Model(nn.Module):
         caches = []
         for layer in self.layers:
             if layer.is_mamba:
-                caches.append(ArraysCache(size=2))  # [conv state, SSM state]
+                caches.append(StateCache())  # [conv state, SSM state]
             elif layer.mixer.window is None:
                 caches.append(KVCache())
             else:
-                caches.append(RotatingKVCache(max_size=layer.mixer.window))
+                caches.append(WindowKVCache(layer.mixer.window))
         return caches

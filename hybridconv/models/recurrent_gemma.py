@@ -63,7 +63,7 @@ head dim ``hidden_size / num_attention_heads``; rotary embeddings on the first
 ``partial_rotary_factor`` (½) of each head (non-interleaved halves,
 ``rope_theta``); a sliding window of ``attention_window_size`` tokens (a query
 sees itself and the ``window - 1`` tokens before it); ``o_proj`` has a bias.
-The decoding cache is a rotating KV buffer of the window's size.
+The decoding cache keeps the last ``window - 1`` keys and values.
 """
 
 from __future__ import annotations
@@ -74,9 +74,13 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import ArraysCache, RotatingKVCache
-
-from .common import OffsetRMSNorm, attention_mask, causal_depthwise_conv
+from .common import (
+    OffsetRMSNorm,
+    StateCache,
+    WindowKVCache,
+    attention_mask,
+    causal_depthwise_conv,
+)
 
 RG_LRU_C = 8.0  # the constant c of the RG-LRU (Griffin, section 2.4)
 
@@ -344,8 +348,8 @@ class Model(nn.Module):
 
     def make_cache(self) -> list:
         return [
-            ArraysCache(size=2)  # [conv state, RG-LRU state]
+            StateCache()  # [conv state, RG-LRU state]
             if layer.kind == "recurrent"
-            else RotatingKVCache(max_size=self.args.attention_window_size)
+            else WindowKVCache(self.args.attention_window_size)
             for layer in self.layers
         ]

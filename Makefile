@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create or update the virtual environment in .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HC := $(VENV)/bin/hybridconv
+DEMO_OUT := demo-out
+
+.PHONY: demo test venv install install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+venv: $(PY)
+
+install: venv
+	$(PIP) install --quiet -e .
+
+# torch is pinned to 2.13.0 (a CPU build on this machine's disk) in the test extra.
+install-test: venv
+	$(PIP) install --quiet -e ".[test]"
+
+demo: install
+	rm -rf $(DEMO_OUT)
+	@echo "== inspect: what conversion will do (reads config.json + safetensors headers only)"
+	$(HC) inspect examples/checkpoints/plamo2-tiny
+	@echo "== convert PLaMo-2 and RecurrentGemma"
+	$(HC) convert examples/checkpoints/plamo2-tiny -o $(DEMO_OUT)/plamo2-tiny --dtype float32
+	$(HC) convert examples/checkpoints/recurrent_gemma-tiny -o $(DEMO_OUT)/recurrent_gemma-tiny --dtype bfloat16
+	@echo "== inspect the converted folder (converting it again would change nothing)"
+	$(HC) inspect $(DEMO_OUT)/recurrent_gemma-tiny
+	@echo "== load in hybridconv and in mlx-lm"
+	$(PY) scripts/demo_load.py $(DEMO_OUT)/plamo2-tiny $(DEMO_OUT)/recurrent_gemma-tiny
+
+test: install-test
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache
