@@ -39,6 +39,7 @@ from .safetensors_io import (
     convert_raw,
     header_bytes,
     chunk_buffer,
+    copy_range,
     iter_raw_chunks,
     read_tensor,
     write_all,
@@ -247,15 +248,17 @@ def write_weights(p: Plan, tmp: Path, progress: Progress | None = None) -> list[
             write_all(dst, head)
             for s in steps:
                 info = p.index.tensors[s.source]
-                if s.transpose:
+                if s.transpose:  # conv kernels: small, transformed whole
                     raw = apply_transpose(read_tensor(info, src), s)
                     write_all(dst, np.ascontiguousarray(convert_raw(raw, info.dtype, s.dtype)))
-                else:
+                elif info.dtype == s.dtype:  # unchanged bytes: let the kernel copy them
+                    copy_range(info, src, dst, buf)
+                else:  # cast in bounded chunks
                     for chunk in iter_raw_chunks(info, src, buf):
-                        write_all(dst, convert_raw(chunk, info.dtype, s.dtype))  # no copy if unchanged
+                        write_all(dst, convert_raw(chunk, info.dtype, s.dtype))
                         if progress:
                             progress(chunk.nbytes, s.source)
-                if progress and s.transpose:
+                if progress and (s.transpose or info.dtype == s.dtype):
                     progress(info.nbytes, s.source)
                 weight_map[s.target] = name
                 total += _nbytes(s.dtype, s.shape)
