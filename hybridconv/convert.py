@@ -39,7 +39,8 @@ from .safetensors_io import (
     convert_raw,
     header_bytes,
     chunk_buffer,
-    copy_range,
+    PAGE,
+    copy_bytes,
     iter_raw_chunks,
     read_tensor,
     write_all,
@@ -242,26 +243,38 @@ def write_weights(p: Plan, tmp: Path, progress: Progress | None = None) -> list[
     total = 0
     buf = chunk_buffer()
     for name, (shard, steps) in zip(names, groups):
-        steps = sorted(steps, key=lambda s: s.target)
-        head = header_bytes([(s.target, s.dtype, s.shape) for s in steps], {"format": "mlx"})
+        # Source order, and a data section starting at the source's offset within
+        # a page: runs of unchanged tensors are then one page-congruent kernel copy.
+        steps = sorted(steps, key=lambda s: p.index.tensors[s.source].begin)
+        head = header_bytes(
+            [(s.target, s.dtype, s.shape) for s in steps],
+            {"format": "mlx"},
+            data_start_mod=p.index.tensors[steps[0].source].begin % PAGE,
+        )
         with open(shard, "rb", buffering=0) as src, open(tmp / name, "wb", buffering=0) as dst:
             write_all(dst, head)
-            for s in steps:
-                info = p.index.tensors[s.source]
+            for run in _runs(p, steps):
+                info = p.index.tensors[run[0].source]
+                if len(run) > 1 or _unchanged(p, run[0]):
+                    end = p.index.tensors[run[-1].source].end
+                    copy_bytes(src, dst, info.begin, end - info.begin, buf, str(shard))
+                    if progress:
+                        progress(end - info.begin, run[-1].source)
+                    continue
+                s = run[0]
                 if s.transpose:  # conv kernels: small, transformed whole
                     raw = apply_transpose(read_tensor(info, src), s)
                     write_all(dst, np.ascontiguousarray(convert_raw(raw, info.dtype, s.dtype)))
-                elif info.dtype == s.dtype:  # unchanged bytes: let the kernel copy them
-                    copy_range(info, src, dst, buf)
+                    if progress:
+                        progress(info.nbytes, s.source)
                 else:  # cast in bounded chunks
                     for chunk in iter_raw_chunks(info, src, buf):
                         write_all(dst, convert_raw(chunk, info.dtype, s.dtype))
                         if progress:
                             progress(chunk.nbytes, s.source)
-                if progress and (s.transpose or info.dtype == s.dtype):
-                    progress(info.nbytes, s.source)
-                weight_map[s.target] = name
-                total += _nbytes(s.dtype, s.shape)
+        for s in steps:
+            weight_map[s.target] = name
+            total += _nbytes(s.dtype, s.shape)
     # Dropped tensors still count as processed for the progress bar.
     if progress:
         for s in p.dropped:
@@ -272,6 +285,27 @@ def write_weights(p: Plan, tmp: Path, progress: Progress | None = None) -> list[
     }
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names + [INDEX_NAME]
+
+
+def _unchanged(p: Plan, s: Step) -> bool:
+    return s.transpose is None and p.index.tensors[s.source].dtype == s.dtype
+
+
+def _runs(p: Plan, steps: list[Step]) -> list[list[Step]]:
+    """Group steps (in source order) into runs of unchanged tensors that lie back to
+    back in the source; every other step is a run of its own."""
+    runs: list[list[Step]] = []
+    for s in steps:
+        if (
+            runs
+            and _unchanged(p, s)
+            and _unchanged(p, runs[-1][-1])
+            and p.index.tensors[runs[-1][-1].source].end == p.index.tensors[s.source].begin
+        ):
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
 
 
 def ledger_record(p: Plan) -> dict:

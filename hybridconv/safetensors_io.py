@@ -35,6 +35,7 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
 CHUNK_BYTES = 64 * 1024 * 1024
+PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,14 @@ def iter_raw_chunks(info: TensorInfo, f: BinaryIO, buf: bytearray) -> Iterator[n
         yield raw_array(view[:want], info.dtype)
 
 
-def header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict) -> bytes:
-    """The header for tensors written back to back in ``entries`` order."""
+def header_bytes(
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict, data_start_mod: int | None = None
+) -> bytes:
+    """The header for tensors written back to back in ``entries`` order.
+
+    The data section starts at a multiple of 8; with ``data_start_mod`` it starts
+    at that offset modulo :data:`PAGE` (a multiple of 8), so that bytes copied
+    from a source file keep their position within a page."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
@@ -226,31 +233,40 @@ def header_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+    if data_start_mod is not None and data_start_mod % 8 == 0:
+        raw += b" " * ((data_start_mod - 8 - len(raw)) % PAGE)
     return struct.pack("<Q", len(raw)) + raw
 
 
-def copy_range(info: TensorInfo, src: BinaryIO, dst: BinaryIO, buf: bytearray) -> None:
-    """Copy a tensor's bytes unchanged, at ``dst``'s current position.
+def copy_bytes(
+    src: BinaryIO, dst: BinaryIO, begin: int, nbytes: int, buf: bytearray, what: str
+) -> None:
+    """Copy ``nbytes`` from ``src`` at ``begin`` to ``dst``'s current position.
 
     Uses ``copy_file_range`` (the kernel copies, as ``cp`` does) where the OS and
     file system allow it, else reads and writes through ``buf``."""
+    pos = dst.tell()
     if hasattr(os, "copy_file_range"):
-        pos = dst.tell()
         done = 0
         try:
-            while done < info.nbytes:
-                n = os.copy_file_range(
-                    src.fileno(), dst.fileno(), info.nbytes - done, info.begin + done, pos + done
-                )
+            while done < nbytes:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), nbytes - done, begin + done, pos + done)
                 if n == 0:
-                    raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated")
+                    raise CheckpointError(f"{what}: truncated")
                 done += n
             dst.seek(pos + done)
             return
         except OSError:
             dst.seek(pos)  # e.g. EXDEV or ENOSYS: fall back to a plain copy
-    for chunk in iter_raw_chunks(info, src, buf):
-        write_all(dst, chunk)
+    src.seek(begin)
+    view = memoryview(buf)
+    remaining = nbytes
+    while remaining:
+        n = src.readinto(view[: min(len(buf), remaining)])
+        if not n:
+            raise CheckpointError(f"{what}: truncated")
+        write_all(dst, view[:n])
+        remaining -= n
 
 
 def write_all(f: BinaryIO, data) -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hybridconv.errors import EXIT_BAD_INPUT, EXIT_OUTPUT
@@ -111,3 +112,34 @@ def test_console_script_entry_point():
     exe = Path(sys.executable).parent / "hybridconv"
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("hybridconv ")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_convert_cleans_up(fixtures_dir, tmp_path, sig, code):
+    """A large (200 MB) float32 embedding cast to bfloat16 keeps convert busy long
+    enough to be interrupted; the temporary folder must vanish and OUT never appear."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    fixture = fixtures_dir / "recurrent_gemma-tiny"
+    cfg = json.loads((fixture / "config.json").read_text())
+    cfg["vocab_size"] = 800_000
+    (src / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(fixture / "model.safetensors"))
+    tensors["model.embed_tokens.weight"] = np.ones((800_000, 64), dtype=np.float32)
+    save_file(tensors, str(src / "model.safetensors"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*HC, "convert", str(src), "-o", str(out), "--dtype", "bfloat16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
