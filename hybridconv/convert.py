@@ -220,8 +220,10 @@ def prepare_output(out: Path, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"{parent}: the output's parent folder does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{parent}: cannot create the output's parent folder ({exc.strerror or exc})") from None
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{parent}: not writable")
     return parent / f".{out.name}.partial-{os.getpid()}"

@@ -57,10 +57,8 @@ def inspect_cmd(
     rules.add_column("what it does")
     rules.add_column("matches", justify="right")
     rules.add_column("changes", justify="right")
-    rules.add_column("e.g.")
     for r in info["rules"]:
-        rules.add_row(r["rule"], r["description"], str(r["matches"]), str(r["changes"]),
-                      r["tensors"][0] if r["tensors"] else "")
+        rules.add_row(r["rule"], r["description"], str(r["matches"]), str(r["changes"]))
     console.print(rules)
 
     sizes = Table(title="estimated output size")

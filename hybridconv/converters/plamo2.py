@@ -86,12 +86,12 @@ def normalize_config(raw: dict) -> dict:
 
 
 def rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta")]
+    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers")]
     if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight"))
-    out.append(ConvToMLX(r"\.mixer\.conv1d\.weight$", cfg["mamba_d_conv"]))
+        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
+    out.append(ConvToMLX(r"\.mixer\.conv1d\.weight$", cfg["mamba_d_conv"], "Mamba conv1d weights"))
     out.append(
-        KeepFloat32(SSM_FLOAT32, "SSM decay parameters: rounding compounds over every step")
+        KeepFloat32(SSM_FLOAT32, "SSM decay parameters: rounding compounds over every step", "A_log, D, dt_bias")
     )
     return out
 

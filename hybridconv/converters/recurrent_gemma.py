@@ -117,10 +117,10 @@ def normalize_config(raw: dict) -> dict:
 
 
 def rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta")]
+    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers")]
     if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight"))
-    out.append(ConvToMLX(r"\.temporal_block\.conv_1d\.weight$", cfg["conv1d_width"]))
+        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
+    out.append(ConvToMLX(r"\.temporal_block\.conv_1d\.weight$", cfg["conv1d_width"], "RG-LRU conv_1d weights"))
     return out
 
 

@@ -65,6 +65,7 @@ class Rule:
 class Drop(Rule):
     regex: str
     reason: str
+    what: str = ""  # the tensors, in words (default: the pattern)
     name = "drop"
 
     def __post_init__(self):
@@ -78,7 +79,7 @@ class Drop(Rule):
         return meta
 
     def describe(self) -> str:
-        return f"drop /{self.regex}/ ({self.reason})"
+        return f"drop {self.what or '/' + self.regex + '/'}: {self.reason}"
 
 
 @dataclass
@@ -107,6 +108,7 @@ class ConvToMLX(Rule):
 
     regex: str
     kernel_size: int
+    what: str = "conv1d weights"
     name = "conv1d-to-mlx"
 
     def __post_init__(self):
@@ -129,7 +131,8 @@ class ConvToMLX(Rule):
         )
 
     def describe(self) -> str:
-        return f"transpose /{self.regex}/ [C, 1, {self.kernel_size}] -> [C, {self.kernel_size}, 1]"
+        k = self.kernel_size
+        return f"{self.what}: PyTorch [C, 1, {k}] -> MLX [C, {k}, 1]"
 
 
 @dataclass
@@ -138,6 +141,7 @@ class KeepFloat32(Rule):
 
     regex: str
     reason: str
+    what: str = ""
     name = "keep-float32"
 
     def __post_init__(self):
@@ -151,7 +155,7 @@ class KeepFloat32(Rule):
         return Meta(meta.name, "F32", meta.shape)
 
     def describe(self) -> str:
-        return f"keep /{self.regex}/ in float32 ({self.reason})"
+        return f"{self.what or '/' + self.regex + '/'} stay float32: {self.reason}"
 
 
 def plan_tensor(meta: Meta, rules: list[Rule], dtype: str | None) -> Step:
