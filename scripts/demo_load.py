@@ -3,6 +3,7 @@
 tokens and print how far apart their logits are (part of `make demo`)."""
 
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.utils import load_model
@@ -12,7 +13,7 @@ import hybridconv
 for folder in sys.argv[1:]:
     ids = mx.array([[2, 17, 42, 99, 5, 8, 13, 21]], dtype=mx.int32)
     ours = hybridconv.load(folder)(ids).astype(mx.float32)
-    theirs, _ = load_model(folder)
+    theirs, _ = load_model(Path(folder))
     ref = theirs(ids).astype(mx.float32)
     diff = mx.abs(ours - ref).max().item()
     agree = (ours.argmax(-1) == ref.argmax(-1)).astype(mx.float32).mean().item()
