@@ -10,6 +10,14 @@ from .converters import lookup
 from .errors import CheckpointError
 
 
+class WeightMismatchError(CheckpointError):
+    """The folder's weights do not fit the model its config describes."""
+
+    def __init__(self, message: str, hint: str | None, parameter: str | None):
+        super().__init__(message, hint)
+        self.parameter = parameter
+
+
 def load_config(path: Path) -> tuple[object, dict]:
     raw = read_config(Path(path))
     arch = lookup(raw)
@@ -32,9 +40,13 @@ def load(path, lazy: bool = False):
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
-        raise CheckpointError(
+        import re
+
+        m = re.search(r"(model\.[\w.]+|lm_head\.[\w.]+)", str(exc))
+        raise WeightMismatchError(
             f"{path}: weights do not fit the {arch.title} model: {exc}",
             "load a folder written by `hybridconv convert` (a Hugging Face checkpoint must be converted first)",
+            m.group(1) if m else None,
         ) from None
     model.eval()
     if not lazy:

@@ -1,0 +1,202 @@
+"""``hybridconv verify`` and ``hybridconv reference``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..checkpoint import resolve
+from ..errors import EXIT_GATE_FAILED, UsageError
+from . import app, console, err_console
+from .options import ForceOpt, RevisionOpt, SourceArg
+
+RefDtypeOpt = Annotated[
+    str, typer.Option("--ref-dtype", help="dtype of the PyTorch reference: float32, bfloat16 or float16.")
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run the checkpoint's own modeling .py files as the reference (never by default). "
+        "Without it, PLaMo-2 uses hybridconv's own PyTorch implementation.",
+    ),
+]
+PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", help="A text input (repeatable).", show_default=False)]
+TextFileOpt = Annotated[
+    Optional[list[Path]], typer.Option("--text-file", help="A UTF-8 text file as one input (repeatable).", show_default=False)
+]
+RandomOpt = Annotated[
+    Optional[int], typer.Option("--random-tokens", help="N random tokens per sequence (no tokenizer needed).", show_default=False)
+]
+NumSeqOpt = Annotated[
+    Optional[int], typer.Option("--num-sequences", help="How many random sequences [default: 2 without other inputs, else 1].", show_default=False)
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random tokens.")]
+
+
+def _inputs(source_path, vocab, prompt, text_file, random_tokens, num_sequences, seed):
+    from ..verify.inputs import build_inputs
+
+    return build_inputs(source_path, vocab, prompt, text_file, random_tokens, num_sequences, seed)
+
+
+def _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text_file, random_tokens, num_sequences, seed, keep_hidden=True):
+    from ..loading import load_config
+    from ..verify.reference import compute_reference
+
+    src = resolve(source, revision)
+    _, cfg = load_config(src.path)
+    inputs = _inputs(src.path, cfg["vocab_size"], prompt, text_file, random_tokens, num_sequences, seed)
+    with console.status(f"running the PyTorch reference on {inputs.description}"):
+        return compute_reference(src, inputs, ref_dtype, trust_remote_code, keep_hidden=keep_hidden), inputs
+
+
+@app.command("verify")
+def verify_cmd(
+    out: Annotated[Path, typer.Argument(help="The converted MLX folder to check.", show_default=False)],
+    reference: Annotated[
+        Optional[str],
+        typer.Option("--reference", help="The original checkpoint (folder or Hub repo id): run it in PyTorch now.", show_default=False),
+    ] = None,
+    reference_logits: Annotated[
+        Optional[Path],
+        typer.Option("--reference-logits", help="A file from `hybridconv reference` (no torch needed).", show_default=False),
+    ] = None,
+    revision: RevisionOpt = None,
+    ref_dtype: RefDtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    prompt: PromptOpt = None,
+    text_file: TextFileOpt = None,
+    random_tokens: RandomOpt = None,
+    num_sequences: NumSeqOpt = None,
+    seed: SeedOpt = 0,
+    max_kl_mean: Annotated[Optional[float], typer.Option("--max-kl-mean", help="Gate: mean KL(ref || mlx), nats.", show_default=False)] = None,
+    max_kl_p99: Annotated[Optional[float], typer.Option("--max-kl-p99", help="Gate: 99th percentile of per-token KL (also bounds the decode check).", show_default=False)] = None,
+    min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Gate: top-1 agreement, 0..1.", show_default=False)] = None,
+    min_top5: Annotated[Optional[float], typer.Option("--min-top5", help="Gate: mean top-5 overlap, 0..1.", show_default=False)] = None,
+    max_block_error: Annotated[Optional[float], typer.Option("--max-block-error", help="Gate: relative error of any block's output.", show_default=False)] = None,
+    decode_steps: Annotated[int, typer.Option("--decode-steps", help="Tokens per sequence run one at a time through the caches.")] = 8,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here.", show_default=False)] = None,
+    no_report: Annotated[bool, typer.Option("--no-report", help=f"Do not write OUT/verification.json.")] = False,
+):
+    """Check that OUT computes the same function as the original checkpoint.
+
+    Runs the PyTorch reference (--reference) or reads stored reference logits
+    (--reference-logits), runs OUT in MLX on the same tokens, and compares: |Δlogit|,
+    per-token KL(ref || mlx) (mean, median, p99, max), top-1 and top-5 agreement,
+    perplexities, KL by position, the output of every block (naming the first that
+    diverges), and a decode check through the caches. Gates depend on OUT's precision
+    (float32, bf16/fp16, N-bit) and can be overridden.
+
+    Exit codes: 0 pass; 1 a gate failed; 2 bad usage or input.
+    """
+    from ..verify.reference import read_reference_file
+    from ..verify.run import REPORT_NAME, verify_folder, write_report
+
+    if (reference is None) == (reference_logits is None):
+        raise UsageError("pass exactly one of --reference SOURCE or --reference-logits FILE")
+    if not out.is_dir():
+        raise UsageError(f"{out}: not a folder", "pass the folder written by `hybridconv convert`")
+    if reference_logits is not None:
+        if prompt or text_file or random_tokens is not None or num_sequences is not None:
+            raise UsageError("--reference-logits fixes the inputs; drop --prompt/--text-file/--random-tokens")
+        ref = read_reference_file(reference_logits)
+    else:
+        ref, _ = _live_reference(reference, revision, ref_dtype, trust_remote_code, prompt, text_file,
+                                 random_tokens, num_sequences, seed)
+    overrides = dict(max_kl_mean=max_kl_mean, max_kl_p99=max_kl_p99, min_top1=min_top1,
+                     min_top5=min_top5, max_block_error=max_block_error)
+    with console.status("running the MLX model"):
+        outcome = verify_folder(out, ref, gate_overrides=overrides, decode_steps=decode_steps)
+    report = outcome.report
+    if not no_report:
+        write_report(report, out / REPORT_NAME)
+    if json_path:
+        write_report(report, json_path)
+    render(report)
+    if not outcome.passed:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def render(report: dict) -> None:
+    m = report.get("metrics")
+    head = Table(title=f"verify {report['model']['path']} ({report['model']['precision']})", show_header=False)
+    head.add_column(style="bold")
+    head.add_column()
+    r = report["reference"]
+    head.add_row("reference", escape(f"{r['implementation']} [{r['dtype']}] — {r['source']}" + (f" ({r['file']})" if r["file"] else "")))
+    head.add_row("inputs", f"{report['inputs']['sequences']} sequence(s), {report['inputs']['tokens']} tokens")
+    if m:
+        o = m["overall"]
+        head.add_row("max / mean |Δlogit|", f"{o['max_abs_logit_diff']:.3g} / {o['mean_abs_logit_diff']:.3g}")
+        head.add_row("KL mean / median / p99 / max", f"{o['kl_mean']:.3g} / {o['kl_median']:.3g} / {o['kl_p99']:.3g} / {o['kl_max']:.3g}")
+        head.add_row("top-1 / top-5", f"{o['top1_agreement']:.3f} / {o['top5_overlap']:.3f}")
+        head.add_row("perplexity ref / mlx (ratio)", f"{o['perplexity_ref']:.4g} / {o['perplexity_mlx']:.4g} ({o['perplexity_ratio']:.4f})")
+        head.add_row("KL by position", ", ".join(f"{b['positions']}: {b['kl_mean']:.2g}" for b in o["kl_by_position"]))
+    if report.get("decode"):
+        d = report["decode"]
+        head.add_row("decode check", f"KL max {d['kl_max']:.3g}, max |Δlogit| {d['max_abs_logit_diff']:.3g}")
+    console.print(head)
+    if report.get("blocks"):
+        t = Table(title="blocks")
+        t.add_column("block", justify="right")
+        t.add_column("kind")
+        t.add_column("relative error", justify="right")
+        t.add_column("")
+        for b in report["blocks"]:
+            t.add_row(str(b["block"]), b["kind"], f"{b['relative_error']:.3g}", "[red]diverges[/]" if b["diverged"] else "")
+        console.print(t)
+    elif report.get("block_comparison"):
+        console.print(f"[dim]blocks: {report['block_comparison']}[/]")
+    if report.get("checks"):
+        g = Table(title="gates")
+        g.add_column("gate")
+        g.add_column("value", justify="right")
+        g.add_column("threshold", justify="right")
+        g.add_column("")
+        for c in report["checks"]:
+            g.add_row(c["gate"], f"{c['value']:.4g}", f"{c['threshold']:.4g}", "[green]ok[/]" if c["passed"] else "[red]FAIL[/]")
+        console.print(g)
+    fdb = report.get("first_divergent_block")
+    if fdb is not None:
+        console.print(f"first divergent block: [bold red]{fdb}[/]")
+    if report["verdict"] == "pass":
+        console.print("[bold green]PASS[/]")
+    else:
+        console.print("[bold red]FAIL[/]: " + escape("; ".join(report["failure_reasons"])))
+
+
+@app.command("reference")
+def reference_cmd(
+    source: SourceArg,
+    out: Annotated[Path, typer.Option("-o", "--out", help="The reference-logits file to write (.safetensors).", show_default=False)],
+    revision: RevisionOpt = None,
+    ref_dtype: RefDtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    prompt: PromptOpt = None,
+    text_file: TextFileOpt = None,
+    random_tokens: RandomOpt = None,
+    num_sequences: NumSeqOpt = None,
+    seed: SeedOpt = 0,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Store only the top-k logits per token (large vocabularies).", show_default=False)] = None,
+    hidden_states: Annotated[bool, typer.Option("--hidden-states", help="Also store every block's output (lets verify localise divergence).")] = False,
+    force: ForceOpt = False,
+):
+    """Run the PyTorch reference once and store its logits, to verify many variants later without torch.
+
+    Writes input_ids int32 [B, T] and logits float32 [B, T, V] (the fixtures' format), or the
+    top-k form with --top-k; --hidden-states adds every block's output.
+    """
+    from ..verify.reference import write_reference_file
+
+    if out.exists() and not force:
+        raise UsageError(f"{out}: already exists", "choose another -o, or pass --force")
+    ref, inputs = _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text_file,
+                                  random_tokens, num_sequences, seed, keep_hidden=hidden_states)
+    write_reference_file(ref, out, top_k=top_k, with_hidden=hidden_states)
+    console.print(escape(f"wrote {out}: {inputs.description}; reference: {ref.implementation} [{ref_dtype}]"))

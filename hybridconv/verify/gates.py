@@ -1,0 +1,83 @@
+"""Quality gates per precision of the converted model, and how they were chosen.
+
+The gates bound how far a *correct* conversion at a given precision may drift
+from the float32 PyTorch reference; a conversion bug (a transposed kernel, a
+lost norm offset, ``A_log`` read as ``A``) moves these metrics by orders of
+magnitude more. Reasoning, per precision:
+
+* **float32** — the same function computed in the same precision with a
+  different order of operations: per-token KL is at the level of float32
+  rounding (≈1e-10 on the fixtures). Gates: mean KL ≤ 1e-5, p99 ≤ 1e-4, top-1
+  agreement ≥ 0.99 (ties may flip), hidden-state relative error ≤ 1e-3 per block.
+* **bfloat16 / float16** — weights and activations carry 8 (bf16) or 11 (fp16)
+  mantissa bits, a relative rounding of ~4e-3 / 5e-4 per operation, compounding
+  through the blocks and along recurrent states. Gates: mean KL ≤ 0.01,
+  p99 ≤ 0.1, top-1 ≥ 0.9, block error ≤ 0.15.
+* **8 / 6 bits** — quantization noise comparable to or a few times above bf16:
+  mean KL ≤ 0.02 / 0.05, p99 ≤ 0.2 / 0.5, top-1 ≥ 0.85 / 0.8.
+* **4 / 3 / 2 bits** — noticeably lossy by design; the gates only catch
+  conversions that are broken rather than coarse: mean KL ≤ 0.15 / 0.4 / 1.5,
+  p99 ≤ 1.5 / 3 / 8, top-1 ≥ 0.7 / 0.55 / 0.3.
+
+Every gate can be overridden on the command line (``--max-kl-mean`` …).
+The decode check uses the p99 gate for its worst token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..checkpoint import index_weights
+from ..safetensors_io import FLOAT_DTYPES
+
+
+@dataclass
+class Gates:
+    max_kl_mean: float
+    max_kl_p99: float
+    min_top1: float
+    min_top5: float
+    max_block_error: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+GATES: dict[str, Gates] = {
+    "float32": Gates(1e-5, 1e-4, 0.99, 0.95, 1e-3),
+    "bfloat16": Gates(0.01, 0.1, 0.9, 0.8, 0.15),
+    "float16": Gates(0.01, 0.1, 0.9, 0.8, 0.15),
+    "8bit": Gates(0.02, 0.2, 0.85, 0.75, 0.25),
+    "6bit": Gates(0.05, 0.5, 0.8, 0.7, 0.35),
+    "5bit": Gates(0.08, 0.8, 0.75, 0.65, 0.45),
+    "4bit": Gates(0.15, 1.5, 0.7, 0.6, 0.6),
+    "3bit": Gates(0.4, 3.0, 0.55, 0.5, 0.9),
+    "2bit": Gates(1.5, 8.0, 0.3, 0.3, 2.0),
+}
+
+
+def precision_of(folder: Path) -> str:
+    """The precision class of a converted folder: its quantization bits, else the
+    commonest floating dtype of its weights."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    quant = cfg.get("quantization") or cfg.get("quantization_config")
+    if isinstance(quant, dict) and isinstance(quant.get("bits"), int):
+        return f"{quant['bits']}bit"
+    index = index_weights(Path(folder))
+    counts = Counter(
+        t.dtype for t in index.tensors.values() if t.dtype in FLOAT_DTYPES
+    )
+    code = counts.most_common(1)[0][0] if counts else "F32"
+    return {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}[code]
+
+
+def gates_for(precision: str, **overrides) -> Gates:
+    base = GATES.get(precision, GATES["2bit"])
+    g = Gates(**base.to_dict())
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(g, k, v)
+    return g

@@ -1,0 +1,316 @@
+"""The PyTorch reference: run the *source* checkpoint once, keep its outputs.
+
+This is the only module outside the tests that imports torch (lazily, inside
+functions). Which implementation runs:
+
+* architectures transformers implements (RecurrentGemma): its
+  ``AutoModelForCausalLM``, safetensors only;
+* PLaMo-2, which transformers lacks: the checkpoint's own modeling code only
+  with ``trust_remote_code=True``; otherwise hybridconv's independent PyTorch
+  PLaMo-2 (:mod:`hybridconv.verify.torch_plamo2`).
+
+Outputs are kept as numpy: logits per sequence in memory, block outputs
+(hidden states) in ``.npy`` files in a temporary folder, opened memory-mapped
+one block at a time when compared. The torch model is freed before the MLX
+model is loaded, so the two are never resident together.
+
+Reference-logits files (``hybridconv reference``) are safetensors with exactly
+the fixtures' layout — ``input_ids`` int32 ``[B, T]`` and ``logits`` float32
+``[B, T, V]`` — plus, when needed, ``lengths`` int32 ``[B]`` (sequences of
+different lengths, right-padded with 0), the top-k form (``topk_indices``
+int32 and ``topk_logits`` float32 ``[B, T, k]``, ``logsumexp`` and
+``token_logprobs`` float32 ``[B, T]``, instead of ``logits``), and
+``hidden.N`` float32 ``[B, T, H]`` (block outputs, for localisation).
+Metadata: ``format = hybridconv-reference/1``, source, revision, reference
+implementation, dtype.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..checkpoint import Source, index_weights
+from ..config import read_config
+from ..converters import lookup
+from ..errors import CheckpointError, UsageError
+from .inputs import Inputs
+
+FORMAT = "hybridconv-reference/1"
+REF_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Reference:
+    sequences: list[np.ndarray]
+    outputs: list[dict]  # per sequence: {"logits": [T, V]} or the top-k form
+    implementation: str
+    source: str
+    source_revision: str | None
+    dtype: str
+    block_kinds: list[str] | None = None
+    model_type: str | None = None
+    hidden_files: list[list[Path]] | None = None  # [sequence][block] -> .npy
+    file: str | None = None
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    def hidden(self, seq: int, block: int) -> np.ndarray | None:
+        if not self.hidden_files:
+            return None
+        return np.load(self.hidden_files[seq][block], mmap_mode="r")
+
+    @property
+    def vocab_size(self) -> int:
+        out = self.outputs[0]
+        return int(out["logits"].shape[-1]) if "logits" in out else -1
+
+
+def _remote_code_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.py"))
+
+
+def _decoder_layers(model, n_layers: int):
+    """The ModuleList holding the decoder blocks (found by its length)."""
+    import torch.nn as nn
+
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise CheckpointError(f"cannot find the {n_layers} decoder blocks in the reference model")
+
+
+def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
+    """(callable ids -> logits with block hooks, implementation label, block kinds)."""
+    import torch
+
+    if dtype not in REF_DTYPES:
+        raise UsageError(f"--ref-dtype {dtype!r}: expected one of {', '.join(REF_DTYPES)}")
+    tdtype = getattr(torch, dtype)
+    raw = read_config(source.path)
+    arch = lookup(raw)
+    config = arch.normalize_config(raw)
+    index_weights(source.path)  # safetensors present and well formed (no pickle)
+    kinds = [k for k, _ in arch.schedule(config)]
+    n = config["num_hidden_layers"]
+    model_type = arch.model_type
+
+    if arch.model_type == "plamo2" and not trust_remote_code:
+        from .torch_plamo2 import TorchPlamo2
+
+        model = TorchPlamo2(source.path, tdtype)
+        label = "hybridconv PyTorch PLaMo-2 reference"
+        py = _remote_code_files(source.path)
+        if py:
+            label += f" (the checkpoint's {', '.join(py)} was not run: pass --trust-remote-code to use it)"
+
+        def run(ids: np.ndarray, hidden: list):
+            return model(torch.tensor(ids[None], dtype=torch.long), hidden)
+
+        return run, label, kinds, model_type
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+    if arch.model_type == "plamo2" and trust_remote_code and not raw.get("auto_map"):
+        raise UsageError(
+            f"{source.label}: --trust-remote-code given, but config.json has no auto_map naming modeling code"
+        )
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=tdtype, **kwargs)
+    except TypeError:  # transformers 4 spells it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), torch_dtype=tdtype, **kwargs)
+    model.eval()
+    layers = _decoder_layers(model, n)
+    label = f"transformers {type(model).__name__}" + (" (remote code)" if trust_remote_code else "")
+    captured: list = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    for layer in layers:
+        layer.register_forward_hook(hook)
+
+    def run(ids: np.ndarray, hidden: list):
+        captured.clear()
+        with torch.no_grad():
+            out = model(torch.tensor(ids[None], dtype=torch.long), use_cache=False)
+        hidden.extend(captured)
+        return out.logits
+
+    return run, label, kinds, model_type
+
+
+def compute_reference(
+    source: Source, inputs: Inputs, dtype: str = "float32", trust_remote_code: bool = False,
+    keep_hidden: bool = True, progress=None,
+) -> Reference:
+    run, label, kinds, model_type = load_torch_model(source, dtype, trust_remote_code)
+    # Outputs go to disk and are read back memory-mapped: T x V logits of a large
+    # vocabulary are gigabytes per sequence.
+    tmp = tempfile.TemporaryDirectory(prefix="hybridconv-ref-")
+    outputs, hidden_files = [], []
+    for s, ids in enumerate(inputs.sequences):
+        hidden: list = []
+        logits = run(ids, hidden)
+        path = Path(tmp.name) / f"seq{s}-logits.npy"
+        np.save(path, logits[0].float().numpy())
+        outputs.append({"logits": np.load(path, mmap_mode="r")})
+        if keep_hidden:
+            files = []
+            for b, h in enumerate(hidden):
+                path = Path(tmp.name) / f"seq{s}-block{b}.npy"
+                np.save(path, h[0].float().numpy())
+                files.append(path)
+            hidden_files.append(files)
+        del hidden, logits
+        if progress:
+            progress(s + 1)
+    del run
+    gc.collect()  # free the torch model before anything MLX is loaded
+    return Reference(
+        sequences=inputs.sequences,
+        outputs=outputs,
+        implementation=label,
+        source=source.label,
+        source_revision=source.revision,
+        dtype=dtype,
+        block_kinds=kinds,
+        model_type=model_type,
+        hidden_files=hidden_files if keep_hidden else None,
+        _tmp=tmp,
+    )
+
+
+# --- reference-logits files ------------------------------------------------------------
+
+
+def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, with_hidden: bool = False):
+    from safetensors.numpy import save_file
+
+    lengths = [len(s) for s in ref.sequences]
+    B, T = len(lengths), max(lengths)
+    ids = np.zeros((B, T), dtype=np.int32)
+    for i, s in enumerate(ref.sequences):
+        ids[i, : len(s)] = s
+    tensors: dict[str, np.ndarray] = {"input_ids": ids}
+    if len(set(lengths)) > 1:
+        tensors["lengths"] = np.array(lengths, dtype=np.int32)
+    V = ref.vocab_size
+    if top_k is None:
+        logits = np.zeros((B, T, V), dtype=np.float32)
+        for i, out in enumerate(ref.outputs):
+            logits[i, : lengths[i]] = out["logits"]
+        tensors["logits"] = logits
+    else:
+        if not 1 <= top_k <= V:
+            raise UsageError(f"--top-k {top_k}: expected 1..{V}")
+        idx = np.zeros((B, T, top_k), dtype=np.int32)
+        tl = np.zeros((B, T, top_k), dtype=np.float32)
+        # float64: p = exp(logit - logsumexp) must be exact enough that the mass
+        # outside the top-k (1 - sum p) is not rounding noise.
+        lse = np.zeros((B, T), dtype=np.float64)
+        tlp = np.zeros((B, T), dtype=np.float64)
+        for i, (seq, out) in enumerate(zip(ref.sequences, ref.outputs)):
+            lg = out["logits"].astype(np.float64)
+            n = lengths[i]
+            order = np.argsort(-lg, axis=-1)[:, :top_k]
+            idx[i, :n] = order
+            tl[i, :n] = np.take_along_axis(lg, order, axis=-1)
+            m = lg.max(-1, keepdims=True)
+            l = (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[:, 0]
+            lse[i, :n] = l
+            tlp[i, : n - 1] = lg[np.arange(n - 1), seq[1:]] - l[: n - 1]
+        tensors.update(topk_indices=idx, topk_logits=tl, logsumexp=lse, token_logprobs=tlp)
+    if with_hidden and ref.hidden_files:
+        for b in range(len(ref.hidden_files[0])):
+            first = ref.hidden(0, b)
+            arr = np.zeros((B, T, first.shape[-1]), dtype=np.float32)
+            for i in range(B):
+                arr[i, : lengths[i]] = ref.hidden(i, b)
+            tensors[f"hidden.{b}"] = arr
+    metadata = {
+        "format": FORMAT,
+        "tool": f"hybridconv {__version__}",
+        "source": ref.source,
+        "source_revision": ref.source_revision or "",
+        "implementation": ref.implementation,
+        "dtype": ref.dtype,
+        "block_kinds": json.dumps(ref.block_kinds or []),
+        "model_type": ref.model_type or "",
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_reference_file(path: Path) -> Reference:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from ..safetensors_io import read_header
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: reference-logits file not found")
+    _, meta = read_header(path)  # validates the header with clear errors
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc})") from None
+    if "input_ids" not in t or ("logits" not in t and "topk_indices" not in t):
+        raise CheckpointError(
+            f"{path}: not a reference-logits file (needs input_ids and logits, or the top-k form); "
+            f"found {', '.join(sorted(t)) or 'no tensors'}"
+        )
+    ids = t["input_ids"]
+    if ids.ndim != 2:
+        raise CheckpointError(f"{path}: input_ids must be [B, T], found {list(ids.shape)}")
+    B, T = ids.shape
+    lengths = t["lengths"].tolist() if "lengths" in t else [T] * B
+    sequences = [ids[i, : lengths[i]].astype(np.int32) for i in range(B)]
+    outputs = []
+    for i in range(B):
+        n = lengths[i]
+        if "logits" in t:
+            lg = t["logits"]
+            if lg.shape[:2] != (B, T):
+                raise CheckpointError(f"{path}: logits {list(lg.shape)} do not match input_ids [{B}, {T}]")
+            outputs.append({"logits": lg[i, :n].astype(np.float32)})
+        else:
+            outputs.append({k: t[k][i, :n] for k in ("topk_indices", "topk_logits", "logsumexp", "token_logprobs")})
+    hidden_keys = sorted((k for k in t if k.startswith("hidden.")), key=lambda k: int(k.split(".")[1]))
+    ref = Reference(
+        sequences=sequences,
+        outputs=outputs,
+        implementation=meta.get("implementation", "unknown (file without hybridconv metadata)"),
+        source=meta.get("source", "unknown"),
+        source_revision=meta.get("source_revision") or None,
+        dtype=meta.get("dtype", "float32"),
+        block_kinds=json.loads(meta["block_kinds"]) if meta.get("block_kinds") else None,
+        model_type=meta.get("model_type") or None,
+        file=str(path),
+    )
+    if hidden_keys:
+        tmp = tempfile.TemporaryDirectory(prefix="hybridconv-ref-")
+        ref._tmp = tmp
+        ref.hidden_files = [[] for _ in range(B)]
+        for b, k in enumerate(hidden_keys):
+            for i in range(B):
+                f = Path(tmp.name) / f"seq{i}-block{b}.npy"
+                np.save(f, t[k][i, : lengths[i]])
+                ref.hidden_files[i].append(f)
+    return ref
