@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 HC := $(VENV)/bin/hybridconv
 DEMO_OUT := demo-out
 
-.PHONY: demo test venv install install-test clean
+.PHONY: demo test venv install install-reference install-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,15 @@ venv: $(PY)
 install: venv
 	$(PIP) install --quiet -e .
 
+install-reference: venv
+	$(PIP) install --quiet -e ".[reference]"
+
 # torch is pinned to 2.13.0 (a CPU build on this machine's disk) in the test extra.
 install-test: venv
 	$(PIP) install --quiet -e ".[test]"
 
-demo: install
+# The demo needs the reference side (torch, transformers) for verify.
+demo: install-reference
 	rm -rf $(DEMO_OUT)
 	@echo "== inspect: what conversion will do (reads config.json + safetensors headers only)"
 	$(HC) inspect examples/checkpoints/plamo2-tiny
@@ -31,6 +35,10 @@ demo: install
 	$(HC) convert examples/checkpoints/recurrent_gemma-tiny -o $(DEMO_OUT)/recurrent_gemma-tiny --dtype bfloat16
 	@echo "== inspect the converted folder (converting it again would change nothing)"
 	$(HC) inspect $(DEMO_OUT)/recurrent_gemma-tiny
+	@echo "== verify against the PyTorch reference (writes verification.json into the folder)"
+	$(HC) verify $(DEMO_OUT)/plamo2-tiny --reference examples/checkpoints/plamo2-tiny
+	$(HC) reference examples/checkpoints/recurrent_gemma-tiny -o $(DEMO_OUT)/rg-reference.safetensors --hidden-states
+	$(HC) verify $(DEMO_OUT)/recurrent_gemma-tiny --reference-logits $(DEMO_OUT)/rg-reference.safetensors
 	@echo "== load in hybridconv and in mlx-lm"
 	$(PY) scripts/demo_load.py $(DEMO_OUT)/plamo2-tiny $(DEMO_OUT)/recurrent_gemma-tiny
 
