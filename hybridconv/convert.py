@@ -210,8 +210,11 @@ def _carried_files(folder: Path) -> list[Path]:
     return out
 
 
-def prepare_output(out: Path, force: bool) -> Path:
+def prepare_output(out: Path, force: bool, source: Source | None = None) -> Path:
+    """Check OUT can be written; return the temporary sibling to write into."""
     out = Path(out)
+    if source is not None and out.resolve() == source.path.resolve():
+        raise UsageError(f"{out}: is the source folder; choose another output")
     if out.exists() and not force:
         raise UsageError(
             f"{out}: already exists",
@@ -229,12 +232,26 @@ def prepare_output(out: Path, force: bool) -> Path:
     return parent / f".{out.name}.partial-{os.getpid()}"
 
 
-def write_weights(p: Plan, tmp: Path, progress: Progress | None = None) -> list[str]:
+@dataclass
+class WriteItem:
+    """One planned tensor and what is written for it: itself (possibly cast or
+    transposed) or, when ``spec`` is set, its quantized parts."""
+
+    step: Step
+    entries: list  # [(name, dtype, shape)]
+    spec: object = None  # hybridconv.quant.modes.QuantSpec
+
+
+def write_weights(
+    p: Plan, tmp: Path, progress: Progress | None = None, items: list[WriteItem] | None = None
+) -> list[str]:
+    if items is None:
+        items = [WriteItem(s, [(s.target, s.dtype, s.shape)]) for s in p.kept]
     groups = [
-        (shard, [s for s in p.kept if p.index.tensors[s.source].file == shard])
+        (shard, [it for it in items if p.index.tensors[it.step.source].file == shard])
         for shard in p.index.shards
     ]
-    groups = [(shard, steps) for shard, steps in groups if steps]
+    groups = [(shard, its) for shard, its in groups if its]
     n = len(groups)
     names = (
         ["model.safetensors"]
@@ -244,27 +261,31 @@ def write_weights(p: Plan, tmp: Path, progress: Progress | None = None) -> list[
     weight_map: dict[str, str] = {}
     total = 0
     buf = chunk_buffer()
-    for name, (shard, steps) in zip(names, groups):
+    for name, (shard, its) in zip(names, groups):
         # Source order, and a data section starting at the source's offset within
         # a page: runs of unchanged tensors are then one page-congruent kernel copy.
-        steps = sorted(steps, key=lambda s: p.index.tensors[s.source].begin)
+        its = sorted(its, key=lambda it: p.index.tensors[it.step.source].begin)
+        entries = [e for it in its for e in it.entries]
         head = header_bytes(
-            [(s.target, s.dtype, s.shape) for s in steps],
-            {"format": "mlx"},
-            data_start_mod=p.index.tensors[steps[0].source].begin % PAGE,
+            entries, {"format": "mlx"}, data_start_mod=p.index.tensors[its[0].step.source].begin % PAGE
         )
         with open(shard, "rb", buffering=0) as src, open(tmp / name, "wb", buffering=0) as dst:
             write_all(dst, head)
-            for run in _runs(p, steps):
-                info = p.index.tensors[run[0].source]
+            for run in _runs(p, its):
+                info = p.index.tensors[run[0].step.source]
                 if len(run) > 1 or _unchanged(p, run[0]):
-                    end = p.index.tensors[run[-1].source].end
+                    end = p.index.tensors[run[-1].step.source].end
                     copy_bytes(src, dst, info.begin, end - info.begin, buf, str(shard))
                     if progress:
-                        progress(end - info.begin, run[-1].source)
+                        progress(end - info.begin, run[-1].step.source)
                     continue
-                s = run[0]
-                if s.transpose:  # conv kernels: small, transformed whole
+                it = run[0]
+                s = it.step
+                if it.spec is not None:  # quantize in row blocks
+                    from .quant.writer import write_quantized
+
+                    write_quantized(info, it, src, dst, buf, progress)
+                elif s.transpose:  # conv kernels: small, transformed whole
                     raw = apply_transpose(read_tensor(info, src), s)
                     write_all(dst, np.ascontiguousarray(convert_raw(raw, info.dtype, s.dtype)))
                     if progress:
@@ -274,9 +295,9 @@ def write_weights(p: Plan, tmp: Path, progress: Progress | None = None) -> list[
                         write_all(dst, convert_raw(chunk, info.dtype, s.dtype))
                         if progress:
                             progress(chunk.nbytes, s.source)
-        for s in steps:
-            weight_map[s.target] = name
-            total += _nbytes(s.dtype, s.shape)
+        for name_, dtype, shape in entries:
+            weight_map[name_] = name
+            total += _nbytes(dtype, shape)
     # Dropped tensors still count as processed for the progress bar.
     if progress:
         for s in p.dropped:
@@ -289,24 +310,25 @@ def write_weights(p: Plan, tmp: Path, progress: Progress | None = None) -> list[
     return names + [INDEX_NAME]
 
 
-def _unchanged(p: Plan, s: Step) -> bool:
-    return s.transpose is None and p.index.tensors[s.source].dtype == s.dtype
+def _unchanged(p: Plan, it: WriteItem) -> bool:
+    s = it.step
+    return it.spec is None and s.transpose is None and p.index.tensors[s.source].dtype == s.dtype
 
 
-def _runs(p: Plan, steps: list[Step]) -> list[list[Step]]:
-    """Group steps (in source order) into runs of unchanged tensors that lie back to
-    back in the source; every other step is a run of its own."""
-    runs: list[list[Step]] = []
-    for s in steps:
+def _runs(p: Plan, items: list[WriteItem]) -> list[list[WriteItem]]:
+    """Group items (in source order) into runs of unchanged tensors that lie back to
+    back in the source; every other item is a run of its own."""
+    runs: list[list[WriteItem]] = []
+    for it in items:
         if (
             runs
-            and _unchanged(p, s)
+            and _unchanged(p, it)
             and _unchanged(p, runs[-1][-1])
-            and p.index.tensors[runs[-1][-1].source].end == p.index.tensors[s.source].begin
+            and p.index.tensors[runs[-1][-1].step.source].end == p.index.tensors[it.step.source].begin
         ):
-            runs[-1].append(s)
+            runs[-1].append(it)
         else:
-            runs.append([s])
+            runs.append([it])
     return runs
 
 
@@ -343,23 +365,39 @@ def convert(
     on_plan: Callable[[Plan], None] | None = None,
 ) -> Result:
     src = resolve(source, revision)
-    out = Path(out)
-    if out.resolve() == src.path.resolve():
-        raise UsageError(f"{out}: is the source folder; choose another output")
-    tmp = prepare_output(out, force)
+    tmp = prepare_output(Path(out), force, src)
     p = plan(src, dtype)
     if on_plan:
         on_plan(p)
+    return write_output(p, Path(out), tmp, progress)
+
+
+def write_output(
+    p: Plan,
+    out: Path,
+    tmp: Path,
+    progress: Progress | None = None,
+    items: list[WriteItem] | None = None,
+    config_extra: dict | None = None,
+    record_extra: dict | None = None,
+) -> Result:
+    """Write weights, index, config, carried files and the ledger into ``tmp``,
+    then rename it to ``out``; on any failure or interruption remove ``tmp``."""
     try:
         tmp.mkdir()
-        files = write_weights(p, tmp, progress)
-        (tmp / "config.json").write_text(json.dumps(output_config(p), indent=2) + "\n")
+        files = write_weights(p, tmp, progress, items)
+        cfg = output_config(p)
+        cfg.update(config_extra or {})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         files.append("config.json")
-        for f in _carried_files(src.path):
+        for f in _carried_files(p.source.path):
             shutil.copyfile(f, tmp / f.name)  # follows the HF cache's symlinks
             files.append(f.name)
-        (tmp / CONVERSION_RECORD).write_text(json.dumps(ledger_record(p), indent=2) + "\n")
+        record = ledger_record(p)
+        record.update(record_extra or {})
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         files.append(CONVERSION_RECORD)
+        written = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
         _swap_into_place(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -370,7 +408,7 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Result(p, out, files, p.output_bytes())
+    return Result(p, out, files, written)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -37,6 +37,24 @@ def load(path, lazy: bool = False):
     weights: dict = {}
     for shard in index.shards:
         weights.update(mx.load(str(shard)))
+    quant = config.get("quantization")
+    if isinstance(quant, dict):
+        import mlx.nn as nn
+
+        def predicate(module_path, module):
+            # mlx-lm's convention: a per-layer entry (parameters or False) wins;
+            # otherwise a layer is quantized when its scales are stored.
+            if module_path in quant:
+                return quant[module_path]
+            return hasattr(module, "to_quantized") and f"{module_path}.scales" in weights
+
+        nn.quantize(
+            model,
+            group_size=quant.get("group_size"),
+            bits=quant.get("bits"),
+            mode=quant.get("mode", "affine"),
+            class_predicate=predicate,
+        )
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
@@ -48,6 +66,9 @@ def load(path, lazy: bool = False):
             "load a folder written by `hybridconv convert` (a Hugging Face checkpoint must be converted first)",
             m.group(1) if m else None,
         ) from None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    if dtype in ("float32", "float16", "bfloat16"):
+        model.activation_dtype = getattr(mx, dtype)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

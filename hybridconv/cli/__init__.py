@@ -72,6 +72,7 @@ def _root(
 def main() -> None:
     from . import convert as _convert  # noqa: F401  (register commands)
     from . import inspect as _inspect  # noqa: F401
+    from . import quantize as _quantize  # noqa: F401
     from . import verify as _verify  # noqa: F401
 
     signal.signal(signal.SIGTERM, _on_sigterm)

@@ -14,6 +14,10 @@ from rich.table import Table
 
 from ..convert import DTYPE_LABELS, convert
 from . import app, console
+from typing import Annotated
+
+import typer
+
 from .options import DtypeOpt, ForceOpt, OutOpt, RevisionOpt, SourceArg
 from .render import human_bytes
 
@@ -25,6 +29,11 @@ def convert_cmd(
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
     force: ForceOpt = False,
+    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize too: shortcut for `hybridconv quantize` (with --bits, --group-size, --mode, --recipe).")] = False,
+    bits: Annotated[int, typer.Option("--bits", help="With -q: width of quantized weights.")] = 4,
+    group_size: Annotated[int | None, typer.Option("--group-size", help="With -q: weights per scale.", show_default=False)] = None,
+    mode: Annotated[str, typer.Option("--mode", help="With -q: affine, mxfp4, nvfp4 or mxfp8.")] = "affine",
+    recipe: Annotated[str | None, typer.Option("--recipe", help="With -q: uniform or mixed-L-H.", show_default=False)] = None,
 ):
     """Convert a Hugging Face checkpoint to an MLX folder that hybridconv and mlx_lm.load open.
 
@@ -32,6 +41,15 @@ def convert_cmd(
     tensor (kept, transformed or dropped with a reason) and every model parameter, and writes
     into a temporary folder that is renamed to OUT only when complete.
     """
+    if quantize:
+        from ..quant.run import quantize as run_quantize
+        from .quantize import print_plan
+
+        res = run_quantize(source, out, bits, group_size, mode, recipe, None, None,
+                           dtype.value if dtype else None, revision, force)
+        print_plan(res.plan, False)
+        console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
+        return
     with Progress(
         TextColumn("[bold]converting[/]"),
         BarColumn(),

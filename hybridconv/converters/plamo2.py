@@ -17,6 +17,28 @@ Tensor rules, in order:
   whole sequence. They are a few hundred numbers per layer.
 * everything else: cast to ``--dtype``; names are kept (mlx-lm uses the Hugging
   Face names, ``model.layers.layers.N...``).
+
+Quantization policy (``hybridconv quantize``)
+---------------------------------------------
+Never quantized, stored in float32 whatever ``--dtype`` says (:data:`PROTECTED`):
+``A_log``, ``D``, ``dt_bias`` (the SSM dynamics), the conv1d kernels (4 taps per
+channel: a 4-bit grid over 4 numbers is no approximation), every norm weight
+(the four per layer, the final norm, the B/C/dt norms and the per-head QK-norm
+weights: they scale whole activation vectors). Together they are under 0.2 % of
+the parameters of PLaMo-2 1B.
+
+Quantized (:data:`ROLES`): every projection matrix and the embeddings, at
+``--bits`` by default — the same layers mlx-lm quantizes. Measured on the
+fixtures (``scripts/compare_quant.py`` and README, "Quantization"): keeping
+``dt_proj`` (``dt_dim → heads``; it feeds ``softplus`` into ``exp(dt·A)``) in
+float gave no measurable KL gain (4-bit: 0.0139 vs 0.0138) for +0.07 bits per
+weight on the tiny model, so it is quantized like the rest; ``bcdt_proj`` (B, C
+and dt, the inputs of the recurrence) at 8 bits cut the 4-bit KL by 9 % but
+costs +0.28 bits per weight on the tiny fixture (about +0.04 on PLaMo-2 1B by
+parameter share), so it is marked *sensitive* — wider in the mixed recipes
+(``mixed-4-6``: 6 bits) — rather than wider by default. Also sensitive: the
+embeddings / head and the MLP ``down_proj`` (the largest outliers, as in
+transformer quantization practice).
 """
 
 from __future__ import annotations
@@ -24,7 +46,7 @@ from __future__ import annotations
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import plamo2 as model_module
-from .registry import Architecture, register
+from .registry import Architecture, Protected, Role, register
 from .rules import ConvToMLX, Drop, KeepFloat32, Rule
 
 SSM_FLOAT32 = r"\.mixer\.(A_log|D|dt_bias)$"
@@ -96,6 +118,24 @@ def rules(cfg: dict) -> list[Rule]:
     return out
 
 
+PROTECTED = (
+    Protected(r"\.mixer\.(A_log|D|dt_bias)$", "SSM dynamics: A = -exp(A_log), dt = softplus(. + dt_bias)"),
+    Protected(r"\.mixer\.conv1d\.weight$", "conv1d kernel: a handful of taps per channel"),
+    Protected(r"(norm\.weight|norm_weight|\.q_weight|\.k_weight)$", "norm weights scale whole activations"),
+)
+ROLES = (
+    Role("embed", r"^model\.embed_tokens\.weight$", sensitive=True),
+    Role("lm_head", r"^lm_head\.weight$", sensitive=True),
+    Role("mamba.in_proj", r"\.mixer\.in_proj\.weight$"),
+    Role("mamba.bcdt_proj", r"\.mixer\.bcdt_proj\.weight$", sensitive=True),
+    Role("mamba.dt_proj", r"\.mixer\.dt_proj\.weight$"),
+    Role("mamba.out_proj", r"\.mixer\.out_proj\.weight$"),
+    Role("attn.qkv_proj", r"\.mixer\.qkv_proj\.weight$"),
+    Role("attn.o_proj", r"\.mixer\.o_proj\.weight$"),
+    Role("mlp.gate_up_proj", r"\.mlp\.gate_up_proj\.weight$"),
+    Role("mlp.down_proj", r"\.mlp\.down_proj\.weight$", sensitive=True),
+)
+
 ARCH = register(
     Architecture(
         model_type="plamo2",
@@ -104,5 +144,7 @@ ARCH = register(
         normalize_config=normalize_config,
         rules=rules,
         model_module=model_module,
+        roles=ROLES,
+        protected=PROTECTED,
     )
 )

@@ -20,6 +20,22 @@ Tensor rules: ``drop`` rotary ``inv_freq`` buffers and a tied ``lm_head.weight``
 everything else cast to ``--dtype``, names unchanged. The RG-LRU parameters stay
 in the model dtype here because mlx-lm's implementation requires the recurrence
 coefficients and inputs to share a dtype.
+
+Quantization policy (``hybridconv quantize``)
+---------------------------------------------
+Never quantized, stored in float32 whatever ``--dtype`` says (:data:`PROTECTED`):
+the RG-LRU parameters (``recurrent_param``, which sets the decay
+``a = exp(-8·softplus(Λ)·r)`` — near 1 for long memory, where a small error in
+``Λ`` changes the memory length a lot — and the block-diagonal input and
+recurrence gates with their biases), the conv_1d kernels and biases, and every
+norm weight. Mixed-dtype arithmetic promotes to float32, so both hybridconv and
+mlx-lm compute these parts in float32 then.
+
+Quantized (:data:`ROLES`): the embeddings (tied head), the recurrent block's
+``linear_x``, ``linear_y``, ``linear_out``, the attention projections and the MLP.
+Sensitive (6 bits in ``mixed-4-6``): the embeddings, ``linear_x`` (it feeds the
+gates and the recurrence), ``v_proj`` (a single key/value head shared by all
+query heads) and the MLP ``down_proj``.
 """
 
 from __future__ import annotations
@@ -27,7 +43,7 @@ from __future__ import annotations
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import recurrent_gemma as model_module
-from .registry import Architecture, register
+from .registry import Architecture, Protected, Role, register
 from .rules import ConvToMLX, Drop, Rule
 
 BLOCK_KINDS = ("recurrent", "attention")
@@ -124,6 +140,26 @@ def rules(cfg: dict) -> list[Rule]:
     return out
 
 
+PROTECTED = (
+    Protected(r"\.rg_lru\.", "RG-LRU decay and gates: errors change the memory length"),
+    Protected(r"\.conv_1d\.(weight|bias)$", "conv kernel: a handful of taps per channel"),
+    Protected(r"norm\.weight$", "norm weights scale whole activations"),
+)
+ROLES = (
+    Role("embed", r"^model\.embed_tokens\.weight$", sensitive=True),
+    Role("lm_head", r"^lm_head\.weight$", sensitive=True),
+    Role("recurrent.linear_x", r"\.temporal_block\.linear_x\.weight$", sensitive=True),
+    Role("recurrent.linear_y", r"\.temporal_block\.linear_y\.weight$"),
+    Role("recurrent.linear_out", r"\.temporal_block\.linear_out\.weight$"),
+    Role("attn.q_proj", r"\.temporal_block\.q_proj\.weight$"),
+    Role("attn.k_proj", r"\.temporal_block\.k_proj\.weight$"),
+    Role("attn.v_proj", r"\.temporal_block\.v_proj\.weight$", sensitive=True),
+    Role("attn.o_proj", r"\.temporal_block\.o_proj\.weight$"),
+    Role("mlp.gate_proj", r"\.mlp_block\.gate_proj\.weight$"),
+    Role("mlp.up_proj", r"\.mlp_block\.up_proj\.weight$"),
+    Role("mlp.down_proj", r"\.mlp_block\.down_proj\.weight$", sensitive=True),
+)
+
 ARCH = register(
     Architecture(
         model_type="recurrent_gemma",
@@ -132,5 +168,7 @@ ARCH = register(
         normalize_config=normalize_config,
         rules=rules,
         model_module=model_module,
+        roles=ROLES,
+        protected=PROTECTED,
     )
 )

@@ -6,12 +6,41 @@ the list of supported architectures: there is no fallback.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable
 
 from ..errors import UnsupportedArchitectureError
 from .rules import Rule
+
+
+@dataclass(frozen=True)
+class Role:
+    """A kind of quantizable weight matrix (a Linear or Embedding weight).
+
+    ``sensitive`` roles get the higher width in mixed recipes; ``default`` is what
+    the default plan does with it: ``"quantize"`` (at --bits) or ``"float"``."""
+
+    name: str
+    regex: str
+    sensitive: bool = False
+    default: str = "quantize"
+    why: str = ""
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.regex, name) is not None
+
+
+@dataclass(frozen=True)
+class Protected:
+    """Tensors never quantized and stored in float32 when quantizing."""
+
+    regex: str
+    why: str
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.regex, name) is not None
 
 
 @dataclass(frozen=True)
@@ -22,6 +51,14 @@ class Architecture:
     normalize_config: Callable[[dict], dict]
     rules: Callable[[dict], list[Rule]]
     model_module: ModuleType  # provides ModelArgs, Model, layer_schedule
+    roles: tuple[Role, ...] = field(default=())
+    protected: tuple[Protected, ...] = field(default=())
+
+    def role_of(self, name: str) -> Role | None:
+        return next((r for r in self.roles if r.matches(name)), None)
+
+    def protection_of(self, name: str) -> Protected | None:
+        return next((p for p in self.protected if p.matches(name)), None)
 
     def model_args(self, config: dict):
         return self.model_module.ModelArgs.from_dict(config)

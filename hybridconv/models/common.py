@@ -31,7 +31,9 @@ class OffsetRMSNorm(nn.Module):
         self.offset = offset
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight + self.offset, self.eps)
+        # The scale is formed in the weight's dtype (float32 when a quantized
+        # model protects its norms) and applied in the activations' dtype.
+        return mx.fast.rms_norm(x, (self.weight + self.offset).astype(x.dtype), self.eps)
 
 
 def causal_depthwise_conv(
@@ -52,9 +54,9 @@ def causal_depthwise_conv(
         padded = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
     else:
         padded = mx.concatenate([state.astype(x.dtype), x], axis=1)
-    y = mx.conv_general(padded, weight, groups=channels)
+    y = mx.conv_general(padded, weight.astype(x.dtype), groups=channels)
     if bias is not None:
-        y = y + bias
+        y = y + bias.astype(x.dtype)
     return y, padded[:, padded.shape[1] - (k - 1) :, :]
 
 

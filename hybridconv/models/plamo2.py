@@ -246,9 +246,9 @@ class Mamba(nn.Module):
         Bm = bcdt[..., : self.d_state]
         Cm = bcdt[..., self.d_state : 2 * self.d_state]
         dt = bcdt[..., 2 * self.d_state :]
-        Bm = mx.fast.rms_norm(Bm, self.B_norm_weight, eps)
-        Cm = mx.fast.rms_norm(Cm, self.C_norm_weight, eps)
-        dt = mx.fast.rms_norm(dt, self.dt_norm_weight, eps)
+        Bm = mx.fast.rms_norm(Bm, self.B_norm_weight.astype(Bm.dtype), eps)
+        Cm = mx.fast.rms_norm(Cm, self.C_norm_weight.astype(Cm.dtype), eps)
+        dt = mx.fast.rms_norm(dt, self.dt_norm_weight.astype(dt.dtype), eps)
         dt = self.dt_proj(dt).astype(mx.float32)
         dt = mx.clip(nn.softplus(dt + self.dt_bias.astype(mx.float32)), DT_MIN, DT_MAX)
         A = -mx.exp(self.A_log.astype(mx.float32))
@@ -299,8 +299,8 @@ class Attention(nn.Module):
         v = qkv[..., (self.n_q + self.n_kv) * d :]
         v = v.reshape(b, T, self.n_kv, d).transpose(0, 2, 1, 3)
         # QK norm: per-head RMSNorm (fixed eps, as in PLaMo-2) with a [heads, d] weight.
-        q = mx.fast.rms_norm(q, None, 1e-6) * self.q_weight[:, None]
-        k = mx.fast.rms_norm(k, None, 1e-6) * self.k_weight[:, None]
+        q = mx.fast.rms_norm(q, None, 1e-6) * self.q_weight[:, None].astype(q.dtype)
+        k = mx.fast.rms_norm(k, None, 1e-6) * self.k_weight[:, None].astype(k.dtype)
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)
@@ -377,8 +377,13 @@ class Model(nn.Module):
     def block_kinds(self) -> list[str]:
         return [layer.kind for layer in self.layers]
 
+    # Activations dtype: the checkpoint's float dtype (set by the loader). A
+    # quantized embedding may dequantize to another dtype (mxfp modes give bf16).
+    activation_dtype = None
+
     def embed(self, inputs: mx.array) -> mx.array:
-        return self.model.embed_tokens(inputs)
+        h = self.model.embed_tokens(inputs)
+        return h.astype(self.activation_dtype) if self.activation_dtype is not None else h
 
     def head(self, h: mx.array) -> mx.array:
         h = self.model.norm(h)

@@ -320,8 +320,14 @@ class Model(nn.Module):
     def block_kinds(self) -> list[str]:
         return [layer.kind for layer in self.layers]
 
+    # Activations dtype: the checkpoint's float dtype (set by the loader). A
+    # quantized embedding may dequantize to another dtype (mxfp modes give bf16).
+    activation_dtype = None
+
     def embed(self, inputs: mx.array) -> mx.array:
         h = self.model.embed_tokens(inputs)
+        if self.activation_dtype is not None:
+            h = h.astype(self.activation_dtype)
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
     def head(self, h: mx.array) -> mx.array:

@@ -1,0 +1,163 @@
+"""``hybridconv quantize`` (and the ``convert --quantize`` shortcut)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import EXIT_GATE_FAILED
+from . import app, console
+from .options import DtypeOpt, ForceOpt, OutOpt, RevisionOpt, SourceArg
+from .render import human_bytes
+
+
+class Mode(str, Enum):
+    affine = "affine"
+    mxfp4 = "mxfp4"
+    nvfp4 = "nvfp4"
+    mxfp8 = "mxfp8"
+
+
+BitsOpt = Annotated[int, typer.Option("--bits", help="Width of quantized weights: 2, 3, 4, 5, 6 or 8 (mxfp4/nvfp4: 4, mxfp8: 8).")]
+GroupOpt = Annotated[
+    Optional[int],
+    typer.Option("--group-size", help="Weights per scale: 32, 64 or 128 for affine [default 64]; mxfp4/mxfp8 32, nvfp4 16.", show_default=False),
+]
+ModeOpt = Annotated[Mode, typer.Option("--mode", help="Quantization mode (MLX).")]
+RecipeOpt = Annotated[
+    Optional[str],
+    typer.Option("--recipe", help="uniform (default), or mixed-L-H: sensitive roles at H bits, the others at L (e.g. mixed-4-6).", show_default=False),
+]
+BitsForOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--bits-for", help="PATTERN=BITS: this width for matching tensors (glob on tensor name, module path or role; 're:' for a regex). Repeatable.", show_default=False),
+]
+KeepOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--keep", help="PATTERN: keep matching weights in float. Repeatable.", show_default=False),
+]
+
+
+def print_plan(qp, full: bool) -> None:
+    s = qp.summary()
+    if full:
+        t = Table(title="quantization plan")
+        t.add_column("tensor")
+        t.add_column("role")
+        t.add_column("stored as")
+        t.add_column("why")
+        for r in qp.rows():
+            stored = f"{r['bits']}-bit {r['mode']} g{r['group_size']}" if r["decision"] == "quantize" else f"{r['dtype']} ({r['decision']})"
+            t.add_row(r["tensor"], r["role"] or "", stored, r["reason"])
+        console.print(t)
+    else:
+        t = Table(title="quantization plan (by kind; --show-plan for every tensor)")
+        t.add_column("stored as")
+        t.add_column("tensors", justify="right")
+        for k, v in s["tensors"].items():
+            t.add_row(k, str(v))
+        console.print(t)
+    console.print(
+        f"recipe [bold]{escape(s['recipe'])}[/]: {s['bits_per_weight']:.3f} bits per weight overall "
+        f"({s['quantized_layers_bits_per_weight']:.3f} in quantized layers), {human_bytes(s['bytes'])}"
+    )
+
+
+@app.command("quantize")
+def quantize_cmd(
+    source: SourceArg,
+    out: OutOpt,
+    bits: BitsOpt = 4,
+    group_size: GroupOpt = None,
+    mode: ModeOpt = Mode.affine,
+    recipe: RecipeOpt = None,
+    bits_for: BitsForOpt = None,
+    keep: KeepOpt = None,
+    dtype: DtypeOpt = None,
+    revision: RevisionOpt = None,
+    force: ForceOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, bits per weight and size; write nothing.")] = False,
+    show_plan: Annotated[bool, typer.Option("--show-plan", help="Print the plan of every tensor.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Verify the result (PyTorch reference of SOURCE, or --reference-logits) and store the report with it.")] = False,
+    reference_logits: Annotated[Optional[Path], typer.Option("--reference-logits", help="Reference file for --verify / --target-kl (no torch needed).", show_default=False)] = None,
+    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Search the smallest plan whose mean KL on the verify inputs is <= this, and write it.", show_default=False)] = None,
+):
+    """Quantize a checkpoint for MLX, keeping what hybrid models need in float32.
+
+    SOURCE is a Hugging Face checkpoint (converted on the fly) or a float folder from
+    `hybridconv convert`. SSM parameters (A_log, D, dt_bias), conv1d kernels, norms and RG-LRU
+    gate parameters are never quantized and stay float32. The output opens in hybridconv and
+    mlx_lm.load (mlx-lm's quantization config, per-layer entries when mixed).
+
+    Exit codes: 0 done (and verified, with --verify); 1 verification failed or no plan meets
+    --target-kl; 2 bad usage or input.
+    """
+    from ..quant.run import quantize, search_target_kl
+
+    if target_kl is not None:
+        ref = _reference(source, revision, reference_logits)
+        rows = Table(title=f"plans explored for --target-kl {target_kl}")
+        for col in ("plan", "bits/weight", "KL mean", "meets"):
+            rows.add_column(col)
+        found = []
+
+        def report(row):
+            found.append(row)
+            console.print(f"  tried {row['plan']:>14}: {row['bits_per_weight']:.3f} bits/weight, KL mean {row['kl_mean']:.4g}")
+
+        with console.status("searching"):
+            res = search_target_kl(source, out, target_kl, ref, group_size, dtype.value if dtype else None,
+                                   revision, force, keep, report)
+        for r in res.search:
+            rows.add_row(r["plan"], f"{r['bits_per_weight']:.3f}", f"{r['kl_mean']:.4g}", "yes" if r["meets_target"] else "no")
+        console.print(rows)
+        if res.result is None:
+            best = min(res.search, key=lambda r: r["kl_mean"])
+            console.print(f"[bold red]no plan meets mean KL <= {target_kl}[/]: the best tried was {best['plan']} "
+                          f"with {best['kl_mean']:.4g} ({best['bits_per_weight']:.3f} bits/weight); nothing written")
+            raise typer.Exit(EXIT_GATE_FAILED)
+        print_plan(res.plan, show_plan)
+        console.print(f"[green]wrote {out}[/]: the smallest plan meeting the target")
+        return
+
+    res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
+                   dtype.value if dtype else None, revision, force, dry_run)
+    print_plan(res.plan, show_plan or dry_run)
+    if dry_run:
+        console.print("[dim]--dry-run: nothing written[/]")
+        return
+    console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
+    if verify:
+        _verify(source, revision, reference_logits, out)
+
+
+def _reference(source, revision, reference_logits):
+    from ..checkpoint import resolve
+    from ..loading import load_config
+    from ..verify.inputs import build_inputs
+    from ..verify.reference import compute_reference, read_reference_file
+
+    if reference_logits is not None:
+        return read_reference_file(reference_logits)
+    src = resolve(source, revision)
+    _, cfg = load_config(src.path)
+    with console.status("running the PyTorch reference"):
+        return compute_reference(src, build_inputs(src.path, cfg["vocab_size"]))
+
+
+def _verify(source, revision, reference_logits, out: Path) -> None:
+    from ..verify.run import REPORT_NAME, verify_folder, write_report
+    from .verify import render
+
+    ref = _reference(source, revision, reference_logits)
+    with console.status("verifying"):
+        outcome = verify_folder(out, ref)
+    write_report(outcome.report, out / REPORT_NAME)
+    render(outcome.report)
+    if not outcome.passed:
+        raise typer.Exit(EXIT_GATE_FAILED)

@@ -1,0 +1,215 @@
+"""The per-tensor quantization plan: which weights are quantized at which width,
+which stay in float, which are protected (float32, never quantized), and why.
+
+Order of decisions for each tensor of the converted model:
+
+1. protected by the architecture's policy -> float32 (``--bits-for`` on it is an error);
+2. not a quantizable role (biases, ...) -> the output dtype;
+3. the recipe: ``uniform`` (every role at ``--bits``, except roles whose default is
+   float) or ``mixed-L-H`` (sensitive roles at H bits, the others at L);
+4. ``--bits-for PATTERN=BITS`` overrides, then ``--keep PATTERN`` (keep in float);
+5. a matrix whose input dimension does not fit the group size stays in float.
+
+Patterns are globs (``*.mlp.down_proj*``) matched against the tensor name, its
+module path and its role name (``mlp.down_proj``); a ``re:`` prefix makes a
+regular expression (searched).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+from ..convert import DTYPE_LABELS, Plan
+from ..converters.rules import Step
+from ..errors import UsageError
+from .modes import QuantSpec, can_quantize, quantized_entries, storage_bits
+
+RECIPE_RE = re.compile(r"^mixed-(\d)-(\d)$")
+RECIPES_HELP = "uniform (every role at --bits), mixed-L-H (sensitive roles at H bits, others at L), e.g. mixed-4-6, mixed-3-6, mixed-4-8"
+
+
+@dataclass
+class TensorPlan:
+    step: Step
+    role: str | None
+    decision: str  # "quantize" | "float" | "protected"
+    reason: str
+    spec: QuantSpec | None = None
+    entries: list = field(default_factory=list)  # [(name, dtype, shape)] written
+
+    @property
+    def module(self) -> str:
+        return self.step.target[: -len(".weight")] if self.step.target.endswith(".weight") else self.step.target
+
+
+@dataclass
+class QuantPlan:
+    conversion: Plan
+    base: QuantSpec
+    recipe: str
+    tensors: list[TensorPlan]
+
+    @property
+    def parameters(self) -> int:
+        return self.conversion.parameter_count
+
+    @property
+    def total_bits(self) -> int:
+        return sum(storage_bits(t.entries) for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total_bits / self.parameters
+
+    @property
+    def quantized_bits_per_weight(self) -> float:
+        q = [t for t in self.tensors if t.decision == "quantize"]
+        n = sum(math.prod(t.step.shape) for t in q)
+        return sum(storage_bits(t.entries) for t in q) / n if n else float("nan")
+
+    def config_entry(self) -> dict:
+        """mlx-lm's ``quantization`` config: defaults plus per-layer entries where a
+        layer differs (other parameters, or ``False`` for a quantizable layer kept in float)."""
+        entry: dict = self.base.to_config()
+        for t in self.tensors:
+            if t.role is None:
+                continue
+            if t.decision == "quantize" and t.spec != self.base:
+                entry[t.module] = t.spec.to_config()
+            elif t.decision != "quantize":
+                entry[t.module] = False
+        return entry
+
+    def summary(self) -> dict:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            key = t.spec.label() if t.decision == "quantize" else t.decision
+            counts[key] = counts.get(key, 0) + 1
+        return {
+            "recipe": self.recipe,
+            "base": self.base.to_config(),
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "quantized_layers_bits_per_weight": round(self.quantized_bits_per_weight, 4),
+            "parameters": self.parameters,
+            "bytes": self.total_bits // 8,
+            "tensors": counts,
+        }
+
+    def rows(self) -> list[dict]:
+        return [
+            {
+                "tensor": t.step.target,
+                "role": t.role,
+                "decision": t.decision,
+                "bits": t.spec.bits if t.spec else None,
+                "group_size": t.spec.group_size if t.spec else None,
+                "mode": t.spec.mode if t.spec else None,
+                "dtype": None if t.decision == "quantize" else DTYPE_LABELS[t.entries[0][1]],
+                "reason": t.reason,
+            }
+            for t in self.tensors
+        ]
+
+
+def _matcher(pattern: str):
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return lambda *names: any(rx.search(n) for n in names if n)
+    return lambda *names: any(fnmatch.fnmatchcase(n, pattern) for n in names if n)
+
+
+def parse_bits_for(items: list[str] | None) -> list[tuple[str, int]]:
+    out = []
+    for item in items or []:
+        pattern, sep, bits = item.rpartition("=")
+        if not sep or not pattern or not bits.strip().isdigit():
+            raise UsageError(f"--bits-for {item!r}: expected PATTERN=BITS, e.g. '*.down_proj*=6'")
+        out.append((pattern, int(bits)))
+    return out
+
+
+def recipe_widths(recipe: str | None, base: QuantSpec) -> tuple[int, int]:
+    """(bits for ordinary roles, bits for sensitive roles)."""
+    if recipe in (None, "", "uniform"):
+        return base.bits, base.bits
+    m = RECIPE_RE.match(recipe)
+    if not m:
+        raise UsageError(f"--recipe {recipe!r}: unknown; recipes: {RECIPES_HELP}")
+    low, high = int(m.group(1)), int(m.group(2))
+    if base.mode != "affine":
+        raise UsageError(f"--recipe {recipe}: mixed widths need --mode affine (mode {base.mode} has one width)")
+    from .modes import validate
+
+    for b in (low, high):
+        validate(b, base.group_size, "affine")
+    return low, high
+
+
+def build_plan(
+    conversion: Plan,
+    base: QuantSpec,
+    recipe: str | None = None,
+    bits_for: list[str] | None = None,
+    keep: list[str] | None = None,
+) -> QuantPlan:
+    from .modes import validate
+
+    arch = conversion.arch
+    low, high = recipe_widths(recipe, base)
+    overrides = [(p, _matcher(p), validate(b, base.group_size, base.mode).bits) for p, b in parse_bits_for(bits_for)]
+    keeps = [(p, _matcher(p)) for p in keep or []]
+    used: set[str] = set()
+    float_dtype = conversion.dtype
+    tensors: list[TensorPlan] = []
+    for step in conversion.kept:
+        name = step.target
+        module = name[: -len(".weight")] if name.endswith(".weight") else name
+        protection = arch.protection_of(name)
+        role = arch.role_of(name)
+        role_name = role.name if role else None
+        hits = [p for p, match, _ in overrides if match(name, module, role_name)]
+        if protection:
+            if hits:
+                raise UsageError(f"--bits-for {hits[0]!r} matches '{name}', which is never quantized ({protection.why})")
+            s = replace(step, dtype="F32")
+            tensors.append(TensorPlan(s, None, "protected", protection.why, None, [(name, "F32", s.shape)]))
+            used.update(p for p, match in keeps if match(name, module, role_name))
+            continue
+        if role is None:
+            if hits:
+                raise UsageError(f"--bits-for {hits[0]!r} matches '{name}', which is not a weight matrix")
+            tensors.append(TensorPlan(step, None, "float", "not a weight matrix", None, [(name, step.dtype, step.shape)]))
+            continue
+        bits, reason = (high if role.sensitive else low), ("sensitive role" if role.sensitive and high != low else "recipe")
+        decision = "quantize" if role.default == "quantize" else "float"
+        if decision == "float":
+            reason = role.why or "kept in float by the architecture's policy"
+        for p, match, b in overrides:
+            if match(name, module, role_name):
+                bits, decision, reason = b, "quantize", f"--bits-for {p}"
+                used.add(p)
+        for p, match in keeps:
+            if match(name, module, role_name):
+                decision, reason = "float", f"--keep {p}"
+                used.add(p)
+        spec = replace(base, bits=bits)
+        if decision == "quantize":
+            why_not = can_quantize(step.shape, spec)
+            if why_not:
+                decision, reason = "float", why_not
+        if decision == "quantize":
+            entries = quantized_entries(name, step.shape, spec, float_dtype)
+            tensors.append(TensorPlan(step, role_name, "quantize", reason, spec, entries))
+        else:
+            tensors.append(TensorPlan(step, role_name, "float", reason, None, [(name, step.dtype, step.shape)]))
+    unused = [p for p, _, _ in overrides if p not in used] + [p for p, _ in keeps if p not in used]
+    if unused:
+        roles = ", ".join(r.name for r in arch.roles)
+        raise UsageError(
+            f"pattern {unused[0]!r} matches no tensor of this model",
+            f"patterns match tensor names, module paths or roles ({roles}); prefix re: for a regular expression",
+        )
+    return QuantPlan(conversion, base, recipe or "uniform", tensors)

@@ -1,0 +1,178 @@
+"""``quantize``: convert (on the fly, when SOURCE is a Hugging Face checkpoint)
+and quantize in one streamed pass, and optionally verify or search a plan.
+
+The output follows mlx-lm: ``config.json`` carries ``quantization`` (and the
+same under ``quantization_config``) with the default parameters and per-layer
+entries where a layer differs, so ``mlx_lm.load`` opens it; ``conversion.json``
+records the per-tensor plan and the bits per weight.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import resolve
+from ..config import read_config
+from ..convert import Result, WriteItem, plan, prepare_output, write_output
+from ..errors import UsageError
+from .modes import QuantSpec, validate
+from .plan import QuantPlan, build_plan
+
+# Candidate plans for --target-kl, from small to large (affine mode).
+SEARCH_UNIFORM = (2, 3, 4, 5, 6, 8)
+SEARCH_MIXED = ((2, 4), (2, 6), (3, 4), (3, 6), (4, 6), (4, 8), (5, 8), (6, 8))
+
+
+@dataclass
+class QuantResult:
+    plan: QuantPlan
+    result: Result | None  # None for --dry-run
+    search: list[dict] = field(default_factory=list)
+
+
+def plan_quantization(
+    source: str,
+    spec: QuantSpec,
+    recipe: str | None = None,
+    bits_for: list[str] | None = None,
+    keep: list[str] | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+):
+    src = resolve(source, revision)
+    raw = read_config(src.path)
+    if raw.get("quantization") or raw.get("quantization_config"):
+        raise UsageError(
+            f"{source}: is already quantized",
+            "quantize the float checkpoint (the Hugging Face original or a float `hybridconv convert` output)",
+        )
+    p = plan(src, dtype)
+    return src, build_plan(p, spec, recipe, bits_for, keep)
+
+
+def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None) -> Result:
+    items = [WriteItem(t.step, t.entries, t.spec) for t in qp.tensors]
+    entry = qp.config_entry()
+    summary = qp.summary()
+    config_extra = {
+        "quantization": entry,
+        "quantization_config": entry,
+        "hybridconv": {"recipe": qp.recipe, "bits_per_weight": summary["bits_per_weight"]},
+    }
+    record_extra = {"quantization": {**summary, "plan": qp.rows()}}
+    return write_output(qp.conversion, out, tmp, progress, items, config_extra, record_extra)
+
+
+def quantize(
+    source: str,
+    out: Path,
+    bits: int = 4,
+    group_size: int | None = None,
+    mode: str = "affine",
+    recipe: str | None = None,
+    bits_for: list[str] | None = None,
+    keep: list[str] | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress=None,
+    on_plan: Callable[[QuantPlan], None] | None = None,
+) -> QuantResult:
+    spec = validate(bits, group_size, mode)
+    src, qp = plan_quantization(source, spec, recipe, bits_for, keep, dtype, revision)
+    if on_plan:
+        on_plan(qp)
+    if dry_run:
+        return QuantResult(qp, None)
+    tmp = prepare_output(Path(out), force, src)
+    return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, progress))
+
+
+def search_target_kl(
+    source: str,
+    out: Path,
+    target_kl: float,
+    reference,
+    group_size: int | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    keep: list[str] | None = None,
+    report: Callable[[dict], None] | None = None,
+) -> QuantResult:
+    """The smallest candidate plan (by bits per weight) whose mean KL on the
+    reference's inputs is <= ``target_kl``; every candidate tried is reported.
+
+    Candidates: uniform widths and mixed recipes (sensitive roles wider), sorted by
+    bits per weight; a binary search over that order (KL falls as the plan grows),
+    so a large model costs log2(14) ≈ 4 trial quantizations, not 14."""
+    from ..verify.run import verify_folder
+
+    if target_kl <= 0:
+        raise UsageError(f"--target-kl {target_kl}: must be positive")
+    src = resolve(source, revision)
+    prepare_output(Path(out), force, src)  # fail before any work
+    base = validate(4, group_size, "affine")
+    candidates = []
+    for b in SEARCH_UNIFORM:
+        candidates.append(("uniform", validate(b, base.group_size, "affine")))
+    for lo, hi in SEARCH_MIXED:
+        candidates.append((f"mixed-{lo}-{hi}", validate(lo, base.group_size, "affine")))
+    plans = []
+    for recipe, spec in candidates:
+        _, qp = plan_quantization(source, spec, recipe, None, keep, dtype, revision)
+        plans.append(qp)
+    plans.sort(key=lambda q: q.bits_per_weight)
+    explored: list[dict] = []
+    cache: dict[int, float] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="hybridconv-search-", dir=Path(out).resolve().parent))
+
+    def kl_of(i: int) -> float:
+        if i not in cache:
+            qp = plans[i]
+            folder = workdir / f"candidate-{i}"
+            write_quantized_output(qp, folder, prepare_output(folder, False, None))
+            rep = verify_folder(folder, reference).report
+            cache[i] = rep["metrics"]["overall"]["kl_mean"]
+            row = {
+                "plan": _plan_label(qp),
+                "bits_per_weight": round(qp.bits_per_weight, 4),
+                "kl_mean": cache[i],
+                "meets_target": cache[i] <= target_kl,
+            }
+            explored.append(row)
+            if report:
+                report(row)
+            shutil.rmtree(folder, ignore_errors=True)
+        return cache[i]
+
+    try:
+        lo, hi = 0, len(plans) - 1
+        best = None
+        if kl_of(hi) <= target_kl:
+            best = hi
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if kl_of(mid) <= target_kl:
+                    best, hi = mid, mid
+                else:
+                    lo = mid + 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    explored.sort(key=lambda r: r["bits_per_weight"])
+    if best is None:
+        return QuantResult(plans[-1], None, explored)
+    qp = plans[best]
+    tmp = prepare_output(Path(out), force, src)
+    return QuantResult(qp, write_quantized_output(qp, Path(out), tmp), explored)
+
+
+def _plan_label(qp: QuantPlan) -> str:
+    if qp.recipe == "uniform":
+        return f"uniform {qp.base.bits}-bit"
+    return qp.recipe

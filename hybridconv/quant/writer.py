@@ -1,0 +1,49 @@
+"""Writing one quantized weight: row blocks through ``mx.quantize``.
+
+Quantization works on groups within a row, so quantizing a block of rows gives
+exactly the rows of the whole-matrix result; peak memory is one block. The
+packed weights are written as they come; scales (and biases) are small (1/16
+of a 4-bit weight's size or less) and are written after the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..safetensors_io import CHUNK_BYTES, ITEMSIZE, raw_array, to_float32, write_all
+
+_MX_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _raw(a) -> np.ndarray:
+    import mlx.core as mx
+
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.array(a))
+
+
+def write_quantized(info, item, src, dst, buf, progress=None) -> None:
+    import mlx.core as mx
+
+    spec = item.spec
+    float_dtype = getattr(mx, _MX_DTYPE[item.step.dtype])
+    rows, cols = info.shape
+    item_bytes = ITEMSIZE[info.dtype]
+    block = max(1, CHUNK_BYTES // (cols * 4))
+    scales, biases = [], []
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        src.seek(info.begin + r0 * cols * item_bytes)
+        raw = src.read((r1 - r0) * cols * item_bytes)
+        w = to_float32(raw_array(raw, info.dtype), info.dtype).reshape(r1 - r0, cols)
+        parts = mx.quantize(mx.array(w).astype(float_dtype), group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+        write_all(dst, _raw(parts[0]))
+        scales.append(_raw(parts[1]))
+        if len(parts) > 2 and parts[2] is not None:
+            biases.append(_raw(parts[2]))
+        if progress:
+            progress(len(raw), item.step.source)
+    write_all(dst, np.concatenate(scales))
+    if biases:
+        write_all(dst, np.concatenate(biases))

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""hybridconv's default quantization vs mlx_lm.convert -q, same checkpoints, same inputs.
+
+For each checkpoint and each width, both tools quantize the same float weights
+at the same bits and group size (affine). mlx_lm.convert is given hybridconv's
+float conversion of the checkpoint (same weights, config normalised) because it
+cannot read some of the original configs (transformers 5's rope_parameters); both outputs are then compared with
+the same float32 PyTorch reference (hybridconv's verify machinery) on the same
+random-token inputs. Printed: mean and p99 KL(ref || quantized) and bits per
+weight (all stored tensor bits / parameters) of each, and the differences.
+
+Usage: python scripts/compare_quant.py [--checkpoints DIR ...] [--bits 8 6 4 3 2]
+       [--group-size 64] [--tokens 256] [--sequences 4]
+Default checkpoints: the oracle fixtures in ../shared/fixtures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def bits_per_weight(folder: Path, params: int) -> float:
+    from hybridconv.checkpoint import index_weights
+    from hybridconv.safetensors_io import ITEMSIZE
+
+    index = index_weights(folder)
+    bits = sum(math.prod(t.shape) * ITEMSIZE[t.dtype] * 8 for t in index.tensors.values())
+    return bits / params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", nargs="*", type=Path)
+    ap.add_argument("--bits", nargs="*", type=int, default=[8, 6, 4, 3, 2])
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--sequences", type=int, default=4)
+    args = ap.parse_args()
+
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    from hybridconv.checkpoint import resolve
+    from hybridconv.convert import convert as hc_convert
+    from hybridconv.convert import plan
+    from hybridconv.loading import load_config
+    from hybridconv.quant.run import quantize
+    from hybridconv.verify.inputs import build_inputs
+    from hybridconv.verify.reference import compute_reference
+    from hybridconv.verify.run import verify_folder
+
+    fixtures = REPO.parent / "shared" / "fixtures"
+    checkpoints = args.checkpoints or sorted(p for p in fixtures.iterdir() if (p / "config.json").is_file())
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="compare-quant-"))
+    try:
+        for ckpt in checkpoints:
+            src = resolve(str(ckpt))
+            _, cfg = load_config(src.path)
+            params = plan(src).parameter_count
+            inputs = build_inputs(src.path, cfg["vocab_size"], random_tokens=args.tokens,
+                                  num_sequences=args.sequences, seed=0)
+            ref = compute_reference(src, inputs, keep_hidden=False)
+            float_copy = work / f"{ckpt.name}-float"
+            hc_convert(str(ckpt), float_copy)
+            for bits in args.bits:
+                ours = work / f"{ckpt.name}-hc-{bits}"
+                theirs = work / f"{ckpt.name}-mlxlm-{bits}"
+                quantize(str(ckpt), ours, bits=bits, group_size=args.group_size)
+                mlx_lm_convert(str(float_copy), str(theirs), quantize=True, q_bits=bits, q_group_size=args.group_size)
+                r_ours = verify_folder(ours, ref, decode_steps=0).report["metrics"]["overall"]
+                r_theirs = verify_folder(theirs, ref, decode_steps=0).report["metrics"]["overall"]
+                row = {
+                    "checkpoint": ckpt.name, "bits": bits, "group_size": args.group_size,
+                    "hc_kl_mean": r_ours["kl_mean"], "hc_kl_p99": r_ours["kl_p99"],
+                    "hc_bpw": bits_per_weight(ours, params),
+                    "mlxlm_kl_mean": r_theirs["kl_mean"], "mlxlm_kl_p99": r_theirs["kl_p99"],
+                    "mlxlm_bpw": bits_per_weight(theirs, params),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                shutil.rmtree(ours)
+                shutil.rmtree(theirs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"inputs: {args.sequences} x {args.tokens} random tokens (seed 0); reference: PyTorch float32; "
+          f"affine, group size {args.group_size}")
+    print("| checkpoint | bits | hybridconv KL mean | mlx_lm KL mean | hybridconv KL p99 | mlx_lm KL p99 "
+          "| hybridconv bpw | mlx_lm bpw | extra bpw | KL no worse |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        extra = r["hc_bpw"] - r["mlxlm_bpw"]
+        ok = r["hc_kl_mean"] <= r["mlxlm_kl_mean"]
+        print(f"| {r['checkpoint']} | {r['bits']} | {r['hc_kl_mean']:.3g} | {r['mlxlm_kl_mean']:.3g} | "
+              f"{r['hc_kl_p99']:.3g} | {r['mlxlm_kl_p99']:.3g} | {r['hc_bpw']:.3f} | {r['mlxlm_bpw']:.3f} | "
+              f"{extra:+.3f} | {'yes' if ok else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""quantize: every fixture at every width and mode opens in hybridconv and
+mlx-lm, protected tensors stay float32 and untouched, KL rises as bits fall,
+bits per weight are what is stored; recipes, overrides, errors, --target-kl."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import hybridconv
+from hybridconv.checkpoint import index_weights
+from hybridconv.convert import convert
+from hybridconv.errors import UsageError
+from hybridconv.quant.run import quantize, search_target_kl
+from hybridconv.safetensors_io import ITEMSIZE
+from hybridconv.verify.reference import read_reference_file
+from hybridconv.verify.run import verify_folder
+
+from .conftest import FIXTURE_CASES
+
+HC = [sys.executable, "-m", "hybridconv"]
+
+
+def _kl(folder, fixtures_dir, case) -> float:
+    ref = read_reference_file(fixtures_dir / case / "expected.safetensors")
+    return verify_folder(folder, ref, decode_steps=0).report["metrics"]["overall"]["kl_mean"]
+
+
+def _stored_bits(folder) -> int:
+    return sum(math.prod(t.shape) * ITEMSIZE[t.dtype] * 8 for t in index_weights(folder).tensors.values())
+
+
+@pytest.mark.parametrize("case", FIXTURE_CASES)
+def test_every_width_opens_everywhere_and_degrades_monotonically(fixtures_dir, tmp_path, case):
+    from mlx_lm.utils import load_model
+
+    src = fixtures_dir / case
+    source_tensors = load_file(str(src / "model.safetensors"))
+    expected = mx.load(str(src / "expected.safetensors"))
+    kls = []
+    for bits in (8, 6, 4, 3, 2):
+        out = tmp_path / f"q{bits}"
+        res = quantize(str(src), out, bits=bits, group_size=32)
+        ours = np.array(hybridconv.load(out)(expected["input_ids"]).astype(mx.float32))
+        theirs = np.array(load_model(out)[0](expected["input_ids"]).astype(mx.float32))
+        assert np.abs(ours - theirs).max() < 1e-3 * max(1.0, np.abs(ours).max())
+        # protected tensors: float32 and bit-identical to the (float32) source
+        stored = mx.load(str(out / "model.safetensors"))
+        protected = [t for t in res.plan.tensors if t.decision == "protected"]
+        assert protected
+        for t in protected:
+            arr = stored[t.step.target]
+            assert arr.dtype == mx.float32
+            want = source_tensors[t.step.source]
+            if t.step.transpose:
+                want = want.transpose(t.step.transpose)
+            assert np.array_equal(np.array(arr), want), t.step.target
+        # bits per weight: what is stored, over the model's parameters
+        bpw = _stored_bits(out) / res.plan.parameters
+        assert bpw == pytest.approx(res.plan.bits_per_weight)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["hybridconv"]["bits_per_weight"] == pytest.approx(bpw, abs=1e-3)
+        assert cfg["quantization"]["bits"] == bits and cfg["quantization"]["group_size"] == 32
+        kls.append(_kl(out, fixtures_dir, case))
+    assert all(a < b for a, b in zip(kls, kls[1:])), kls
+
+
+@pytest.mark.parametrize("mode,bits,group", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
+@pytest.mark.parametrize("case", ["plamo2-tiny", "recurrent_gemma-tiny"])
+def test_other_modes(fixtures_dir, tmp_path, case, mode, bits, group):
+    from mlx_lm.utils import load_model
+
+    out = tmp_path / "q"
+    quantize(str(fixtures_dir / case), out, bits=bits, group_size=group, mode=mode)
+    expected = mx.load(str(fixtures_dir / case / "expected.safetensors"))
+    ours = np.array(hybridconv.load(out)(expected["input_ids"]).astype(mx.float32))
+    theirs = np.array(load_model(out)[0](expected["input_ids"]).astype(mx.float32))
+    assert np.abs(ours - theirs).max() < 1e-3 * max(1.0, np.abs(ours).max())
+    assert json.loads((out / "config.json").read_text())["quantization"]["mode"] == mode
+    assert _kl(out, fixtures_dir, case) < 0.5
+
+
+def test_mixed_recipe_per_layer_entries(fixtures_dir, tmp_path):
+    from mlx_lm.utils import load_model
+
+    out = tmp_path / "mixed"
+    res = quantize(str(fixtures_dir / "plamo2-tiny"), out, bits=4, recipe="mixed-4-6", group_size=32)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["bits"] == 4
+    assert q["model.layers.layers.1.mlp.down_proj"] == {"group_size": 32, "bits": 6, "mode": "affine"}
+    assert q["model.embed_tokens"]["bits"] == 6
+    assert "model.layers.layers.1.mlp.gate_up_proj" not in q
+    uniform = quantize(str(fixtures_dir / "plamo2-tiny"), tmp_path / "u4", bits=4, group_size=32)
+    assert res.plan.bits_per_weight > uniform.plan.bits_per_weight
+    expected = mx.load(str(fixtures_dir / "plamo2-tiny" / "expected.safetensors"))
+    ours = np.array(hybridconv.load(out)(expected["input_ids"]).astype(mx.float32))
+    theirs = np.array(load_model(out)[0](expected["input_ids"]).astype(mx.float32))
+    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(ours).max()
+    assert _kl(out, fixtures_dir, "plamo2-tiny") < _kl(tmp_path / "u4", fixtures_dir, "plamo2-tiny")
+
+
+def test_overrides_and_keep(fixtures_dir, tmp_path):
+    res = quantize(str(fixtures_dir / "recurrent_gemma-tiny"), tmp_path / "o", bits=4, group_size=32,
+                   bits_for=["mlp.down_proj=8"], keep=["re:layers\\.2\\..*q_proj"], dry_run=True)
+    rows = {r["tensor"]: r for r in res.plan.rows()}
+    assert rows["model.layers.0.mlp_block.down_proj.weight"]["bits"] == 8
+    assert rows["model.layers.2.temporal_block.q_proj.weight"]["decision"] == "float"
+    assert rows["model.layers.0.temporal_block.rg_lru.recurrent_param"]["decision"] == "protected"
+    assert rows["model.layers.0.temporal_block.conv_1d.weight"]["dtype"] == "float32"
+    assert not (tmp_path / "o").exists()  # dry run writes nothing
+    # a quantizable layer kept in float is recorded for mlx-lm as False
+    out = tmp_path / "k"
+    quantize(str(fixtures_dir / "recurrent_gemma-tiny"), out, bits=4, group_size=32, keep=["attn.q_proj"])
+    assert json.loads((out / "config.json").read_text())["quantization"]["model.layers.2.temporal_block.q_proj"] is False
+    hybridconv.load(out)
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(bits=7), "not supported by mode affine"),
+        (dict(bits=4, group_size=48), "--group-size 48"),
+        (dict(bits=4, mode="mxfp4", group_size=64), "allowed 32"),
+        (dict(bits=8, mode="nvfp4"), "allowed 4"),
+        (dict(bits=4, mode="int4"), "--mode 'int4'"),
+        (dict(bits=4, recipe="mixed-4-7"), "--bits 7"),
+        (dict(bits=4, recipe="fancy"), "unknown"),
+        (dict(bits=4, bits_for=["*A_log=8"]), "never quantized"),
+        (dict(bits=4, bits_for=["nothing*=8"]), "matches no tensor"),
+        (dict(bits=4, bits_for=["oops"]), "PATTERN=BITS"),
+    ],
+)
+def test_bad_options(fixtures_dir, tmp_path, kwargs, needle):
+    with pytest.raises(UsageError, match=needle.replace("*", r"\*").replace("(", r"\(")):
+        quantize(str(fixtures_dir / "plamo2-tiny"), tmp_path / "x", dry_run=True, **kwargs)
+
+
+def test_already_quantized_source_refused(fixtures_dir, tmp_path):
+    quantize(str(fixtures_dir / "plamo2-tiny"), tmp_path / "q", bits=4)
+    with pytest.raises(UsageError, match="already quantized"):
+        quantize(str(tmp_path / "q"), tmp_path / "qq", bits=4)
+
+
+def test_from_converted_folder_equals_from_source(fixtures_dir, tmp_path):
+    convert(str(fixtures_dir / "recurrent_gemma-tiny-hf5"), tmp_path / "f", dtype="float32")
+    quantize(str(tmp_path / "f"), tmp_path / "a", bits=4)
+    quantize(str(fixtures_dir / "recurrent_gemma-tiny-hf5"), tmp_path / "b", bits=4)
+    a, b = mx.load(str(tmp_path / "a" / "model.safetensors")), mx.load(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_no_worse_than_mlx_lm_at_equal_bits(fixtures_dir, tmp_path):
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    case = "plamo2-tiny-untied"
+    convert(str(fixtures_dir / case), tmp_path / "f", dtype="float32")
+    mlx_lm_convert(str(tmp_path / "f"), str(tmp_path / "m"), quantize=True, q_bits=4, q_group_size=64)
+    res = quantize(str(fixtures_dir / case), tmp_path / "h", bits=4, group_size=64)
+    params = res.plan.parameters
+    assert _kl(tmp_path / "h", fixtures_dir, case) <= _kl(tmp_path / "m", fixtures_dir, case)
+    assert _stored_bits(tmp_path / "h") / params - _stored_bits(tmp_path / "m") / params <= 0.1
+
+
+def test_target_kl_search(fixtures_dir, tmp_path):
+    case = "recurrent_gemma-tiny"
+    ref = read_reference_file(fixtures_dir / case / "expected.safetensors")
+    res = search_target_kl(str(fixtures_dir / case), tmp_path / "t", 0.003, ref)
+    assert res.result is not None and res.search
+    met = [r for r in res.search if r["meets_target"]]
+    assert met and _kl(tmp_path / "t", fixtures_dir, case) <= 0.003
+    # the chosen plan is the smallest explored plan that meets the target
+    assert res.plan.bits_per_weight == pytest.approx(min(r["bits_per_weight"] for r in met), abs=1e-3)
+    none = search_target_kl(str(fixtures_dir / case), tmp_path / "n", 1e-12, ref)
+    assert none.result is None and not (tmp_path / "n").exists()
+    assert all(not r["meets_target"] for r in none.search)
+
+
+def test_cli_quantize_dry_run_and_target_kl(fixtures_dir, tmp_path):
+    r = subprocess.run([*HC, "quantize", fixtures_dir / "plamo2-tiny", "-o", tmp_path / "o", "--bits", "4",
+                        "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 0 and "bits per weight" in r.stdout and "protected" in r.stdout
+    assert not (tmp_path / "o").exists()
+    ref = fixtures_dir / "plamo2-tiny" / "expected.safetensors"
+    r = subprocess.run([*HC, "quantize", fixtures_dir / "plamo2-tiny", "-o", tmp_path / "t", "--target-kl", "1e-12",
+                        "--reference-logits", ref], capture_output=True, text=True)
+    assert r.returncode == 1 and "no plan meets" in r.stdout
+    r = subprocess.run([*HC, "quantize", fixtures_dir / "plamo2-tiny", "-o", tmp_path / "v", "--bits", "8",
+                        "--verify", "--reference-logits", ref], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((tmp_path / "v" / "verification.json").read_text())["verdict"] == "pass"
+    r = subprocess.run([*HC, "quantize", fixtures_dir / "plamo2-tiny", "-o", tmp_path / "w", "--bits", "7"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
