@@ -39,8 +39,11 @@ demo: install-reference
 	$(HC) verify $(DEMO_OUT)/plamo2-tiny --reference examples/checkpoints/plamo2-tiny
 	$(HC) reference examples/checkpoints/recurrent_gemma-tiny -o $(DEMO_OUT)/rg-reference.safetensors --hidden-states
 	$(HC) verify $(DEMO_OUT)/recurrent_gemma-tiny --reference-logits $(DEMO_OUT)/rg-reference.safetensors
+	@echo "== quantize 4-bit (SSM/RG-LRU parameters, conv kernels and norms stay float32), then verify"
+	$(HC) quantize examples/checkpoints/plamo2-tiny -o $(DEMO_OUT)/plamo2-tiny-4bit --bits 4 --group-size 32
+	$(HC) verify $(DEMO_OUT)/plamo2-tiny-4bit --reference examples/checkpoints/plamo2-tiny
 	@echo "== load in hybridconv and in mlx-lm"
-	$(PY) scripts/demo_load.py $(DEMO_OUT)/plamo2-tiny $(DEMO_OUT)/recurrent_gemma-tiny
+	$(PY) scripts/demo_load.py $(DEMO_OUT)/plamo2-tiny $(DEMO_OUT)/recurrent_gemma-tiny $(DEMO_OUT)/plamo2-tiny-4bit
 
 test: install-test
 	$(PY) -m pytest

@@ -11,11 +11,11 @@ Python API::
 __version__ = "0.1.0"
 
 
-def load(path, lazy: bool = False):
+def load(path, lazy: bool = False, activation_dtype: str | None = None):
     """Load a converted MLX folder as a hybridconv model (see :mod:`hybridconv.loading`)."""
     from .loading import load as _load
 
-    return _load(path, lazy=lazy)
+    return _load(path, lazy=lazy, activation_dtype=activation_dtype)
 
 
 __all__ = ["__version__", "load"]

@@ -24,8 +24,11 @@ def load_config(path: Path) -> tuple[object, dict]:
     return arch, arch.normalize_config(raw)
 
 
-def load(path, lazy: bool = False):
-    """The MLX model of a converted folder; ``model(ids[B, T]) -> logits[B, T, V]``."""
+def load(path, lazy: bool = False, activation_dtype: str | None = None):
+    """The MLX model of a converted folder; ``model(ids[B, T]) -> logits[B, T, V]``.
+
+    Activations run in the folder's float dtype (config ``dtype``/``torch_dtype``)
+    unless ``activation_dtype`` says otherwise."""
     import mlx.core as mx
 
     path = Path(path)
@@ -66,7 +69,7 @@ def load(path, lazy: bool = False):
             "load a folder written by `hybridconv convert` (a Hugging Face checkpoint must be converted first)",
             m.group(1) if m else None,
         ) from None
-    dtype = config.get("dtype") or config.get("torch_dtype")
+    dtype = activation_dtype or config.get("dtype") or config.get("torch_dtype")
     if dtype in ("float32", "float16", "bfloat16"):
         model.activation_dtype = getattr(mx, dtype)
     model.eval()

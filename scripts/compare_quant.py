@@ -6,11 +6,11 @@ at the same bits and group size (affine). mlx_lm.convert is given hybridconv's
 float conversion of the checkpoint (same weights, config normalised) because it
 cannot read some of the original configs (transformers 5's rope_parameters); both outputs are then compared with
 the same float32 PyTorch reference (hybridconv's verify machinery) on the same
-random-token inputs. Printed: mean and p99 KL(ref || quantized) and bits per
+random-token inputs, both run with the same activation dtype. Printed: mean and p99 KL(ref || quantized) and bits per
 weight (all stored tensor bits / parameters) of each, and the differences.
 
 Usage: python scripts/compare_quant.py [--checkpoints DIR ...] [--bits 8 6 4 3 2]
-       [--group-size 64] [--tokens 256] [--sequences 4]
+       [--group-size 64] [--tokens 256] [--sequences 4] [--dtype bfloat16]
 Default checkpoints: the oracle fixtures in ../shared/fixtures.
 """
 
@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--sequences", type=int, default=4)
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="float dtype of both outputs (scales, unquantized tensors) [default: the source's]")
     args = ap.parse_args()
 
     from mlx_lm.convert import convert as mlx_lm_convert
@@ -74,10 +76,14 @@ def main() -> None:
             for bits in args.bits:
                 ours = work / f"{ckpt.name}-hc-{bits}"
                 theirs = work / f"{ckpt.name}-mlxlm-{bits}"
-                quantize(str(ckpt), ours, bits=bits, group_size=args.group_size)
-                mlx_lm_convert(str(float_copy), str(theirs), quantize=True, q_bits=bits, q_group_size=args.group_size)
-                r_ours = verify_folder(ours, ref, decode_steps=0).report["metrics"]["overall"]
-                r_theirs = verify_folder(theirs, ref, decode_steps=0).report["metrics"]["overall"]
+                quantize(str(ckpt), ours, bits=bits, group_size=args.group_size, dtype=args.dtype)
+                mlx_lm_convert(str(float_copy), str(theirs), quantize=True, q_bits=bits,
+                               q_group_size=args.group_size, dtype=args.dtype)
+                # Same activation dtype for both (mlx_lm's config keeps the source's
+                # torch_dtype label even when it casts the weights).
+                act = args.dtype or json.loads((ours / "config.json").read_text())["dtype"]
+                r_ours = verify_folder(ours, ref, decode_steps=0, activation_dtype=act).report["metrics"]["overall"]
+                r_theirs = verify_folder(theirs, ref, decode_steps=0, activation_dtype=act).report["metrics"]["overall"]
                 row = {
                     "checkpoint": ckpt.name, "bits": bits, "group_size": args.group_size,
                     "hc_kl_mean": r_ours["kl_mean"], "hc_kl_p99": r_ours["kl_p99"],
@@ -94,7 +100,7 @@ def main() -> None:
 
     print()
     print(f"inputs: {args.sequences} x {args.tokens} random tokens (seed 0); reference: PyTorch float32; "
-          f"affine, group size {args.group_size}")
+          f"affine, group size {args.group_size}; output dtype {args.dtype or 'as the source'}")
     print("| checkpoint | bits | hybridconv KL mean | mlx_lm KL mean | hybridconv KL p99 | mlx_lm KL p99 "
           "| hybridconv bpw | mlx_lm bpw | extra bpw | KL no worse |")
     print("|---|---|---|---|---|---|---|---|---|---|")

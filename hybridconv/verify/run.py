@@ -67,6 +67,7 @@ def verify_folder(
     gate_overrides: dict | None = None,
     decode_steps: int = 8,
     progress: Callable[[str], None] | None = None,
+    activation_dtype: str | None = None,
 ) -> Outcome:
     """Compare ``out`` against a computed or loaded :class:`Reference`."""
     import mlx.core as mx
@@ -114,7 +115,7 @@ def verify_folder(
             "the reference was made from another model",
         )
     try:
-        model = hybridconv.load(out)
+        model = hybridconv.load(out, activation_dtype=activation_dtype)
     except WeightMismatchError as exc:
         # A conversion that produced weights the model cannot even take is a failed
         # verification, localised to the block of the offending tensor.
