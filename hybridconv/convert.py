@@ -332,8 +332,20 @@ def _runs(p: Plan, items: list[WriteItem]) -> list[list[WriteItem]]:
     return runs
 
 
+def _source_card(folder: Path) -> dict:
+    """License and language from the source's model card, for our card."""
+    from .publish.card import read_front_matter
+
+    try:
+        meta = read_front_matter((folder / "README.md").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return {}
+    return {k: meta[k] for k in ("license", "language") if k in meta}
+
+
 def ledger_record(p: Plan) -> dict:
     return {
+        "source_card": _source_card(p.source.path),
         "tool": "hybridconv",
         "version": __version__,
         "source": p.source.label,

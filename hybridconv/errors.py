@@ -13,6 +13,8 @@ Exit codes (documented in ``hybridconv --help`` and the README):
 2     bad usage or bad input: arguments, missing files, malformed checkpoint or
       config, unknown architecture, a tensor the rules cannot account for
 3     the output could not be written (permissions, disk full, ...)
+4     refused to publish: no passing verification report for these weights
+5     the Hub refused or failed an upload
 130   interrupted (Ctrl-C); 143: terminated (SIGTERM). Temporary output removed.
 ====  =========================================================================
 """
@@ -23,6 +25,8 @@ EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_OUTPUT = 3
+EXIT_UNVERIFIED = 4
+EXIT_HUB = 5
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -67,3 +71,15 @@ class OutputError(HybridconvError):
     """The output could not be written."""
 
     exit_code = EXIT_OUTPUT
+
+
+class UnverifiedError(HybridconvError):
+    """Publishing refused: the folder has no passing verification of its current weights."""
+
+    exit_code = EXIT_UNVERIFIED
+
+
+class HubError(HybridconvError):
+    """The Hub refused or failed a request."""
+
+    exit_code = EXIT_HUB

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, HybridconvError
@@ -21,8 +22,9 @@ from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, HybridconvError
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 quality gate failed (verify); 2 bad usage or bad input "
     "(arguments, missing or malformed checkpoint/config, unknown architecture, a tensor "
-    "the rules cannot account for); 3 output could not be written; 130 interrupted (Ctrl-C); "
-    "143 terminated (SIGTERM)."
+    "the rules cannot account for); 3 output could not be written; 4 publishing refused "
+    "(not verified, or weights changed since); 5 the Hub refused or failed; 130 interrupted "
+    "(Ctrl-C); 143 terminated (SIGTERM)."
 )
 
 app = typer.Typer(
@@ -72,6 +74,7 @@ def _root(
 def main() -> None:
     from . import convert as _convert  # noqa: F401  (register commands)
     from . import inspect as _inspect  # noqa: F401
+    from . import publish as _publish  # noqa: F401
     from . import quantize as _quantize  # noqa: F401
     from . import verify as _verify  # noqa: F401
 
@@ -83,9 +86,9 @@ def main() -> None:
     except HybridconvError as exc:
         if _state["debug"]:
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err_console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+            err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         err_console.print("[red]interrupted[/]: temporary output removed")
@@ -103,7 +106,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\n"
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\n"
             "this is a bug in hybridconv; rerun with --debug for a traceback and report it",
             highlight=False,
         )

@@ -1,0 +1,158 @@
+"""The model card (``README.md``) of a converted folder.
+
+Rendered from :file:`card_template.md` (or a user-edited copy passed with
+``--card-template``: the ``{placeholders}`` are filled, everything else is kept)
+with YAML front matter per Hub conventions: ``library_name: mlx``,
+``base_model`` (when the source is a Hub repo), ``base_model_relation:
+quantized`` for quantized weights, ``tags`` (``mlx``, the architecture,
+``hybridconv``), and ``license`` / ``language`` copied from the source's card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .. import __version__
+from ..errors import UsageError
+
+TEMPLATE = Path(__file__).with_name("card_template.md")
+
+
+def read_front_matter(text: str) -> dict:
+    """The YAML front matter of a model card ({} when there is none or it is invalid)."""
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _table(rows: list[tuple[str, str]], head: tuple[str, str] = ("setting", "value")) -> str:
+    lines = [f"| {head[0]} | {head[1]} |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+def render_card(out: Path, repo_id: str | None, template: Path | None = None, unverified: bool = False) -> str:
+    out = Path(out)
+    config = _json(out / "config.json") or {}
+    record = _json(out / "conversion.json") or {}
+    report = _json(out / "verification.json")
+    quant = record.get("quantization")
+    source = record.get("source") or "unknown"
+    source_is_repo = "/" in source and not Path(source).exists() and not source.startswith("/")
+    model_type = config.get("model_type", "unknown")
+
+    front: dict = {"library_name": "mlx", "pipeline_tag": "text-generation"}
+    if source_is_repo:
+        front["base_model"] = source
+        if quant:
+            front["base_model_relation"] = "quantized"
+    tags = ["mlx", model_type, "hybridconv"]
+    if quant:
+        tags.append(f"{quant['base']['bits']}-bit" if quant["base"]["mode"] == "affine" else quant["base"]["mode"])
+    if unverified:
+        tags.append("unverified")
+    front["tags"] = tags
+    for key in ("license", "language"):
+        value = (record.get("source_card") or {}).get(key)
+        if value:
+            front[key] = value
+
+    conv = [("dtype", record.get("dtype", "?"))]
+    if quant:
+        base = quant["base"]
+        conv += [
+            ("quantization", f"{base['mode']}, {base['bits']} bits, group size {base['group_size']}"),
+            ("recipe", quant.get("recipe", "uniform")),
+            ("bits per weight", f"{quant['bits_per_weight']:.3f}"),
+        ]
+    conv.append(("rules", "; ".join(record.get("rules", [])) or "-"))
+    kept: dict[str, int] = {}
+    if quant:
+        for row in quant.get("plan", []):
+            if row["decision"] != "quantize":
+                kept[row["reason"]] = kept.get(row["reason"], 0) + 1
+    else:
+        for t in record.get("tensors", []):
+            for action in t.get("actions", []):
+                if action.startswith("keep in float32"):
+                    kept[action] = kept.get(action, 0) + 1
+    kept_table = (
+        _table([(why, str(n)) for why, n in kept.items()], ("why", "tensors"))
+        if kept
+        else "None beyond the output dtype: nothing is quantized."
+    )
+
+    if report is None:
+        verification = "**Not verified.** These weights were published without a verification report."
+    else:
+        m = (report.get("metrics") or {}).get("overall") or {}
+        rows = [
+            ("reference", f"{report['reference']['implementation']} ({report['reference']['dtype']})"),
+            ("inputs", f"{report['inputs']['sequences']} sequence(s), {report['inputs']['tokens']} tokens"),
+        ]
+        for key in ("kl_mean", "kl_p99", "top1_agreement", "top5_overlap", "max_abs_logit_diff", "perplexity_ratio"):
+            if key in m:
+                rows.append((key, f"{m[key]:.4g}"))
+        for c in report.get("checks", []):
+            rows.append((f"gate {c['gate']}", f"{c['value']:.4g} vs {c['threshold']:.4g}: {'pass' if c['passed'] else 'FAIL'}"))
+        rows.append(("verdict", f"**{report['verdict']}**"))
+        rows.append(("weights hash", f"`{report['model']['weights_hash']}`"))
+        verification = _table(rows, ("", ""))
+        if unverified:
+            verification = "**Published unverified**: the report below does not vouch for these weights.\n\n" + verification
+
+    versions = dict((report or {}).get("libraries", {}))
+    versions_text = ", ".join([f"hybridconv {__version__}"] + [f"{k} {v}" for k, v in versions.items()])
+    if quant:
+        b = quant["base"]
+        variant = f"{b['mode']} {b['bits']}-bit quantized" if b["mode"] == "affine" else f"{b['mode']} quantized"
+    else:
+        variant = f"in {record.get('dtype', 'float')}"
+    values = {
+        "title": repo_id or out.name,
+        "repo_id": repo_id or out.name,
+        "source": source if source_is_repo else f"{Path(source).name} (a local folder)",
+        "source_url": f"https://huggingface.co/{source}" if source_is_repo else "#provenance",
+        "source_revision": record.get("source_revision") or "unknown (local folder)",
+        "variant_description": variant,
+        "tool_version": __version__,
+        "architecture": config.get("architectures", ["?"])[0] if config.get("architectures") else "?",
+        "model_type": model_type,
+        "conversion_table": _table(conv),
+        "kept_table": kept_table,
+        "verification_section": verification,
+        "versions": versions_text,
+        "unverified_banner": "> **Warning: unverified.** These weights were published without a passing verification.\n\n"
+        if unverified
+        else "",
+    }
+    path = Path(template) if template else TEMPLATE
+    try:
+        body = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the card template ({exc.strerror or exc})") from None
+    try:
+        body = body.format(**values)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UsageError(
+            f"{path}: bad placeholder in the card template ({exc})",
+            f"available placeholders: {', '.join('{' + k + '}' for k in values)}; write literal braces as {{{{ }}}}",
+        ) from None
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body

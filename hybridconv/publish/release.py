@@ -1,0 +1,313 @@
+"""``release PLAN``: convert -> quantize -> verify -> upload for every variant.
+
+Plan schema (TOML shown; YAML with the same keys works too)::
+
+    name = "plamo-2-1b-mlx"              # optional; default: the file's stem
+
+    [source]
+    repo_id = "pfnet/plamo-2-1b"         # or: path = "checkpoints/plamo-2-1b" (relative to the plan)
+    revision = "main"                    # optional, repo ids only
+
+    [verify]                             # inputs and default gates for every variant
+    random_tokens = 256                  # or prompts = [...], text_files = [...]
+    num_sequences = 2
+    seed = 0
+    decode_steps = 8
+    gates = { max_kl_mean = 0.02 }       # optional overrides (see `verify --help`)
+
+    [upload]                             # optional
+    private = false
+    revision = "main"                    # branch
+
+    [[variants]]
+    name = "bf16"
+    dtype = "bfloat16"                   # a float variant: convert
+    repo_id = "my-org/plamo-2-1b-mlx-bf16"
+
+    [[variants]]
+    name = "4bit"
+    bits = 4                             # a quantized variant: quantize
+    group_size = 64                      # optional; also mode, recipe, bits_for, keep, dtype
+    recipe = "mixed-4-6"
+    repo_id = "my-org/plamo-2-1b-mlx-4bit"
+    gates = { max_kl_mean = 0.2 }        # optional, per variant
+
+The PyTorch reference runs once; its logits (and block outputs) are stored in
+``WORKDIR/reference.safetensors`` and every variant is verified against that
+file. Each step records a hash of what it was computed from in
+``WORKDIR/release-state.json``; a rerun skips a step whose hash and output are
+unchanged. A variant whose verification fails is never uploaded, whatever the
+others did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..errors import HybridconvError, UsageError
+
+VARIANT_KEYS = {"name", "dtype", "bits", "group_size", "mode", "recipe", "bits_for", "keep", "repo_id", "gates"}
+GATE_KEYS = {"max_kl_mean", "max_kl_p99", "min_top1", "min_top5", "max_block_error"}
+VERIFY_KEYS = {"random_tokens", "num_sequences", "seed", "prompts", "text_files", "decode_steps", "gates", "ref_dtype"}
+
+
+@dataclass
+class Variant:
+    name: str
+    repo_id: str | None = None
+    dtype: str | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str = "affine"
+    recipe: str | None = None
+    bits_for: list[str] = field(default_factory=list)
+    keep: list[str] = field(default_factory=list)
+    gates: dict = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+
+@dataclass
+class ReleasePlan:
+    name: str
+    path: Path
+    source: str
+    revision: str | None
+    variants: list[Variant]
+    verify: dict
+    upload: dict
+
+
+def _fail(path: Path, msg: str) -> UsageError:
+    return UsageError(f"{path}: {msg}", "see the release plan schema in the README (section 'release')")
+
+
+def load_plan(path: Path) -> ReleasePlan:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the release plan ({exc})") from None
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise _fail(path, f"not valid TOML ({exc})") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise _fail(path, f"not valid YAML ({exc})") from None
+    else:
+        raise _fail(path, "expected a .toml, .yaml or .yml file")
+    if not isinstance(data, dict):
+        raise _fail(path, "the plan must be a table/mapping")
+    unknown = set(data) - {"name", "source", "variants", "verify", "upload"}
+    if unknown:
+        raise _fail(path, f"unknown top-level key(s): {', '.join(sorted(unknown))}")
+    src = data.get("source")
+    if not isinstance(src, dict) or not (("repo_id" in src) ^ ("path" in src)):
+        raise _fail(path, "[source] needs exactly one of repo_id or path")
+    source = src.get("repo_id") or str((path.parent / src["path"]).resolve())
+    variants_raw = data.get("variants")
+    if not isinstance(variants_raw, list) or not variants_raw:
+        raise _fail(path, "[[variants]] is missing or empty")
+    variants, names = [], set()
+    for i, v in enumerate(variants_raw):
+        if not isinstance(v, dict) or "name" not in v:
+            raise _fail(path, f"variant {i + 1} has no name")
+        bad = set(v) - VARIANT_KEYS
+        if bad:
+            raise _fail(path, f"variant {v['name']!r}: unknown key(s) {', '.join(sorted(bad))}")
+        if v["name"] in names or not str(v["name"]).replace("-", "").replace("_", "").isalnum():
+            raise _fail(path, f"variant name {v['name']!r} is repeated or not a plain name")
+        names.add(v["name"])
+        gates = v.get("gates") or {}
+        if set(gates) - GATE_KEYS:
+            raise _fail(path, f"variant {v['name']!r}: unknown gate(s) {', '.join(sorted(set(gates) - GATE_KEYS))}")
+        variants.append(Variant(**{k: v[k] for k in v}))
+    verify = data.get("verify") or {}
+    if set(verify) - VERIFY_KEYS:
+        raise _fail(path, f"[verify]: unknown key(s) {', '.join(sorted(set(verify) - VERIFY_KEYS))}")
+    return ReleasePlan(
+        name=str(data.get("name") or path.stem),
+        path=path,
+        source=source,
+        revision=src.get("revision"),
+        variants=variants,
+        verify=verify,
+        upload=data.get("upload") or {},
+    )
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _State:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            self.data = {}
+
+    def get(self, *keys):
+        node = self.data
+        for k in keys:
+            node = node.get(k, {}) if isinstance(node, dict) else {}
+        return node or None
+
+    def set(self, value, *keys):
+        node = self.data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+        tmp = self.path.with_name(self.path.name + ".partial")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+
+def run_release(
+    plan: ReleasePlan,
+    workdir: Path | None = None,
+    dry_run: bool = False,
+    upload: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    from ..checkpoint import resolve
+    from ..convert import convert, plan as plan_conversion
+    from ..hashing import weights_hash
+    from ..quant.modes import validate
+    from ..quant.plan import build_plan
+    from ..quant.run import quantize
+
+    workdir = Path(workdir) if workdir else plan.path.parent / f"release-{plan.name}"
+    src = resolve(plan.source, plan.revision)
+    summary: dict = {"plan": plan.name, "source": plan.source, "source_revision": src.revision,
+                     "workdir": str(workdir), "dry_run": dry_run, "variants": [], "reference_runs": 0}
+    if dry_run:
+        for v in plan.variants:
+            p = plan_conversion(src, v.dtype)
+            if v.quantized:
+                qp = build_plan(p, validate(v.bits, v.group_size, v.mode), v.recipe, v.bits_for, v.keep)
+                size, bpw = qp.total_bits // 8, qp.bits_per_weight
+            else:
+                size, bpw = p.output_bytes(), None
+            target = v.repo_id if (upload and v.repo_id) else None
+            summary["variants"].append({
+                "name": v.name, "build": "quantize" if v.quantized else "convert", "bytes": size,
+                "bits_per_weight": bpw, "verify": "would verify", "kl_mean": None,
+                "upload": f"would upload to {target}" if target else "no upload", "repo_id": v.repo_id,
+            })
+            log(f"{v.name}: {'quantize ' + str(v.bits) + '-bit' if v.quantized else 'convert ' + (v.dtype or 'as stored')}"
+                f" ({size / 1e6:.2f} MB) -> verify -> {('would upload to ' + target) if target else 'no upload'}")
+        summary["reference"] = "would run once and be reused by every variant"
+        summary["ok"] = True
+        return summary
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = _State(workdir / "release-state.json")
+
+    # The PyTorch reference, once for all variants.
+    vcfg = plan.verify
+    ref_file = workdir / "reference.safetensors"
+    ref_key = _key(__version__, plan.source, src.revision, {k: vcfg.get(k) for k in sorted(VERIFY_KEYS - {"gates", "decode_steps"})})
+    if state.get("reference") == ref_key and ref_file.is_file():
+        summary["reference"] = f"reused {ref_file}"
+        log(f"reference: reusing {ref_file}")
+    else:
+        from ..loading import load_config
+        from ..verify.inputs import build_inputs
+        from ..verify.reference import compute_reference, write_reference_file
+
+        _, cfg = load_config(src.path)
+        inputs = build_inputs(src.path, cfg["vocab_size"], vcfg.get("prompts"),
+                              [Path(plan.path.parent, f) for f in vcfg.get("text_files") or []],
+                              vcfg.get("random_tokens"), vcfg.get("num_sequences"), vcfg.get("seed", 0))
+        log(f"reference: running the PyTorch reference on {inputs.description}")
+        ref = compute_reference(src, inputs, vcfg.get("ref_dtype", "float32"))
+        write_reference_file(ref, ref_file, with_hidden=True)
+        state.set(ref_key, "reference")
+        summary["reference_runs"] = 1
+        summary["reference"] = f"computed once: {ref_file}"
+    from ..verify.reference import read_reference_file
+    from ..verify.run import REPORT_NAME, verify_folder, write_report
+
+    reference = read_reference_file(ref_file)
+    for v in plan.variants:
+        row = {"name": v.name, "repo_id": v.repo_id, "build": "", "verify": "", "upload": "", "kl_mean": None,
+               "bytes": None, "reasons": []}
+        summary["variants"].append(row)
+        out = workdir / "variants" / v.name
+        try:
+            # 1. build
+            build_key = _key(__version__, plan.source, src.revision, asdict(v) | {"gates": None, "repo_id": None})
+            if state.get("variants", v.name, "build") == build_key and (out / "config.json").is_file():
+                row["build"] = "skipped (unchanged)"
+            else:
+                if v.quantized:
+                    quantize(plan.source, out, v.bits, v.group_size, v.mode, v.recipe, v.bits_for, v.keep,
+                             v.dtype, plan.revision, force=True)
+                else:
+                    convert(plan.source, out, v.dtype, plan.revision, force=True)
+                state.set(build_key, "variants", v.name, "build")
+                row["build"] = "built"
+            row["bytes"] = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+            log(f"{v.name}: {row['build']}")
+            # 2. verify, against the stored reference
+            gates = {**(vcfg.get("gates") or {}), **v.gates}
+            whash = weights_hash(out)
+            verify_key = _key(whash, ref_key, gates, vcfg.get("decode_steps", 8))
+            report_path = out / REPORT_NAME
+            if state.get("variants", v.name, "verify") == verify_key and report_path.is_file():
+                report = json.loads(report_path.read_text())
+                row["verify"] = f"{report['verdict']} (skipped, unchanged)"
+            else:
+                report = verify_folder(out, reference, gate_overrides=gates,
+                                       decode_steps=vcfg.get("decode_steps", 8)).report
+                write_report(report, report_path)
+                state.set(verify_key, "variants", v.name, "verify")
+                row["verify"] = report["verdict"]
+            row["kl_mean"] = ((report.get("metrics") or {}).get("overall") or {}).get("kl_mean")
+            row["reasons"] = report.get("failure_reasons", [])
+            log(f"{v.name}: verify {row['verify']}")
+            if report["verdict"] != "pass":
+                row["upload"] = "refused (verification failed)"
+                row["failed"] = True
+                continue
+            # 3. upload
+            if not (upload and v.repo_id):
+                row["upload"] = "not requested"
+                continue
+            up = plan.upload
+            upload_key = _key(whash, v.repo_id, up.get("revision"))
+            if state.get("variants", v.name, "upload") == upload_key:
+                row["upload"] = "skipped (already uploaded)"
+            else:
+                from .upload import upload as do_upload
+
+                do_upload(out, v.repo_id, bool(up.get("private", False)), up.get("revision"))
+                state.set(upload_key, "variants", v.name, "upload")
+                row["upload"] = "uploaded"
+            log(f"{v.name}: {row['upload']}")
+        except HybridconvError as exc:
+            row["failed"] = True
+            row["reasons"].append(exc.message)
+            row["upload"] = row["upload"] or "not attempted"
+            log(f"{v.name}: FAILED: {exc.message}")
+    summary["ok"] = not any(r.get("failed") for r in summary["variants"])
+    return summary
