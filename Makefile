@@ -44,6 +44,10 @@ demo: install-reference
 	$(HC) verify $(DEMO_OUT)/plamo2-tiny-4bit --reference examples/checkpoints/plamo2-tiny
 	@echo "== load in hybridconv and in mlx-lm"
 	$(PY) scripts/demo_load.py $(DEMO_OUT)/plamo2-tiny $(DEMO_OUT)/recurrent_gemma-tiny $(DEMO_OUT)/plamo2-tiny-4bit
+	@echo "== upload (dry run): what would be published, and the model card"
+	$(HC) upload $(DEMO_OUT)/plamo2-tiny-4bit --repo-id demo-org/plamo2-tiny-mlx-4bit --dry-run
+	@echo "== release plan (dry run): three variants, one reference run, verify before upload"
+	$(HC) release examples/demo-release.toml --dry-run
 
 test: install-test
 	$(PY) -m pytest
