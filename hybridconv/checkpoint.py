@@ -8,8 +8,11 @@ used without any network access.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +66,7 @@ class Source:
         return self.repo_id or str(self.path)
 
 
-def resolve(source: str, revision: str | None = None) -> Source:
+def resolve(source: str, revision: str | None = None, allow_pickle: bool = False) -> Source:
     """A local folder as is; otherwise a Hub repo id, downloaded (or found in the cache)."""
     path = Path(source).expanduser()
     if path.exists():
@@ -75,10 +78,10 @@ def resolve(source: str, revision: str | None = None) -> Source:
             f"{source}: no such folder, and not a Hub repo id (ORG/NAME)",
             "pass the path of a local checkpoint folder or a repo id such as google/recurrentgemma-2b",
         )
-    return _download(source, revision)
+    return _download(source, revision, allow_pickle)
 
 
-def _download(repo_id: str, revision: str | None) -> Source:
+def _download(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -88,7 +91,8 @@ def _download(repo_id: str, revision: str | None) -> Source:
     )
 
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        patterns = HUB_PATTERNS + (["*.bin", "pytorch_model.bin.index.json"] if allow_pickle else [])
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except GatedRepoError:
         raise CheckpointError(
             f"{repo_id}: the repository is gated",
@@ -179,7 +183,8 @@ def index_weights(folder: Path) -> WeightIndex:
             if pickles:
                 raise CheckpointError(
                     f"{folder}: only pickle weights ({', '.join(pickles)}); no safetensors",
-                    "pickle files can run arbitrary code when loaded; convert them to safetensors with a trusted tool first",
+                    "unpickling can run arbitrary code, so pickle files are refused; pass --allow-pickle to "
+                    "load them with torch.load(weights_only=True), which restricts unpickling to tensors",
                 )
             raise CheckpointError(
                 f"{folder}: no weights found (no {INDEX_NAME}, no model*.safetensors)"
@@ -210,3 +215,44 @@ def index_weights(folder: Path) -> WeightIndex:
                     "the checkpoint is incomplete or its index is stale; fetch it again",
                 )
     return result
+
+
+@contextlib.contextmanager
+def source_folder(source: str, revision: str | None = None, allow_pickle: bool = False):
+    """The resolved source; with ``allow_pickle``, a pickle-only checkpoint is first
+    rewritten as safetensors in a temporary folder (removed afterwards)."""
+    src = resolve(source, revision, allow_pickle)
+    has_safetensors = (src.path / INDEX_NAME).is_file() or any(src.path.glob("model*.safetensors"))
+    pickles = sorted(p for p in src.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if has_safetensors or not pickles or not allow_pickle:
+        yield src
+        return
+    with tempfile.TemporaryDirectory(prefix="hybridconv-unpickled-") as tmp:
+        _unpickle_to_safetensors(src.path, [p for p in pickles if p.suffix in (".bin", ".pt", ".pth")], Path(tmp))
+        yield Source(path=Path(tmp), repo_id=src.repo_id, revision=src.revision)
+
+
+def _unpickle_to_safetensors(folder: Path, pickles: list[Path], tmp: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    weight_map = {}
+    for i, path in enumerate(pickles):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
+            raise CheckpointError(
+                f"{path}: refused or unreadable by torch.load(weights_only=True) ({type(exc).__name__}: {exc})",
+                "the file holds more than tensors, or is corrupt; obtain a safetensors checkpoint",
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: not a plain state dict of tensors")
+        name = f"model-{i + 1:05d}-of-{len(pickles):05d}.safetensors"
+        # clone: tied weights share storage, which safetensors refuses to save twice
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in state})
+        del state
+    (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for f in folder.iterdir():
+        if f.is_file() and f.suffix not in PICKLE_SUFFIXES and not f.name.endswith(".safetensors") and f.name != INDEX_NAME:
+            shutil.copyfile(f, tmp / f.name)

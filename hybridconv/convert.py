@@ -27,11 +27,11 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .checkpoint import CARRY_PATTERNS, INDEX_NAME, Source, WeightIndex, index_weights, resolve
+from .checkpoint import CARRY_PATTERNS, INDEX_NAME, Source, WeightIndex, index_weights, resolve, source_folder
 from .config import read_config
 from .converters import Architecture, lookup
 from .converters.rules import Meta, Step, apply_transpose, plan_tensor
-from .errors import LedgerError, OutputError, UsageError
+from .errors import CheckpointError, LedgerError, OutputError, UsageError
 from .safetensors_io import (
     DTYPE_NAMES,
     FLOAT_DTYPES,
@@ -41,6 +41,7 @@ from .safetensors_io import (
     chunk_buffer,
     PAGE,
     copy_bytes,
+    has_nonfinite,
     iter_raw_chunks,
     read_tensor,
     write_all,
@@ -227,6 +228,7 @@ def prepare_output(out: Path, force: bool, source: Source | None = None) -> Path
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{parent}: cannot create the output's parent folder ({exc.strerror or exc})") from None
+    _remove_stale(parent, out.name)
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{parent}: not writable")
     return parent / f".{out.name}.partial-{os.getpid()}"
@@ -242,8 +244,27 @@ class WriteItem:
     spec: object = None  # hybridconv.quant.modes.QuantSpec
 
 
+def _remove_stale(parent: Path, name: str) -> None:
+    """Temporary siblings left by a run that was killed (SIGKILL, power loss):
+    their process is gone, so they can only be debris."""
+    for stale in list(parent.glob(f".{name}.partial-*")) + list(parent.glob(f".{name}.old-*")):
+        try:
+            pid = int(stale.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+            continue  # that process still runs: leave its work alone
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def write_weights(
-    p: Plan, tmp: Path, progress: Progress | None = None, items: list[WriteItem] | None = None
+    p: Plan,
+    tmp: Path,
+    progress: Progress | None = None,
+    items: list[WriteItem] | None = None,
+    allow_nonfinite: bool = False,
 ) -> list[str]:
     if items is None:
         items = [WriteItem(s, [(s.target, s.dtype, s.shape)]) for s in p.kept]
@@ -261,6 +282,7 @@ def write_weights(
     weight_map: dict[str, str] = {}
     total = 0
     buf = chunk_buffer()
+    nonfinite: list[str] = []
     for name, (shard, its) in zip(names, groups):
         # Source order, and a data section starting at the source's offset within
         # a page: runs of unchanged tensors are then one page-congruent kernel copy.
@@ -274,6 +296,10 @@ def write_weights(
             for run in _runs(p, its):
                 info = p.index.tensors[run[0].step.source]
                 if len(run) > 1 or _unchanged(p, run[0]):
+                    for it in run:  # values pass through Python only to be checked
+                        t = p.index.tensors[it.step.source]
+                        if any(has_nonfinite(c, t.dtype) for c in iter_raw_chunks(t, src, buf)):
+                            nonfinite.append(t.name)
                     end = p.index.tensors[run[-1].step.source].end
                     copy_bytes(src, dst, info.begin, end - info.begin, buf, str(shard))
                     if progress:
@@ -284,20 +310,34 @@ def write_weights(
                 if it.spec is not None:  # quantize in row blocks
                     from .quant.writer import write_quantized
 
-                    write_quantized(info, it, src, dst, buf, progress)
+                    if write_quantized(info, it, src, dst, buf, progress):
+                        nonfinite.append(info.name)
                 elif s.transpose:  # conv kernels: small, transformed whole
-                    raw = apply_transpose(read_tensor(info, src), s)
+                    raw = read_tensor(info, src)
+                    if has_nonfinite(raw, info.dtype):
+                        nonfinite.append(info.name)
+                    raw = apply_transpose(raw, s)
                     write_all(dst, np.ascontiguousarray(convert_raw(raw, info.dtype, s.dtype)))
                     if progress:
                         progress(info.nbytes, s.source)
                 else:  # cast in bounded chunks
+                    bad = False
                     for chunk in iter_raw_chunks(info, src, buf):
+                        bad = bad or has_nonfinite(chunk, info.dtype)
                         write_all(dst, convert_raw(chunk, info.dtype, s.dtype))
                         if progress:
                             progress(chunk.nbytes, s.source)
+                    if bad:
+                        nonfinite.append(info.name)
         for name_, dtype, shape in entries:
             weight_map[name_] = name
             total += _nbytes(dtype, shape)
+    if nonfinite and not allow_nonfinite:
+        raise CheckpointError(
+            f"NaN or infinite values in {len(nonfinite)} tensor(s): "
+            + ", ".join(f"'{n}'" for n in nonfinite[:8]) + (" ..." if len(nonfinite) > 8 else ""),
+            "the checkpoint is corrupt or was saved from a diverged run; pass --allow-nonfinite to convert it anyway",
+        )
     # Dropped tensors still count as processed for the progress bar.
     if progress:
         for s in p.dropped:
@@ -375,13 +415,15 @@ def convert(
     force: bool = False,
     progress: Progress | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
 ) -> Result:
-    src = resolve(source, revision)
-    tmp = prepare_output(Path(out), force, src)
-    p = plan(src, dtype)
-    if on_plan:
-        on_plan(p)
-    return write_output(p, Path(out), tmp, progress)
+    with source_folder(source, revision, allow_pickle) as src:
+        tmp = prepare_output(Path(out), force, src)
+        p = plan(src, dtype)
+        if on_plan:
+            on_plan(p)
+        return write_output(p, Path(out), tmp, progress, allow_nonfinite=allow_nonfinite)
 
 
 def write_output(
@@ -392,12 +434,13 @@ def write_output(
     items: list[WriteItem] | None = None,
     config_extra: dict | None = None,
     record_extra: dict | None = None,
+    allow_nonfinite: bool = False,
 ) -> Result:
     """Write weights, index, config, carried files and the ledger into ``tmp``,
     then rename it to ``out``; on any failure or interruption remove ``tmp``."""
     try:
         tmp.mkdir()
-        files = write_weights(p, tmp, progress, items)
+        files = write_weights(p, tmp, progress, items, allow_nonfinite)
         cfg = output_config(p)
         cfg.update(config_extra or {})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

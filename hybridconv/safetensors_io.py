@@ -143,6 +143,39 @@ _NP_RAW = {
 }  # fmt: skip
 
 
+def has_nonfinite(raw: np.ndarray, dtype: str) -> bool:
+    """Whether raw floating data holds a NaN or an infinity (ints: never).
+
+    bfloat16 is checked through two float32 views of the same bytes, shifted by
+    one element: a float32 is non-finite exactly when its high half (a whole
+    bfloat16) is, so the two views cover every element at float32 speed."""
+    if dtype == "F32":
+        return not np.isfinite(raw.view(np.float32)).all()
+    if dtype == "F64":
+        return not np.isfinite(raw.view(np.float64)).all()
+    if dtype == "F16":
+        return not np.isfinite(raw.view(np.float16)).all()
+    if dtype == "BF16":
+        u = raw.view(np.uint16).reshape(-1)
+        n = u.size
+        if n == 0:
+            return False
+        if n % 2:  # an odd element out: check it alone
+            if (int(u[-1]) & 0x7F80) == 0x7F80:
+                return True
+            u = u[:-1]
+        if u.size == 0:
+            return False
+        high = u.view(np.float32)  # odd elements in the high halves
+        if not np.isfinite(high).all():
+            return True
+        shifted = np.frombuffer(u.data, dtype=np.float32, count=u.size // 2 - 1, offset=2) if u.size > 2 else None
+        if shifted is not None and not np.isfinite(shifted).all():
+            return True
+        return (int(u[0]) & 0x7F80) == 0x7F80  # element 0 is only ever a low half
+    return False
+
+
 def raw_array(buf: bytes | bytearray | memoryview, dtype: str) -> np.ndarray:
     """A numpy view of raw safetensors bytes (bfloat16 as its uint16 bits)."""
     return np.frombuffer(buf, dtype=_NP_RAW[dtype])

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from .options import DtypeOpt, ForceOpt, OutOpt, RevisionOpt, SourceArg
+from .options import AllowNonfiniteOpt, AllowPickleOpt, DtypeOpt, ForceOpt, OutOpt, RevisionOpt, SourceArg
 from .render import human_bytes
 
 
@@ -34,6 +34,8 @@ def convert_cmd(
     group_size: Annotated[int | None, typer.Option("--group-size", help="With -q: weights per scale.", show_default=False)] = None,
     mode: Annotated[str, typer.Option("--mode", help="With -q: affine, mxfp4, nvfp4 or mxfp8.")] = "affine",
     recipe: Annotated[str | None, typer.Option("--recipe", help="With -q: uniform or mixed-L-H.", show_default=False)] = None,
+    allow_nonfinite: AllowNonfiniteOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Convert a Hugging Face checkpoint to an MLX folder that hybridconv and mlx_lm.load open.
 
@@ -46,7 +48,8 @@ def convert_cmd(
         from .quantize import print_plan
 
         res = run_quantize(source, out, bits, group_size, mode, recipe, None, None,
-                           dtype.value if dtype else None, revision, force)
+                           dtype.value if dtype else None, revision, force,
+                           allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
         print_plan(res.plan, False)
         console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
         return
@@ -76,6 +79,8 @@ def convert_cmd(
             force=force,
             progress=progress,
             on_plan=on_plan,
+            allow_nonfinite=allow_nonfinite,
+            allow_pickle=allow_pickle,
         )
     p = result.plan
     table = Table(title=f"converted {p.source.label} -> {result.out}", show_header=False)

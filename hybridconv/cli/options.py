@@ -45,3 +45,19 @@ ForceOpt = Annotated[
     typer.Option("--force", help="Replace an existing output folder (only once the new one is complete)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+AllowNonfiniteOpt = Annotated[
+    bool,
+    typer.Option("--allow-nonfinite", help="Convert even if some weights are NaN or infinite (refused by default, naming the tensors)."),
+]
+AllowPickleOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Accept a checkpoint with only pickle weights (*.bin, *.pt), loaded with torch.load(weights_only=True). "
+        "Refused by default: unpickling can run code.",
+    ),
+]
+MaxMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option("--max-memory", help="Memory the PyTorch reference may use, e.g. 16GB [default: the memory available now].", show_default=False),
+]

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import EXIT_GATE_FAILED
 from . import app, console
-from .options import DtypeOpt, ForceOpt, OutOpt, RevisionOpt, SourceArg
+from .options import AllowNonfiniteOpt, AllowPickleOpt, DtypeOpt, ForceOpt, OutOpt, RevisionOpt, SourceArg
 from .render import human_bytes
 
 
@@ -86,6 +86,8 @@ def quantize_cmd(
     verify: Annotated[bool, typer.Option("--verify", help="Verify the result (PyTorch reference of SOURCE, or --reference-logits) and store the report with it.")] = False,
     reference_logits: Annotated[Optional[Path], typer.Option("--reference-logits", help="Reference file for --verify / --target-kl (no torch needed).", show_default=False)] = None,
     target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Search the smallest plan whose mean KL on the verify inputs is <= this, and write it.", show_default=False)] = None,
+    allow_nonfinite: AllowNonfiniteOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Quantize a checkpoint for MLX, keeping what hybrid models need in float32.
 
@@ -126,7 +128,8 @@ def quantize_cmd(
         return
 
     res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
-                   dtype.value if dtype else None, revision, force, dry_run)
+                   dtype.value if dtype else None, revision, force, dry_run,
+                   allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
     print_plan(res.plan, show_plan or dry_run)
     if dry_run:
         console.print("[dim]--dry-run: nothing written[/]")

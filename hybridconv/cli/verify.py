@@ -13,7 +13,7 @@ from rich.table import Table
 from ..checkpoint import resolve
 from ..errors import EXIT_GATE_FAILED, UsageError
 from . import app, console, err_console
-from .options import ForceOpt, RevisionOpt, SourceArg
+from .options import ForceOpt, MaxMemoryOpt, RevisionOpt, SourceArg
 
 RefDtypeOpt = Annotated[
     str, typer.Option("--ref-dtype", help="dtype of the PyTorch reference: float32, bfloat16 or float16.")
@@ -45,7 +45,7 @@ def _inputs(source_path, vocab, prompt, text_file, random_tokens, num_sequences,
     return build_inputs(source_path, vocab, prompt, text_file, random_tokens, num_sequences, seed)
 
 
-def _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text_file, random_tokens, num_sequences, seed, keep_hidden=True):
+def _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text_file, random_tokens, num_sequences, seed, keep_hidden=True, max_memory=None):
     from ..loading import load_config
     from ..verify.reference import compute_reference
 
@@ -53,7 +53,8 @@ def _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text
     _, cfg = load_config(src.path)
     inputs = _inputs(src.path, cfg["vocab_size"], prompt, text_file, random_tokens, num_sequences, seed)
     with console.status(f"running the PyTorch reference on {inputs.description}"):
-        return compute_reference(src, inputs, ref_dtype, trust_remote_code, keep_hidden=keep_hidden), inputs
+        return compute_reference(src, inputs, ref_dtype, trust_remote_code, keep_hidden=keep_hidden,
+                                 max_memory=max_memory), inputs
 
 
 @app.command("verify")
@@ -82,7 +83,8 @@ def verify_cmd(
     max_block_error: Annotated[Optional[float], typer.Option("--max-block-error", help="Gate: relative error of any block's output.", show_default=False)] = None,
     decode_steps: Annotated[int, typer.Option("--decode-steps", help="Tokens per sequence run one at a time through the caches.")] = 8,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here.", show_default=False)] = None,
-    no_report: Annotated[bool, typer.Option("--no-report", help=f"Do not write OUT/verification.json.")] = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Do not write OUT/verification.json.")] = False,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Check that OUT computes the same function as the original checkpoint.
 
@@ -108,7 +110,7 @@ def verify_cmd(
         ref = read_reference_file(reference_logits)
     else:
         ref, _ = _live_reference(reference, revision, ref_dtype, trust_remote_code, prompt, text_file,
-                                 random_tokens, num_sequences, seed)
+                                 random_tokens, num_sequences, seed, max_memory=max_memory)
     overrides = dict(max_kl_mean=max_kl_mean, max_kl_p99=max_kl_p99, min_top1=min_top1,
                      min_top5=min_top5, max_block_error=max_block_error)
     with console.status("running the MLX model"):
@@ -186,6 +188,7 @@ def reference_cmd(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Store only the top-k logits per token (large vocabularies).", show_default=False)] = None,
     hidden_states: Annotated[bool, typer.Option("--hidden-states", help="Also store every block's output (lets verify localise divergence).")] = False,
     force: ForceOpt = False,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Run the PyTorch reference once and store its logits, to verify many variants later without torch.
 
@@ -197,6 +200,7 @@ def reference_cmd(
     if out.exists() and not force:
         raise UsageError(f"{out}: already exists", "choose another -o, or pass --force")
     ref, inputs = _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text_file,
-                                  random_tokens, num_sequences, seed, keep_hidden=hidden_states)
+                                  random_tokens, num_sequences, seed, keep_hidden=hidden_states,
+                                  max_memory=max_memory)
     write_reference_file(ref, out, top_k=top_k, with_hidden=hidden_states)
     console.print(escape(f"wrote {out}: {inputs.description}; reference: {ref.implementation} [{ref_dtype}]"))

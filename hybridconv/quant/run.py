@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import resolve
+from ..checkpoint import resolve, source_folder
 from ..config import read_config
 from ..convert import Result, WriteItem, plan, prepare_output, write_output
 from ..errors import UsageError
@@ -44,17 +44,20 @@ def plan_quantization(
     revision: str | None = None,
 ):
     src = resolve(source, revision)
+    return src, _plan_for(src, source, spec, recipe, bits_for, keep, dtype)
+
+
+def _plan_for(src, label, spec, recipe, bits_for, keep, dtype) -> QuantPlan:
     raw = read_config(src.path)
     if raw.get("quantization") or raw.get("quantization_config"):
         raise UsageError(
-            f"{source}: is already quantized",
+            f"{label}: is already quantized",
             "quantize the float checkpoint (the Hugging Face original or a float `hybridconv convert` output)",
         )
-    p = plan(src, dtype)
-    return src, build_plan(p, spec, recipe, bits_for, keep)
+    return build_plan(plan(src, dtype), spec, recipe, bits_for, keep)
 
 
-def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None) -> Result:
+def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None, allow_nonfinite: bool = False) -> Result:
     items = [WriteItem(t.step, t.entries, t.spec) for t in qp.tensors]
     entry = qp.config_entry()
     summary = qp.summary()
@@ -64,7 +67,7 @@ def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None) -
         "hybridconv": {"recipe": qp.recipe, "bits_per_weight": summary["bits_per_weight"]},
     }
     record_extra = {"quantization": {**summary, "plan": qp.rows()}}
-    return write_output(qp.conversion, out, tmp, progress, items, config_extra, record_extra)
+    return write_output(qp.conversion, out, tmp, progress, items, config_extra, record_extra, allow_nonfinite)
 
 
 def quantize(
@@ -82,15 +85,18 @@ def quantize(
     dry_run: bool = False,
     progress=None,
     on_plan: Callable[[QuantPlan], None] | None = None,
+    allow_nonfinite: bool = False,
+    allow_pickle: bool = False,
 ) -> QuantResult:
     spec = validate(bits, group_size, mode)
-    src, qp = plan_quantization(source, spec, recipe, bits_for, keep, dtype, revision)
-    if on_plan:
-        on_plan(qp)
-    if dry_run:
-        return QuantResult(qp, None)
-    tmp = prepare_output(Path(out), force, src)
-    return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, progress))
+    with source_folder(source, revision, allow_pickle) as src:
+        qp = _plan_for(src, source, spec, recipe, bits_for, keep, dtype)
+        if on_plan:
+            on_plan(qp)
+        if dry_run:
+            return QuantResult(qp, None)
+        tmp = prepare_output(Path(out), force, src)
+        return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, progress, allow_nonfinite))
 
 
 def search_target_kl(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..safetensors_io import CHUNK_BYTES, ITEMSIZE, raw_array, to_float32, write_all
+from ..safetensors_io import CHUNK_BYTES, ITEMSIZE, has_nonfinite, raw_array, to_float32, write_all
 
 _MX_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -23,7 +23,8 @@ def _raw(a) -> np.ndarray:
     return np.ascontiguousarray(np.array(a))
 
 
-def write_quantized(info, item, src, dst, buf, progress=None) -> None:
+def write_quantized(info, item, src, dst, buf, progress=None) -> bool:
+    """Write the quantized parts of one weight; True if it held NaN or Inf."""
     import mlx.core as mx
 
     spec = item.spec
@@ -32,11 +33,14 @@ def write_quantized(info, item, src, dst, buf, progress=None) -> None:
     item_bytes = ITEMSIZE[info.dtype]
     block = max(1, CHUNK_BYTES // (cols * 4))
     scales, biases = [], []
+    bad = False
     for r0 in range(0, rows, block):
         r1 = min(rows, r0 + block)
         src.seek(info.begin + r0 * cols * item_bytes)
         raw = src.read((r1 - r0) * cols * item_bytes)
-        w = to_float32(raw_array(raw, info.dtype), info.dtype).reshape(r1 - r0, cols)
+        raw_rows = raw_array(raw, info.dtype)
+        bad = bad or has_nonfinite(raw_rows, info.dtype)
+        w = to_float32(raw_rows, info.dtype).reshape(r1 - r0, cols)
         parts = mx.quantize(mx.array(w).astype(float_dtype), group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
         write_all(dst, _raw(parts[0]))
         scales.append(_raw(parts[1]))
@@ -47,3 +51,4 @@ def write_quantized(info, item, src, dst, buf, progress=None) -> None:
     write_all(dst, np.concatenate(scales))
     if biases:
         write_all(dst, np.concatenate(biases))
+    return bad

@@ -150,10 +150,29 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     return run, label, kinds, model_type
 
 
+def estimate_memory(source: Source, inputs: Inputs, dtype: str) -> int:
+    """Bytes the PyTorch reference needs: its weights in ``dtype`` plus a margin for
+    activations, and one sequence's logits twice (the model's and our copy)."""
+    index = index_weights(source.path)
+    width = 4 if dtype == "float32" else 2
+    weights = sum(t.numel for t in index.tensors.values()) * width
+    cfg = lookup(read_config(source.path)).normalize_config(read_config(source.path))
+    longest = max(len(s) for s in inputs.sequences)
+    return int(weights * 1.2) + 2 * longest * cfg["vocab_size"] * 4
+
+
 def compute_reference(
     source: Source, inputs: Inputs, dtype: str = "float32", trust_remote_code: bool = False,
-    keep_hidden: bool = True, progress=None,
+    keep_hidden: bool = True, progress=None, max_memory: str | None = None,
 ) -> Reference:
+    from ..resources import check_fits
+
+    check_fits(
+        f"the PyTorch reference ({dtype})",
+        estimate_memory(source, inputs, dtype),
+        max_memory,
+        "use --ref-dtype bfloat16 (half the memory), fewer or shorter inputs, or a machine with more memory",
+    )
     run, label, kinds, model_type = load_torch_model(source, dtype, trust_remote_code)
     # Outputs go to disk and are read back memory-mapped: T x V logits of a large
     # vocabulary are gigabytes per sequence.
