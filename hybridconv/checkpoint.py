@@ -167,6 +167,8 @@ def index_weights(folder: Path) -> WeightIndex:
                 f"{index_path}: not a valid index (expected JSON with a 'weight_map' object)"
             ) from None
         shards: list[Path] = []
+        for name in weight_map.values():
+            _check_shard_name(folder, name)  # before hashing: a value may be any JSON
         for name in dict.fromkeys(weight_map.values()):
             path = _check_shard_name(folder, name)
             if not path.is_file():
@@ -190,14 +192,22 @@ def index_weights(folder: Path) -> WeightIndex:
                 f"{folder}: no weights found (no {INDEX_NAME}, no model*.safetensors)"
             )
     result = WeightIndex(shards=shards)
+    headers = {}
     for shard in shards:
         tensors, meta = read_header(shard)
         result.metadata[shard] = meta
-        for name, info in tensors.items():
-            if name in result.tensors:
+        headers[shard] = tensors
+    seen: dict[str, Path] = {}
+    for shard, tensors in headers.items():  # duplicates first: the clearest diagnosis
+        for name in tensors:
+            if name in seen:
                 raise CheckpointError(
-                    f"tensor '{name}' is stored twice: in {result.tensors[name].file.name} and {shard.name}"
+                    f"tensor '{name}' is stored twice: in {seen[name].name} and {shard.name}",
+                    "the checkpoint's shards overlap; fetch it again",
                 )
+            seen[name] = shard
+    for shard, tensors in headers.items():
+        for name, info in tensors.items():
             if weight_map is not None and weight_map.get(name) != shard.name:
                 if name not in weight_map:
                     raise CheckpointError(

@@ -90,7 +90,16 @@ def _check(name: str, value: Any, kind: type | None) -> Any:
     return value
 
 
+# Far above any real model, far below what would exhaust memory or time merely
+# building the (lazy) model: a config beyond these is corrupt or hostile.
+LIMITS = {"num_hidden_layers": 4096, "vocab_size": 1 << 24}
+DEFAULT_LIMIT = 1 << 20  # widths, heads, state sizes, windows
+
+
 def positive(name: str, value: int) -> int:
     if value <= 0:
         raise ConfigError(f"config.json: '{name}' must be positive, found {value}")
+    limit = LIMITS.get(name, DEFAULT_LIMIT)
+    if value > limit:
+        raise ConfigError(f"config.json: '{name}' = {value} is implausibly large (limit {limit})")
     return value
