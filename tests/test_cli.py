@@ -114,8 +114,9 @@ def test_console_script_entry_point():
     assert out.returncode == 0 and out.stdout.startswith("hybridconv ")
 
 
+@pytest.mark.parametrize("command", ["convert", "quantize"])
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_during_convert_cleans_up(fixtures_dir, tmp_path, sig, code):
+def test_signal_during_convert_cleans_up(fixtures_dir, tmp_path, sig, code, command):
     """A large (200 MB) float32 embedding cast to bfloat16 keeps convert busy long
     enough to be interrupted; the temporary folder must vanish and OUT never appear."""
     from safetensors.numpy import load_file, save_file
@@ -130,7 +131,7 @@ def test_signal_during_convert_cleans_up(fixtures_dir, tmp_path, sig, code):
     tensors["model.embed_tokens.weight"] = np.ones((800_000, 64), dtype=np.float32)
     save_file(tensors, str(src / "model.safetensors"))
     out = tmp_path / "out"
-    proc = subprocess.Popen([*HC, "convert", str(src), "-o", str(out), "--dtype", "bfloat16"],
+    proc = subprocess.Popen([*HC, command, str(src), "-o", str(out), "--dtype", "bfloat16"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):

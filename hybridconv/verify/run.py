@@ -226,7 +226,10 @@ def write_report(report: dict, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
