@@ -11,6 +11,7 @@ naming all the aliases it tried.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,13 @@ def _check(name: str, value: Any, kind: type | None) -> Any:
     if kind is None:
         return value
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole:
             raise ConfigError(f"config.json: '{name}' must be an integer, found {value!r}")
         return int(value)
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config.json: '{name}' must be a number, found {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config.json: '{name}' must be a finite number, found {value!r}")
         return float(value)
     if kind is bool:
         if not isinstance(value, bool):

@@ -103,7 +103,7 @@ def _parse_entry(path: Path, name: str, entry, data_start: int, data_len: int) -
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype = entry.get("dtype")
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise CheckpointError(
             f"{where}: unknown dtype {dtype!r} (known: {', '.join(sorted(ITEMSIZE))})"
         )

@@ -5,6 +5,7 @@ nothing is written outside the output folder."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -19,7 +20,10 @@ from hybridconv.converters.recurrent_gemma import parse_block_types
 from hybridconv.errors import HybridconvError
 from hybridconv.safetensors_io import read_header
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Derandomized so CI is repeatable; set HYBRIDCONV_FUZZ=N for a longer, random run.
+_N = int(os.environ.get("HYBRIDCONV_FUZZ", "0"))
+SETTINGS = settings(max_examples=_N or 60, derandomize=not _N, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=12),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import ConfigError, UnsupportedArchitectureError
 from .rules import Rule
 
 
@@ -64,7 +64,13 @@ class Architecture:
         return self.model_module.ModelArgs.from_dict(config)
 
     def build_model(self, config: dict):
-        return self.model_module.Model(self.model_args(config))
+        try:
+            return self.model_module.Model(self.model_args(config))
+        except (OverflowError, ValueError, ZeroDivisionError, MemoryError) as exc:
+            raise ConfigError(
+                f"config.json describes a {self.title} model that cannot be built ({type(exc).__name__}: {exc})",
+                "the sizes in config.json are inconsistent or absurd; compare it with the published one",
+            ) from None
 
     def schedule(self, config: dict) -> list[tuple[str, int | None]]:
         """(kind, attention window or None) for every layer."""
