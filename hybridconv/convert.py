@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from concurrent.futures import ThreadPoolExecutor
 import os
 import re
 import shutil
@@ -43,6 +44,7 @@ from .safetensors_io import (
     copy_bytes,
     has_nonfinite,
     iter_raw_chunks,
+    scan_nonfinite,
     read_tensor,
     write_all,
 )
@@ -280,9 +282,37 @@ def write_weights(
         else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
     weight_map: dict[str, str] = {}
-    total = 0
     buf = chunk_buffer()
     nonfinite: list[str] = []
+    # One scanning thread with its own buffer (single worker: never shared).
+    scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridconv-scan")
+    scan_buf = chunk_buffer()
+    scans = []
+    try:
+        _write_shards(p, tmp, progress, names, groups, weight_map, buf, nonfinite,
+                      lambda tensors: scans.append(scanner.submit(_scan, tensors, scan_buf)))
+        for fut in scans:
+            nonfinite.extend(fut.result())
+    finally:
+        scanner.shutdown(wait=True, cancel_futures=True)
+    total = sum(_nbytes(d, s) for _, d, s in (e for it in items for e in it.entries))
+    return _finish_weights(p, tmp, progress, names, weight_map, total, nonfinite, allow_nonfinite)
+
+
+def _scan(tensors, buf: bytearray) -> list[str]:
+    """Names of the tensors (all in one file) holding NaN or Inf."""
+    try:
+        return scan_nonfinite(tensors[0].file, tensors)
+    except (OSError, ValueError):  # no mmap here: read through the buffer instead
+        bad = []
+        with open(tensors[0].file, "rb", buffering=0) as f:
+            for t in tensors:
+                if any(has_nonfinite(c, t.dtype) for c in iter_raw_chunks(t, f, buf)):
+                    bad.append(t.name)
+        return bad
+
+
+def _write_shards(p, tmp, progress, names, groups, weight_map, buf, nonfinite, scan) -> None:
     for name, (shard, its) in zip(names, groups):
         # Source order, and a data section starting at the source's offset within
         # a page: runs of unchanged tensors are then one page-congruent kernel copy.
@@ -296,10 +326,9 @@ def write_weights(
             for run in _runs(p, its):
                 info = p.index.tensors[run[0].step.source]
                 if len(run) > 1 or _unchanged(p, run[0]):
-                    for it in run:  # values pass through Python only to be checked
-                        t = p.index.tensors[it.step.source]
-                        if any(has_nonfinite(c, t.dtype) for c in iter_raw_chunks(t, src, buf)):
-                            nonfinite.append(t.name)
+                    # The kernel copies the bytes; a second thread reads them (from the
+                    # page cache) only to check for NaN/Inf, overlapping with the copy.
+                    scan([p.index.tensors[it.step.source] for it in run])
                     end = p.index.tensors[run[-1].step.source].end
                     copy_bytes(src, dst, info.begin, end - info.begin, buf, str(shard))
                     if progress:
@@ -331,7 +360,9 @@ def write_weights(
                         nonfinite.append(info.name)
         for name_, dtype, shape in entries:
             weight_map[name_] = name
-            total += _nbytes(dtype, shape)
+
+
+def _finish_weights(p, tmp, progress, names, weight_map, total, nonfinite, allow_nonfinite) -> list[str]:
     if nonfinite and not allow_nonfinite:
         raise CheckpointError(
             f"NaN or infinite values in {len(nonfinite)} tensor(s): "

@@ -176,6 +176,38 @@ def has_nonfinite(raw: np.ndarray, dtype: str) -> bool:
     return False
 
 
+def scan_nonfinite(path: Path, tensors: list[TensorInfo]) -> list[str]:
+    """Names of ``tensors`` (all in ``path``) holding NaN or Inf.
+
+    Reads through short-lived memory-mapped windows of :data:`CHUNK_BYTES`: no copy
+    out of the page cache, and at most one window resident at a time."""
+    import mmap
+
+    bad: list[str] = []
+    gran = mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        for t in tensors:
+            item = ITEMSIZE[t.dtype]
+            pos = t.begin
+            while pos < t.end:
+                start = pos - pos % gran
+                length = min(CHUNK_BYTES, t.end - start)
+                n = (start + length - pos) // item * item
+                mm = mmap.mmap(fd, length, offset=start, access=mmap.ACCESS_READ)
+                try:
+                    window = np.frombuffer(mm, dtype=np.uint8, count=n, offset=pos - start)
+                    found = has_nonfinite(window, t.dtype)
+                    del window  # release the buffer before unmapping
+                finally:
+                    mm.close()
+                if found:
+                    bad.append(t.name)
+                    break
+                pos += n
+    return bad
+
+
 def raw_array(buf: bytes | bytearray | memoryview, dtype: str) -> np.ndarray:
     """A numpy view of raw safetensors bytes (bfloat16 as its uint16 bits)."""
     return np.frombuffer(buf, dtype=_NP_RAW[dtype])
