@@ -238,3 +238,28 @@ def test_quantize_and_verify_refuse_bad_input_the_same_way(fixtures_dir, tmp_pat
                  ["verify", src, "--reference", src]):
         r = subprocess.run([*HC, *map(str, args)], capture_output=True, text=True)
         assert r.returncode == 2 and "allowed: recurrent, attention" in r.stderr and "Traceback" not in r.stderr, args
+
+
+@pytest.mark.parametrize("sig,code", [(15, 143), (2, 130)])
+def test_signal_during_verify_leaves_no_temporary_files(fixtures_dir, tmp_path, sig, code):
+    import time
+
+    from hybridconv.convert import convert
+
+    out = tmp_path / "out"
+    convert(str(fixtures_dir / PLAMO), out, dtype="float32")
+    before = _digest(out)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmpdir))
+    proc = subprocess.Popen([*HC, "verify", out, "--reference", fixtures_dir / PLAMO, "--random-tokens", "6000",
+                             "--num-sequences", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(tmpdir.iterdir()) and proc.poll() is None:
+        time.sleep(0.01)  # wait until the reference has started writing its outputs
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    assert list(tmpdir.iterdir()) == []  # reference outputs removed
+    assert _digest(out) == before  # no report, no partial report
