@@ -20,24 +20,6 @@ from .errors import CheckpointError, UsageError
 from .safetensors_io import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
-# Files a conversion reads or carries over; weights in pickle formats are not fetched.
-HUB_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    INDEX_NAME,
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "*.model",
-    "*.tiktoken",
-    "chat_template.*",
-    "*.py",
-    "README.md",
-    "LICENSE*",
-]
 # Copied verbatim into the output: tokenizer files and remote-code modules.
 CARRY_PATTERNS = [
     "tokenizer*",
@@ -51,6 +33,8 @@ CARRY_PATTERNS = [
     "generation_config.json",
     "*.py",
 ]
+# Files a conversion reads or carries over; weights in pickle formats are not fetched.
+HUB_PATTERNS = ["config.json", "*.safetensors", INDEX_NAME, "README.md", "LICENSE*", *CARRY_PATTERNS]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -80,6 +80,21 @@ def attention_mask(
     return mask
 
 
+def attend(q: mx.array, k: mx.array, v: mx.array, rope, cache, window: Optional[int], scale: float) -> mx.array:
+    """Rotary positions (continuing from the cache's offset), cache update, and
+    causal attention within ``window``. ``q``/``k``/``v``: ``[B, heads, T, d]``;
+    returns ``[B, T, heads·d]``."""
+    offset = cache.offset if cache is not None else 0
+    q = rope(q, offset=offset)
+    k = rope(k, offset=offset)
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    mask = attention_mask(q.shape[2], k.shape[2], offset, window)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, _, T, _ = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
+
+
 class KVCache:
     """Full key/value history for an attention layer (keys ``[B, H, T, d]``)."""
 

@@ -89,7 +89,7 @@ from .common import (
     OffsetRMSNorm,
     StateCache,
     WindowKVCache,
-    attention_mask,
+    attend,
     causal_depthwise_conv,
 )
 
@@ -301,14 +301,7 @@ class Attention(nn.Module):
         # QK norm: per-head RMSNorm (fixed eps, as in PLaMo-2) with a [heads, d] weight.
         q = mx.fast.rms_norm(q, None, 1e-6) * self.q_weight[:, None].astype(q.dtype)
         k = mx.fast.rms_norm(k, None, 1e-6) * self.k_weight[:, None].astype(k.dtype)
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset)
-        k = self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        mask = attention_mask(T, k.shape[2], offset, self.window)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, T, -1))
+        return self.o_proj(attend(q, k, v, self.rope, cache, self.window, self.scale))
 
 
 class MLP(nn.Module):

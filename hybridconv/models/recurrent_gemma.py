@@ -78,7 +78,7 @@ from .common import (
     OffsetRMSNorm,
     StateCache,
     WindowKVCache,
-    attention_mask,
+    attend,
     causal_depthwise_conv,
 )
 
@@ -250,14 +250,7 @@ class LocalAttentionBlock(nn.Module):
         q = self.q_proj(x).reshape(B, T, self.n_q, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset)
-        k = self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        mask = attention_mask(T, k.shape[2], offset, self.window)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return self.o_proj(attend(q, k, v, self.rope, cache, self.window, self.scale))
 
 
 class MLPBlock(nn.Module):
