@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from concurrent.futures import ThreadPoolExecutor
 import os
 import re
 import shutil
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +28,14 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .checkpoint import CARRY_PATTERNS, INDEX_NAME, Source, WeightIndex, index_weights, resolve, source_folder
+from .checkpoint import (
+    CARRY_PATTERNS,
+    INDEX_NAME,
+    Source,
+    WeightIndex,
+    index_weights,
+    source_folder,
+)
 from .config import read_config
 from .converters import Architecture, lookup
 from .converters.rules import Meta, Step, apply_transpose, plan_tensor
@@ -37,15 +44,15 @@ from .safetensors_io import (
     DTYPE_NAMES,
     FLOAT_DTYPES,
     ITEMSIZE,
-    convert_raw,
-    header_bytes,
-    chunk_buffer,
     PAGE,
+    chunk_buffer,
+    convert_raw,
     copy_bytes,
     has_nonfinite,
+    header_bytes,
     iter_raw_chunks,
-    scan_nonfinite,
     read_tensor,
+    scan_nonfinite,
     write_all,
 )
 

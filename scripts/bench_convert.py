@@ -24,11 +24,9 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -14,11 +17,15 @@ from rich.table import Table
 
 from ..convert import DTYPE_LABELS, convert
 from . import app, console
-from typing import Annotated
-
-import typer
-
-from .options import AllowNonfiniteOpt, AllowPickleOpt, DtypeOpt, ForceOpt, OutOpt, RevisionOpt, SourceArg
+from .options import (
+    AllowNonfiniteOpt,
+    AllowPickleOpt,
+    DtypeOpt,
+    ForceOpt,
+    OutOpt,
+    RevisionOpt,
+    SourceArg,
+)
 from .render import human_bytes
 
 

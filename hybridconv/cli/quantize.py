@@ -12,7 +12,15 @@ from rich.table import Table
 
 from ..errors import EXIT_GATE_FAILED
 from . import app, console
-from .options import AllowNonfiniteOpt, AllowPickleOpt, DtypeOpt, ForceOpt, OutOpt, RevisionOpt, SourceArg
+from .options import (
+    AllowNonfiniteOpt,
+    AllowPickleOpt,
+    DtypeOpt,
+    ForceOpt,
+    OutOpt,
+    RevisionOpt,
+    SourceArg,
+)
 from .render import human_bytes
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +11,7 @@ from rich.table import Table
 
 from ..checkpoint import resolve
 from ..errors import EXIT_GATE_FAILED, UsageError
-from . import app, console, err_console
+from . import app, console
 from .options import ForceOpt, MaxMemoryOpt, RevisionOpt, SourceArg
 
 RefDtypeOpt = Annotated[

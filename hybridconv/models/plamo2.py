@@ -84,6 +84,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
 from .common import (
     KVCache,
     OffsetRMSNorm,

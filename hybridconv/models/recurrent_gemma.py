@@ -74,6 +74,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
 from .common import (
     OffsetRMSNorm,
     StateCache,

@@ -189,7 +189,8 @@ def run_release(
     log: Callable[[str], None] = print,
 ) -> dict:
     from ..checkpoint import resolve
-    from ..convert import convert, plan as plan_conversion
+    from ..convert import convert
+    from ..convert import plan as plan_conversion
     from ..hashing import weights_hash
     from ..quant.modes import validate
     from ..quant.plan import build_plan

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..safetensors_io import CHUNK_BYTES, ITEMSIZE, has_nonfinite, raw_array, to_float32, write_all
+from ..safetensors_io import (
+    CHUNK_BYTES,
+    ITEMSIZE,
+    has_nonfinite,
+    raw_array,
+    to_float32,
+    write_all,
+)
 
 _MX_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
