@@ -20,9 +20,14 @@ from . import app, console
 from .options import (
     AllowNonfiniteOpt,
     AllowPickleOpt,
+    BitsOpt,
     DtypeOpt,
     ForceOpt,
+    GroupOpt,
+    Mode,
+    ModeOpt,
     OutOpt,
+    RecipeOpt,
     RevisionOpt,
     SourceArg,
 )
@@ -37,10 +42,10 @@ def convert_cmd(
     revision: RevisionOpt = None,
     force: ForceOpt = False,
     quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize too: shortcut for `hybridconv quantize` (with --bits, --group-size, --mode, --recipe).")] = False,
-    bits: Annotated[int, typer.Option("--bits", help="With -q: width of quantized weights.")] = 4,
-    group_size: Annotated[int | None, typer.Option("--group-size", help="With -q: weights per scale.", show_default=False)] = None,
-    mode: Annotated[str, typer.Option("--mode", help="With -q: affine, mxfp4, nvfp4 or mxfp8.")] = "affine",
-    recipe: Annotated[str | None, typer.Option("--recipe", help="With -q: uniform or mixed-L-H.", show_default=False)] = None,
+    bits: BitsOpt = 4,
+    group_size: GroupOpt = None,
+    mode: ModeOpt = Mode.affine,
+    recipe: RecipeOpt = None,
     allow_nonfinite: AllowNonfiniteOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ):
@@ -54,7 +59,7 @@ def convert_cmd(
         from ..quant.run import quantize as run_quantize
         from .quantize import print_plan
 
-        res = run_quantize(source, out, bits, group_size, mode, recipe, None, None,
+        res = run_quantize(source, out, bits, group_size, mode.value, recipe, None, None,
                            dtype.value if dtype else None, revision, force,
                            allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
         print_plan(res.plan, False)

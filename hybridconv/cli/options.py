@@ -61,3 +61,22 @@ MaxMemoryOpt = Annotated[
     Optional[str],
     typer.Option("--max-memory", help="Memory the PyTorch reference may use, e.g. 16GB [default: the memory available now].", show_default=False),
 ]
+
+
+class Mode(str, Enum):
+    affine = "affine"
+    mxfp4 = "mxfp4"
+    nvfp4 = "nvfp4"
+    mxfp8 = "mxfp8"
+
+
+BitsOpt = Annotated[int, typer.Option("--bits", help="Width of quantized weights: 2, 3, 4, 5, 6 or 8 (mxfp4/nvfp4: 4, mxfp8: 8).")]
+GroupOpt = Annotated[
+    Optional[int],
+    typer.Option("--group-size", help="Weights per scale: 32, 64 or 128 for affine [default 64]; mxfp4/mxfp8 32, nvfp4 16.", show_default=False),
+]
+ModeOpt = Annotated[Mode, typer.Option("--mode", help="Quantization mode (MLX).")]
+RecipeOpt = Annotated[
+    Optional[str],
+    typer.Option("--recipe", help="uniform (default), or mixed-L-H: sensitive roles at H bits, the others at L (e.g. mixed-4-6).", show_default=False),
+]
