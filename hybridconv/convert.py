@@ -122,6 +122,11 @@ def expected_parameters(arch: Architecture, config: dict) -> dict[str, tuple[int
 def plan(source: Source, dtype: str | None = None) -> Plan:
     raw = read_config(source.path)
     arch = lookup(raw)
+    if raw.get("quantization") or raw.get("quantization_config"):
+        raise UsageError(
+            f"{source.label}: is already quantized",
+            "start from the float checkpoint (the Hugging Face original or a float `hybridconv convert` output)",
+        )
     config = arch.normalize_config(raw)
     index = index_weights(source.path)
     if dtype is not None and dtype not in DTYPE_NAMES:

@@ -130,6 +130,7 @@ def test_signal_during_convert_cleans_up(fixtures_dir, tmp_path, sig, code, comm
         if proc.poll() is not None:
             break
         time.sleep(0.005)
+    assert proc.poll() is None, "convert finished before it could be interrupted"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err

@@ -255,8 +255,11 @@ def test_signal_during_verify_leaves_no_temporary_files(fixtures_dir, tmp_path, 
     proc = subprocess.Popen([*HC, "verify", out, "--reference", fixtures_dir / PLAMO, "--random-tokens", "6000",
                              "--num-sequences", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 60
-    while time.time() < deadline and not any(tmpdir.iterdir()) and proc.poll() is None:
-        time.sleep(0.01)  # wait until the reference has started writing its outputs
+    # Wait until the reference is inside its loop (its first output is written), so
+    # the signal lands in our code rather than in some library's import or finalizer.
+    while time.time() < deadline and not list(tmpdir.glob("hybridconv-ref-*/seq0-logits.npy")) and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "verify finished before it could be interrupted"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import resolve, source_folder
-from ..config import read_config
 from ..convert import Result, WriteItem, plan, prepare_output, write_output
 from ..errors import UsageError
 from .modes import QuantSpec, validate
@@ -44,16 +43,10 @@ def plan_quantization(
     revision: str | None = None,
 ):
     src = resolve(source, revision)
-    return src, _plan_for(src, source, spec, recipe, bits_for, keep, dtype)
+    return src, _plan_for(src, spec, recipe, bits_for, keep, dtype)
 
 
-def _plan_for(src, label, spec, recipe, bits_for, keep, dtype) -> QuantPlan:
-    raw = read_config(src.path)
-    if raw.get("quantization") or raw.get("quantization_config"):
-        raise UsageError(
-            f"{label}: is already quantized",
-            "quantize the float checkpoint (the Hugging Face original or a float `hybridconv convert` output)",
-        )
+def _plan_for(src, spec, recipe, bits_for, keep, dtype) -> QuantPlan:
     return build_plan(plan(src, dtype), spec, recipe, bits_for, keep)
 
 
@@ -90,7 +83,7 @@ def quantize(
 ) -> QuantResult:
     spec = validate(bits, group_size, mode)
     with source_folder(source, revision, allow_pickle) as src:
-        qp = _plan_for(src, source, spec, recipe, bits_for, keep, dtype)
+        qp = _plan_for(src, spec, recipe, bits_for, keep, dtype)
         if on_plan:
             on_plan(qp)
         if dry_run:
