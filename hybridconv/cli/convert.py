@@ -5,14 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
 from ..convert import DTYPE_LABELS, convert
@@ -31,7 +23,7 @@ from .options import (
     RevisionOpt,
     SourceArg,
 )
-from .render import human_bytes
+from .render import byte_progress, human_bytes
 
 
 @app.command("convert")
@@ -59,30 +51,14 @@ def convert_cmd(
         from ..quant.run import quantize as run_quantize
         from .quantize import print_plan
 
-        res = run_quantize(source, out, bits, group_size, mode.value, recipe, None, None,
-                           dtype.value if dtype else None, revision, force,
-                           allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
+        with byte_progress(console, "quantizing") as (on_plan, progress):
+            res = run_quantize(source, out, bits, group_size, mode.value, recipe, None, None,
+                               dtype.value if dtype else None, revision, force, progress=progress,
+                               on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
         print_plan(res.plan, False)
         console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
         return
-    with Progress(
-        TextColumn("[bold]converting[/]"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[tensor]}", style="dim"),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("convert", total=None, tensor="planning")
-
-        def on_plan(p):
-            bar.update(task, total=p.index.total_bytes)
-
-        def progress(n, name):
-            bar.update(task, advance=n, tensor=name)
-
+    with byte_progress(console, "converting") as (on_plan, progress):
         result = convert(
             source,
             out,

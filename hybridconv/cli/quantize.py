@@ -25,7 +25,7 @@ from .options import (
     RevisionOpt,
     SourceArg,
 )
-from .render import human_bytes
+from .render import byte_progress, human_bytes
 
 BitsForOpt = Annotated[
     Optional[list[str]],
@@ -121,9 +121,10 @@ def quantize_cmd(
         console.print(f"[green]wrote {out}[/]: the smallest plan meeting the target")
         return
 
-    res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
-                   dtype.value if dtype else None, revision, force, dry_run,
-                   allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
+    with byte_progress(console, "quantizing") as (on_plan, progress):
+        res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
+                       dtype.value if dtype else None, revision, force, dry_run, progress=progress,
+                       on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
     print_plan(res.plan, show_plan or dry_run)
     if dry_run:
         console.print("[dim]--dry-run: nothing written[/]")
