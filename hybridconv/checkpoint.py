@@ -65,8 +65,9 @@ def resolve(source: str, revision: str | None = None, allow_pickle: bool = False
     return _download(source, revision, allow_pickle)
 
 
-def _download(repo_id: str, revision: str | None, allow_pickle: bool = False) -> Source:
-    from huggingface_hub import snapshot_download
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None):
+    """huggingface_hub's exceptions, as errors that say what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -75,12 +76,11 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool = False) ->
     )
 
     try:
-        patterns = HUB_PATTERNS + (["*.bin", "pytorch_model.bin.index.json"] if allow_pickle else [])
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+        yield
     except GatedRepoError:
         raise CheckpointError(
             f"{repo_id}: the repository is gated",
-            "accept its terms on the Hub, then log in (huggingface-cli login) or set HF_TOKEN",
+            "accept its terms on the Hub, then log in (hf auth login) or set HF_TOKEN",
         ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(
@@ -96,9 +96,45 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool = False) ->
         ) from None
     except OSError as exc:  # network errors surface as OSError subclasses
         raise CheckpointError(f"{repo_id}: download failed ({exc})") from None
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool = False, **kwargs) -> Source:
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_PATTERNS + (["*.bin", "pytorch_model.bin.index.json"] if allow_pickle else [])
+    with _hub_errors(repo_id, revision):
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **kwargs)
     path = Path(folder)
     commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision
     return Source(path=path, repo_id=repo_id, revision=commit)
+
+
+def remote_headers(repo_id: str, revision: str | None) -> tuple[Source, "WeightIndex"]:
+    """config.json and the safetensors headers of a Hub repo, without the weights:
+    the headers come through HTTP range requests (``get_safetensors_metadata``).
+    A snapshot already in the local cache is used as is."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import NotASafetensorsRepoError
+
+    try:
+        return (src := _download(repo_id, revision, local_files_only=True)), index_weights(src.path)
+    except CheckpointError:
+        pass  # not (completely) cached: ask the Hub for headers only
+    with _hub_errors(repo_id, revision):
+        try:
+            config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+            meta = HfApi().get_safetensors_metadata(repo_id, revision=revision)
+        except NotASafetensorsRepoError:
+            raise CheckpointError(f"{repo_id}: no safetensors weights (model.safetensors or its index)") from None
+    index = WeightIndex(shards=[])
+    for fname, file_meta in sorted(meta.files_metadata.items()):
+        shard = Path(fname)  # a name in the repo, never opened: only sizes are used
+        index.shards.append(shard)
+        for name, t in file_meta.tensors.items():
+            begin, end = t.data_offsets
+            index.tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), shard, begin, end)
+    commit = config.parent.name if re.fullmatch(r"[0-9a-f]{40}", config.parent.name) else revision
+    return Source(path=config.parent, repo_id=repo_id, revision=commit), index
 
 
 @dataclass

@@ -119,7 +119,9 @@ def expected_parameters(arch: Architecture, config: dict) -> dict[str, tuple[int
     return {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
 
 
-def plan(source: Source, dtype: str | None = None) -> Plan:
+def plan(source: Source, dtype: str | None = None, index: WeightIndex | None = None) -> Plan:
+    """The conversion plan; ``index`` overrides reading the headers from ``source``
+    (a Hub repo inspected through its remote headers)."""
     raw = read_config(source.path)
     arch = lookup(raw)
     if raw.get("quantization") or raw.get("quantization_config"):
@@ -128,7 +130,7 @@ def plan(source: Source, dtype: str | None = None) -> Plan:
             "start from the float checkpoint (the Hugging Face original or a float `hybridconv convert` output)",
         )
     config = arch.normalize_config(raw)
-    index = index_weights(source.path)
+    index = index if index is not None else index_weights(source.path)
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
     code = DTYPE_NAMES[dtype] if dtype else default_dtype(raw, index)

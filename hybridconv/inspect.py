@@ -4,12 +4,22 @@ headers only (no tensor data is read)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-from .convert import DTYPE_LABELS, Plan
+from .checkpoint import REPO_ID, remote_headers, resolve
+from .convert import DTYPE_LABELS, Plan, plan
 from .safetensors_io import ITEMSIZE
 
 QUANT_BITS = (8, 6, 5, 4, 3, 2)
 QUANT_GROUP = 64
+
+
+def inspect_plan(source: str, revision: str | None = None, dtype: str | None = None) -> Plan:
+    """The plan of a local folder, or of a Hub repo from its config and remote headers."""
+    if Path(source).expanduser().exists() or not REPO_ID.match(source):
+        return plan(resolve(source, revision), dtype)
+    src, index = remote_headers(source, revision)
+    return plan(src, dtype, index)
 
 
 def _quantizable(step) -> bool:

@@ -286,3 +286,43 @@ def test_nonfinite_scan_windows(tmp_path, monkeypatch):
         path.write_bytes(sio.header_bytes(entries, {}) + b"".join(blobs))
         info, _ = sio.read_header(path)
         assert set(sio.scan_nonfinite(path, list(info.values()))) == want
+
+
+def test_inspect_repo_id_reads_remote_headers_only(fixtures_dir, tmp_path, monkeypatch):
+    """Not cached: config.json is downloaded, the safetensors headers come from the
+    Hub's range requests (faked at huggingface_hub's API), no weights are fetched."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+
+    from hybridconv.inspect import describe, inspect_plan
+    from hybridconv.safetensors_io import read_header
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    fixture = fixtures_dir / "recurrent_gemma-tiny-hf5"
+    downloaded = []
+    snap = tmp_path / "snap" / ("ab" * 20)
+    snap.mkdir(parents=True)
+    shutil.copyfile(fixture / "config.json", snap / "config.json")
+
+    def fake_download(repo_id, filename, revision=None, **kw):
+        downloaded.append(filename)
+        return str(snap / filename)
+
+    def fake_metadata(self, repo_id, revision=None, **kw):
+        tensors, _ = read_header(fixture / "model.safetensors")
+        start = min(t.begin for t in tensors.values())
+        files = {"model.safetensors": SimpleNamespace(tensors={
+            n: SimpleNamespace(dtype=t.dtype, shape=list(t.shape), data_offsets=(t.begin - start, t.end - start))
+            for n, t in tensors.items()})}
+        return SimpleNamespace(files_metadata=files)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", fake_metadata)
+    remote = describe(inspect_plan("google/recurrentgemma-tiny"))
+    local = describe(inspect_plan(str(fixture)))
+    assert downloaded == ["config.json"]
+    assert remote["source_revision"] == "ab" * 20
+    for key in ("layers", "parameters", "source_tensors", "source_bytes", "estimated_output_bytes", "rules"):
+        assert remote[key] == local[key], key

@@ -6,9 +6,7 @@ import json
 
 from rich.table import Table
 
-from ..checkpoint import resolve
-from ..convert import plan
-from ..inspect import describe
+from ..inspect import describe, inspect_plan
 from . import app, console
 from .options import DtypeOpt, JsonOpt, RevisionOpt, SourceArg
 from .render import human_bytes
@@ -23,12 +21,15 @@ def inspect_cmd(
 ):
     """Show what a conversion would do, reading only config.json and safetensors headers.
 
+    For a Hub repo id that is not in the local cache, the headers are fetched with HTTP
+    range requests: no weights are downloaded.
+
     Architecture, layer schedule (index -> mamba / attention / recurrent, with attention
     windows), parameter count, what each rule does to which tensors, and the estimated output
     size per dtype and quantization width. Fails like convert would (exit 2) when the ledger
     does not balance.
     """
-    info = describe(plan(resolve(source, revision), dtype.value if dtype else None))
+    info = describe(inspect_plan(source, revision, dtype.value if dtype else None))
     if json_out:
         console.print_json(json.dumps(info))
         return
