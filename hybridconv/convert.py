@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from .checkpoint import (
     source_folder,
 )
 from .config import read_config
-from .converters import Architecture, lookup
+from .converters import Architecture, layer_of, lookup
 from .converters.rules import Meta, Step, apply_transpose, plan_tensor
 from .errors import CheckpointError, LedgerError, OutputError, UsageError
 from .safetensors_io import (
@@ -58,7 +57,6 @@ from .safetensors_io import (
 
 DTYPE_LABELS = {v: k for k, v in DTYPE_NAMES.items()}  # "F32" -> "float32"
 CONVERSION_RECORD = "conversion.json"
-_LAYER = re.compile(r"\.layers\.(?:layers\.)?(\d+)\.")
 
 
 @dataclass
@@ -156,9 +154,7 @@ def check_ledger(p: Plan) -> None:
     n_layers = p.config["num_hidden_layers"]
     unexpected = sorted(set(targets) - set(p.expected))
     if unexpected:
-        beyond = sorted(
-            {int(m.group(1)) for n in unexpected if (m := _LAYER.search(n)) and int(m.group(1)) >= n_layers}
-        )
+        beyond = sorted({i for n in unexpected if (i := layer_of(n)) is not None and i >= n_layers})
         if beyond:
             raise LedgerError(
                 f"the checkpoint has tensors for layer {beyond[-1]} but config.json says "
@@ -173,10 +169,10 @@ def check_ledger(p: Plan) -> None:
         )
     missing = sorted(set(p.expected) - set(targets))
     if missing:
-        present = {int(m.group(1)) for n in targets if (m := _LAYER.search(n))}
+        present = {i for n in targets if (i := layer_of(n)) is not None}
         hint = "the checkpoint is incomplete, or config.json describes a different model"
         if present and max(present) + 1 < n_layers and all(
-            (m := _LAYER.search(n)) and int(m.group(1)) > max(present) for n in missing
+            (i := layer_of(n)) is not None and i > max(present) for n in missing
         ):
             hint = f"config.json says num_hidden_layers = {n_layers}, the weights hold {max(present) + 1} layers"
         raise LedgerError(

@@ -80,6 +80,16 @@ class Architecture:
         )
 
 
+_LAYER = re.compile(r"\.layers\.(?:layers\.)?(\d+)\.")
+
+
+def layer_of(name: str | None) -> int | None:
+    """The decoder layer a tensor belongs to (``model.layers.3.…`` or PLaMo-2's
+    ``model.layers.layers.3.…``), or None."""
+    m = _LAYER.search(name or "")
+    return int(m.group(1)) if m else None
+
+
 _REGISTRY: dict[str, Architecture] = {}
 
 

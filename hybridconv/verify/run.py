@@ -14,7 +14,6 @@ with its value, and the verdict.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
+from ..converters import layer_of
 from ..errors import OutputError, UsageError
 from ..hashing import weights_hash
 from ..loading import WeightMismatchError, load_config
@@ -31,7 +31,6 @@ from .reference import Reference
 
 SCHEMA = "hybridconv.verification/1"
 REPORT_NAME = "verification.json"
-_LAYER = re.compile(r"\.layers\.(?:layers\.)?(\d+)\.")
 
 
 @dataclass
@@ -119,10 +118,9 @@ def verify_folder(
     except WeightMismatchError as exc:
         # A conversion that produced weights the model cannot even take is a failed
         # verification, localised to the block of the offending tensor.
-        m = _LAYER.search(exc.parameter or "")
         report.update(
             metrics=None, blocks=[], decode=None, checks=[],
-            first_divergent_block=int(m.group(1)) if m else None,
+            first_divergent_block=layer_of(exc.parameter),
             verdict="fail", failure_reasons=[exc.message],
         )
         return Outcome(report)
