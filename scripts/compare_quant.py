@@ -53,9 +53,8 @@ def main() -> None:
     from hybridconv.checkpoint import resolve
     from hybridconv.convert import convert as hc_convert
     from hybridconv.convert import plan
-    from hybridconv.loading import load_config
     from hybridconv.quant.run import quantize
-    from hybridconv.verify.inputs import build_inputs
+    from hybridconv.verify.inputs import inputs_for
     from hybridconv.verify.reference import compute_reference
     from hybridconv.verify.run import verify_folder
 
@@ -66,10 +65,9 @@ def main() -> None:
     try:
         for ckpt in checkpoints:
             src = resolve(str(ckpt))
-            _, cfg = load_config(src.path)
             params = plan(src).parameter_count
-            inputs = build_inputs(src.path, cfg["vocab_size"], random_tokens=args.tokens,
-                                  num_sequences=args.sequences, seed=0)
+            inputs = inputs_for(src.path, random_tokens=args.tokens,
+                                num_sequences=args.sequences, seed=0)
             ref = compute_reference(src, inputs, keep_hidden=False)
             float_copy = work / f"{ckpt.name}-float"
             hc_convert(str(ckpt), float_copy)

@@ -135,17 +135,12 @@ def quantize_cmd(
 
 
 def _reference(source, revision, reference_logits):
-    from ..checkpoint import resolve
-    from ..loading import load_config
-    from ..verify.inputs import build_inputs
-    from ..verify.reference import compute_reference, read_reference_file
+    from ..verify.reference import read_reference_file
+    from .verify import _live_reference
 
     if reference_logits is not None:
         return read_reference_file(reference_logits)
-    src = resolve(source, revision)
-    _, cfg = load_config(src.path)
-    with console.status("running the PyTorch reference"):
-        return compute_reference(src, build_inputs(src.path, cfg["vocab_size"]))
+    return _live_reference(source, revision)[0]  # verify's default inputs
 
 
 def _verify(source, revision, reference_logits, out: Path) -> None:

@@ -38,19 +38,14 @@ NumSeqOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random tokens.")]
 
 
-def _inputs(source_path, vocab, prompt, text_file, random_tokens, num_sequences, seed):
-    from ..verify.inputs import build_inputs
-
-    return build_inputs(source_path, vocab, prompt, text_file, random_tokens, num_sequences, seed)
-
-
-def _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text_file, random_tokens, num_sequences, seed, keep_hidden=True, max_memory=None):
-    from ..loading import load_config
+def _live_reference(source, revision, ref_dtype="float32", trust_remote_code=False, prompt=None, text_file=None,
+                    random_tokens=None, num_sequences=None, seed=0, keep_hidden=True, max_memory=None):
+    from ..verify.inputs import inputs_for
     from ..verify.reference import compute_reference
 
     src = resolve(source, revision)
-    _, cfg = load_config(src.path)
-    inputs = _inputs(src.path, cfg["vocab_size"], prompt, text_file, random_tokens, num_sequences, seed)
+    inputs = inputs_for(src.path, prompts=prompt, text_files=text_file, random_tokens=random_tokens,
+                        num_sequences=num_sequences, seed=seed)
     with console.status(f"running the PyTorch reference on {inputs.description}"):
         return compute_reference(src, inputs, ref_dtype, trust_remote_code, keep_hidden=keep_hidden,
                                  max_memory=max_memory), inputs

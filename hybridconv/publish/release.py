@@ -231,14 +231,13 @@ def run_release(
         summary["reference"] = f"reused {ref_file}"
         log(f"reference: reusing {ref_file}")
     else:
-        from ..loading import load_config
-        from ..verify.inputs import build_inputs
+        from ..verify.inputs import inputs_for
         from ..verify.reference import compute_reference, write_reference_file
 
-        _, cfg = load_config(src.path)
-        inputs = build_inputs(src.path, cfg["vocab_size"], vcfg.get("prompts"),
-                              [Path(plan.path.parent, f) for f in vcfg.get("text_files") or []],
-                              vcfg.get("random_tokens"), vcfg.get("num_sequences"), vcfg.get("seed", 0))
+        inputs = inputs_for(src.path, prompts=vcfg.get("prompts"),
+                            text_files=[Path(plan.path.parent, f) for f in vcfg.get("text_files") or []],
+                            random_tokens=vcfg.get("random_tokens"), num_sequences=vcfg.get("num_sequences"),
+                            seed=vcfg.get("seed", 0))
         log(f"reference: running the PyTorch reference on {inputs.description}")
         ref = compute_reference(src, inputs, vcfg.get("ref_dtype", "float32"))
         write_reference_file(ref, ref_file, with_hidden=True)

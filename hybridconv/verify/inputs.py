@@ -87,3 +87,11 @@ def build_inputs(
         if s.size and (s.min() < 0 or s.max() >= vocab_size):
             raise UsageError(f"token id {int(s.max())} is outside the vocabulary (size {vocab_size})")
     return Inputs(sequences, "; ".join(parts))
+
+
+def inputs_for(folder: Path, **options) -> Inputs:
+    """:func:`build_inputs` for the checkpoint in ``folder``: its tokenizer, its vocabulary."""
+    from ..loading import load_config
+
+    _, cfg = load_config(Path(folder))
+    return build_inputs(Path(folder), cfg["vocab_size"], **options)

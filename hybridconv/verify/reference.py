@@ -156,9 +156,10 @@ def estimate_memory(source: Source, inputs: Inputs, dtype: str) -> int:
     index = index_weights(source.path)
     width = 4 if dtype == "float32" else 2
     weights = sum(t.numel for t in index.tensors.values()) * width
-    cfg = lookup(read_config(source.path)).normalize_config(read_config(source.path))
+    raw = read_config(source.path)
+    vocab = lookup(raw).normalize_config(raw)["vocab_size"]
     longest = max(len(s) for s in inputs.sequences)
-    return int(weights * 1.2) + 2 * longest * cfg["vocab_size"] * 4
+    return int(weights * 1.2) + 2 * longest * vocab * 4
 
 
 def compute_reference(
