@@ -122,11 +122,11 @@ def search_target_kl(
         candidates.append(("uniform", validate(b, base.group_size, "affine")))
     for lo, hi in SEARCH_MIXED:
         candidates.append((f"mixed-{lo}-{hi}", validate(lo, base.group_size, "affine")))
-    plans = []
-    for recipe, spec in candidates:
-        _, qp = plan_quantization(source, spec, recipe, None, keep, dtype, revision)
-        plans.append(qp)
-    plans.sort(key=lambda q: q.bits_per_weight)
+    conversion = plan(src, dtype)  # the same for every candidate: read the headers once
+    plans = sorted(
+        (build_plan(conversion, spec, recipe, None, keep) for recipe, spec in candidates),
+        key=lambda q: q.bits_per_weight,
+    )
     explored: list[dict] = []
     cache: dict[int, float] = {}
     workdir = Path(tempfile.mkdtemp(prefix="hybridconv-search-", dir=Path(out).resolve().parent))
