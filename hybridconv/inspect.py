@@ -22,32 +22,19 @@ def inspect_plan(source: str, revision: str | None = None, dtype: str | None = N
     return plan(src, dtype, index)
 
 
-def _quantizable(step) -> bool:
-    # Linear and embedding matrices; never the float32-kept SSM parameters.
-    return (
-        step.shape is not None
-        and len(step.shape) == 2
-        and step.target.endswith(".weight")
-        and not step.keep_float32
-        and step.shape[-1] % QUANT_GROUP == 0
-    )
-
-
 def size_estimates(p: Plan) -> dict:
+    """Output bytes per float dtype (convert) and per width (quantize's own default
+    plan: affine, group size :data:`QUANT_GROUP`, the architecture's policy)."""
+    from .quant.modes import validate
+    from .quant.plan import build_plan
+
     sizes: dict = {}
     for label, code in (("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16")):
         sizes[label] = sum(
             math.prod(s.shape) * (4 if s.keep_float32 else ITEMSIZE[code]) for s in p.kept
         )
     for bits in QUANT_BITS:
-        total = 0.0
-        for s in p.kept:
-            n = math.prod(s.shape)
-            if _quantizable(s):
-                total += n * (bits + 32 / QUANT_GROUP) / 8  # fp16 scale + bias per group
-            else:
-                total += n * (4 if s.keep_float32 else 2)
-        sizes[f"{bits}-bit"] = int(total)
+        sizes[f"{bits}-bit"] = build_plan(p, validate(bits, QUANT_GROUP, "affine")).total_bits // 8
     return sizes
 
 
@@ -97,5 +84,6 @@ def describe(p: Plan) -> dict:
         "rules": rules,
         "dropped": [{"tensor": s.source, "reason": s.dropped_because} for s in p.dropped],
         "estimated_output_bytes": size_estimates(p),
-        "estimate_note": f"N-bit: affine quantization of 2-D weight matrices, group size {QUANT_GROUP}; other tensors at 16 bits, SSM parameters at 32",
+        "estimate_note": f"N-bit: what `hybridconv quantize --bits N` writes (affine, group size {QUANT_GROUP}; "
+        f"scales and unquantized tensors in {DTYPE_LABELS[p.dtype]}, protected tensors in float32)",
     }

@@ -198,3 +198,13 @@ def test_cli_quantize_dry_run_and_target_kl(fixtures_dir, tmp_path):
     r = subprocess.run([*HC, "quantize", fixtures_dir / "plamo2-tiny", "-o", tmp_path / "w", "--bits", "7"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_inspect_estimate_is_what_quantize_writes(fixtures_dir, tmp_path):
+    from hybridconv.inspect import describe, inspect_plan
+
+    estimates = describe(inspect_plan(str(fixtures_dir / "plamo2-tiny")))["estimated_output_bytes"]
+    for bits in (8, 4, 2):
+        out = tmp_path / f"q{bits}"
+        quantize(str(fixtures_dir / "plamo2-tiny"), out, bits=bits, group_size=64)
+        assert _stored_bits(out) // 8 == estimates[f"{bits}-bit"]
