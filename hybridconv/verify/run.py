@@ -139,10 +139,10 @@ def verify_folder(
         got = np.array(logits[0].astype(mx.float32))
         if have_hidden:
             for b, h in enumerate(hidden):
-                r = reference.hidden(s, b)
+                r = np.asarray(reference.hidden(s, b), dtype=np.float64)
                 g = np.array(h[0].astype(mx.float32), dtype=np.float64)
                 sq_diff[b] += float(((g - r) ** 2).sum())
-                sq_ref[b] += float((np.asarray(r, dtype=np.float64) ** 2).sum())
+                sq_ref[b] += float((r**2).sum())
             del hidden
         st = token_stats(reference.outputs[s], got, ids)
         stats.append(st)
