@@ -146,3 +146,59 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.tensor(ids, dtype=torch.long), use_cache=False)
     return out.logits.float().numpy()
+
+
+# ---------------------------------------------------------------------------
+# The transformers-oracle cases in fixtures/hybrids/, and unseen cases of the
+# same architectures built at test time with transformers' own classes.
+
+HYBRIDS = FIXTURES / "hybrids"
+
+
+def hybrid_case(name: str) -> Path:
+    """Folder of one ``fixtures/hybrids/`` case (fails the test if missing)."""
+    path = HYBRIDS / name
+    if not (path / "expected.safetensors").is_file():
+        pytest.fail(f"oracle case {path} not found (set HYBRIDCONV_FIXTURES)")
+    return path
+
+
+def oracle_logits(case: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids int32 [1, T], logits float32 [1, T, V]) of an oracle case."""
+    from safetensors.numpy import load_file
+
+    data = load_file(str(case / "expected.safetensors"))
+    return data["input_ids"], data["logits"]
+
+
+def save_hf_transformers(folder: Path, config, model_cls, seed: int = 0, scale: float = 0.05):
+    """Build ``model_cls(config)`` with transformers, move every parameter away
+    from its initial value by ``scale·N(0, 1)`` (as the fixtures were made), save
+    it with ``save_pretrained`` (safetensors, the exact HF layout) plus the
+    fixtures' tokenizer, and return the float32 PyTorch model: the oracle."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    copy_tokenizer(folder)
+    return model
+
+
+def random_ids(vocab: int, T: int, batch: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, T)).astype(np.int32)
+
+
+def decode_logits(model, ids: np.ndarray, prefill: int) -> np.ndarray:
+    """Logits for ``ids`` [B, T] computed as a prefill of ``prefill`` tokens
+    followed by one-token cached decode steps (compare with one full pass)."""
+    cache = model.make_cache()
+    outs = [model(mx.array(ids[:, :prefill]), cache=cache)]
+    for t in range(prefill, ids.shape[1]):
+        outs.append(model(mx.array(ids[:, t : t + 1]), cache=cache))
+    return np.array(mx.concatenate(outs, axis=1).astype(mx.float32))
