@@ -44,8 +44,14 @@ state size ``N = mamba_d_state``:
    (``max(64, hidden/16)``), each RMS-normalised with its own weight
    (``B_norm_weight``, ``C_norm_weight``, ``dt_norm_weight``; no offset).
    ``B`` and ``C`` are shared by all heads (one group).
-4. ``dt = softplus(dt_proj(dt) + dt_bias)`` per head, clipped to
-   ``[1e-3, 100]`` (mlx-lm's SSD time-step limit, which the oracle uses).
+4. ``dt = softplus(dt_proj(dt) + dt_bias)`` per head, with **no clip**. This is
+   the authors' semantics: Preferred Networks' own MLX port of their modeling
+   code (ml-explore/mlx-examples, ``llms/mlx_lm/models/plamo2.py`` at commit
+   fb1559e1) applies softplus only, and vLLM's PLaMo-2 passes
+   ``dt_limit=(0.0, inf)``. mlx-lm clips to ``[1e-3, 100]``, the default of its
+   generic ``ssm_update``, which belongs to no checkpoint: trained Mamba-2
+   heads use time steps near and below 1e-3 (initialisation draws them from
+   ``[1e-3, 0.1]``), where the clip changes the model.
 5. ``A = -exp(A_log)`` (the checkpoint stores the log of ``-A`` so that ``A``
    stays negative, i.e. the state decays). Per head and step, with
    ``h ∈ R^{P×N}``::
@@ -56,9 +62,11 @@ state size ``N = mamba_d_state``:
 6. Output gate: ``out_proj(silu(z) * y)``.
 
 Prefill evaluates the recurrence in the SSD "chunked" form (vectorised over
-time): within a chunk of ``mamba_chunk_size`` steps the output is a masked,
-decay-weighted attention-like product ``(C_t·B_s)·exp(Σ_{s<k≤t} dt_k A)``; the
-state is carried from chunk to chunk. Decoding runs the same code on one step.
+time) of the shared core :func:`hybridconv.models.ssm.ssd_scan` (one group: ``B``
+and ``C`` shared by all heads): within a chunk of ``mamba_chunk_size`` steps the
+output is a masked, decay-weighted attention-like product
+``(C_t·B_s)·exp(Σ_{s<k≤t} dt_k A)``; the state is carried from chunk to chunk.
+Decoding runs the same code on one step.
 
 Attention
 ---------
@@ -69,12 +77,24 @@ and multiplied by a learned per-head, per-channel weight (``q_weight``
 ``[H_q, d]``, ``k_weight`` ``[H_kv, d]``). Rotary embeddings over the full head,
 ``rope_theta`` (10000 by default).
 
-Cache: a layer listed in ``full_attention_idx`` keeps the full KV history; any
-other attention layer attends within ``attention_window_size`` positions and
-keeps only the last ``window - 1`` positions in its cache. (mlx-lm leaves this as a TODO and gives
-every layer a full KV cache; the window is what the config key means, and the
-bounded cache keeps memory flat on long generations. For sequences shorter than
-the window the two are identical.)
+Sliding window. A layer listed in ``full_attention_idx`` attends to the whole
+history; every other attention layer attends within a window of
+``W = attention_window_size``: a query sees **itself and the W positions before
+it, W + 1 in all**. That is the authors' mask (their port builds
+``swa_mask = tril(triu(ones, -W), W)`` on top of the causal mask) and their
+cache holds the ``W`` past keys; here the windowed layer's
+:class:`~hybridconv.models.common.WindowKVCache` is built with span ``W + 1``
+(common's window counts the query itself, transformers' convention, which
+RecurrentGemma uses) and so keeps ``W`` past positions: memory stays flat on
+long generations. mlx-lm applies no window at all (a TODO; every layer gets a
+full KV cache).
+
+Evidence for both choices: on the oracle case ``plamo2-window-tiny`` (oracle:
+the authors' port; window 8, 40 tokens, two heads with time steps near 1e-4),
+the earlier semantics here (clip at 1e-3, a window of W positions) were off by
+max |Δlogit| 7.2 and mlx-lm by 10.3; this module matches it to 1e-5. The older
+fixtures ``plamo2-tiny*`` (made with mlx-lm) stay clear of both differences
+(sequences shorter than the window, no time step below 1e-3).
 """
 
 from __future__ import annotations
@@ -93,10 +113,7 @@ from .common import (
     attend,
     causal_depthwise_conv,
 )
-
-# mlx-lm's SSD limit on dt (ssm.py); the oracle logits were computed with it.
-DT_MIN, DT_MAX = 1e-3, 100.0
-
+from .ssm import ssd_scan
 
 @dataclass
 class ModelArgs:
@@ -150,64 +167,6 @@ def dt_dim(args: ModelArgs) -> int:
     return max(64, args.hidden_size // 16)
 
 
-def segsum(a: mx.array) -> mx.array:
-    """``out[..., t, s] = sum(a[..., s+1 : t+1])`` for ``s <= t``, ``-inf`` above.
-
-    Computed as a masked cumulative sum rather than ``cumsum[t] - cumsum[s]``,
-    which loses precision in float32 once the running sum is large.
-    """
-    q = a.shape[-1]
-    x = mx.repeat(a[..., None], q, axis=-1)  # x[..., t, s] = a[t]
-    x = mx.tril(x, -1)  # keep t > s
-    out = mx.cumsum(x, axis=-2)
-    lower = mx.tril(mx.ones((q, q), dtype=mx.bool_))
-    return mx.where(lower, out, -mx.inf)
-
-
-def ssd_scan(
-    x: mx.array,
-    dt: mx.array,
-    A: mx.array,
-    B: mx.array,
-    C: mx.array,
-    D: mx.array,
-    state: Optional[mx.array],
-    chunk_size: int,
-) -> tuple[mx.array, mx.array]:
-    """The Mamba-2 recurrence in chunked (SSD) form, float32 throughout.
-
-    ``x``: ``[b, T, H, P]``; ``dt``: ``[b, T, H]`` (after softplus); ``A``, ``D``:
-    ``[H]``; ``B``, ``C``: ``[b, T, N]``; ``state``: ``[b, H, P, N]`` or ``None``.
-    Returns ``y`` ``[b, T, H, P]`` and the final state.
-    """
-    b, T, H, P = x.shape
-    N = B.shape[-1]
-    if state is None:
-        state = mx.zeros((b, H, P, N), dtype=mx.float32)
-    ys = []
-    for start in range(0, T, chunk_size):  # loop over chunks, not time steps
-        xs = x[:, start : start + chunk_size]
-        dts = dt[:, start : start + chunk_size]
-        Bs = B[:, start : start + chunk_size]
-        Cs = C[:, start : start + chunk_size]
-        dtA = (dts * A).transpose(0, 2, 1)  # [b, H, Q]
-        L = mx.exp(segsum(dtA))  # [b, H, Q(t), Q(s)] decay from s to t
-        CB = Cs @ Bs.swapaxes(1, 2)  # [b, Q(t), Q(s)]
-        dtx = dts[..., None] * xs  # [b, Q, H, P]
-        # Within the chunk: y_t = sum_s (C_t . B_s) exp(sum_{s<k<=t} dtA_k) dt_s x_s
-        y = (CB[:, None] * L) @ dtx.transpose(0, 2, 1, 3)  # [b, H, Q, P]
-        # From the state carried in: exp(sum_{k<=t} dtA_k) * (h0 . C_t)
-        decay_in = mx.exp(mx.cumsum(dtA, axis=-1))  # [b, H, Q]
-        y = y + decay_in[..., None] * (Cs[:, None] @ state.swapaxes(2, 3))
-        # Carry: h_end = exp(sum dtA) h0 + sum_s exp(sum_{s<k<=end} dtA_k) dt_s x_s (x) B_s
-        decay_out = L[:, :, -1, :]  # [b, H, Q(s)]
-        weighted = dtx.transpose(0, 2, 3, 1) * decay_out[:, :, None, :]  # [b,H,P,Q]
-        state = decay_in[:, :, -1, None, None] * state + weighted @ Bs[:, None]
-        ys.append(y.transpose(0, 2, 1, 3))
-    y = mx.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
-    return y + x * D[:, None], state
-
-
 class Mamba(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -251,7 +210,8 @@ class Mamba(nn.Module):
         Cm = mx.fast.rms_norm(Cm, self.C_norm_weight.astype(Cm.dtype), eps)
         dt = mx.fast.rms_norm(dt, self.dt_norm_weight.astype(dt.dtype), eps)
         dt = self.dt_proj(dt).astype(mx.float32)
-        dt = mx.clip(nn.softplus(dt + self.dt_bias.astype(mx.float32)), DT_MIN, DT_MAX)
+        # No clip: the authors' code applies softplus only (see module docstring).
+        dt = nn.softplus(dt + self.dt_bias.astype(mx.float32))
         A = -mx.exp(self.A_log.astype(mx.float32))
 
         ssm_state = cache[1] if cache is not None else None
@@ -281,6 +241,10 @@ class Attention(nn.Module):
             d,
         )
         self.window = window
+        # Positions a windowed query attends to: itself and the ``window`` before
+        # it (the authors' mask). common.attend and WindowKVCache count the query
+        # itself in their window (transformers' convention), hence the + 1.
+        self.span = None if window is None else window + 1
         self.scale = d**-0.5
         self.qkv_proj = nn.Linear(
             args.hidden_size, (self.n_q + 2 * self.n_kv) * d, bias=False
@@ -302,7 +266,7 @@ class Attention(nn.Module):
         # QK norm: per-head RMSNorm (fixed eps, as in PLaMo-2) with a [heads, d] weight.
         q = mx.fast.rms_norm(q, None, 1e-6) * self.q_weight[:, None].astype(q.dtype)
         k = mx.fast.rms_norm(k, None, 1e-6) * self.k_weight[:, None].astype(k.dtype)
-        return self.o_proj(attend(q, k, v, self.rope, cache, self.window, self.scale))
+        return self.o_proj(attend(q, k, v, self.rope, cache, self.span, self.scale))
 
 
 class MLP(nn.Module):
@@ -404,5 +368,5 @@ class Model(nn.Module):
             elif layer.mixer.window is None:
                 caches.append(KVCache())
             else:
-                caches.append(WindowKVCache(layer.mixer.window))
+                caches.append(WindowKVCache(layer.mixer.span))  # keeps `window` past positions
         return caches

@@ -9,9 +9,13 @@ mask — so that a mistake in the MLX model's vectorised SSD scan, its caches or
 its weight layout cannot be repeated here. It reads PyTorch tensor layouts
 (conv1d ``[C, 1, K]``) straight from the source checkpoint.
 
-Semantics follow the oracle the project's fixtures were made with (mlx-lm's
-PLaMo-2): ``dt`` is clipped to ``[1e-3, 100]`` after the softplus; the B, C and
-dt norms have no offset; the QK norms use eps 1e-6.
+Semantics follow the model's authors (Preferred Networks' MLX port of their
+modeling code, ml-explore/mlx-examples commit fb1559e1, the oracle of the
+fixture ``hybrids/plamo2-window-tiny``): ``dt = softplus(·)`` with no clip; a
+windowed attention layer lets a query see itself and the
+``attention_window_size`` positions before it; the B, C and dt norms have no
+offset; the QK norms use eps 1e-6. (mlx-lm clips ``dt`` to ``[1e-3, 100]`` and
+applies no window; the older fixtures stay clear of both.)
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ class TorchPlamo2:
         Cm = _rms(Cm, self.eps) * self._p(p + "C_norm_weight")
         dt = _rms(dt, self.eps) * self._p(p + "dt_norm_weight")
         dt = F.linear(dt, self._p(p + "dt_proj.weight")).float()
-        dt = F.softplus(dt + self._p(p + "dt_bias").float()).clamp(1e-3, 100.0)
+        dt = F.softplus(dt + self._p(p + "dt_bias").float())  # no clip
         A = -torch.exp(self._p(p + "A_log").float())
         D = self._p(p + "D").float()
         xs = u.view(b, T, H, P).float()
@@ -127,7 +131,7 @@ class TorchPlamo2:
         allowed = pos[None, :] <= pos[:, None]
         if layer not in (cfg.get("full_attention_idx") or []):
             window = cfg.get("attention_window_size", 2048)
-            allowed &= pos[None, :] > pos[:, None] - window
+            allowed &= pos[None, :] >= pos[:, None] - window  # itself and `window` before it
         scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(d)
         scores = scores.masked_fill(~allowed, float("-inf"))
         out = (scores.softmax(-1) @ v.float()).to(self.dtype)
