@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .config import read_config
 from .converters import Architecture, layer_of, lookup
-from .converters.rules import Meta, Step, apply_transpose, plan_tensor
+from .converters.rules import Meta, Step, apply_transpose, merge_stacks, plan_tensors
 from .errors import CheckpointError, LedgerError, OutputError, UsageError
 from .safetensors_io import (
     DTYPE_NAMES,
@@ -67,11 +67,15 @@ class Plan:
     config: dict  # normalised
     index: WeightIndex
     dtype: str  # safetensors code of the output float dtype
-    steps: list[Step] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)  # one per source tensor (per part of a split one)
     expected: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    outputs: list[Step] | None = None  # the written tensors, stacked experts merged (merge_stacks)
 
     @property
     def kept(self) -> list[Step]:
+        """One step per written tensor (a stacked target is one step with ``parts``)."""
+        if self.outputs is not None:
+            return self.outputs
         return [s for s in self.steps if s.target is not None]
 
     @property
@@ -135,8 +139,9 @@ def plan(source: Source, dtype: str | None = None, index: WeightIndex | None = N
     p = Plan(source, arch, raw, config, index, code)
     rules = arch.rules(config)
     p.steps = [
-        plan_tensor(Meta(t.name, t.dtype, t.shape), rules, code) for t in index.tensors.values()
+        s for t in index.tensors.values() for s in plan_tensors(Meta(t.name, t.dtype, t.shape), rules, code)
     ]
+    p.outputs = merge_stacks(p.steps)
     p.expected = expected_parameters(arch, config)
     check_ledger(p)
     return p
@@ -346,6 +351,10 @@ def _write_shards(p, tmp, progress, names, groups, weight_map, buf, nonfinite, s
                     continue
                 it = run[0]
                 s = it.step
+                if s.parts is not None or s.select is not None:  # stacked experts, split parts
+                    if _write_ranges(p, it, src, shard, dst, buf, progress):
+                        nonfinite.append(s.source)
+                    continue
                 if it.spec is not None:  # quantize in row blocks
                     from .quant.writer import write_quantized
 
@@ -393,7 +402,67 @@ def _finish_weights(p, tmp, progress, names, weight_map, total, nonfinite, allow
 
 def _unchanged(p: Plan, it: WriteItem) -> bool:
     s = it.step
-    return it.spec is None and s.transpose is None and p.index.tensors[s.source].dtype == s.dtype
+    return (
+        it.spec is None and s.transpose is None and s.parts is None and s.select is None
+        and p.index.tensors[s.source].dtype == s.dtype
+    )
+
+
+def source_ranges(p: Plan, s: Step) -> list:
+    """The contiguous byte ranges of source tensors that make up ``s``'s output, in
+    order, as TensorInfos of shape ``[rows, s.shape[-1]]``: each expert of a
+    stacked target (stacking along axis 0 is concatenation), or the blocks of a
+    source that a split step takes (``prod(shape[:axis])`` blocks)."""
+    from dataclasses import replace
+
+    cols = s.shape[-1]
+    if s.parts is not None:
+        infos = [p.index.tensors[name] for name in s.parts]
+        return [replace(i, shape=(i.numel // cols, cols)) for i in infos]
+    info = p.index.tensors[s.source]
+    axis, a, b = s.select
+    inner = 1
+    for d in info.shape[axis + 1 :]:
+        inner *= d
+    outer = info.numel // (info.shape[axis] * inner)
+    item = ITEMSIZE[info.dtype]
+    out = []
+    for o in range(outer):
+        begin = info.begin + (o * info.shape[axis] + a) * inner * item
+        n = (b - a) * inner
+        out.append(replace(info, begin=begin, end=begin + n * item, shape=(n // cols, cols)))
+    return out
+
+
+def _write_ranges(p: Plan, it: WriteItem, src, shard, dst, buf, progress) -> bool:
+    """Write a stacked or split tensor from its source ranges (cast in bounded
+    chunks, or quantized in row blocks); True if it held NaN or Inf."""
+    s = it.step
+    files = {shard: src}
+
+    def open_file(path):
+        if path not in files:
+            files[path] = open(path, "rb", buffering=0)
+        return files[path]
+
+    try:
+        ranges = source_ranges(p, s)
+        if it.spec is not None:
+            from .quant.writer import write_quantized_ranges
+
+            return write_quantized_ranges(ranges, it, open_file, dst, progress)
+        bad = False
+        for r in ranges:
+            for chunk in iter_raw_chunks(r, open_file(r.file), buf):
+                bad = bad or has_nonfinite(chunk, r.dtype)
+                write_all(dst, convert_raw(chunk, r.dtype, s.dtype))
+                if progress:
+                    progress(chunk.nbytes, s.source)
+        return bad
+    finally:
+        for path, f in files.items():
+            if path != shard:
+                f.close()
 
 
 def _runs(p: Plan, items: list[WriteItem]) -> list[list[WriteItem]]:

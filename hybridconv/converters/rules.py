@@ -45,6 +45,14 @@ class Step:
     transpose: tuple[int, ...] | None = None  # axes, applied to the source shape
     dropped_because: str | None = None
     keep_float32: bool = False
+    # Stacked experts (StackExperts): on a source's step, (expert index, count, the
+    # source name with "{}" at the index); on the merged output step, the sources
+    # in expert order (``source`` is then the first of them).
+    stack: tuple[int, int, str] | None = None
+    parts: tuple[str, ...] | None = None
+    # Split: (axis, start, stop) of the source that this output takes.
+    select: tuple[int, int, int] | None = None
+    split: tuple | None = None  # planned by Split: (axis, [(target, start, stop)]), expanded by plan_tensors
 
 
 class Rule:
@@ -156,6 +164,169 @@ class KeepFloat32(Rule):
 
     def describe(self) -> str:
         return f"{self.what or '/' + self.regex + '/'} stay float32: {self.reason}"
+
+
+@dataclass
+class StackExperts(Rule):
+    """Per-expert tensors -> one stacked ``[E, ...]`` tensor (mlx-lm's SwitchLinear layout).
+
+    ``regex`` matches one expert's tensor and captures its index in the group
+    ``(?P<expert>\\d+)``; ``target`` is the replacement (``re.sub`` syntax,
+    e.g. ``\\g<pre>.switch_mlp.gate_proj.weight``) naming the stacked tensor.
+    Each source is recorded in the ledger as expert ``i`` of its target; the
+    plan then checks that experts ``0 .. E-1`` are each present exactly once
+    with one shape and dtype (a missing or duplicate expert fails naming the
+    tensor). An already stacked tensor does not match ``regex`` and passes
+    through unchanged, so converting an output again is a no-op. Stacking
+    along axis 0 is concatenation of the experts' bytes: the writer streams
+    the sources one after another into the target."""
+
+    regex: str
+    target: str
+    num_experts: int
+    what: str = ""
+    name = "stack-experts"
+
+    def __post_init__(self):
+        self.pattern = re.compile(self.regex)
+        if "expert" not in self.pattern.groupindex:
+            raise ValueError(f"StackExperts /{self.regex}/: needs a (?P<expert>...) group")
+
+    def plan(self, step: Step, meta: Meta) -> Meta:
+        m = self.pattern.search(meta.name)
+        e = int(m.group("expert"))
+        n = self.num_experts
+        if e >= n:
+            raise LedgerError(
+                f"tensor '{meta.name}': expert {e}, but config.json says {n} experts (0..{n - 1})",
+                "config.json and the weights disagree; check the expert count in config.json",
+            )
+        a, b = m.span("expert")
+        target = self.pattern.sub(self.target, meta.name)
+        step.stack = (e, n, meta.name[:a].replace("{", "{{").replace("}", "}}") + "{}" + meta.name[b:].replace("{", "{{").replace("}", "}}"))
+        step.actions.append(f"stack as expert {e} of {n} -> {target}")
+        step.applied.append(self.name)
+        return Meta(target, meta.dtype, meta.shape)
+
+    def describe(self) -> str:
+        return f"stack {self.what or '/' + self.regex + '/'} of {self.num_experts} experts -> [E, ...] ({self.target})"
+
+
+@dataclass
+class Split(Rule):
+    """One fused tensor -> several, cut along ``axis`` (e.g. GraniteMoeHybrid's
+    expert ``input_linear [E, 2I, H]`` -> ``gate_proj`` and ``up_proj``, each
+    ``[E, I, H]``). ``parts``: ``[(replacement, size), ...]`` in order along the
+    axis; the sizes must add up to the tensor's extent there (else an error
+    naming the tensor). The fused name never reappears in the output, so an
+    already split tensor passes through unchanged."""
+
+    regex: str
+    axis: int
+    parts: list
+    what: str = ""
+    name = "split"
+
+    def __post_init__(self):
+        self.pattern = re.compile(self.regex)
+
+    def plan(self, step: Step, meta: Meta) -> Meta:
+        shape = meta.shape
+        total = sum(size for _, size in self.parts)
+        if not -len(shape) <= self.axis < len(shape) or shape[self.axis] != total:
+            raise LedgerError(
+                f"tensor '{meta.name}': shape {list(shape)}; expected {total} "
+                f"(= {' + '.join(str(s) for _, s in self.parts)}) along axis {self.axis}",
+                "config.json and the weights disagree; check the sizes in config.json",
+            )
+        pieces, start = [], 0
+        for repl, size in self.parts:
+            pieces.append((self.pattern.sub(repl, meta.name), start, start + size))
+            start += size
+        step.split = (self.axis % len(shape), pieces)
+        step.actions.append(f"split along axis {self.axis} -> " + ", ".join(t for t, _, _ in pieces))
+        step.applied.append(self.name)
+        return meta
+
+    def describe(self) -> str:
+        return f"split {self.what or '/' + self.regex + '/'} along axis {self.axis} into " + ", ".join(
+            f"{r} ({s})" for r, s in self.parts
+        )
+
+
+def plan_tensors(meta: Meta, rules: list[Rule], dtype: str | None) -> list[Step]:
+    """:func:`plan_tensor`, with a split source expanded into one step per part."""
+    step = plan_tensor(meta, rules, dtype)
+    if not step.split:
+        return [step]
+    axis, pieces = step.split
+    if step.stack is not None or step.transpose is not None:
+        raise LedgerError(f"tensor '{meta.name}': a split tensor cannot also be stacked or transposed")
+    out = []
+    for target, a, b in pieces:
+        shape = list(step.shape)
+        shape[axis] = b - a
+        out.append(Step(step.source, target, step.dtype, tuple(shape), list(step.actions), list(step.applied),
+                        keep_float32=step.keep_float32, select=(axis, a, b)))
+    return out
+
+
+def merge_stacks(steps: list[Step]) -> list[Step]:
+    """The written tensors: kept steps, with the experts of each stacked target
+    merged into one step (in place of its first expert). Fails naming the tensor
+    when an expert is missing or duplicated, or the experts disagree in shape
+    or dtype."""
+    out: list[Step] = []
+    groups: dict[str, dict[int, Step]] = {}
+    for s in steps:
+        if s.target is None:
+            continue
+        if s.stack is None:
+            out.append(s)
+            continue
+        g = groups.get(s.target)
+        if g is None:
+            g = groups[s.target] = {}
+            out.append(Step(source=s.source, target=s.target))  # placeholder, filled below
+        e = s.stack[0]
+        if e in g:
+            raise LedgerError(f"tensors '{g[e].source}' and '{s.source}' are both expert {e} of '{s.target}'")
+        g[e] = s
+    for i, placeholder in enumerate(out):
+        if placeholder.target not in groups or placeholder.shape is not None:
+            continue
+        g = groups[placeholder.target]
+        first = next(iter(g.values()))
+        n, template = first.stack[1], first.stack[2]
+        missing = [e for e in range(n) if e not in g]
+        if missing:
+            raise LedgerError(
+                f"'{placeholder.target}': no tensor for expert {missing[0]} of {n} (expected '{template.format(missing[0])}')"
+                + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""),
+                "the checkpoint is incomplete, or config.json gives the wrong number of experts",
+            )
+        pieces = [g[e] for e in range(n)]
+        for p in pieces:
+            if p.shape != first.shape or p.dtype != first.dtype:
+                raise LedgerError(
+                    f"tensor '{p.source}': {p.dtype} {list(p.shape)}, but '{first.source}' (another expert of "
+                    f"'{placeholder.target}') is {first.dtype} {list(first.shape)}"
+                )
+            if p.transpose is not None or p.select is not None:
+                raise LedgerError(f"tensor '{p.source}': a stacked expert cannot also be transposed or split")
+        shape = (n, *first.shape)
+        out[i] = Step(
+            source=pieces[0].source,
+            target=placeholder.target,
+            dtype=first.dtype,
+            shape=shape,
+            actions=[f"stack {n} experts ('{template.format(0)}' ...) -> {list(shape)}"]
+            + [a for a in first.actions if not a.startswith("stack as expert")],
+            applied=list(dict.fromkeys(first.applied)),
+            keep_float32=first.keep_float32,
+            parts=tuple(p.source for p in pieces),
+        )
+    return out
 
 
 def plan_tensor(meta: Meta, rules: list[Rule], dtype: str | None) -> Step:

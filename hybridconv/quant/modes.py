@@ -61,8 +61,8 @@ def quantized_entries(name: str, shape: tuple[int, ...], spec: QuantSpec, float_
 
 def can_quantize(shape: tuple[int, ...], spec: QuantSpec) -> str | None:
     """None when ``shape`` can be quantized with ``spec``, else the reason it cannot."""
-    if len(shape) != 2:
-        return f"not a matrix ({len(shape)}-D)"
+    if len(shape) not in (2, 3):
+        return f"not a matrix or a stack of matrices ({len(shape)}-D)"
     if shape[-1] % spec.group_size:
         return f"input dimension {shape[-1]} is not a multiple of group size {spec.group_size}"
     if (shape[-1] * spec.bits) % 32:

@@ -32,29 +32,42 @@ def _raw(a) -> np.ndarray:
 
 def write_quantized(info, item, src, dst, buf, progress=None) -> bool:
     """Write the quantized parts of one weight; True if it held NaN or Inf."""
+    return write_quantized_ranges([info], item, lambda _: src, dst, progress)
+
+
+def write_quantized_ranges(ranges, item, open_file, dst, progress=None) -> bool:
+    """Quantize the rows of ``ranges`` (contiguous byte ranges of source tensors,
+    e.g. the experts of a stacked weight, in output order) as one weight whose
+    last axis is ``item.step.shape[-1]``; ``open_file(path)`` gives a readable
+    file. Groups run along the last axis, so a stacked ``[E, out, in]`` weight
+    is quantized expert by expert, exactly as ``mx.quantize`` on the stack
+    (mlx-lm's ``QuantizedSwitchLinear``). True if the data held NaN or Inf."""
     import mlx.core as mx
 
     spec = item.spec
     float_dtype = getattr(mx, _MX_DTYPE[item.step.dtype])
-    rows, cols = info.shape
-    item_bytes = ITEMSIZE[info.dtype]
-    block = max(1, CHUNK_BYTES // (cols * 4))
+    cols = item.step.shape[-1]
     scales, biases = [], []
     bad = False
-    for r0 in range(0, rows, block):
-        r1 = min(rows, r0 + block)
-        src.seek(info.begin + r0 * cols * item_bytes)
-        raw = src.read((r1 - r0) * cols * item_bytes)
-        raw_rows = raw_array(raw, info.dtype)
-        bad = bad or has_nonfinite(raw_rows, info.dtype)
-        w = to_float32(raw_rows, info.dtype).reshape(r1 - r0, cols)
-        parts = mx.quantize(mx.array(w).astype(float_dtype), group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-        write_all(dst, _raw(parts[0]))
-        scales.append(_raw(parts[1]))
-        if len(parts) > 2 and parts[2] is not None:
-            biases.append(_raw(parts[2]))
-        if progress:
-            progress(len(raw), item.step.source)
+    for info in ranges:
+        src = open_file(info.file)
+        item_bytes = ITEMSIZE[info.dtype]
+        rows = (info.end - info.begin) // (cols * item_bytes)
+        block = max(1, CHUNK_BYTES // (cols * 4))
+        for r0 in range(0, rows, block):
+            r1 = min(rows, r0 + block)
+            src.seek(info.begin + r0 * cols * item_bytes)
+            raw = src.read((r1 - r0) * cols * item_bytes)
+            raw_rows = raw_array(raw, info.dtype)
+            bad = bad or has_nonfinite(raw_rows, info.dtype)
+            w = to_float32(raw_rows, info.dtype).reshape(r1 - r0, cols)
+            parts = mx.quantize(mx.array(w).astype(float_dtype), group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+            write_all(dst, _raw(parts[0]))
+            scales.append(_raw(parts[1]))
+            if len(parts) > 2 and parts[2] is not None:
+                biases.append(_raw(parts[2]))
+            if progress:
+                progress(len(raw), item.step.source)
     write_all(dst, np.concatenate(scales))
     if biases:
         write_all(dst, np.concatenate(biases))
