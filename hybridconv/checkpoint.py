@@ -44,10 +44,11 @@ class Source:
     path: Path
     repo_id: str | None = None
     revision: str | None = None  # the commit, when known
+    origin: Path | None = None  # the folder the user named, when ``path`` is a temporary copy
 
     @property
     def label(self) -> str:
-        return self.repo_id or str(self.path)
+        return self.repo_id or str(self.origin or self.path)
 
 
 def resolve(source: str, revision: str | None = None, allow_pickle: bool = False) -> Source:
@@ -75,6 +76,7 @@ def _hub_errors(repo_id: str, revision: str | None):
         RevisionNotFoundError,
     )
 
+    local = f"no local folder named '{repo_id}' exists either; "
     try:
         yield
     except GatedRepoError:
@@ -84,18 +86,25 @@ def _hub_errors(repo_id: str, revision: str | None):
         ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(
-            f"{repo_id}: repository not found (or private)",
-            "check the repo id; for a private repository log in or set HF_TOKEN",
+            f"{repo_id}: repository not found on the Hub (or private), and {local.rstrip('; ')}",
+            "check the path or the repo id; for a private repository log in or set HF_TOKEN",
         ) from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{repo_id}: revision {revision!r} not found") from None
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached",
-            "check the network, or unset HF_HUB_OFFLINE, or pass a local folder",
+            f"{local}check the path, the network, or unset HF_HUB_OFFLINE",
         ) from None
     except OSError as exc:  # network errors surface as OSError subclasses
-        raise CheckpointError(f"{repo_id}: download failed ({exc})") from None
+        raise CheckpointError(f"{repo_id}: download failed ({exc})", f"{local}check the path or the network") from None
+    except Exception as exc:  # httpx/requests connection errors are not OSErrors
+        if "connect" in type(exc).__name__.lower() or "timeout" in type(exc).__name__.lower():
+            raise CheckpointError(
+                f"{repo_id}: the Hub cannot be reached ({type(exc).__name__})",
+                f"{local}check the path, the network, or unset HF_HUB_OFFLINE",
+            ) from None
+        raise
 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool = False, **kwargs) -> Source:
@@ -107,6 +116,14 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool = False, **
     path = Path(folder)
     commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision
     return Source(path=path, repo_id=repo_id, revision=commit)
+
+
+def _quiet_hub_logs() -> None:
+    """huggingface_hub logs every retry ("thrown while requesting HEAD …"); our
+    error says what failed, once."""
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def remote_headers(repo_id: str, revision: str | None) -> tuple[Source, "WeightIndex"]:
@@ -121,6 +138,10 @@ def remote_headers(repo_id: str, revision: str | None) -> tuple[Source, "WeightI
     except CheckpointError:
         pass  # not (completely) cached: ask the Hub for headers only
     with _hub_errors(repo_id, revision):
+        # One plain request first, as snapshot_download makes: it fails at once when the
+        # Hub is unreachable, where the file requests below retry with back-off.
+        _quiet_hub_logs()
+        HfApi().repo_info(repo_id, revision=revision)
         try:
             config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
             meta = HfApi().get_safetensors_metadata(repo_id, revision=revision)
@@ -259,7 +280,7 @@ def source_folder(source: str, revision: str | None = None, allow_pickle: bool =
         return
     with tempfile.TemporaryDirectory(prefix="hybridconv-unpickled-") as tmp:
         _unpickle_to_safetensors(src.path, [p for p in pickles if p.suffix in (".bin", ".pt", ".pth")], Path(tmp))
-        yield Source(path=Path(tmp), repo_id=src.repo_id, revision=src.revision)
+        yield Source(path=Path(tmp), repo_id=src.repo_id, revision=src.revision, origin=src.path)
 
 
 def _unpickle_to_safetensors(folder: Path, pickles: list[Path], tmp: Path) -> None:

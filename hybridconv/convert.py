@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .config import read_config
 from .converters import Architecture, layer_of, lookup
-from .converters.rules import Meta, Step, apply_transpose, merge_stacks, plan_tensors
+from .converters.rules import Meta, Step, apply_whole, merge_regroups, merge_stacks, plan_tensors
 from .errors import CheckpointError, LedgerError, OutputError, UsageError
 from .safetensors_io import (
     DTYPE_NAMES,
@@ -141,7 +141,7 @@ def plan(source: Source, dtype: str | None = None, index: WeightIndex | None = N
     p.steps = [
         s for t in index.tensors.values() for s in plan_tensors(Meta(t.name, t.dtype, t.shape), rules, code)
     ]
-    p.outputs = merge_stacks(p.steps)
+    p.outputs = merge_stacks(merge_regroups(p.steps, rules))
     p.expected = expected_parameters(arch, config)
     check_ledger(p)
     return p
@@ -211,7 +211,9 @@ Progress = Callable[[int, str], None]  # (bytes just processed, tensor name)
 
 
 def output_config(p: Plan) -> dict:
-    cfg = dict(p.config)
+    # Keys starting with "_" are the converter's notes for planning (e.g. that
+    # this conversion folds a norm offset), not part of the written config.
+    cfg = {k: v for k, v in p.config.items() if not k.startswith("_")}
     label = DTYPE_LABELS[p.dtype]
     cfg["torch_dtype"] = label
     cfg["dtype"] = label
@@ -228,18 +230,92 @@ def _carried_files(folder: Path) -> list[Path]:
     return out
 
 
-def prepare_output(out: Path, force: bool, source: Source | None = None) -> Path:
-    """Check OUT can be written; return the temporary sibling to write into."""
-    out = Path(out)
-    if source is not None and out.resolve() == source.path.resolve():
-        raise UsageError(f"{out}: is the source folder; choose another output")
-    if out.exists() and not force:
+# What a hybridconv output folder may hold: what convert/quantize write, the files
+# carried from the source, and what verify and upload add. ``--force`` replaces
+# a folder only if it is one of ours and holds nothing else.
+OUTPUT_FILE_PATTERNS = (
+    "model*.safetensors", INDEX_NAME, "config.json", CONVERSION_RECORD,
+    "verification.json", "README.md", ".gitattributes", *CARRY_PATTERNS,
+)
+
+
+def _is_within(a: Path, b: Path) -> bool:
+    """True if ``a`` is ``b`` or inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """Entries of an existing OUT that a hybridconv output would not hold."""
+    foreign = []
+    for f in sorted(out.iterdir()):
+        if f.is_dir() or not any(fnmatch.fnmatch(f.name, pat) for pat in OUTPUT_FILE_PATTERNS):
+            foreign.append(f.name + ("/" if f.is_dir() else ""))
+    return foreign
+
+
+def is_hybridconv_output(out: Path) -> bool:
+    try:
+        record = json.loads((out / CONVERSION_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("tool") == "hybridconv"
+
+
+def check_output_path(out: Path, force: bool, source: Source | None = None) -> None:
+    """Refuse an OUT that would lose data: the source itself, a folder inside it or
+    holding it, the current folder, or (with ``--force``) an existing folder that
+    is not a previous hybridconv output. Nothing is written here."""
+    target = Path(out).expanduser().resolve()
+    origins = []
+    if source is not None:
+        origins = [source.path.resolve()] + ([source.origin.resolve()] if source.origin else [])
+    for src in origins:
+        if target == src:
+            raise UsageError(f"{out}: is the source folder; choose another output")
+        if _is_within(src, target):
+            raise UsageError(
+                f"{out}: contains the source checkpoint {src}; writing there would replace it",
+                "choose an output folder outside the source, e.g. a sibling",
+            )
+        if _is_within(target, src):
+            raise UsageError(
+                f"{out}: is inside the source checkpoint {src}; the source is never modified",
+                "choose an output folder outside the source, e.g. a sibling",
+            )
+    if _is_within(Path.cwd().resolve(), target):
+        raise UsageError(
+            f"{out}: is the current folder (or holds it); it cannot be replaced while in use",
+            "name a new folder for the output, e.g. -o ./model-mlx",
+        )
+    if not target.exists():
+        return
+    if not force:
         raise UsageError(
             f"{out}: already exists",
             "choose another -o, or pass --force to replace it (the old one is kept until the new one is complete)",
         )
-    if out.exists() and not out.is_dir():
+    if not target.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return  # an empty folder: nothing to lose
+    foreign = _foreign_entries(target)
+    if not is_hybridconv_output(target) or foreign:
+        shown = ", ".join((foreign or entries)[:8]) + (" …" if len(foreign or entries) > 8 else "")
+        what = "holds files a hybridconv output does not" if is_hybridconv_output(target) else (
+            "is not a hybridconv output (no conversion.json written by hybridconv)"
+        )
+        raise UsageError(
+            f"{out}: --force replaces only a previous hybridconv output, and this folder {what}: {shown}",
+            "choose another -o, or move those files away first; nothing was changed",
+        )
+
+
+def prepare_output(out: Path, force: bool, source: Source | None = None) -> Path:
+    """Check OUT can be written (:func:`check_output_path`); return the temporary
+    sibling to write into."""
+    check_output_path(out, force, source)
+    out = Path(out).expanduser()
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -360,12 +436,12 @@ def _write_shards(p, tmp, progress, names, groups, weight_map, buf, nonfinite, s
 
                     if write_quantized(info, it, src, dst, buf, progress):
                         nonfinite.append(info.name)
-                elif s.transpose:  # conv kernels: small, transformed whole
+                elif s.transpose or s.add is not None:  # conv kernels, offset norms: small, transformed whole
                     raw = read_tensor(info, src)
                     if has_nonfinite(raw, info.dtype):
                         nonfinite.append(info.name)
-                    raw = apply_transpose(raw, s)
-                    write_all(dst, np.ascontiguousarray(convert_raw(raw, info.dtype, s.dtype)))
+                    raw, raw_dtype = apply_whole(raw, s, info.dtype)
+                    write_all(dst, np.ascontiguousarray(convert_raw(raw, raw_dtype, s.dtype)))
                     if progress:
                         progress(info.nbytes, s.source)
                 else:  # cast in bounded chunks
@@ -403,7 +479,7 @@ def _finish_weights(p, tmp, progress, names, weight_map, total, nonfinite, allow
 def _unchanged(p: Plan, it: WriteItem) -> bool:
     s = it.step
     return (
-        it.spec is None and s.transpose is None and s.parts is None and s.select is None
+        it.spec is None and s.transpose is None and s.parts is None and s.select is None and s.add is None
         and p.index.tensors[s.source].dtype == s.dtype
     )
 
@@ -416,6 +492,18 @@ def source_ranges(p: Plan, s: Step) -> list:
     from dataclasses import replace
 
     cols = s.shape[-1]
+    if s.parts is not None and s.rows is not None:  # Regroup: rows [a, b) of the concatenation along axis 0
+        out, offset = [], 0
+        for name in s.parts:
+            info = p.index.tensors[name]
+            n, row = info.shape[0], (info.numel // info.shape[0]) * ITEMSIZE[info.dtype]
+            lo, hi = max(s.rows[0], offset), min(s.rows[1], offset + n)
+            if lo < hi:
+                begin = info.begin + (lo - offset) * row
+                count = (hi - lo) * row // ITEMSIZE[info.dtype]
+                out.append(replace(info, begin=begin, end=begin + (hi - lo) * row, shape=(count // cols, cols)))
+            offset += n
+        return out
     if s.parts is not None:
         infos = [p.index.tensors[name] for name in s.parts]
         return [replace(i, shape=(i.numel // cols, cols)) for i in infos]

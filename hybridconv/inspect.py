@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .checkpoint import REPO_ID, remote_headers, resolve
+from .checkpoint import REPO_ID, remote_headers, resolve, source_folder
 from .convert import DTYPE_LABELS, Plan, plan
 from .safetensors_io import ITEMSIZE
 
@@ -14,8 +14,12 @@ QUANT_BITS = (8, 6, 5, 4, 3, 2)
 QUANT_GROUP = 64
 
 
-def inspect_plan(source: str, revision: str | None = None, dtype: str | None = None) -> Plan:
-    """The plan of a local folder, or of a Hub repo from its config and remote headers."""
+def inspect_plan(source: str, revision: str | None = None, dtype: str | None = None, allow_pickle: bool = False) -> Plan:
+    """The plan of a local folder, or of a Hub repo from its config and remote headers.
+    With ``allow_pickle``, a pickle-only checkpoint is read through ``torch.load(weights_only=True)``."""
+    if allow_pickle:
+        with source_folder(source, revision, allow_pickle=True) as src:
+            return plan(src, dtype)
     if Path(source).expanduser().exists() or not REPO_ID.match(source):
         return plan(resolve(source, revision), dtype)
     src, index = remote_headers(source, revision)

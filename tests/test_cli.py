@@ -89,7 +89,7 @@ def test_unknown_architecture_and_debug_switch(tmp_path, fixtures_dir):
     (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
     r = run("inspect", src)
     assert r.returncode == EXIT_BAD_INPUT
-    assert "supported: plamo2" in r.stderr and "Traceback" not in r.stderr
+    assert "supported:" in r.stderr and "plamo2 (Plamo2ForCausalLM)" in r.stderr and "Traceback" not in r.stderr
     r = run("--debug", "inspect", src)
     assert r.returncode == EXIT_BAD_INPUT and "Traceback" in r.stderr
 

@@ -170,14 +170,35 @@ def test_tied_lm_head_is_dropped_with_reason(fixtures_dir, tmp_path):
 
 def test_existing_output_refused_then_forced(fixtures_dir, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    convert(str(fixtures_dir / "plamo2-tiny"), out, dtype="float32")
+    first = (out / "model.safetensors").read_bytes()
     with pytest.raises(UsageError, match="already exists"):
         convert(str(fixtures_dir / "plamo2-tiny"), out)
-    assert (out / "keep.txt").read_text() == "old"
-    convert(str(fixtures_dir / "plamo2-tiny"), out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    # --force replaces a previous hybridconv output (only once the new one is complete)
+    convert(str(fixtures_dir / "plamo2-tiny"), out, dtype="bfloat16", force=True)
+    assert (out / "model.safetensors").read_bytes() != first
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary siblings left
+
+
+def test_force_refuses_a_folder_that_is_not_an_output(fixtures_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(UsageError, match="not a hybridconv output.*keep.txt"):
+        convert(str(fixtures_dir / "plamo2-tiny"), out, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+    # a previous output with a file of the user's added is refused too, naming the file
+    out2 = tmp_path / "out2"
+    convert(str(fixtures_dir / "plamo2-tiny"), out2)
+    (out2 / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="notes.txt"):
+        convert(str(fixtures_dir / "plamo2-tiny"), out2, force=True)
+    assert (out2 / "notes.txt").read_text() == "mine"
+    # an empty folder holds nothing to lose
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert(str(fixtures_dir / "plamo2-tiny"), empty, force=True)
+    assert (empty / "model.safetensors").is_file()
 
 
 def test_interrupted_conversion_leaves_nothing(fixtures_dir, tmp_path):
@@ -320,6 +341,7 @@ def test_inspect_repo_id_reads_remote_headers_only(fixtures_dir, tmp_path, monke
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", fake_metadata)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id, revision=None, **kw: None)
     remote = describe(inspect_plan("google/recurrentgemma-tiny"))
     local = describe(inspect_plan(str(fixture)))
     assert downloaded == ["config.json"]

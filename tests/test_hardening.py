@@ -107,7 +107,7 @@ CASES = {
     # config
     "cfg-missing": (PLAMO, lambda s: (s / "config.json").unlink(), 2, "config.json: not found"),
     "cfg-not-json": (PLAMO, lambda s: (s / "config.json").write_text("{'single': quotes}"), 2, "not valid JSON"),
-    "cfg-unknown-arch": (PLAMO, lambda s: _edit_config(s, model_type="jamba", architectures=["JambaForCausalLM"]), 2, "supported: plamo2"),
+    "cfg-unknown-arch": (PLAMO, lambda s: _edit_config(s, model_type="llama", architectures=["LlamaForCausalLM"]), 2, "plamo2 (Plamo2ForCausalLM)"),
     "cfg-missing-field": (PLAMO, lambda s: _edit_config(s, mamba_d_state=_DEL), 2, "'mamba_d_state' is missing"),
     "cfg-wrong-type": (RG, lambda s: _edit_config(s, hidden_size="64"), 2, "'hidden_size' must be an integer"),
     "cfg-shape-inconsistent": (RG, lambda s: _edit_config(s, lru_width=128, num_attention_heads=4), 2, "the config implies [128]"),

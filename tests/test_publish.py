@@ -211,7 +211,7 @@ def test_release_dry_run_and_bad_plans(fixtures_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "would upload to org/a" in r.stdout and "would upload to org/b" in r.stdout
     assert not (tmp_path / "release-plan").exists()
-    for bad, needle in [({"variants": []}, "source"), ({**data, "extra": 1}, "unknown top-level"),
+    for bad, needle in [({"variants": []}, "source"), ({**data, "extra": 1}, "unknown key(s) 'extra'"),
                         ({**data, "variants": [{"name": "x", "bitz": 4}]}, "bitz")]:
         plan.write_text(yaml.safe_dump(bad))
         r = run(["release", plan, "--dry-run"], tmp_path)

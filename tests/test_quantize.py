@@ -130,7 +130,7 @@ def test_overrides_and_keep(fixtures_dir, tmp_path):
         (dict(bits=4, mode="mxfp4", group_size=64), "allowed 32"),
         (dict(bits=8, mode="nvfp4"), "allowed 4"),
         (dict(bits=4, mode="int4"), "--mode 'int4'"),
-        (dict(bits=4, recipe="mixed-4-7"), "--bits 7"),
+        (dict(bits=4, recipe="mixed-4-7"), "--recipe mixed-4-7: 7 bits"),
         (dict(bits=4, recipe="fancy"), "unknown"),
         (dict(bits=4, bits_for=["*A_log=8"]), "never quantized"),
         (dict(bits=4, bits_for=["nothing*=8"]), "matches no tensor"),

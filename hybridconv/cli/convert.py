@@ -22,19 +22,21 @@ from .options import (
     RecipeOpt,
     RevisionOpt,
     SourceArg,
+    refuse_unused,
 )
 from .render import byte_progress, human_bytes
 
 
 @app.command("convert")
 def convert_cmd(
+    ctx: typer.Context,
     source: SourceArg,
     out: OutOpt,
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
     force: ForceOpt = False,
     quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize too: shortcut for `hybridconv quantize` (with --bits, --group-size, --mode, --recipe).")] = False,
-    bits: BitsOpt = 4,
+    bits: BitsOpt = None,
     group_size: GroupOpt = None,
     mode: ModeOpt = Mode.affine,
     recipe: RecipeOpt = None,
@@ -47,6 +49,9 @@ def convert_cmd(
     tensor (kept, transformed or dropped with a reason) and every model parameter, and writes
     into a temporary folder that is renamed to OUT only when complete.
     """
+    if not quantize:
+        refuse_unused(ctx, ("bits", "group_size", "mode", "recipe"), "quantization options need --quantize (-q)",
+                      "add -q to quantize while converting, or use `hybridconv quantize`")
     if quantize:
         from ..quant.run import quantize as run_quantize
         from .quantize import print_plan

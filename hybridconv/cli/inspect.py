@@ -8,7 +8,7 @@ from rich.table import Table
 
 from ..inspect import describe, inspect_plan
 from . import app, console
-from .options import DtypeOpt, JsonOpt, RevisionOpt, SourceArg
+from .options import AllowPickleOpt, DtypeOpt, JsonOpt, RevisionOpt, SourceArg
 from .render import human_bytes
 
 
@@ -18,6 +18,7 @@ def inspect_cmd(
     dtype: DtypeOpt = None,
     revision: RevisionOpt = None,
     json_out: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Show what a conversion would do, reading only config.json and safetensors headers.
 
@@ -29,7 +30,7 @@ def inspect_cmd(
     size per dtype and quantization width. Fails like convert would (exit 2) when the ledger
     does not balance.
     """
-    info = describe(inspect_plan(source, revision, dtype.value if dtype else None))
+    info = describe(inspect_plan(source, revision, dtype.value if dtype else None, allow_pickle))
     if json_out:
         console.print_json(json.dumps(info))
         return

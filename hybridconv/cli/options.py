@@ -70,7 +70,10 @@ class Mode(str, Enum):
     mxfp8 = "mxfp8"
 
 
-BitsOpt = Annotated[int, typer.Option("--bits", help="Width of quantized weights: 2, 3, 4, 5, 6 or 8 (mxfp4/nvfp4: 4, mxfp8: 8).")]
+BitsOpt = Annotated[
+    Optional[int],
+    typer.Option("--bits", help="Width of quantized weights: 2, 3, 4, 5, 6 or 8 for affine; mxfp4/nvfp4: 4; mxfp8: 8 [default: 4; mxfp8: 8].", show_default=False),
+]
 GroupOpt = Annotated[
     Optional[int],
     typer.Option("--group-size", help="Weights per scale: 32, 64 or 128 for affine [default 64]; mxfp4/mxfp8 32, nvfp4 16.", show_default=False),
@@ -80,3 +83,25 @@ RecipeOpt = Annotated[
     Optional[str],
     typer.Option("--recipe", help="uniform (default), or mixed-L-H: sensitive roles at H bits, the others at L (e.g. mixed-4-6).", show_default=False),
 ]
+
+
+def given(ctx: typer.Context, *params: str) -> list[str]:
+    """The options among ``params`` (parameter names) that the user typed, as
+    their flags (``--bits``), so that an option is never silently ignored."""
+    out = []
+    for name in params:
+        source = ctx.get_parameter_source(name)
+        # typer vendors its own click: compare by name, not by enum class
+        if source is not None and source.name == "COMMANDLINE":
+            param = next(p for p in ctx.command.params if p.name == name)
+            out.append(max(param.opts, key=len))
+    return out
+
+
+def refuse_unused(ctx: typer.Context, params: tuple[str, ...], why: str, hint: str | None = None) -> None:
+    """Exit 2 naming the typed options among ``params`` that would be ignored."""
+    from ..errors import UsageError
+
+    typed = given(ctx, *params)
+    if typed:
+        raise UsageError(f"{', '.join(typed)}: {why}", hint)

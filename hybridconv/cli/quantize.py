@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import EXIT_GATE_FAILED
+from ..errors import EXIT_GATE_FAILED, UsageError
 from . import app, console
 from .options import (
     AllowNonfiniteOpt,
@@ -24,6 +24,7 @@ from .options import (
     RecipeOpt,
     RevisionOpt,
     SourceArg,
+    refuse_unused,
 )
 from .render import byte_progress, human_bytes
 
@@ -64,9 +65,10 @@ def print_plan(qp, full: bool) -> None:
 
 @app.command("quantize")
 def quantize_cmd(
+    ctx: typer.Context,
     source: SourceArg,
     out: OutOpt,
-    bits: BitsOpt = 4,
+    bits: BitsOpt = None,
     group_size: GroupOpt = None,
     mode: ModeOpt = Mode.affine,
     recipe: RecipeOpt = None,
@@ -95,7 +97,21 @@ def quantize_cmd(
     """
     from ..quant.run import quantize, search_target_kl
 
+    if reference_logits is not None and not (verify or target_kl is not None):
+        raise UsageError(
+            "--reference-logits is used by --verify and --target-kl, and neither was given",
+            "add --verify to check the result against it",
+        )
+    if recipe not in (None, "", "uniform"):
+        refuse_unused(ctx, ("bits",), f"--recipe {recipe} sets the widths itself (its L and H bits)",
+                      "drop --bits, or use --recipe uniform")
     if target_kl is not None:
+        refuse_unused(ctx, ("bits", "recipe"), "--target-kl searches the widths and recipes itself",
+                      "drop them; --bits-for, --keep and --group-size are honoured during the search")
+        if mode is not Mode.affine:
+            raise UsageError(f"--mode {mode.value}: --target-kl searches affine widths only", "drop --mode, or drop --target-kl")
+        if allow_pickle:
+            raise UsageError("--allow-pickle: not supported with --target-kl", "convert the pickle checkpoint first, then quantize the converted folder")
         ref = _reference(source, revision, reference_logits)
         rows = Table(title=f"plans explored for --target-kl {target_kl}")
         for col in ("plan", "bits/weight", "KL mean", "meets"):
@@ -108,17 +124,23 @@ def quantize_cmd(
 
         with console.status("searching"):
             res = search_target_kl(source, out, target_kl, ref, group_size, dtype.value if dtype else None,
-                                   revision, force, keep, report)
+                                   revision, force, keep, report, bits_for=bits_for, dry_run=dry_run,
+                                   allow_nonfinite=allow_nonfinite)
         for r in res.search:
             rows.add_row(r["plan"], f"{r['bits_per_weight']:.3f}", f"{r['kl_mean']:.4g}", "yes" if r["meets_target"] else "no")
         console.print(rows)
-        if res.result is None:
+        if not any(r["meets_target"] for r in res.search):
             best = min(res.search, key=lambda r: r["kl_mean"])
             console.print(f"[bold red]no plan meets mean KL <= {target_kl}[/]: the best tried was {best['plan']} "
                           f"with {best['kl_mean']:.4g} ({best['bits_per_weight']:.3f} bits/weight); nothing written")
             raise typer.Exit(EXIT_GATE_FAILED)
-        print_plan(res.plan, show_plan)
+        print_plan(res.plan, show_plan or dry_run)
+        if dry_run:
+            console.print("[dim]--dry-run: the smallest plan meeting the target is shown above; nothing written[/]")
+            return
         console.print(f"[green]wrote {out}[/]: the smallest plan meeting the target")
+        if verify:
+            _verify(source, revision, reference_logits, out)
         return
 
     with byte_progress(console, "quantizing") as (on_plan, progress):
@@ -131,23 +153,23 @@ def quantize_cmd(
         return
     console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
     if verify:
-        _verify(source, revision, reference_logits, out)
+        _verify(source, revision, reference_logits, out, allow_pickle)
 
 
-def _reference(source, revision, reference_logits):
+def _reference(source, revision, reference_logits, allow_pickle=False):
     from ..verify.reference import read_reference_file
     from .verify import _live_reference
 
     if reference_logits is not None:
         return read_reference_file(reference_logits)
-    return _live_reference(source, revision)[0]  # verify's default inputs
+    return _live_reference(source, revision, allow_pickle=allow_pickle)[0]  # verify's default inputs
 
 
-def _verify(source, revision, reference_logits, out: Path) -> None:
+def _verify(source, revision, reference_logits, out: Path, allow_pickle: bool = False) -> None:
     from ..verify.run import REPORT_NAME, verify_folder, write_report
     from .verify import render
 
-    ref = _reference(source, revision, reference_logits)
+    ref = _reference(source, revision, reference_logits, allow_pickle)
     with console.status("verifying"):
         outcome = verify_folder(out, ref)
     write_report(outcome.report, out / REPORT_NAME)

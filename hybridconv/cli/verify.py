@@ -9,10 +9,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..checkpoint import resolve
+from ..checkpoint import source_folder
 from ..errors import EXIT_GATE_FAILED, UsageError
 from . import app, console
-from .options import ForceOpt, MaxMemoryOpt, RevisionOpt, SourceArg
+from .options import AllowPickleOpt, MaxMemoryOpt, RevisionOpt, SourceArg, refuse_unused
 
 RefDtypeOpt = Annotated[
     str, typer.Option("--ref-dtype", help="dtype of the PyTorch reference: float32, bfloat16 or float16.")
@@ -39,20 +39,22 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random tokens.")]
 
 
 def _live_reference(source, revision, ref_dtype="float32", trust_remote_code=False, prompt=None, text_file=None,
-                    random_tokens=None, num_sequences=None, seed=0, keep_hidden=True, max_memory=None):
+                    random_tokens=None, num_sequences=None, seed=0, keep_hidden=True, max_memory=None,
+                    allow_pickle=False):
     from ..verify.inputs import inputs_for
     from ..verify.reference import compute_reference
 
-    src = resolve(source, revision)
-    inputs = inputs_for(src.path, prompts=prompt, text_files=text_file, random_tokens=random_tokens,
-                        num_sequences=num_sequences, seed=seed)
-    with console.status(f"running the PyTorch reference on {inputs.description}"):
-        return compute_reference(src, inputs, ref_dtype, trust_remote_code, keep_hidden=keep_hidden,
-                                 max_memory=max_memory), inputs
+    with source_folder(source, revision, allow_pickle) as src:
+        inputs = inputs_for(src.path, prompts=prompt, text_files=text_file, random_tokens=random_tokens,
+                            num_sequences=num_sequences, seed=seed)
+        with console.status(f"running the PyTorch reference on {inputs.description}"):
+            return compute_reference(src, inputs, ref_dtype, trust_remote_code, keep_hidden=keep_hidden,
+                                     max_memory=max_memory), inputs
 
 
 @app.command("verify")
 def verify_cmd(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Argument(help="The converted MLX folder to check.", show_default=False)],
     reference: Annotated[
         Optional[str],
@@ -79,6 +81,7 @@ def verify_cmd(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here.", show_default=False)] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not write OUT/verification.json.")] = False,
     max_memory: MaxMemoryOpt = None,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Check that OUT computes the same function as the original checkpoint.
 
@@ -99,12 +102,15 @@ def verify_cmd(
     if not out.is_dir():
         raise UsageError(f"{out}: not a folder", "pass the folder written by `hybridconv convert`")
     if reference_logits is not None:
-        if prompt or text_file or random_tokens is not None or num_sequences is not None:
-            raise UsageError("--reference-logits fixes the inputs; drop --prompt/--text-file/--random-tokens")
+        refuse_unused(ctx, ("prompt", "text_file", "random_tokens", "num_sequences", "seed"),
+                      "--reference-logits fixes the inputs (they are stored in the file)", "drop them")
+        refuse_unused(ctx, ("ref_dtype", "trust_remote_code", "revision", "max_memory", "allow_pickle"),
+                      "these set up a live PyTorch reference; --reference-logits runs none", "drop them, or use --reference")
         ref = read_reference_file(reference_logits)
     else:
         ref, _ = _live_reference(reference, revision, ref_dtype, trust_remote_code, prompt, text_file,
-                                 random_tokens, num_sequences, seed, max_memory=max_memory)
+                                 random_tokens, num_sequences, seed, max_memory=max_memory,
+                                 allow_pickle=allow_pickle)
     overrides = dict(max_kl_mean=max_kl_mean, max_kl_p99=max_kl_p99, min_top1=min_top1,
                      min_top5=min_top5, max_block_error=max_block_error)
     with console.status("running the MLX model"):
@@ -131,7 +137,8 @@ def render(report: dict) -> None:
         o = m["overall"]
         head.add_row("max / mean |Δlogit|", f"{o['max_abs_logit_diff']:.3g} / {o['mean_abs_logit_diff']:.3g}")
         head.add_row("KL mean / median / p99 / max", f"{o['kl_mean']:.3g} / {o['kl_median']:.3g} / {o['kl_p99']:.3g} / {o['kl_max']:.3g}")
-        head.add_row("top-1 / top-5", f"{o['top1_agreement']:.3f} / {o['top5_overlap']:.3f}")
+        top5 = "n/a (top-k file)" if o["top5_overlap"] is None else f"{o['top5_overlap']:.3f}"
+        head.add_row("top-1 / top-5", f"{o['top1_agreement']:.3f} / {top5}")
         head.add_row("perplexity ref / mlx (ratio)", f"{o['perplexity_ref']:.4g} / {o['perplexity_mlx']:.4g} ({o['perplexity_ratio']:.4f})")
         head.add_row("KL by position", ", ".join(f"{b['positions']}: {b['kl_mean']:.2g}" for b in o["kl_by_position"]))
     if report.get("decode"):
@@ -149,6 +156,10 @@ def render(report: dict) -> None:
         console.print(t)
     elif report.get("block_comparison"):
         console.print(f"[dim]blocks: {report['block_comparison']}[/]")
+    if r.get("note"):
+        console.print(f"[yellow]note:[/] {escape(r['note'])}")
+    for sk in report.get("skipped_gates") or []:
+        console.print(f"[yellow]gate {sk['gate']} skipped:[/] {escape(sk['reason'])}")
     if report.get("checks"):
         g = Table(title="gates")
         g.add_column("gate")
@@ -181,8 +192,9 @@ def reference_cmd(
     seed: SeedOpt = 0,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Store only the top-k logits per token (large vocabularies).", show_default=False)] = None,
     hidden_states: Annotated[bool, typer.Option("--hidden-states", help="Also store every block's output (lets verify localise divergence).")] = False,
-    force: ForceOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing reference file.")] = False,
     max_memory: MaxMemoryOpt = None,
+    allow_pickle: AllowPickleOpt = False,
 ):
     """Run the PyTorch reference once and store its logits, to verify many variants later without torch.
 
@@ -191,10 +203,19 @@ def reference_cmd(
     """
     from ..verify.reference import write_reference_file
 
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; -o names the reference file to write",
+                         f"e.g. -o {out / 'reference.safetensors'}")
     if out.exists() and not force:
         raise UsageError(f"{out}: already exists", "choose another -o, or pass --force")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..errors import OutputError
+
+        raise OutputError(f"{out.parent}: cannot create the folder ({exc.strerror or exc})") from None
     ref, inputs = _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text_file,
                                   random_tokens, num_sequences, seed, keep_hidden=hidden_states,
-                                  max_memory=max_memory)
+                                  max_memory=max_memory, allow_pickle=allow_pickle)
     write_reference_file(ref, out, top_k=top_k, with_hidden=hidden_states)
     console.print(escape(f"wrote {out}: {inputs.description}; reference: {ref.implementation} [{ref_dtype}]"))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import LedgerError
-from ..safetensors_io import FLOAT_DTYPES
+from ..safetensors_io import FLOAT_DTYPES, to_float32
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,11 @@ class Step:
     # Split: (axis, start, stop) of the source that this output takes.
     select: tuple[int, int, int] | None = None
     split: tuple | None = None  # planned by Split: (axis, [(target, start, stop)]), expanded by plan_tensors
+    add: float | None = None  # AddOffset: a constant added to every value
+    # Regroup: on a source's step, (group key, piece index); on an output step,
+    # rows [a, b) along axis 0 of the concatenation of ``parts``.
+    regroup: tuple[str, int] | None = None
+    rows: tuple[int, int] | None = None
 
 
 class Rule:
@@ -164,6 +169,139 @@ class KeepFloat32(Rule):
 
     def describe(self) -> str:
         return f"{self.what or '/' + self.regex + '/'} stay float32: {self.reason}"
+
+
+@dataclass
+class AddOffset(Rule):
+    """Add a constant to every value (norm weights stored as ``scale - offset``
+    in the checkpoint, e.g. Qwen3-Next's zero-centred ``1 + w`` RMSNorms, folded
+    into the plain scale that mlx-lm's ``nn.RMSNorm`` reads). Not idempotent by
+    itself: the converter records in the written config.json that the offset is
+    folded and adds this rule only when the source config does not say so."""
+
+    regex: str
+    offset: float
+    what: str = ""
+    name = "add-offset"
+
+    def __post_init__(self):
+        self.pattern = re.compile(self.regex)
+
+    def plan(self, step: Step, meta: Meta) -> Meta:
+        if meta.dtype not in FLOAT_DTYPES:
+            raise LedgerError(f"tensor '{meta.name}': {meta.dtype}, expected a float tensor to add {self.offset} to")
+        step.add = (step.add or 0.0) + self.offset
+        step.actions.append(f"add {self.offset:g} (fold the norm offset into the weight)")
+        step.applied.append(self.name)
+        return meta
+
+    def describe(self) -> str:
+        return f"{self.what or '/' + self.regex + '/'}: add {self.offset:g} (stored as scale - {self.offset:g})"
+
+
+@dataclass
+class Regroup(Rule):
+    """Several tensors concatenated along axis 0, then cut along axis 0 into
+    others: OLMo-Hybrid's q/k/v conv kernels, which transformers 5 saves as
+    three *equal* thirds of its fused ``conv1d`` (``[2·Kd + Vd, 1, K]`` chunked in
+    3) while the original checkpoints and mlx-lm have them sized ``Kd, Kd, Vd``.
+    Concatenating in ``order`` and re-cutting at ``parts`` (``[(replacement,
+    rows)]``) reads both layouts; converting an output again re-cuts at the same
+    places, so nothing changes.
+
+    ``regex`` matches each piece and names it in the group ``(?P<piece>...)``;
+    ``order`` lists the pieces in concatenation order. With ``kernel_size``
+    the pieces are depthwise conv kernels in the PyTorch ``[C, 1, K]`` or the
+    MLX ``[C, K, 1]`` layout, written in the MLX one (moving a size-1 axis
+    leaves the bytes in place). All pieces must be present once, with one
+    dtype, and their rows must add up to the parts' (else an error naming the
+    tensors)."""
+
+    regex: str
+    order: list
+    parts: list
+    kernel_size: int | None = None
+    what: str = ""
+    name = "regroup"
+
+    def __post_init__(self):
+        self.pattern = re.compile(self.regex)
+        if "piece" not in self.pattern.groupindex:
+            raise ValueError(f"Regroup /{self.regex}/: needs a (?P<piece>...) group")
+
+    def plan(self, step: Step, meta: Meta) -> Meta:
+        m = self.pattern.search(meta.name)
+        piece = m.group("piece")
+        if piece not in self.order:
+            raise LedgerError(f"tensor '{meta.name}': piece {piece!r} is not one of {self.order}")
+        k, shape = self.kernel_size, meta.shape
+        if k is not None and not (len(shape) == 3 and shape[1:] in ((1, k), (k, 1))):
+            raise LedgerError(
+                f"tensor '{meta.name}': shape {list(shape)} is neither the PyTorch conv1d layout "
+                f"[C, 1, {k}] nor the MLX layout [C, {k}, 1] (kernel width {k} from config.json)",
+                "the config's conv width does not match the weights; check config.json",
+            )
+        key = meta.name[: m.start()] + "{regroup}" + meta.name[m.end() :]
+        step.regroup = (key, self.order.index(piece))
+        step.actions.append(f"piece {piece!r} of a concatenation re-cut into " + ", ".join(r for r, _ in self.parts))
+        step.applied.append(self.name)
+        return Meta(key, meta.dtype, (shape[0], k, 1) if k is not None else shape)
+
+    def describe(self) -> str:
+        return (f"{self.what or '/' + self.regex + '/'}: concatenate {', '.join(self.order)} along axis 0, "
+                "cut into " + ", ".join(f"{r} ({n})" for r, n in self.parts))
+
+
+def merge_regroups(steps: list[Step], rules: list[Rule]) -> list[Step]:
+    """Replace the pieces of each :class:`Regroup` by the re-cut output steps
+    (in place of the first piece)."""
+    groups: dict[str, dict[int, Step]] = {}
+    for s in steps:
+        if s.regroup is not None:
+            key, i = s.regroup
+            g = groups.setdefault(key, {})
+            if i in g:
+                raise LedgerError(f"tensors '{g[i].source}' and '{s.source}' are the same piece of '{key}'")
+            g[i] = s
+    if not groups:
+        return steps
+    out: list[Step] = []
+    for s in steps:
+        if s.regroup is None:
+            out.append(s)
+            continue
+        key, i = s.regroup
+        g = groups.pop(key, None)
+        if g is None:
+            continue  # already emitted with the group's first piece
+        rule = next(r for r in rules if isinstance(r, Regroup) and r.matches(s.source))
+        missing = [p for j, p in enumerate(rule.order) if j not in g]
+        if missing:
+            raise LedgerError(f"tensor '{s.source}': no tensor for piece {missing[0]!r} of {rule.order}")
+        pieces = [g[j] for j in range(len(rule.order))]
+        first = pieces[0]
+        for p in pieces:
+            if p.dtype != first.dtype or p.shape[1:] != first.shape[1:]:
+                raise LedgerError(f"tensor '{p.source}': {p.dtype} {list(p.shape)} does not concatenate with "
+                                  f"'{first.source}' ({first.dtype} {list(first.shape)})")
+        total, want = sum(p.shape[0] for p in pieces), sum(n for _, n in rule.parts)
+        if total != want:
+            raise LedgerError(
+                f"tensors {', '.join(repr(p.source) for p in pieces)}: {total} rows in all, but config.json implies "
+                f"{want} (= {' + '.join(str(n) for _, n in rule.parts)})",
+                "config.json and the weights disagree; check the sizes in config.json",
+            )
+        a = 0
+        for repl, n in rule.parts:
+            target = rule.pattern.sub(repl, first.source)
+            out.append(Step(
+                source=first.source, target=target, dtype=first.dtype, shape=(n, *first.shape[1:]),
+                actions=[f"rows {a}..{a + n} of the concatenation of " + ", ".join(p.source for p in pieces)],
+                applied=list(dict.fromkeys(first.applied)), keep_float32=first.keep_float32,
+                parts=tuple(p.source for p in pieces), rows=(a, a + n),
+            ))
+            a += n
+    return out
 
 
 @dataclass
@@ -347,3 +485,12 @@ def plan_tensor(meta: Meta, rules: list[Rule], dtype: str | None) -> Step:
 
 def apply_transpose(raw: np.ndarray, step: Step) -> np.ndarray:
     return np.ascontiguousarray(raw.transpose(step.transpose)) if step.transpose else raw
+
+
+def apply_whole(raw: np.ndarray, step: Step, dtype: str) -> tuple[np.ndarray, str]:
+    """The whole-tensor data transforms of ``step`` (transpose, then an added
+    offset, computed in float32); returns the array and its safetensors dtype."""
+    raw = apply_transpose(raw, step)
+    if step.add is not None:
+        return np.ascontiguousarray(to_float32(raw, dtype) + np.float32(step.add)), "F32"
+    return raw, dtype

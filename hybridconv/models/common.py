@@ -81,12 +81,13 @@ def attention_mask(
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, rope, cache, window: Optional[int], scale: float) -> mx.array:
-    """Rotary positions (continuing from the cache's offset), cache update, and
-    causal attention within ``window``. ``q``/``k``/``v``: ``[B, heads, T, d]``;
+    """Rotary positions (continuing from the cache's offset; ``rope=None``: none),
+    cache update, and causal attention within ``window``. ``q``/``k``/``v``: ``[B, heads, T, d]``;
     returns ``[B, T, heads·d]``."""
     offset = cache.offset if cache is not None else 0
-    q = rope(q, offset=offset)
-    k = rope(k, offset=offset)
+    if rope is not None:  # None: no position embedding (NoPE)
+        q = rope(q, offset=offset)
+        k = rope(k, offset=offset)
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
     mask = attention_mask(q.shape[2], k.shape[2], offset, window)
@@ -146,3 +147,42 @@ class StateCache:
 
     def __setitem__(self, i: int, value: Optional[mx.array]) -> None:
         self.state[i] = value
+
+
+class Attention(nn.Module):
+    """Grouped-query attention in the Llama layout (``q_proj``, ``k_proj``,
+    ``v_proj``, ``o_proj``, optional biases) around :func:`attend`.
+
+    ``rope``: an ``nn.RoPE`` (possibly over part of the head: ``dims <
+    head_dim`` rotates the first ``dims`` channels and passes the rest, as
+    transformers' partial rotary does) or ``None`` for no position embedding.
+    ``scale``: the logit scale (``head_dim ** -0.5`` unless a model says
+    otherwise, e.g. Granite's ``attention_multiplier``)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        bias: bool = False,
+        rope=None,
+        scale: Optional[float] = None,
+        window: Optional[int] = None,
+    ):
+        super().__init__()
+        self.n_q, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        self.rope = rope
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.window = window
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.n_q, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, T, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        return self.o_proj(attend(q, k, v, self.rope, cache, self.window, self.scale))

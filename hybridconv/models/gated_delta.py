@@ -75,6 +75,7 @@ from __future__ import annotations
 from typing import Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 
 
 def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
@@ -253,3 +254,25 @@ def gated_delta(
     if q.shape[1] == 1:
         return gated_delta_step(q, k, v, g, beta, state, scale=scale)
     return gated_delta_chunked(q, k, v, g, beta, state, chunk_size, scale=scale)
+
+
+def gdn_decay(a: mx.array, A_log: mx.array, dt_bias: mx.array) -> mx.array:
+    """Gated DeltaNet's per-head log-decay ``g = -exp(A_log) · softplus(a + dt_bias)``
+    (Mamba-2's ``dt · A`` with ``A = -exp(A_log)``; always ``≤ 0``), float32."""
+    f32 = mx.float32
+    return -mx.exp(A_log.astype(f32)) * nn.softplus(a.astype(f32) + dt_bias.astype(f32))
+
+
+class RMSNormGated(nn.Module):
+    """Output norm of the delta-rule mixers: ``rms_norm(o) · weight · silu(gate)``
+    per head (FLA's ``FusedRMSNormGated``; norm before gate), computed in float32
+    and returned in ``o``'s dtype. ``weight`` is the plain scale (ones at init)."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, o: mx.array, gate: mx.array) -> mx.array:
+        y = mx.fast.rms_norm(o.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+        return (y * nn.silu(gate.astype(mx.float32))).astype(o.dtype)

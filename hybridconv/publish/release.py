@@ -115,33 +115,139 @@ def load_plan(path: Path) -> ReleasePlan:
         raise _fail(path, "expected a .toml, .yaml or .yml file")
     if not isinstance(data, dict):
         raise _fail(path, "the plan must be a table/mapping")
-    unknown = set(data) - {"name", "source", "variants", "verify", "upload"}
-    if unknown:
-        raise _fail(path, f"unknown top-level key(s): {', '.join(sorted(unknown))}")
-    src = data.get("source")
-    if not isinstance(src, dict) or not (("repo_id" in src) ^ ("path" in src)):
+    return _validate(path, data)
+
+
+SOURCE_KEYS = {"repo_id", "path", "revision"}
+UPLOAD_KEYS = {"private", "revision"}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _typed(path: Path, where: str, key: str, value, kind, *, positive: bool = False):
+    """``value`` checked against ``kind`` (str, int, float, bool or list[str])."""
+    ok = {
+        str: isinstance(value, str),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        list: isinstance(value, list) and all(isinstance(x, str) for x in value),
+    }[kind]
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list of strings"}
+    if not ok:
+        raise _fail(path, f"{where}: {key} must be {names[kind]}, found {value!r}")
+    if kind is float and value != value or kind is float and value in (float("inf"), float("-inf")):
+        raise _fail(path, f"{where}: {key} must be a finite number, found {value!r}")
+    if positive and value <= 0:
+        raise _fail(path, f"{where}: {key} must be positive, found {value!r}")
+    return value
+
+
+def _known(path: Path, where: str, table, allowed: set[str]) -> dict:
+    if not isinstance(table, dict):
+        raise _fail(path, f"{where} must be a table/mapping, found {table!r}")
+    bad = sorted(set(table) - allowed)
+    if bad:
+        import difflib
+
+        near = [difflib.get_close_matches(b, allowed, n=1) for b in bad]
+        tips = "; ".join(f"{b!r} (did you mean {m[0]!r}?)" if m else repr(b) for b, m in zip(bad, near))
+        raise _fail(path, f"{where}: unknown key(s) {tips}; allowed: {', '.join(sorted(allowed))}")
+    return table
+
+
+def _gates(path: Path, where: str, gates) -> dict:
+    _known(path, f"{where} gates", gates, GATE_KEYS)
+    for k, v in gates.items():
+        _typed(path, f"{where} gates", k, v, float)
+        if v < 0:
+            raise _fail(path, f"{where} gates: {k} must not be negative, found {v!r}")
+    return gates
+
+
+def _validate(path: Path, data: dict) -> ReleasePlan:
+    """The whole plan checked, types included, before any work: every error names
+    the table or variant and the key."""
+    from ..checkpoint import REPO_ID
+    from ..quant.modes import MODES, validate
+    from ..quant.plan import parse_bits_for, recipe_widths
+
+    _known(path, "the plan", data, {"name", "source", "variants", "verify", "upload"})
+    if "name" in data:
+        _typed(path, "the plan", "name", data["name"], str)
+    src = _known(path, "[source]", data.get("source", None) or {}, SOURCE_KEYS)
+    if not (("repo_id" in src) ^ ("path" in src)):
         raise _fail(path, "[source] needs exactly one of repo_id or path")
+    for k in src:
+        _typed(path, "[source]", k, src[k], str)
+    if "repo_id" in src and not REPO_ID.match(src["repo_id"]):
+        raise _fail(path, f"[source]: repo_id {src['repo_id']!r} is not a Hub repo id (ORG/NAME)")
+    if "path" in src and "revision" in src:
+        raise _fail(path, "[source]: revision applies to a Hub repo_id, not to a local path")
     source = src.get("repo_id") or str((path.parent / src["path"]).resolve())
+
+    verify = _known(path, "[verify]", data.get("verify") or {}, VERIFY_KEYS)
+    for k, kind, pos in (("random_tokens", int, True), ("num_sequences", int, True), ("seed", int, False),
+                         ("decode_steps", int, False), ("ref_dtype", str, False), ("prompts", list, False),
+                         ("text_files", list, False)):
+        if k in verify:
+            _typed(path, "[verify]", k, verify[k], kind, positive=pos)
+    if verify.get("decode_steps", 0) < 0:
+        raise _fail(path, f"[verify]: decode_steps must not be negative, found {verify['decode_steps']!r}")
+    if "ref_dtype" in verify and verify["ref_dtype"] not in FLOAT_DTYPES:
+        raise _fail(path, f"[verify]: ref_dtype {verify['ref_dtype']!r}: expected one of {', '.join(FLOAT_DTYPES)}")
+    if "gates" in verify:
+        _gates(path, "[verify]", verify["gates"])
+
+    upload = _known(path, "[upload]", data.get("upload") or {}, UPLOAD_KEYS)
+    if "private" in upload:
+        _typed(path, "[upload]", "private", upload["private"], bool)
+    if "revision" in upload:
+        _typed(path, "[upload]", "revision", upload["revision"], str)
+
     variants_raw = data.get("variants")
     if not isinstance(variants_raw, list) or not variants_raw:
         raise _fail(path, "[[variants]] is missing or empty")
-    variants, names = [], set()
+    variants, names, repos = [], set(), {}
     for i, v in enumerate(variants_raw):
         if not isinstance(v, dict) or "name" not in v:
             raise _fail(path, f"variant {i + 1} has no name")
-        bad = set(v) - VARIANT_KEYS
-        if bad:
-            raise _fail(path, f"variant {v['name']!r}: unknown key(s) {', '.join(sorted(bad))}")
-        if v["name"] in names or not str(v["name"]).replace("-", "").replace("_", "").isalnum():
-            raise _fail(path, f"variant name {v['name']!r} is repeated or not a plain name")
-        names.add(v["name"])
-        gates = v.get("gates") or {}
-        if set(gates) - GATE_KEYS:
-            raise _fail(path, f"variant {v['name']!r}: unknown gate(s) {', '.join(sorted(set(gates) - GATE_KEYS))}")
+        name = v["name"]
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+            raise _fail(path, f"variant {i + 1}: name {name!r} is not a plain name (letters, digits, - and _)")
+        if name in names:
+            raise _fail(path, f"variant name {name!r} is repeated")
+        names.add(name)
+        where = f"variant {name!r}"
+        _known(path, where, v, VARIANT_KEYS)
+        for k, kind in (("dtype", str), ("mode", str), ("recipe", str), ("repo_id", str),
+                        ("bits", int), ("group_size", int), ("bits_for", list), ("keep", list)):
+            if k in v:
+                _typed(path, where, k, v[k], kind)
+        if "dtype" in v and v["dtype"] not in FLOAT_DTYPES:
+            raise _fail(path, f"{where}: dtype {v['dtype']!r}: expected one of {', '.join(FLOAT_DTYPES)}")
+        if "mode" in v and v["mode"] not in MODES:
+            raise _fail(path, f"{where}: mode {v['mode']!r}: expected one of {', '.join(MODES)}")
+        if "repo_id" in v:
+            if not REPO_ID.match(v["repo_id"]):
+                raise _fail(path, f"{where}: repo_id {v['repo_id']!r} is not a Hub repo id (ORG/NAME)")
+            if v["repo_id"] in repos:
+                raise _fail(path, f"{where}: repo_id {v['repo_id']!r} is also the repo of variant {repos[v['repo_id']]!r}")
+            repos[v["repo_id"]] = name
+        quant_keys = sorted({"group_size", "mode", "recipe", "bits_for", "keep"} & set(v))
+        if "bits" not in v and quant_keys:
+            raise _fail(path, f"{where}: {', '.join(quant_keys)} apply to quantized variants; add bits = N")
+        if "bits" in v:
+            try:
+                spec = validate(v["bits"], v.get("group_size"), v.get("mode", "affine"))
+                recipe_widths(v.get("recipe"), spec)
+                parse_bits_for(v.get("bits_for"))
+            except UsageError as exc:
+                msg = exc.message.replace("--group-size", "group_size").replace("--bits-for", "bits_for")
+                msg = msg.replace("--bits", "bits").replace("--mode", "mode").replace("--recipe", "recipe")
+                raise _fail(path, f"{where}: {msg}") from None
+        if "gates" in v:
+            _gates(path, where, v["gates"])
         variants.append(Variant(**{k: v[k] for k in v}))
-    verify = data.get("verify") or {}
-    if set(verify) - VERIFY_KEYS:
-        raise _fail(path, f"[verify]: unknown key(s) {', '.join(sorted(set(verify) - VERIFY_KEYS))}")
     return ReleasePlan(
         name=str(data.get("name") or path.stem),
         path=path,
@@ -149,7 +255,7 @@ def load_plan(path: Path) -> ReleasePlan:
         revision=src.get("revision"),
         variants=variants,
         verify=verify,
-        upload=data.get("upload") or {},
+        upload=upload,
     )
 
 
@@ -220,6 +326,16 @@ def run_release(
         summary["ok"] = True
         return summary
 
+    if upload and any(v.repo_id for v in plan.variants):
+        from .upload import token
+
+        if not token():
+            from ..errors import HubError
+
+            raise HubError(
+                "no Hugging Face token: the plan uploads variants, and nothing was built",
+                "set HF_TOKEN or run `hf auth login` (or pass --no-upload to build and verify only)",
+            )
     workdir.mkdir(parents=True, exist_ok=True)
     state = _State(workdir / "release-state.json")
 

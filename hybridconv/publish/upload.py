@@ -84,6 +84,15 @@ def upload(
     out = Path(out)
     if not (out / "config.json").is_file():
         raise UsageError(f"{out}: not a converted folder (no config.json)")
+    from ..convert import is_hybridconv_output
+
+    if not is_hybridconv_output(out):
+        # whatever the flags: a raw PyTorch checkpoint must never be published as an MLX model
+        raise UsageError(
+            f"{out}: not a hybridconv output (no conversion.json written by hybridconv); upload publishes only "
+            "what `hybridconv convert` or `hybridconv quantize` wrote",
+            f"convert it first: hybridconv convert {out} -o {out}-mlx",
+        )
     if not REPO_ID.match(repo_id):
         raise UsageError(f"--repo-id {repo_id!r}: expected ORG/NAME")
     warnings: list[str] = []

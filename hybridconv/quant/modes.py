@@ -29,11 +29,19 @@ class QuantSpec:
         return f"{self.bits}-bit {self.mode} g{self.group_size}" if self.mode == "affine" else f"{self.mode} g{self.group_size}"
 
 
-def validate(bits: int, group_size: int | None, mode: str) -> QuantSpec:
+def default_bits(mode: str) -> int:
+    """The width ``--bits`` means when not given: 4, or the one width of an 8-bit mode."""
+    allowed = MODES.get(mode, ((4,),))[0]
+    return 4 if 4 in allowed else allowed[0]
+
+
+def validate(bits: int | None, group_size: int | None, mode: str) -> QuantSpec:
     if mode not in MODES:
         raise UsageError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     allowed_bits, allowed_groups, default_group = MODES[mode]
-    group_size = group_size or default_group
+    if bits is None:
+        bits = default_bits(mode)
+    group_size = default_group if group_size is None else group_size
     if bits not in allowed_bits:
         raise UsageError(
             f"--bits {bits} is not supported by mode {mode}: allowed {', '.join(map(str, allowed_bits))}"

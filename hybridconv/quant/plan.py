@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from ..convert import DTYPE_LABELS, Plan
 from ..converters.rules import Step
 from ..errors import UsageError
-from .modes import QuantSpec, can_quantize, quantized_entries, storage_bits
+from .modes import MODES, QuantSpec, can_quantize, quantized_entries, storage_bits
 
 RECIPE_RE = re.compile(r"^mixed-(\d)-(\d)$")
 RECIPES_HELP = "uniform (every role at --bits), mixed-L-H (sensitive roles at H bits, others at L), e.g. mixed-4-6, mixed-3-6, mixed-4-8"
@@ -68,7 +68,7 @@ class QuantPlan:
     def quantized_bits_per_weight(self) -> float:
         q = [t for t in self.tensors if t.decision == "quantize"]
         n = sum(math.prod(t.step.shape) for t in q)
-        return sum(storage_bits(t.entries) for t in q) / n if n else float("nan")
+        return sum(storage_bits(t.entries) for t in q) / n if n else 0.0
 
     def config_entry(self) -> dict:
         """mlx-lm's ``quantization`` config: defaults plus per-layer entries where a
@@ -114,9 +114,15 @@ class QuantPlan:
         ]
 
 
-def _matcher(pattern: str):
+def _matcher(pattern: str, option: str = "--bits-for"):
     if pattern.startswith("re:"):
-        rx = re.compile(pattern[3:])
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as exc:
+            raise UsageError(
+                f"{option} {pattern!r}: not a valid regular expression ({exc})",
+                "after 're:' comes a Python regular expression; or drop 're:' for a glob such as '*.down_proj*'",
+            ) from None
         return lambda *names: any(rx.search(n) for n in names if n)
     return lambda *names: any(fnmatch.fnmatchcase(n, pattern) for n in names if n)
 
@@ -144,7 +150,12 @@ def recipe_widths(recipe: str | None, base: QuantSpec) -> tuple[int, int]:
     from .modes import validate
 
     for b in (low, high):
-        validate(b, base.group_size, "affine")
+        allowed = MODES["affine"][0]
+        if b not in allowed:
+            raise UsageError(
+                f"--recipe {recipe}: {b} bits is not a supported width; allowed {', '.join(map(str, allowed))}",
+                f"recipes: {RECIPES_HELP}",
+            )
     return low, high
 
 
@@ -159,8 +170,14 @@ def build_plan(
 
     arch = conversion.arch
     low, high = recipe_widths(recipe, base)
-    overrides = [(p, _matcher(p), validate(b, base.group_size, base.mode).bits) for p, b in parse_bits_for(bits_for)]
-    keeps = [(p, _matcher(p)) for p in keep or []]
+    overrides = [(p, _matcher(p), _width(p, b, base)) for p, b in parse_bits_for(bits_for)]
+    keeps = [(p, _matcher(p, "--keep")) for p in keep or []]
+    both = sorted({p for p, _, _ in overrides} & {p for p, _ in keeps})
+    if both:
+        raise UsageError(
+            f"pattern {both[0]!r} is given to both --bits-for and --keep: one tensor cannot be both quantized and kept in float",
+            "give the pattern to one of the two options",
+        )
     used: set[str] = set()
     float_dtype = conversion.dtype
     tensors: list[TensorPlan] = []
@@ -212,4 +229,22 @@ def build_plan(
             f"pattern {unused[0]!r} matches no tensor of this model",
             f"patterns match tensor names, module paths or roles ({roles}); prefix re: for a regular expression",
         )
-    return QuantPlan(conversion, base, recipe or "uniform", tensors)
+    qp = QuantPlan(conversion, base, recipe or "uniform", tensors)
+    if not any(t.decision == "quantize" for t in tensors):
+        reasons = sorted({t.reason for t in tensors if t.role is not None and t.decision == "float"})
+        raise UsageError(
+            f"nothing would be quantized: no weight matrix of this model can be stored as {base.label()}"
+            + (f" ({'; '.join(reasons[:3])})" if reasons else ""),
+            "choose a smaller --group-size that divides the layers' input dimensions, or check --keep",
+        )
+    return qp
+
+
+def _width(pattern: str, bits: int, base: QuantSpec) -> int:
+    allowed = MODES[base.mode][0]
+    if bits not in allowed:
+        raise UsageError(
+            f"--bits-for {pattern}={bits}: {bits} bits is not supported by mode {base.mode}; "
+            f"allowed {', '.join(map(str, allowed))}"
+        )
+    return bits

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import resolve, source_folder
-from ..convert import Result, WriteItem, plan, prepare_output, write_output
+from ..convert import Result, WriteItem, check_output_path, plan, prepare_output, write_output
 from ..errors import UsageError
 from .modes import QuantSpec, validate
 from .plan import QuantPlan, build_plan
@@ -66,7 +66,7 @@ def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None, a
 def quantize(
     source: str,
     out: Path,
-    bits: int = 4,
+    bits: int | None = None,
     group_size: int | None = None,
     mode: str = "affine",
     recipe: str | None = None,
@@ -103,6 +103,9 @@ def search_target_kl(
     force: bool = False,
     keep: list[str] | None = None,
     report: Callable[[dict], None] | None = None,
+    bits_for: list[str] | None = None,
+    dry_run: bool = False,
+    allow_nonfinite: bool = False,
 ) -> QuantResult:
     """The smallest candidate plan (by bits per weight) whose mean KL on the
     reference's inputs is <= ``target_kl``; every candidate tried is reported.
@@ -115,7 +118,8 @@ def search_target_kl(
     if target_kl <= 0:
         raise UsageError(f"--target-kl {target_kl}: must be positive")
     src = resolve(source, revision)
-    prepare_output(Path(out), force, src)  # fail before any work
+    if not dry_run:
+        check_output_path(Path(out), force, src)  # fail before any work
     base = validate(4, group_size, "affine")
     candidates = []
     for b in SEARCH_UNIFORM:
@@ -124,12 +128,13 @@ def search_target_kl(
         candidates.append((f"mixed-{lo}-{hi}", validate(lo, base.group_size, "affine")))
     conversion = plan(src, dtype)  # the same for every candidate: read the headers once
     plans = sorted(
-        (build_plan(conversion, spec, recipe, None, keep) for recipe, spec in candidates),
+        (build_plan(conversion, spec, recipe, bits_for, keep) for recipe, spec in candidates),
         key=lambda q: q.bits_per_weight,
     )
     explored: list[dict] = []
     cache: dict[int, float] = {}
-    workdir = Path(tempfile.mkdtemp(prefix="hybridconv-search-", dir=Path(out).resolve().parent))
+    parent = Path(out).resolve().parent
+    workdir = Path(tempfile.mkdtemp(prefix="hybridconv-search-", dir=parent if parent.is_dir() else None))
 
     def kl_of(i: int) -> float:
         if i not in cache:
@@ -167,8 +172,10 @@ def search_target_kl(
     if best is None:
         return QuantResult(plans[-1], None, explored)
     qp = plans[best]
+    if dry_run:
+        return QuantResult(qp, None, explored)
     tmp = prepare_output(Path(out), force, src)
-    return QuantResult(qp, write_quantized_output(qp, Path(out), tmp), explored)
+    return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, allow_nonfinite=allow_nonfinite), explored)
 
 
 def _plan_label(qp: QuantPlan) -> str:

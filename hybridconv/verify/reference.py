@@ -66,6 +66,12 @@ class Reference:
         return np.load(self.hidden_files[seq][block], mmap_mode="r")
 
     @property
+    def top_k(self) -> int | None:
+        """How many logits per token a top-k reference file stores (None: all)."""
+        out = self.outputs[0]
+        return None if "logits" in out else int(out["topk_indices"].shape[-1])
+
+    @property
     def vocab_size(self) -> int:
         out = self.outputs[0]
         return int(out["logits"].shape[-1]) if "logits" in out else -1
@@ -93,6 +99,11 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
         raise UsageError(f"--ref-dtype {dtype!r}: expected one of {', '.join(REF_DTYPES)}")
     tdtype = getattr(torch, dtype)
     raw = read_config(source.path)
+    if (source.path / "conversion.json").is_file():
+        raise UsageError(
+            f"{source.label}: is a hybridconv output (MLX layout), not the original checkpoint",
+            "pass the Hugging Face checkpoint it was converted from as --reference",
+        )
     arch = lookup(raw)
     config = arch.normalize_config(raw)
     index_weights(source.path)  # safetensors present and well formed (no pickle)
