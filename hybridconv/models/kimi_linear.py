@@ -295,27 +295,23 @@ class MLAttention(nn.Module):
         offset = cache.offset if cache is not None else 0
         if cache is not None:
             latent, k_r = cache.update_and_fetch(latent, k_r)
-        S = latent.shape[2]
-        mask = attention_mask(T, S, offset, None)
-        rope_scores = (q_r * self.scale) @ k_r.swapaxes(-1, -2)  # [b, H, T, S]
-
+        mask = attention_mask(T, latent.shape[2], offset, None)
         if T == 1:
-            # Absorbed: score = q_nope·(W_k c) = (W_kᵀ q_nope)·c; out = W_v (Σ p c).
+            # Absorbed (attention in latent space, one shared key/value head):
+            # q_nope·(W_k c) = (W_kᵀ q_nope)·c and Σ p (W_v c) = W_v (Σ p c).
             w = dense_weight(self.kv_b_proj).reshape(H, self.nope + self.v_dim, self.rank)
             w = w.astype(q.dtype)
-            q_lat = q_nope @ w[:, : self.nope]  # [b, H, 1, rank]
-            scores = (q_lat * self.scale) @ latent.swapaxes(-1, -2) + rope_scores
-            probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
-            out = (probs @ latent) @ w[:, self.nope :].swapaxes(-1, -2)  # [b, H, 1, v]
+            q = mx.concatenate([q_nope @ w[:, : self.nope], q_r], axis=-1)  # [b, H, 1, rank + rope]
+            k = mx.concatenate([latent, k_r], axis=-1)  # [b, 1, S, rank + rope]
+            out = mx.fast.scaled_dot_product_attention(q, k, latent, scale=self.scale, mask=mask)
+            out = out @ w[:, self.nope :].swapaxes(-1, -2)  # [b, H, 1, v]
         else:
-            kv = self.kv_b_proj(latent[:, 0]).reshape(b, S, H, self.nope + self.v_dim)
+            # Expanded, as transformers: k = [k_nope | k_r], v per head.
+            kv = self.kv_b_proj(latent[:, 0]).reshape(b, -1, H, self.nope + self.v_dim)
             kv = kv.transpose(0, 2, 1, 3)
             k_nope, v = kv[..., : self.nope], kv[..., self.nope :]
-            scores = (q_nope * self.scale) @ k_nope.swapaxes(-1, -2) + rope_scores
-            if mask is not None:
-                scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
-            probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
-            out = probs @ v
+            k = mx.concatenate([k_nope, mx.broadcast_to(k_r, (*k_nope.shape[:3], self.rope))], axis=-1)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(b, T, H * self.v_dim)
         return self.o_proj(out)
 
