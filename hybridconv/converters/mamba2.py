@@ -1,0 +1,171 @@
+"""Mamba-2 converter: config normalisation, tensor rules, quantization policy.
+
+Architecture and math: :mod:`hybridconv.models.mamba2` (SSD core:
+:mod:`hybridconv.models.ssm`).
+
+Config layouts
+--------------
+Both transformers 4 and 5 write ``num_heads``, ``head_dim``, ``expand``,
+``n_groups``, ``state_size``, ``conv_kernel``, ``chunk_size``,
+``time_step_rank`` (possibly ``"auto"``) and ``time_step_limit`` — and neither
+writes ``intermediate_size`` (transformers derives it as
+``expand · hidden_size``). transformers 5 serialises the default
+``time_step_limit`` ``(0, inf)`` as ``[0.0, {"__float__": "Infinity"}]``;
+transformers 4 (and the published Mamba-Codestral config) as
+``[0.0, Infinity]``. Normalised: ``intermediate_size = num_heads · head_dim``
+(checked equal to ``expand · hidden_size``, as transformers requires),
+``time_step_rank`` an integer, ``time_step_limit`` a pair of numbers (written
+``[0.0, Infinity]``, which Python's and mlx-lm's JSON readers accept),
+``num_heads`` a multiple of ``n_groups``. mlx-lm's ``mamba2`` then reads the
+output (it needs ``intermediate_size`` and a numeric ``time_step_limit``;
+given the transformers-5 config as is, it fails).
+
+Tensor rules, in order:
+
+* ``drop`` ``lm_head.weight`` when ``tie_word_embeddings`` is true.
+* ``conv1d-to-mlx`` the conv kernels over ``xBC``, PyTorch ``[C, 1, K]`` to MLX
+  ``[C, K, 1]`` (``C = H·P + 2·G·N``, ``K = conv_kernel``).
+* ``keep-float32`` ``A_log``, ``D``, ``dt_bias`` (``[H]`` each), stored as in the
+  checkpoint: ``Δ = softplus(dt + dt_bias)`` and the decay ``exp(Δ·A)``
+  compound every rounding over the sequence.
+* everything else cast to ``--dtype``; names kept (transformers' = mlx-lm's).
+
+Quantization policy (``hybridconv quantize``)
+---------------------------------------------
+Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias``, the
+conv1d kernels and biases, every norm weight (block norms, ``norm_f``, the gated
+norm inside the mixer). Quantized (:data:`ROLES`): ``in_proj`` (which also
+produces ``dt``, B and C: Mamba-2 has no separate ``x_proj`` / ``dt_proj``),
+``out_proj``, the embeddings and ``lm_head`` (sensitive), the layers mlx-lm
+quantizes. Measured on ``mamba2-tiny`` (KL(reference ‖ 4-bit, group 32) from
+``hybridconv verify``): 3.37e-2 quantized as above; ``in_proj`` kept in float
+1.83e-2 (+11 bits per weight), ``out_proj`` kept in float 2.69e-2 (+4.8). The
+error comes mostly from ``in_proj``, the largest matrix; it stays at
+``--bits`` (``--keep mamba.in_proj`` or ``--bits-for mamba.in_proj=8`` trade
+size for it).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..config import pick, positive
+from ..errors import ConfigError
+from ..models import mamba2 as model_module
+from .registry import Architecture, Protected, Role, register
+from .rules import ConvToMLX, Drop, KeepFloat32, Rule
+
+SSM_FLOAT32 = r"\.mixer\.(A_log|D|dt_bias)$"
+
+
+def _number(value, where: str) -> float:
+    """A JSON number, ``Infinity`` or transformers 5's ``{"__float__": "Infinity"}``."""
+    if isinstance(value, dict) and set(value) == {"__float__"} and isinstance(value["__float__"], str):
+        value = value["__float__"]
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"config.json: '{where}' must be a number, found {value!r}")
+    return float(value)
+
+
+def time_step_limit(raw: dict) -> list[float]:
+    value = raw.get("time_step_limit")
+    if value is None:
+        return [0.0, math.inf]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"config.json: 'time_step_limit' must be a pair [min, max], found {value!r}")
+    lo, hi = (_number(v, "time_step_limit") for v in value)
+    if not (0.0 <= lo < hi) or math.isinf(lo):
+        raise ConfigError(
+            f"config.json: 'time_step_limit' must satisfy 0 <= min < max, found [{lo}, {hi}]"
+        )
+    return [lo, hi]
+
+
+def normalize_config(raw: dict) -> dict:
+    cfg = dict(raw)
+    cfg["model_type"] = "mamba2"
+
+    def req(*names):
+        return positive(names[0], pick(raw, *names, kind=int))
+
+    def opt(default, *names):
+        return positive(names[0], pick(raw, *names, default=default, kind=int))
+
+    hidden = cfg["hidden_size"] = req("hidden_size", "d_model")
+    cfg["num_hidden_layers"] = req("num_hidden_layers", "n_layer", "n_layers")
+    cfg["vocab_size"] = req("vocab_size")
+    heads = cfg["num_heads"] = opt(128, "num_heads")
+    head_dim = cfg["head_dim"] = opt(64, "head_dim", "headdim")
+    groups = cfg["n_groups"] = opt(8, "n_groups", "ngroups")
+    cfg["state_size"] = opt(128, "state_size", "d_state")
+    cfg["conv_kernel"] = opt(4, "conv_kernel", "d_conv")
+    cfg["chunk_size"] = opt(256, "chunk_size")
+    expand = positive("expand", pick(raw, "expand", default=2, kind=int))
+    inner = heads * head_dim
+    stated = pick(raw, "intermediate_size", "d_inner", default=None, kind=int)
+    if inner != expand * hidden or (stated is not None and stated != inner):
+        raise ConfigError(
+            f"config.json: num_heads · head_dim = {heads}·{head_dim} = {inner} must equal expand · hidden_size "
+            f"= {expand}·{hidden} = {expand * hidden}"
+            + (f" and intermediate_size ({stated})" if stated is not None else ""),
+            "transformers' Mamba2 requires it; the config does not describe a consistent model",
+        )
+    cfg["intermediate_size"] = inner
+    if heads % groups:
+        raise ConfigError(f"config.json: num_heads ({heads}) is not a multiple of n_groups ({groups})")
+    rank = pick(raw, "time_step_rank", default="auto")
+    if rank == "auto":
+        rank = math.ceil(hidden / 16)
+    elif isinstance(rank, bool) or not isinstance(rank, int):
+        raise ConfigError(f"config.json: 'time_step_rank' must be an integer or \"auto\", found {rank!r}")
+    cfg["time_step_rank"] = rank
+    cfg["time_step_limit"] = time_step_limit(raw)
+    cfg["use_bias"] = pick(raw, "use_bias", "bias", default=False, kind=bool)
+    cfg["use_conv_bias"] = pick(raw, "use_conv_bias", "conv_bias", default=True, kind=bool)
+    cfg["tie_word_embeddings"] = pick(raw, "tie_word_embeddings", default=False, kind=bool)
+    cfg["layer_norm_epsilon"] = pick(raw, "layer_norm_epsilon", "rms_norm_eps", default=1e-5, kind=float)
+    cfg["residual_in_fp32"] = pick(raw, "residual_in_fp32", default=True, kind=bool)
+    act = pick(raw, "hidden_act", default="silu", kind=str)
+    if act != "silu":
+        raise ConfigError(f"config.json: 'hidden_act' must be \"silu\" (the only activation of the Mamba-2 block), found {act!r}")
+    return cfg
+
+
+def rules(cfg: dict) -> list[Rule]:
+    out: list[Rule] = []
+    if cfg["tie_word_embeddings"]:
+        out.append(Drop(r"^lm_head\.weight$", "tied: the head is backbone.embeddings.weight", "lm_head.weight"))
+    out.append(ConvToMLX(r"\.mixer\.conv1d\.weight$", cfg["conv_kernel"], "Mamba-2 conv1d weights"))
+    out.append(KeepFloat32(SSM_FLOAT32, "SSM dynamics: rounding compounds over every step", "A_log, D, dt_bias"))
+    return out
+
+
+PROTECTED = (
+    Protected(SSM_FLOAT32, "SSM dynamics: A = -exp(A_log), Δ = softplus(dt + dt_bias)"),
+    Protected(r"\.mixer\.conv1d\.(weight|bias)$", "conv1d kernel: a handful of taps per channel"),
+    Protected(r"norm(_f)?\.weight$", "norm weights scale whole activations"),
+)
+ROLES = (
+    Role("embed", r"^backbone\.embeddings\.weight$", sensitive=True),
+    Role("lm_head", r"^lm_head\.weight$", sensitive=True),
+    Role("mamba.in_proj", r"\.mixer\.in_proj\.weight$"),
+    Role("mamba.out_proj", r"\.mixer\.out_proj\.weight$"),
+)
+
+ARCH = register(
+    Architecture(
+        model_type="mamba2",
+        architectures=("Mamba2ForCausalLM",),
+        title="Mamba-2 (SSD)",
+        normalize_config=normalize_config,
+        rules=rules,
+        model_module=model_module,
+        roles=ROLES,
+        protected=PROTECTED,
+    )
+)

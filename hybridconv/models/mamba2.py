@@ -1,0 +1,175 @@
+"""Mamba-2: a stack of SSD (state-space duality) blocks, no attention.
+
+Dao & Gu, 2024, "Transformers are SSMs: Generalized Models and Efficient
+Algorithms Through Structured State Space Duality", arXiv:2405.21060.
+transformers' ``Mamba2ForCausalLM`` (e.g. Mamba-Codestral).
+
+Architecture and schedule
+=========================
+``num_hidden_layers`` identical pre-norm residual blocks, every one a Mamba-2
+mixer (schedule ``["mamba"] * n``)::
+
+    x = x + mixer(rmsnorm(x))            rmsnorm eps: layer_norm_epsilon
+
+then ``norm_f`` and ``lm_head`` (untied by default). ``residual_in_fp32``
+keeps the residual stream in float32 as transformers does (it matters only
+below float32). Parameter names are transformers' and mlx-lm's
+(``backbone.embeddings``, ``backbone.layers.N.{norm, mixer.*}``,
+``backbone.norm_f``, ``lm_head``).
+
+The mixer (computed by :class:`hybridconv.models.ssm.Mamba2Mixer`)
+=================================================================
+``H = num_heads`` heads of ``P = head_dim`` channels (``H·P = expand ·
+hidden_size``), ``G = n_groups``, ``N = state_size``::
+
+    [z | xBC | dt] = in_proj(u)                 H·P + (H·P + 2·G·N) + H
+    [x | B | C] = silu(conv1d(xBC))             causal depthwise, width conv_kernel
+    Δ = clamp(softplus(dt + dt_bias), *time_step_limit),   A = -exp(A_log)  (scalar per head)
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t ⊗ B_t      head h reads B, C of group h // (H/G)
+    y_t = h_t C_t + D x_t
+    out = out_proj(rmsnorm_G(y ⊙ silu(z)) · w)  RMS statistics per group of H·P/G channels
+
+``time_step_limit`` defaults to ``(0, inf)`` in transformers (no clamp); a
+config that sets it is honoured. ``time_step_rank`` is in the config but
+unused by Mamba-2 (Δ comes straight from ``in_proj``). Prefill is the chunked
+SSD form of :func:`hybridconv.models.ssm.ssd_scan` (``chunk_size`` steps per
+chunk, a loop over chunks only); decoding runs the same code on one step
+through a :class:`~hybridconv.models.common.StateCache`.
+
+What mlx-lm does differently: its gated norm takes the statistics over the
+whole ``H·P`` vector, ignoring ``n_groups`` (a different function whenever
+``n_groups > 1``), and its ``ModelArgs`` requires ``intermediate_size``, which
+transformers 5 does not write (the converter adds it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .common import StateCache
+from .mamba import rms_norm
+from .ssm import Mamba2Mixer
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "mamba2"
+    num_heads: int = 128
+    head_dim: int = 64
+    vocab_size: int = 32768
+    hidden_size: int = 4096
+    intermediate_size: Optional[int] = None
+    state_size: int = 128
+    num_hidden_layers: int = 64
+    layer_norm_epsilon: float = 1e-5
+    conv_kernel: int = 4
+    n_groups: int = 8
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    tie_word_embeddings: bool = False
+    time_step_limit: Sequence[float] = (0.0, math.inf)
+    time_step_rank: int | str = "auto"
+    chunk_size: int = 256
+    residual_in_fp32: bool = True
+
+    def __post_init__(self):
+        if self.intermediate_size is None:
+            self.intermediate_size = self.num_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ModelArgs":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
+def layer_schedule(args: ModelArgs) -> list[str]:
+    return ["mamba"] * args.num_hidden_layers
+
+
+def layer_windows(args: ModelArgs) -> list[Optional[int]]:
+    return [None] * args.num_hidden_layers
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.kind = "mamba"
+        self.residual_in_fp32 = args.residual_in_fp32
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
+        self.mixer = Mamba2Mixer(
+            args.hidden_size,
+            args.num_heads,
+            args.head_dim,
+            args.n_groups,
+            args.state_size,
+            args.conv_kernel,
+            chunk_size=args.chunk_size,
+            use_conv_bias=args.use_conv_bias,
+            use_bias=args.use_bias,
+            norm_eps=args.layer_norm_epsilon,
+            time_step_limit=tuple(args.time_step_limit),
+        )
+
+    def __call__(self, x: mx.array, cache=None, dtype=None) -> mx.array:
+        dtype = dtype or x.dtype
+        residual = x.astype(mx.float32) if self.residual_in_fp32 else x
+        return residual + self.mixer(rms_norm(self.norm, x.astype(dtype)), cache=cache)
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [ResidualBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
+
+
+class Model(nn.Module):
+    """Mamba-2 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.backbone = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[ResidualBlock]:
+        return self.backbone.layers
+
+    def block_kinds(self) -> list[str]:
+        return [layer.kind for layer in self.layers]
+
+    activation_dtype = None
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        h = self.backbone.embeddings(inputs)
+        return h.astype(self.activation_dtype) if self.activation_dtype is not None else h
+
+    def head(self, h: mx.array, dtype=None) -> mx.array:
+        h = rms_norm(self.backbone.norm_f, h).astype(dtype or h.dtype)
+        if self.args.tie_word_embeddings:
+            return self.backbone.embeddings.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
+        """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
+        every block is appended to it (used to localise divergence)."""
+        h = self.embed(inputs)
+        dtype = h.dtype
+        caches = cache if cache is not None else [None] * len(self.layers)
+        for layer, c in zip(self.layers, caches):
+            h = layer(h, cache=c, dtype=dtype)
+            if hidden_states is not None:
+                hidden_states.append(h)
+        return self.head(h, dtype)
+
+    def make_cache(self) -> list:
+        return [StateCache() for _ in self.layers]  # [conv state, SSM state]
