@@ -42,10 +42,10 @@ def print_plan(qp, full: bool) -> None:
     s = qp.summary()
     if full:
         t = Table(title="quantization plan")
-        t.add_column("tensor")
-        t.add_column("role")
-        t.add_column("stored as")
-        t.add_column("why")
+        t.add_column("tensor", overflow="fold")  # names are never cut
+        t.add_column("role", overflow="fold")
+        t.add_column("stored as", overflow="fold")
+        t.add_column("why", overflow="fold")
         for r in qp.rows():
             stored = f"{r['bits']}-bit {r['mode']} g{r['group_size']}" if r["decision"] == "quantize" else f"{r['dtype']} ({r['decision']})"
             t.add_row(r["tensor"], r["role"] or "", stored, r["reason"])
