@@ -272,6 +272,17 @@ def test_bf16_and_4bit_verify(case, tmp_path):
     assert report["model"]["precision"] == "bfloat16"
     assert len(report["blocks"]) == cfg["num_hidden_layers"]
 
+    # a broken float32 conversion is caught and localised: layer 1's A_log
+    # stored as A (= -exp(A_log)), the classic misreading of the checkpoint
+    convert(str(src.path), tmp_path / "f32", dtype="float32")
+    weights = mx.load(str(tmp_path / "f32" / "model.safetensors"))
+    name = "backbone.layers.1.mixer.A_log"
+    weights[name] = -mx.exp(weights[name])
+    shutil.copytree(tmp_path / "f32", tmp_path / "broken")
+    mx.save_safetensors(str(tmp_path / "broken" / "model.safetensors"), weights, metadata={"format": "mlx"})
+    report = verify_folder(tmp_path / "broken", ref).report
+    assert report["verdict"] == "fail" and report["first_divergent_block"] == 1, report.get("blocks")
+
     res = quantize(str(src.path), tmp_path / "q4", bits=4)  # default: affine, group 64
     protected = {t.step.target for t in res.plan.tensors if t.decision == "protected"}
     assert any(n.endswith("A_log") for n in protected) and any("conv1d" in n for n in protected)
@@ -286,7 +297,6 @@ def test_bf16_and_4bit_verify(case, tmp_path):
     assert report["failure_reasons"] and all(r.startswith("min_top1") for r in report["failure_reasons"])
     from mlx_lm.convert import convert as mlx_lm_convert
 
-    convert(str(src.path), tmp_path / "f32", dtype="float32")
     mlx_lm_convert(str(tmp_path / "f32"), str(tmp_path / "m4"), quantize=True, q_bits=4, q_group_size=64)
     theirs = verify_folder(tmp_path / "m4", ref).report["metrics"]["overall"]
     ours = report["metrics"]["overall"]
