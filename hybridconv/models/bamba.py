@@ -1,0 +1,229 @@
+"""Bamba (IBM): Mamba-2 layers with a few attention layers at listed indices.
+
+Architecture
+============
+A decoder-only stack of ``num_hidden_layers`` pre-norm residual layers, each a
+mixer followed by a gated MLP (as in Jamba, from which transformers derives
+it, but without experts)::
+
+    h = x + mixer(input_layernorm(x))          mixer: Mamba-2 or attention
+    y = h + mlp(pre_ff_layernorm(h))           mlp: down(silu(gate(.)) ⊙ up(.))
+
+then ``final_layernorm`` and an (untied by default) ``lm_head``. Norms are
+plain RMSNorms (``weight · x / rms(x)``, no offset).
+
+Layer schedule (``attn_layer_indices``)
+---------------------------------------
+Layer ``i`` is attention when ``i`` is listed in ``attn_layer_indices`` and
+Mamba-2 otherwise (Bamba-9B: attention at 9, 18, 27 of 32). transformers 5
+exposes the same as ``layers_block_type`` / ``layer_types``
+(``full_attention`` / ``linear_attention``); the converter accepts either and
+writes the index list.
+
+The Mamba-2 mixer (Dao & Gu, 2024, arXiv:2405.21060)
+----------------------------------------------------
+transformers' ``Mamba2Mixer`` layout, computed by
+:class:`hybridconv.models.ssm.Mamba2Mixer` (the math is in
+:mod:`hybridconv.models.ssm`): ``in_proj → [z | xBC | dt]``, causal depthwise
+conv1d + SiLU over ``xBC``, ``H = mamba_n_heads`` heads of
+``P = mamba_d_head`` channels, ``B``/``C`` shared by the heads of each of
+``mamba_n_groups`` groups, state size ``N = mamba_d_state``;
+``Δ = clamp(softplus(dt + dt_bias), *time_step_limit)`` (transformers'
+default ``(0, inf)``: no clamp), ``A = -exp(A_log)``::
+
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t ⊗ B_t,     y_t = h_t C_t + D x_t
+
+and the output ``out_proj(rmsnorm_g(y ⊙ silu(z)) · w)``, the RMS statistics
+taken per group of ``H·P / n_groups`` channels. Prefill uses the chunked SSD
+form (``mamba_chunk_size``); decoding runs the same code one step at a time.
+
+Attention
+---------
+Grouped-query attention (``q_proj``/``k_proj``/``v_proj``/``o_proj``, biases
+if ``attention_bias``), ``head_dim = hidden_size / num_attention_heads``,
+scale ``head_dim^-1/2``, full causal (no window). Rotary embeddings over the
+*first half* of each head only: transformers hard-codes
+``partial_rotary_factor = 0.5`` for Bamba whatever the config says (the
+published configs state it as ``attn_rotary_emb = head_dim / 2``); the other
+half carries no position. ``rope_theta`` at the top level (published) or in
+``rope_parameters`` (transformers 5).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .common import Attention, KVCache, StateCache
+from .ssm import Mamba2Mixer
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "bamba"
+    vocab_size: int = 128000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: Optional[int] = None
+    attn_layer_indices: list[int] = field(default_factory=list)
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    tie_word_embeddings: bool = False
+    mamba_n_heads: int = 128
+    mamba_d_head: int = 64
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 256
+    mamba_d_conv: int = 4
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    # [low, high]; ``None`` for high means no upper limit (JSON has no infinity)
+    time_step_limit: list = field(default_factory=lambda: [0.0, None])
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "ModelArgs":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+def layer_schedule(args: ModelArgs) -> list[str]:
+    """``"mamba"`` or ``"attention"`` for every layer (see module docstring)."""
+    attn = set(args.attn_layer_indices or [])
+    return ["attention" if i in attn else "mamba" for i in range(args.num_hidden_layers)]
+
+
+def layer_windows(args: ModelArgs) -> list[Optional[int]]:
+    """No attention layer of Bamba has a window."""
+    return [None] * args.num_hidden_layers
+
+
+def time_step_limit(value) -> tuple[float, float]:
+    """``[low, high]`` from the normalised config (``None`` high: no limit)."""
+    lo, hi = value
+    return float(lo), math.inf if hi is None else float(hi)
+
+
+def mamba2_mixer(args, **extra) -> Mamba2Mixer:
+    """The Mamba-2 mixer of a Bamba-style config (also Granite-4.0-H's)."""
+    return Mamba2Mixer(
+        hidden_size=args.hidden_size,
+        num_heads=args.mamba_n_heads,
+        head_dim=args.mamba_d_head,
+        n_groups=args.mamba_n_groups,
+        d_state=args.mamba_d_state,
+        d_conv=args.mamba_d_conv,
+        chunk_size=args.mamba_chunk_size,
+        use_conv_bias=args.mamba_conv_bias,
+        use_bias=args.mamba_proj_bias,
+        norm_eps=args.rms_norm_eps,
+        time_step_limit=time_step_limit(args.time_step_limit),
+        **extra,
+    )
+
+
+class MLP(nn.Module):
+    """``down_proj(silu(gate_proj(x)) ⊙ up_proj(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.is_mamba = kind == "mamba"
+        if self.is_mamba:
+            self.mamba = mamba2_mixer(args)
+        else:
+            d = args.attention_head_dim
+            self.self_attn = Attention(
+                args.hidden_size,
+                args.num_attention_heads,
+                args.num_key_value_heads,
+                d,
+                bias=args.attention_bias,
+                rope=nn.RoPE(int(d * args.partial_rotary_factor), traditional=False, base=args.rope_theta),
+            )
+        self.feed_forward = MLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.pre_ff_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        mixer = self.mamba if self.is_mamba else self.self_attn
+        h = x + mixer(self.input_layernorm(x), cache=cache)
+        return h + self.feed_forward(self.pre_ff_layernorm(h))
+
+
+class BambaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, kind) for kind in layer_schedule(args)]
+        self.final_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """Bamba for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = BambaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def block_kinds(self) -> list[str]:
+        return [layer.kind for layer in self.layers]
+
+    # Activations dtype: the checkpoint's float dtype (set by the loader).
+    activation_dtype = None
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        h = self.model.embed_tokens(inputs)
+        return h.astype(self.activation_dtype) if self.activation_dtype is not None else h
+
+    def head(self, h: mx.array) -> mx.array:
+        h = self.model.final_layernorm(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
+        """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
+        every block is appended to it (used to localise divergence)."""
+        h = self.embed(inputs)
+        caches = cache if cache is not None else [None] * len(self.layers)
+        for layer, c in zip(self.layers, caches):
+            h = layer(h, cache=c)
+            if hidden_states is not None:
+                hidden_states.append(h)
+        return self.head(h)
+
+    def make_cache(self) -> list:
+        return [StateCache() if layer.is_mamba else KVCache() for layer in self.layers]
