@@ -1,0 +1,231 @@
+"""Falcon-H1 converter: config normalisation and tensor rules.
+
+Architecture and math: :mod:`hybridconv.models.falcon_h1`. Parameter names are
+the Hugging Face ones, which are also mlx-lm's (``model.layers.N.mamba.…``,
+``.self_attn.…``, ``.feed_forward.…``).
+
+Config normalisation (the published Falcon-H1 configs and transformers 5's):
+
+* Mamba-2 sizes as transformers reads them: ``mamba_d_ssm`` (``null`` means
+  ``mamba_expand · hidden_size``), ``mamba_d_head = "auto"`` means
+  ``mamba_d_ssm / mamba_n_heads``, and ``mamba_n_heads · mamba_d_head`` must
+  equal ``mamba_d_ssm``; ``mamba_n_heads`` a multiple of ``mamba_n_groups``.
+  Written as plain integers (mlx-lm reads ``mamba_d_ssm`` and
+  ``mamba_d_head`` and has no ``"auto"``).
+* ``head_dim`` (published) or ``hidden_size / num_attention_heads``
+  (transformers' fallback); ``num_key_value_heads`` absent means 8
+  (transformers' default).
+* ``rope_theta`` at the top level (published) or in ``rope_parameters``
+  (transformers 5), written at the top level (mlx-lm reads only that and
+  otherwise assumes 1e11); only the ``default`` rope type.
+* the µP multipliers (``embedding_multiplier``, ``lm_head_multiplier``,
+  ``attention_in_multiplier``, ``attention_out_multiplier``,
+  ``key_multiplier``, ``ssm_in_multiplier``, ``ssm_out_multiplier``,
+  ``ssm_multipliers`` (5), ``mlp_multipliers`` (2)): validated finite numbers,
+  written as data and applied by the model where transformers applies them.
+* ``time_step_limit`` (transformers' ``{"__float__": "Infinity"}`` encoding or
+  numbers) written as ``[low, null]`` / ``[low, high]`` (``null``: no limit).
+* ``hidden_act`` must be ``silu`` (the MLP and the conv activation).
+
+Tensor rules: ``drop`` rotary ``inv_freq`` buffers and a tied
+``lm_head.weight``; ``conv1d-to-mlx`` for ``mamba.conv1d.weight``
+(``K = mamba_d_conv``); ``keep-float32`` ``A_log``, ``D``, ``dt_bias`` (the
+decay ``exp(Δ·A)`` compounds a bf16 rounding of ``A_log`` over every step);
+everything else cast to ``--dtype``, names unchanged. The multipliers are not
+folded into the weights here: the output computes the reference function in
+hybridconv (measured in tests/test_arch_falcon_h1.py); mlx-lm applies its
+own folding only to weights in the PyTorch conv layout and ignores every
+multiplier on an MLX-layout folder (see the README row for the measured
+difference).
+
+Quantization policy (``hybridconv quantize``)
+---------------------------------------------
+Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias``,
+the conv1d kernels and biases, every norm weight (the input / pre-FF / final
+RMSNorms and the mixer's gated norm when ``mamba_rms_norm``). Quantized
+(:data:`ROLES`): embeddings and head, ``in_proj`` / ``out_proj``, the attention
+projections and the MLP. Sensitive (wider in mixed recipes): embeddings, head,
+``in_proj`` (all inputs of the recurrence) and the MLP ``down_proj``. The
+multipliers scale whole activations and are exact constants in the config,
+untouched by quantization.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..config import pick, positive
+from ..errors import ConfigError
+from ..models import falcon_h1 as model_module
+from .registry import Architecture, Protected, Role, register
+from .rules import ConvToMLX, Drop, KeepFloat32, Rule
+
+MULTIPLIERS = (
+    "embedding_multiplier",
+    "lm_head_multiplier",
+    "attention_in_multiplier",
+    "attention_out_multiplier",
+    "key_multiplier",
+    "ssm_in_multiplier",
+    "ssm_out_multiplier",
+)
+LIST_MULTIPLIERS = {"ssm_multipliers": 5, "mlp_multipliers": 2}
+
+
+def parse_time_step_limit(raw: dict) -> list:
+    """``[low, high]`` with ``None`` for an infinite ``high``; absent: ``[0, None]``."""
+    value = raw.get("time_step_limit")
+    if value is None:
+        return [0.0, None]
+
+    def number(v, which: str) -> float:
+        if isinstance(v, dict) and set(v) == {"__float__"}:  # transformers 5's encoding of inf
+            v = {"Infinity": math.inf, "inf": math.inf}.get(v["__float__"], v["__float__"])
+        if v is None and which == "high":
+            return math.inf
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            raise ConfigError(f"config.json: time_step_limit {which} bound must be a number, found {v!r}")
+        return float(v)
+
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"config.json: time_step_limit must be [low, high], found {value!r}")
+    lo, hi = number(value[0], "low"), number(value[1], "high")
+    if not (0.0 <= lo < hi) or math.isinf(lo):
+        raise ConfigError(f"config.json: time_step_limit must satisfy 0 <= low < high, found {value!r}")
+    return [lo, None if math.isinf(hi) else hi]
+
+
+def rope_theta(raw: dict) -> float:
+    rope_type = pick(raw, "rope_parameters.rope_type", "rope_scaling.rope_type", "rope_scaling.type", default="default")
+    if rope_type != "default":
+        raise ConfigError(f"config.json: rope type {rope_type!r} is not supported (only 'default')")
+    return pick(raw, "rope_theta", "rope_parameters.rope_theta", default=10000.0, kind=float)
+
+
+def normalize_config(raw: dict) -> dict:
+    cfg = dict(raw)
+    cfg["model_type"] = "falcon_h1"
+
+    def req_int(name):
+        return positive(name, pick(raw, name, kind=int))
+
+    hidden = cfg["hidden_size"] = req_int("hidden_size")
+    cfg["num_hidden_layers"] = req_int("num_hidden_layers")
+    cfg["vocab_size"] = req_int("vocab_size")
+    cfg["intermediate_size"] = req_int("intermediate_size")
+    act = pick(raw, "hidden_act", default="silu", kind=str)
+    if act != "silu":
+        raise ConfigError(f"config.json: hidden_act {act!r} is not supported for Falcon-H1 (expected 'silu')")
+
+    # Attention.
+    heads = cfg["num_attention_heads"] = req_int("num_attention_heads")
+    kv = raw.get("num_key_value_heads", 8)  # absent: transformers' default 8; null: the head count
+    kv = cfg["num_key_value_heads"] = positive(
+        "num_key_value_heads", pick({"num_key_value_heads": kv if kv is not None else heads}, "num_key_value_heads", kind=int)
+    )
+    if heads % kv:
+        raise ConfigError(f"config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})")
+    head_dim = raw.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise ConfigError(f"config.json: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})")
+        head_dim = hidden // heads
+    cfg["head_dim"] = positive("head_dim", pick({"head_dim": head_dim}, "head_dim", kind=int))
+    cfg["rope_theta"] = rope_theta(raw)
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = None
+    cfg["max_position_embeddings"] = pick(raw, "max_position_embeddings", default=8192, kind=int)
+
+    # Mamba-2.
+    expand = cfg["mamba_expand"] = positive("mamba_expand", pick(raw, "mamba_expand", default=2, kind=int))
+    d_ssm = raw.get("mamba_d_ssm", 1024)
+    d_ssm = positive("mamba_d_ssm", pick({"mamba_d_ssm": d_ssm if d_ssm is not None else expand * hidden}, "mamba_d_ssm", kind=int))
+    cfg["mamba_d_ssm"] = d_ssm
+    n_heads = cfg["mamba_n_heads"] = positive("mamba_n_heads", pick(raw, "mamba_n_heads", default=128, kind=int))
+    d_head = raw.get("mamba_d_head", "auto")
+    if d_head in ("auto", None):
+        if d_ssm % n_heads:
+            raise ConfigError(f"config.json: mamba_n_heads ({n_heads}) must divide mamba_d_ssm ({d_ssm})")
+        d_head = d_ssm // n_heads
+    d_head = cfg["mamba_d_head"] = positive("mamba_d_head", pick({"mamba_d_head": d_head}, "mamba_d_head", kind=int))
+    if n_heads * d_head != d_ssm:
+        raise ConfigError(
+            f"config.json: mamba_n_heads * mamba_d_head ({n_heads} * {d_head}) must equal mamba_d_ssm ({d_ssm})"
+        )
+    groups = cfg["mamba_n_groups"] = positive("mamba_n_groups", pick(raw, "mamba_n_groups", default=1, kind=int))
+    if n_heads % groups:
+        raise ConfigError(f"config.json: mamba_n_heads ({n_heads}) must be a multiple of mamba_n_groups ({groups})")
+    cfg["mamba_d_state"] = positive("mamba_d_state", pick(raw, "mamba_d_state", default=256, kind=int))
+    cfg["mamba_d_conv"] = positive("mamba_d_conv", pick(raw, "mamba_d_conv", default=4, kind=int))
+    cfg["mamba_chunk_size"] = positive("mamba_chunk_size", pick(raw, "mamba_chunk_size", default=256, kind=int))
+    for key, default in (
+        ("mamba_conv_bias", True),
+        ("mamba_proj_bias", False),
+        ("projectors_bias", False),
+        ("mamba_rms_norm", False),
+        ("mamba_norm_before_gate", True),
+        ("attention_bias", False),
+        ("mlp_bias", False),
+        ("tie_word_embeddings", False),
+    ):
+        cfg[key] = pick(raw, key, default=default, kind=bool)
+    cfg["time_step_limit"] = parse_time_step_limit(raw)
+    cfg["rms_norm_eps"] = pick(raw, "rms_norm_eps", default=1e-5, kind=float)
+
+    # µP multipliers.
+    for key in MULTIPLIERS:
+        cfg[key] = pick(raw, key, default=1.0, kind=float)
+    for key, n in LIST_MULTIPLIERS.items():
+        value = raw.get(key)
+        if value is None:
+            value = [1.0] * n
+        if not isinstance(value, list) or len(value) != n:
+            raise ConfigError(f"config.json: '{key}' must be a list of {n} numbers, found {value!r}")
+        cfg[key] = [pick({key: v}, key, kind=float) for v in value]
+    cfg.pop("layers_block_type", None)  # every layer is hybrid; nothing to state
+    return cfg
+
+
+SSM_FLOAT32 = r"\.mamba\.(A_log|D|dt_bias)$"
+
+
+def rules(cfg: dict) -> list[Rule]:
+    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers")]
+    if cfg["tie_word_embeddings"]:
+        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
+    out.append(ConvToMLX(r"\.mamba\.conv1d\.weight$", cfg["mamba_d_conv"], "Mamba-2 conv1d weights"))
+    out.append(KeepFloat32(SSM_FLOAT32, "SSM decay parameters: rounding compounds over every step", "A_log, D, dt_bias"))
+    return out
+
+
+PROTECTED = (
+    Protected(SSM_FLOAT32, "SSM dynamics: A = -exp(A_log), dt = softplus(. + dt_bias)"),
+    Protected(r"\.mamba\.conv1d\.(weight|bias)$", "conv1d kernel: a handful of taps per channel"),
+    Protected(r"norm\.weight$", "norm weights scale whole activations"),
+)
+ROLES = (
+    Role("embed", r"^model\.embed_tokens\.weight$", sensitive=True),
+    Role("lm_head", r"^lm_head\.weight$", sensitive=True),
+    Role("mamba.in_proj", r"\.mamba\.in_proj\.weight$", sensitive=True),
+    Role("mamba.out_proj", r"\.mamba\.out_proj\.weight$"),
+    Role("attn.q_proj", r"\.self_attn\.q_proj\.weight$"),
+    Role("attn.k_proj", r"\.self_attn\.k_proj\.weight$"),
+    Role("attn.v_proj", r"\.self_attn\.v_proj\.weight$"),
+    Role("attn.o_proj", r"\.self_attn\.o_proj\.weight$"),
+    Role("mlp.gate_proj", r"\.feed_forward\.gate_proj\.weight$"),
+    Role("mlp.up_proj", r"\.feed_forward\.up_proj\.weight$"),
+    Role("mlp.down_proj", r"\.feed_forward\.down_proj\.weight$", sensitive=True),
+)
+
+ARCH = register(
+    Architecture(
+        model_type="falcon_h1",
+        architectures=("FalconH1ForCausalLM",),
+        title="Falcon-H1 (parallel attention + Mamba-2, µP multipliers)",
+        normalize_config=normalize_config,
+        rules=rules,
+        model_module=model_module,
+        roles=ROLES,
+        protected=PROTECTED,
+    )
+)
