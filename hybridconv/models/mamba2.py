@@ -30,7 +30,9 @@ hidden_size``), ``G = n_groups``, ``N = state_size``::
     out = out_proj(rmsnorm_G(y ⊙ silu(z)) · w)  RMS statistics per group of H·P/G channels
 
 ``time_step_limit`` defaults to ``(0, inf)`` in transformers (no clamp); a
-config that sets it is honoured. ``time_step_rank`` is in the config but
+config that sets it is honoured, in prefill and in decoding alike (transformers'
+PyTorch path clamps in its chunked prefill but not in its one-step decode, so
+with a non-default limit its own decode departs from its prefill). ``time_step_rank`` is in the config but
 unused by Mamba-2 (Δ comes straight from ``in_proj``). Prefill is the chunked
 SSD form of :func:`hybridconv.models.ssm.ssd_scan` (``chunk_size`` steps per
 chunk, a loop over chunks only); decoding runs the same code on one step
