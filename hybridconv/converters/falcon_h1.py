@@ -52,11 +52,10 @@ untouched by quantization.
 
 from __future__ import annotations
 
-import math
-
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import falcon_h1 as model_module
+from .bamba import parse_time_step_limit, rope_theta
 from .registry import Architecture, Protected, Role, register
 from .rules import ConvToMLX, Drop, KeepFloat32, Rule
 
@@ -70,36 +69,6 @@ MULTIPLIERS = (
     "ssm_out_multiplier",
 )
 LIST_MULTIPLIERS = {"ssm_multipliers": 5, "mlp_multipliers": 2}
-
-
-def parse_time_step_limit(raw: dict) -> list:
-    """``[low, high]`` with ``None`` for an infinite ``high``; absent: ``[0, None]``."""
-    value = raw.get("time_step_limit")
-    if value is None:
-        return [0.0, None]
-
-    def number(v, which: str) -> float:
-        if isinstance(v, dict) and set(v) == {"__float__"}:  # transformers 5's encoding of inf
-            v = {"Infinity": math.inf, "inf": math.inf}.get(v["__float__"], v["__float__"])
-        if v is None and which == "high":
-            return math.inf
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-            raise ConfigError(f"config.json: time_step_limit {which} bound must be a number, found {v!r}")
-        return float(v)
-
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ConfigError(f"config.json: time_step_limit must be [low, high], found {value!r}")
-    lo, hi = number(value[0], "low"), number(value[1], "high")
-    if not (0.0 <= lo < hi) or math.isinf(lo):
-        raise ConfigError(f"config.json: time_step_limit must satisfy 0 <= low < high, found {value!r}")
-    return [lo, None if math.isinf(hi) else hi]
-
-
-def rope_theta(raw: dict) -> float:
-    rope_type = pick(raw, "rope_parameters.rope_type", "rope_scaling.rope_type", "rope_scaling.type", default="default")
-    if rope_type != "default":
-        raise ConfigError(f"config.json: rope type {rope_type!r} is not supported (only 'default')")
-    return pick(raw, "rope_theta", "rope_parameters.rope_theta", default=10000.0, kind=float)
 
 
 def normalize_config(raw: dict) -> dict:

@@ -66,17 +66,11 @@ from __future__ import annotations
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import zamba2 as model_module
+from .bamba import rope_theta
 from .registry import Architecture, Protected, Role, register
 from .rules import ConvToMLX, Drop, KeepFloat32, Rename, Rule
 
 KIND_ALIASES = {"mamba": "mamba", "linear_attention": "mamba", "hybrid": "hybrid"}
-
-
-def rope_theta(raw: dict) -> float:
-    rope_type = pick(raw, "rope_parameters.rope_type", "rope_scaling.rope_type", "rope_scaling.type", default="default")
-    if rope_type != "default":
-        raise ConfigError(f"config.json: rope type {rope_type!r} is not supported (only 'default')")
-    return pick(raw, "rope_theta", "rope_parameters.rope_theta", default=10000.0, kind=float)
 
 
 def normalize_config(raw: dict) -> dict:
