@@ -74,8 +74,8 @@ def verify_cmd(
     seed: SeedOpt = 0,
     max_kl_mean: Annotated[Optional[float], typer.Option("--max-kl-mean", help="Gate: mean KL(ref || mlx), nats.", show_default=False)] = None,
     max_kl_p99: Annotated[Optional[float], typer.Option("--max-kl-p99", help="Gate: 99th percentile of per-token KL (also bounds the decode check).", show_default=False)] = None,
-    min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Gate: top-1 agreement, 0..1.", show_default=False)] = None,
-    min_top5: Annotated[Optional[float], typer.Option("--min-top5", help="Gate: mean top-5 overlap, 0..1.", show_default=False)] = None,
+    min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Gate: top-1 agreement over decisive tokens (the reference's best two logits at least 0.5 nats apart), 0..1.", show_default=False)] = None,
+    min_top5: Annotated[Optional[float], typer.Option("--min-top5", help="Gate: mean top-5 overlap over decisive tokens, 0..1.", show_default=False)] = None,
     max_block_error: Annotated[Optional[float], typer.Option("--max-block-error", help="Gate: relative error of any block's output.", show_default=False)] = None,
     decode_steps: Annotated[int, typer.Option("--decode-steps", help="Tokens per sequence run one at a time through the caches.")] = 8,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here.", show_default=False)] = None,
@@ -138,7 +138,13 @@ def render(report: dict) -> None:
         head.add_row("max / mean |Δlogit|", f"{o['max_abs_logit_diff']:.3g} / {o['mean_abs_logit_diff']:.3g}")
         head.add_row("KL mean / median / p99 / max", f"{o['kl_mean']:.3g} / {o['kl_median']:.3g} / {o['kl_p99']:.3g} / {o['kl_max']:.3g}")
         top5 = "n/a (top-k file)" if o["top5_overlap"] is None else f"{o['top5_overlap']:.3f}"
-        head.add_row("top-1 / top-5", f"{o['top1_agreement']:.3f} / {top5}")
+        head.add_row("top-1 / top-5 (all tokens)", f"{o['top1_agreement']:.3f} / {top5}")
+        if o.get("top1_agreement_decisive") is not None:
+            t5 = o.get("top5_overlap_decisive")
+            head.add_row(f"top-1 / top-5 ({o['decisive_tokens']} decisive tokens)",
+                         f"{o['top1_agreement_decisive']:.3f} / " + ("n/a" if t5 is None else f"{t5:.3f}"))
+        else:
+            head.add_row("decisive tokens", "none: the reference is nearly uniform everywhere (top-k gates skipped)")
         head.add_row("perplexity ref / mlx (ratio)", f"{o['perplexity_ref']:.4g} / {o['perplexity_mlx']:.4g} ({o['perplexity_ratio']:.4f})")
         head.add_row("KL by position", ", ".join(f"{b['positions']}: {b['kl_mean']:.2g}" for b in o["kl_by_position"]))
     if report.get("decode"):
