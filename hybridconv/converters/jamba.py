@@ -40,10 +40,14 @@ Quantization policy (``hybridconv quantize``)
 Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``,
 ``dt_proj.bias`` (the SSM dynamics), the conv1d kernels and biases, and every
 norm weight (including the ``dt``/``B``/``C`` layernorms). Kept in float by
-default (a role with ``default="float"``): the routers (``[E, H]``: tiny, and
-a rounding error there changes which experts run — a discrete change that
-the experts' own quantization error does not make; mlx-lm keeps them at 8 bits
-for the same reason). Quantized: embeddings and head, ``in_proj``,
+default (a role with ``default="float"``): the routers (``[E, H]``). Measured
+on the fixture (4-bit, 3 × 2 × 64 random tokens) the choice is invisible —
+mean KL 0.00823 with float routers, 0.00822 with 4-bit ones — because a
+random-weight router has no confident choices to lose; they stay float
+because a rounding error there is discrete (it changes which experts run, an
+error no expert's precision can absorb) and the cost is nil at published
+sizes (``E·H`` against ``3·E·I·H`` expert weights: 1/43 000 of an MoE layer
+of Jamba-1.5-Mini). mlx-lm keeps them at 8 bits. Quantized: embeddings and head, ``in_proj``,
 ``x_proj``, ``dt_proj``, ``out_proj``, the attention projections, the dense
 MLPs and the stacked experts (``[E, out, in]``, group-wise along ``in``, as
 mlx-lm's ``QuantizedSwitchLinear``). Sensitive (wider in mixed recipes): the
