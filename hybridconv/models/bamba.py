@@ -35,7 +35,12 @@ default ``(0, inf)``: no clamp), ``A = -exp(A_log)``::
 
 and the output ``out_proj(rmsnorm_g(y ⊙ silu(z)) · w)``, the RMS statistics
 taken per group of ``H·P / n_groups`` channels. Prefill uses the chunked SSD
-form (``mamba_chunk_size``); decoding runs the same code one step at a time.
+form (``mamba_chunk_size``); decoding runs the same code one step at a time,
+clamp included. (transformers' one-token cached path,
+``mamba2_selective_state_update``, skips the ``time_step_limit`` clamp that its
+prefill applies, so with a limit other than ``(0, inf)`` its own cached decode
+departs from its prefill; the reference used by ``verify`` is the prefill,
+``use_cache=False``, and hybridconv keeps prefill = decode.)
 
 Attention
 ---------
