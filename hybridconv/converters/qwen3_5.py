@@ -1,0 +1,50 @@
+"""Qwen3.5 (dense) converter: the text model of ``qwen3_5_text`` checkpoints
+and of the multimodal ``Qwen3_5ForConditionalGeneration`` wrappers.
+
+Architecture and math: :mod:`hybridconv.models.qwen3_5`. Config layouts,
+tensor rules and the quantization policy are Qwen3-Next's
+(:mod:`hybridconv.converters.qwen3_next`), with:
+
+* the multimodal wrapper (``model_type: qwen3_5``, a ``text_config``): the
+  language model's config is the ``text_config`` (wrapper-level
+  ``tie_word_embeddings`` inherited), its weights ``model.language_model.*``
+  are renamed ``model.*``, and the vision tower ``model.visual.*`` is left
+  out — every vision tensor is listed in the ledger as dropped;
+* the written config has ``model_type: qwen3_5`` (mlx-lm's module for this
+  architecture; it has none named ``qwen3_5_text``) and no ``text_config``,
+  which mlx-lm reads as the text model. Wrappers (``model_type: qwen3_5``) and
+  the written folders are found by their ``architectures``
+  (``Qwen3_5ForConditionalGeneration``, ``Qwen3_5ForCausalLM``).
+"""
+
+from __future__ import annotations
+
+from ..models import qwen3_5 as model_module
+from .qwen3_next import PROTECTED, ROLES, _text_config, normalize_text, text_rules
+from .registry import Architecture, register
+
+WRAPPER = "_multimodal_wrapper"  # planning note: the source is a Qwen3_5ForConditionalGeneration
+
+
+def normalize_config(raw: dict) -> dict:
+    cfg = normalize_text(raw, "qwen3_5", "Qwen3_5ForCausalLM", "none")
+    cfg[WRAPPER] = _text_config(raw)[1]
+    return cfg
+
+
+def rules(cfg: dict):
+    return text_rules(cfg, wrapper=cfg.get(WRAPPER, False))
+
+
+ARCH = register(
+    Architecture(
+        model_type="qwen3_5_text",
+        architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
+        title="Qwen3.5 (gated DeltaNet + gated attention)",
+        normalize_config=normalize_config,
+        rules=rules,
+        model_module=model_module,
+        roles=ROLES,
+        protected=PROTECTED,
+    )
+)

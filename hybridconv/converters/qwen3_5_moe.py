@@ -1,0 +1,43 @@
+"""Qwen3.5-MoE converter: ``qwen3_5_moe_text`` checkpoints and the multimodal
+``Qwen3_5MoeForConditionalGeneration`` wrappers.
+
+Architecture and math: :mod:`hybridconv.models.qwen3_5_moe`. Everything as in
+:mod:`hybridconv.converters.qwen3_5` (wrapper handling, vision tower left out
+and listed as dropped) and :mod:`hybridconv.converters.qwen3_next` (config
+layouts, rules, quantization policy: routers kept in float, experts
+quantized), with every layer's MLP the MoE block: ``norm_topk_prob`` is always
+true and ``mlp_only_layers`` / ``decoder_sparse_step`` do not apply. Experts
+are stacked from per-expert tensors or split from the fused
+``experts.gate_up_proj``. Written ``model_type: qwen3_5_moe`` (mlx-lm's).
+"""
+
+from __future__ import annotations
+
+from ..models import qwen3_5_moe as model_module
+from .qwen3_5 import WRAPPER
+from .qwen3_next import PROTECTED, ROLES, _text_config, normalize_text, text_rules
+from .registry import Architecture, register
+
+
+def normalize_config(raw: dict) -> dict:
+    cfg = normalize_text(raw, "qwen3_5_moe", "Qwen3_5MoeForCausalLM", "all")
+    cfg[WRAPPER] = _text_config(raw)[1]
+    return cfg
+
+
+def rules(cfg: dict):
+    return text_rules(cfg, wrapper=cfg.get(WRAPPER, False))
+
+
+ARCH = register(
+    Architecture(
+        model_type="qwen3_5_moe_text",
+        architectures=("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"),
+        title="Qwen3.5-MoE (gated DeltaNet + gated attention, MoE)",
+        normalize_config=normalize_config,
+        rules=rules,
+        model_module=model_module,
+        roles=ROLES,
+        protected=PROTECTED,
+    )
+)
