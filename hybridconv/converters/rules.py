@@ -54,6 +54,8 @@ class Step:
     select: tuple[int, int, int] | None = None
     split: tuple | None = None  # planned by Split: (axis, [(target, start, stop)]), expanded by plan_tensors
     add: float | None = None  # AddOffset: a constant added to every value
+    # Scale: every value times a constant (float), or row i (axis 0) times scale[i] (tuple)
+    scale: float | tuple[float, ...] | None = None
     # Regroup: on a source's step, (group key, piece index); on an output step,
     # rows [a, b) along axis 0 of the concatenation of ``parts``.
     regroup: tuple[str, int] | None = None
@@ -197,6 +199,59 @@ class AddOffset(Rule):
 
     def describe(self) -> str:
         return f"{self.what or '/' + self.regex + '/'}: add {self.offset:g} (stored as scale - {self.offset:g})"
+
+
+@dataclass
+class Scale(Rule):
+    """Multiply by a constant (``factor``: a number) or each row along axis 0 by
+    its own constant (``factor``: one number per row), computed in float32 and
+    cast once: folding a constant that the reference applies to a linear map's
+    input or output into its weight (and bias), exact up to float rounding
+    (e.g. Falcon-H1's µP multipliers). Not idempotent by itself: the converter
+    writes the folded multipliers as 1 in the output's config.json, so a second
+    conversion folds 1."""
+
+    regex: str
+    factor: float | tuple[float, ...]
+    what: str = ""
+    name = "scale"
+
+    def __post_init__(self):
+        self.pattern = re.compile(self.regex)
+
+    def plan(self, step: Step, meta: Meta) -> Meta:
+        if meta.dtype not in FLOAT_DTYPES:
+            raise LedgerError(f"tensor '{meta.name}': {meta.dtype}, expected a float tensor to scale")
+        f = self.factor
+        if isinstance(f, tuple):
+            if not meta.shape or meta.shape[0] != len(f):
+                raise LedgerError(
+                    f"tensor '{meta.name}': shape {list(meta.shape)}, expected {len(f)} rows to scale one by one",
+                    "config.json and the weights disagree; check the sizes in config.json",
+                )
+        if step.scale is not None or step.add is not None or step.stack is not None or step.split is not None:
+            raise LedgerError(f"tensor '{meta.name}': a scaled tensor cannot also be scaled again, offset, stacked or split")
+        if f == 1.0:
+            return meta
+        step.scale = f
+        shown = f"{f:g}" if not isinstance(f, tuple) else "per row (" + ", ".join(f"{v:g}" for v in sorted(set(f))) + ")"
+        step.actions.append(f"scale by {shown} ({self.what or 'fold a multiplier'})")
+        step.applied.append(self.name)
+        return meta
+
+    def describe(self) -> str:
+        f = self.factor
+        shown = f"{f:g}" if not isinstance(f, tuple) else f"per row ({len(f)} factors)"
+        return f"{self.what or '/' + self.regex + '/'}: times {shown}"
+
+
+def scale_rows(x: np.ndarray, scale, r0: int = 0) -> np.ndarray:
+    """``x`` (float32, rows ``r0 ..`` of the tensor along axis 0, or a flat chunk
+    for a per-tensor scale) times ``scale`` (see :class:`Scale`)."""
+    if isinstance(scale, tuple):
+        f = np.asarray(scale[r0 : r0 + x.shape[0]], dtype=np.float32)
+        return x * f.reshape((-1,) + (1,) * (x.ndim - 1))
+    return x * np.float32(scale)
 
 
 @dataclass
@@ -488,9 +543,12 @@ def apply_transpose(raw: np.ndarray, step: Step) -> np.ndarray:
 
 
 def apply_whole(raw: np.ndarray, step: Step, dtype: str) -> tuple[np.ndarray, str]:
-    """The whole-tensor data transforms of ``step`` (transpose, then an added
-    offset, computed in float32); returns the array and its safetensors dtype."""
+    """The whole-tensor data transforms of ``step`` (transpose, then a scale,
+    then an added offset, computed in float32); returns the array and its
+    safetensors dtype."""
     raw = apply_transpose(raw, step)
+    if step.scale is not None:
+        raw, dtype = np.ascontiguousarray(scale_rows(to_float32(raw, dtype), step.scale)), "F32"
     if step.add is not None:
         return np.ascontiguousarray(to_float32(raw, dtype) + np.float32(step.add)), "F32"
     return raw, dtype
