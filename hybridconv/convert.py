@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, interrupt
 from .checkpoint import (
     CARRY_PATTERNS,
     INDEX_NAME,
@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .config import read_config
 from .converters import Architecture, layer_of, lookup
-from .converters.rules import Meta, Step, apply_whole, merge_regroups, merge_stacks, plan_tensors
+from .converters.rules import Meta, Step, apply_whole, merge_regroups, merge_stacks, plan_tensors, scale_rows
 from .errors import CheckpointError, LedgerError, OutputError, UsageError
 from .safetensors_io import (
     DTYPE_NAMES,
@@ -52,6 +52,7 @@ from .safetensors_io import (
     iter_raw_chunks,
     read_tensor,
     scan_nonfinite,
+    to_float32,
     write_all,
 )
 
@@ -121,9 +122,14 @@ def expected_parameters(arch: Architecture, config: dict) -> dict[str, tuple[int
     return {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
 
 
-def plan(source: Source, dtype: str | None = None, index: WeightIndex | None = None) -> Plan:
-    """The conversion plan; ``index`` overrides reading the headers from ``source``
-    (a Hub repo inspected through its remote headers)."""
+def plan(source: Source | str | Path, dtype: str | None = None, index: WeightIndex | None = None) -> Plan:
+    """The conversion plan of ``source`` (a :class:`Source`, a folder or a Hub repo
+    id), reading only config.json and safetensors headers; ``index`` overrides
+    reading the headers (a Hub repo inspected through its remote headers)."""
+    if not isinstance(source, Source):
+        from .checkpoint import resolve
+
+        source = resolve(str(source))
     raw = read_config(source.path)
     arch = lookup(raw)
     if raw.get("quantization") or raw.get("quantization_config"):
@@ -415,6 +421,7 @@ def _write_shards(p, tmp, progress, names, groups, weight_map, buf, nonfinite, s
         with open(shard, "rb", buffering=0) as src, open(tmp / name, "wb", buffering=0) as dst:
             write_all(dst, head)
             for run in _runs(p, its):
+                interrupt.check()  # a safe point: between tensors
                 info = p.index.tensors[run[0].step.source]
                 if len(run) > 1 or _unchanged(p, run[0]):
                     # The kernel copies the bytes; a second thread reads them (from the
@@ -428,15 +435,15 @@ def _write_shards(p, tmp, progress, names, groups, weight_map, buf, nonfinite, s
                 it = run[0]
                 s = it.step
                 if s.parts is not None or s.select is not None:  # stacked experts, split parts
-                    if _write_ranges(p, it, src, shard, dst, buf, progress):
-                        nonfinite.append(s.source)
+                    nonfinite.extend(_write_ranges(p, it, src, shard, dst, buf, progress))
                     continue
                 if it.spec is not None:  # quantize in row blocks
                     from .quant.writer import write_quantized
 
                     if write_quantized(info, it, src, dst, buf, progress):
                         nonfinite.append(info.name)
-                elif s.transpose or s.add is not None:  # conv kernels, offset norms: small, transformed whole
+                elif s.transpose or s.add is not None or isinstance(s.scale, tuple):
+                    # conv kernels, offset norms, per-row scales: small, transformed whole
                     raw = read_tensor(info, src)
                     if has_nonfinite(raw, info.dtype):
                         nonfinite.append(info.name)
@@ -447,8 +454,13 @@ def _write_shards(p, tmp, progress, names, groups, weight_map, buf, nonfinite, s
                 else:  # cast in bounded chunks
                     bad = False
                     for chunk in iter_raw_chunks(info, src, buf):
+                        interrupt.check()
                         bad = bad or has_nonfinite(chunk, info.dtype)
-                        write_all(dst, convert_raw(chunk, info.dtype, s.dtype))
+                        if s.scale is not None:  # a folded constant: float32, then one cast
+                            chunk, chunk_dtype = scale_rows(to_float32(chunk, info.dtype), s.scale), "F32"
+                        else:
+                            chunk_dtype = info.dtype
+                        write_all(dst, convert_raw(chunk, chunk_dtype, s.dtype))
                         if progress:
                             progress(chunk.nbytes, s.source)
                     if bad:
@@ -480,6 +492,7 @@ def _unchanged(p: Plan, it: WriteItem) -> bool:
     s = it.step
     return (
         it.spec is None and s.transpose is None and s.parts is None and s.select is None and s.add is None
+        and s.scale is None
         and p.index.tensors[s.source].dtype == s.dtype
     )
 
@@ -522,9 +535,9 @@ def source_ranges(p: Plan, s: Step) -> list:
     return out
 
 
-def _write_ranges(p: Plan, it: WriteItem, src, shard, dst, buf, progress) -> bool:
+def _write_ranges(p: Plan, it: WriteItem, src, shard, dst, buf, progress) -> list[str]:
     """Write a stacked or split tensor from its source ranges (cast in bounded
-    chunks, or quantized in row blocks); True if it held NaN or Inf."""
+    chunks, or quantized in row blocks); the source tensors holding NaN or Inf."""
     s = it.step
     files = {shard: src}
 
@@ -539,10 +552,11 @@ def _write_ranges(p: Plan, it: WriteItem, src, shard, dst, buf, progress) -> boo
             from .quant.writer import write_quantized_ranges
 
             return write_quantized_ranges(ranges, it, open_file, dst, progress)
-        bad = False
+        bad: list[str] = []
         for r in ranges:
             for chunk in iter_raw_chunks(r, open_file(r.file), buf):
-                bad = bad or has_nonfinite(chunk, r.dtype)
+                if r.name not in bad and has_nonfinite(chunk, r.dtype):
+                    bad.append(r.name)
                 write_all(dst, convert_raw(chunk, r.dtype, s.dtype))
                 if progress:
                     progress(chunk.nbytes, s.source)
@@ -651,7 +665,9 @@ def write_output(
         (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         files.append(CONVERSION_RECORD)
         written = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
-        _swap_into_place(tmp, out)
+        interrupt.check()
+        with interrupt.critical():  # never half-renamed
+            _swap_into_place(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(
@@ -659,7 +675,8 @@ def write_output(
             "check free space and permissions; nothing was left at the output path",
         ) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with interrupt.critical():  # clean-up runs to its end
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Result(p, out, files, written)
 

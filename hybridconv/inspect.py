@@ -34,12 +34,21 @@ def size_estimates(p: Plan) -> dict:
 
     sizes: dict = {}
     for label, code in (("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16")):
-        sizes[label] = sum(
-            math.prod(s.shape) * (4 if s.keep_float32 else ITEMSIZE[code]) for s in p.kept
-        )
+        entries = [(s.target, "F32" if s.keep_float32 else code, s.shape) for s in p.kept]
+        sizes[label] = sum(math.prod(shape) * ITEMSIZE[dt] for _, dt, shape in entries) + _header_size(entries)
     for bits in QUANT_BITS:
-        sizes[f"{bits}-bit"] = build_plan(p, validate(bits, QUANT_GROUP, "affine")).total_bits // 8
+        qp = build_plan(p, validate(bits, QUANT_GROUP, "affine"))
+        entries = [e for t in qp.tensors for e in t.entries]
+        sizes[f"{bits}-bit"] = qp.total_bits // 8 + _header_size(entries)
     return sizes
+
+
+def _header_size(entries) -> int:
+    """Bytes of the safetensors header for ``entries`` (the files also align each
+    shard's data to the source's page offset: up to 4 KB more per shard)."""
+    from .safetensors_io import header_bytes
+
+    return len(header_bytes(entries, {"format": "mlx"}))
 
 
 def describe(p: Plan) -> dict:
@@ -81,7 +90,7 @@ def describe(p: Plan) -> dict:
             for i, (kind, window) in enumerate(schedule)
         ],
         "parameters": p.parameter_count,
-        "source_tensors": len(p.steps),
+        "source_tensors": len(p.index.tensors),
         "source_bytes": p.index.total_bytes,
         "source_shards": [s.name for s in p.index.shards],
         "output_dtype": DTYPE_LABELS[p.dtype],
@@ -89,5 +98,46 @@ def describe(p: Plan) -> dict:
         "dropped": [{"tensor": s.source, "reason": s.dropped_because} for s in p.dropped],
         "estimated_output_bytes": size_estimates(p),
         "estimate_note": f"N-bit: what `hybridconv quantize --bits N` writes (affine, group size {QUANT_GROUP}; "
-        f"scales and unquantized tensors in {DTYPE_LABELS[p.dtype]}, protected tensors in float32)",
+        f"scales and unquantized tensors in {DTYPE_LABELS[p.dtype]}, protected tensors in float32); "
+        "weights and safetensors headers, within 4 KB per shard of page alignment",
+    }
+
+
+def describe_output(folder: Path) -> dict | None:
+    """What a quantized hybridconv output is (it cannot be planned again: its
+    weights are packed): architecture, quantization, size and verification, from
+    config.json, conversion.json and verification.json. None if ``folder`` is not
+    a quantized output."""
+    import json
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        record = json.loads((folder / "conversion.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or not cfg.get("quantization") or record.get("tool") != "hybridconv":
+        return None
+    quant = record.get("quantization") or {}
+    verification = None
+    try:
+        rep = json.loads((folder / "verification.json").read_text())
+        verification = {"verdict": rep.get("verdict"), "precision": (rep.get("model") or {}).get("precision"),
+                        "kl_mean": ((rep.get("metrics") or {}).get("overall") or {}).get("kl_mean")}
+    except (OSError, ValueError):
+        pass
+    weights = sorted(folder.glob("model*.safetensors"))
+    return {
+        "path": str(folder),
+        "kind": "quantized hybridconv output",
+        "model_type": cfg.get("model_type"),
+        "source": record.get("source"),
+        "num_hidden_layers": cfg.get("num_hidden_layers"),
+        "quantization": {k: v for k, v in cfg["quantization"].items() if not isinstance(v, (dict, bool))},
+        "layers_with_own_settings": sum(1 for v in cfg["quantization"].values() if isinstance(v, (dict, bool))),
+        "recipe": quant.get("recipe"),
+        "bits_per_weight": quant.get("bits_per_weight"),
+        "bytes": sum(f.stat().st_size for f in weights),
+        "verification": verification,
+        "next": "verify it (hybridconv verify), publish it (hybridconv upload); to convert again start from the float source",
     }

@@ -17,7 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import __version__
+from .. import interrupt
 from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, HybridconvError
+from ..interrupt import Terminated
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 quality gate failed (verify); 2 bad usage or bad input "
@@ -27,10 +29,25 @@ EXIT_CODES_HELP = (
     "(Ctrl-C); 143 terminated (SIGTERM)."
 )
 
+def _hide_flag_types() -> None:
+    """typer shows ``<bool>`` beside every on/off flag (--force, --debug, --help);
+    a flag takes no value, so its help row shows none."""
+    from typer.core import TyperOption
+
+    original = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) or getattr(self, "is_bool_flag", False) else original(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
+
 app = typer.Typer(
     name="hybridconv",
     help=(
-        "Convert hybrid Hugging Face checkpoints (PLaMo-2, RecurrentGemma) to MLX, "
+        "Convert hybrid Hugging Face checkpoints (Mamba, Mamba-2, PLaMo-2, RecurrentGemma, Jamba, Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba2, LFM2, Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear; `inspect` on any checkpoint says if it is supported) to MLX, quantize them, verify them against the PyTorch original and publish them, "
         "checking every tensor on the way.\n\n" + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
@@ -44,12 +61,9 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 
-class Terminated(BaseException):
-    """Raised by the SIGTERM handler so that cleanup (``finally``) runs."""
-
-
-def _on_sigterm(signum, frame):  # pragma: no cover - exercised via subprocess
-    raise Terminated()
+def _on_signal(signum, frame):  # pragma: no cover - exercised via subprocess
+    # Only recorded: the library raises at its next safe point (see hybridconv.interrupt).
+    interrupt.request(signum)
 
 
 def _version(value: bool):
@@ -78,9 +92,13 @@ def main() -> None:
     from . import quantize as _quantize  # noqa: F401
     from . import verify as _verify  # noqa: F401
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupt.reset()
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         rc = app(standalone_mode=False)
+        # A signal that came after the last safe point: the work finished (outputs are
+        # written atomically), but the caller asked us to stop, so say so in the code.
+        interrupt.check()
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except HybridconvError as exc:
@@ -111,3 +129,6 @@ def main() -> None:
             highlight=False,
         )
         sys.exit(70)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rich.table import Table
 
-from ..inspect import describe, inspect_plan
+from ..inspect import describe, describe_output, inspect_plan
 from . import app, console
 from .options import AllowPickleOpt, DtypeOpt, JsonOpt, RevisionOpt, SourceArg
 from .render import human_bytes
@@ -30,6 +31,25 @@ def inspect_cmd(
     size per dtype and quantization width. Fails like convert would (exit 2) when the ledger
     does not balance.
     """
+    done = describe_output(Path(source)) if Path(source).is_dir() else None
+    if done is not None:  # a quantized output: say what it is, it cannot be planned again
+        if json_out:
+            console.print_json(json.dumps(done))
+            return
+        t = Table(title=f"{done['kind']} — {done['path']}", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        for key in ("model_type", "source", "num_hidden_layers", "recipe", "bits_per_weight"):
+            t.add_row(key, str(done[key]))
+        t.add_row("quantization", ", ".join(f"{k} {v}" for k, v in done["quantization"].items())
+                  + (f" ({done['layers_with_own_settings']} layers with their own settings)" if done["layers_with_own_settings"] else ""))
+        t.add_row("weights", human_bytes(done["bytes"]))
+        v = done["verification"]
+        t.add_row("verification", "never verified" if not v else f"{v['verdict']} ({v['precision']}, KL mean {v['kl_mean']:.3g})"
+                  if v.get("kl_mean") is not None else f"{v['verdict']}")
+        t.add_row("next", done["next"])
+        console.print(t)
+        return
     info = describe(inspect_plan(source, revision, dtype.value if dtype else None, allow_pickle))
     if json_out:
         console.print_json(json.dumps(info))

@@ -31,7 +31,7 @@ DtypeOpt = Annotated[
     Optional[Dtype],
     typer.Option(
         "--dtype",
-        help="Output dtype of floating tensors [default: the checkpoint's own]. "
+        help="Output dtype of floating tensors \\[default: the checkpoint's own]. "
         "SSM parameters (A_log, D, dt_bias) stay float32 whatever this says.",
         show_default=False,
     ),
@@ -59,7 +59,7 @@ AllowPickleOpt = Annotated[
 ]
 MaxMemoryOpt = Annotated[
     Optional[str],
-    typer.Option("--max-memory", help="Memory the PyTorch reference may use, e.g. 16GB [default: the memory available now].", show_default=False),
+    typer.Option("--max-memory", help="Memory the PyTorch reference may use, e.g. 16GB \\[default: the memory available now].", show_default=False),
 ]
 
 
@@ -72,11 +72,11 @@ class Mode(str, Enum):
 
 BitsOpt = Annotated[
     Optional[int],
-    typer.Option("--bits", help="Width of quantized weights: 2, 3, 4, 5, 6 or 8 for affine; mxfp4/nvfp4: 4; mxfp8: 8 [default: 4; mxfp8: 8].", show_default=False),
+    typer.Option("--bits", help="Width of quantized weights: 2, 3, 4, 5, 6 or 8 for affine; mxfp4/nvfp4: 4; mxfp8: 8 \\[default: 4; mxfp8: 8].", show_default=False),
 ]
 GroupOpt = Annotated[
     Optional[int],
-    typer.Option("--group-size", help="Weights per scale: 32, 64 or 128 for affine [default 64]; mxfp4/mxfp8 32, nvfp4 16.", show_default=False),
+    typer.Option("--group-size", help="Weights per scale: 32, 64 or 128 for affine \\[default 64]; mxfp4/mxfp8 32, nvfp4 16.", show_default=False),
 ]
 ModeOpt = Annotated[Mode, typer.Option("--mode", help="Quantization mode (MLX).")]
 RecipeOpt = Annotated[

@@ -41,7 +41,9 @@ def upload_cmd(
     res = upload(out, repo_id, private, revision, dry_run, allow_unverified, card_template, large_folder)
     for w in res.warnings:
         err_console.print(f"[bold red on yellow] WARNING [/] {escape(w)}")
-    t = Table(title=f"{'would upload' if dry_run else 'uploaded'} to {repo_id}" + (f" @ {revision}" if revision else ""))
+    visibility = "private" if private else "public"
+    t = Table(title=f"{'would upload' if dry_run else 'uploaded'} to {repo_id}" + (f" @ {revision}" if revision else "")
+              + f" ({visibility} repository{' if created' if dry_run else ''})")
     t.add_column("file")
     t.add_column("size", justify="right")
     for name, size in res.files:
@@ -57,7 +59,7 @@ def upload_cmd(
 @app.command("release")
 def release_cmd(
     plan: Annotated[Path, typer.Argument(help="Release plan, TOML or YAML (schema: README, 'release').", show_default=False)],
-    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where variants and the reference are built [default: release-<plan name> beside the plan].", show_default=False)] = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where variants and the reference are built \\[default: release-<plan name> beside the plan].", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan: steps, sizes, what would be uploaded where.")] = False,
     no_upload: Annotated[bool, typer.Option("--no-upload", help="Build and verify, but upload nothing.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the release summary as JSON here.", show_default=False)] = None,

@@ -17,7 +17,11 @@ def human_bytes(n: float) -> str:
 def byte_progress(console, label: str):
     """A Rich progress bar over the source's bytes. Yields ``(on_plan, progress)``
     callbacks for the library: ``on_plan(plan)`` sets the total (a conversion or a
-    quantization plan), ``progress(n, tensor)`` advances."""
+    quantization plan), ``progress(n, tensor)`` advances. Not a terminal (CI logs,
+    pipes): no bar, and no blank line left where it was."""
+    if not console.is_terminal:
+        yield (lambda plan: None), (lambda n, name: None)
+        return
     from rich.progress import (
         BarColumn,
         DownloadColumn,

@@ -33,7 +33,7 @@ RandomOpt = Annotated[
     Optional[int], typer.Option("--random-tokens", help="N random tokens per sequence (no tokenizer needed).", show_default=False)
 ]
 NumSeqOpt = Annotated[
-    Optional[int], typer.Option("--num-sequences", help="How many random sequences [default: 2 without other inputs, else 1].", show_default=False)
+    Optional[int], typer.Option("--num-sequences", help="How many random sequences to run \\[default: 2 when no --prompt or --text-file is given, else 1].", show_default=False)
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random tokens.")]
 
