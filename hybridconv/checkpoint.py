@@ -307,3 +307,20 @@ def _unpickle_to_safetensors(folder: Path, pickles: list[Path], tmp: Path) -> No
     for f in folder.iterdir():
         if f.is_file() and f.suffix not in PICKLE_SUFFIXES and not f.name.endswith(".safetensors") and f.name != INDEX_NAME:
             shutil.copyfile(f, tmp / f.name)
+
+
+def read_front_matter(text: str) -> dict:
+    """The YAML front matter of a model card ({} when there is none or it is invalid):
+    read from a source's README.md by convert, written into ours by publish."""
+    import yaml
+
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        data = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}

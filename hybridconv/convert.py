@@ -341,6 +341,9 @@ class WriteItem:
     step: Step
     entries: list  # [(name, dtype, shape)]
     spec: object = None  # hybridconv.quant.modes.QuantSpec
+    # What writes the quantized parts (hybridconv.quant.writer, handed down by the
+    # quantize layer, so that this lower layer never imports it).
+    quantizer: object = None
 
 
 def _remove_stale(parent: Path, name: str) -> None:
@@ -438,9 +441,7 @@ def _write_shards(p, tmp, progress, names, groups, weight_map, buf, nonfinite, s
                     nonfinite.extend(_write_ranges(p, it, src, shard, dst, buf, progress))
                     continue
                 if it.spec is not None:  # quantize in row blocks
-                    from .quant.writer import write_quantized
-
-                    if write_quantized(info, it, src, dst, buf, progress):
+                    if it.quantizer.write_quantized(info, it, src, dst, buf, progress):
                         nonfinite.append(info.name)
                 elif s.transpose or s.add is not None or isinstance(s.scale, tuple):
                     # conv kernels, offset norms, per-row scales: small, transformed whole
@@ -549,9 +550,7 @@ def _write_ranges(p: Plan, it: WriteItem, src, shard, dst, buf, progress) -> lis
     try:
         ranges = source_ranges(p, s)
         if it.spec is not None:
-            from .quant.writer import write_quantized_ranges
-
-            return write_quantized_ranges(ranges, it, open_file, dst, progress)
+            return it.quantizer.write_quantized_ranges(ranges, it, open_file, dst, progress)
         bad: list[str] = []
         for r in ranges:
             for chunk in iter_raw_chunks(r, open_file(r.file), buf):
@@ -586,7 +585,7 @@ def _runs(p: Plan, items: list[WriteItem]) -> list[list[WriteItem]]:
 
 def _source_card(folder: Path) -> dict:
     """License and language from the source's model card, for our card."""
-    from .publish.card import read_front_matter
+    from .checkpoint import read_front_matter
 
     try:
         meta = read_front_matter((folder / "README.md").read_text(encoding="utf-8"))

@@ -16,23 +16,10 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
+from ..checkpoint import read_front_matter  # noqa: F401  (the card reads the source card's front matter)
 from ..errors import UsageError
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
-
-
-def read_front_matter(text: str) -> dict:
-    """The YAML front matter of a model card ({} when there is none or it is invalid)."""
-    if not text.startswith("---"):
-        return {}
-    end = text.find("\n---", 3)
-    if end < 0:
-        return {}
-    try:
-        data = yaml.safe_load(text[3:end])
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _json(path: Path) -> dict | None:

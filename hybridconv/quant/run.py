@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import interrupt
 from ..checkpoint import resolve, source_folder
 from ..convert import Result, WriteItem, check_output_path, plan, prepare_output, write_output
 from ..errors import UsageError
@@ -51,7 +52,9 @@ def _plan_for(src, spec, recipe, bits_for, keep, dtype) -> QuantPlan:
 
 
 def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None, allow_nonfinite: bool = False) -> Result:
-    items = [WriteItem(t.step, t.entries, t.spec) for t in qp.tensors]
+    from . import writer
+
+    items = [WriteItem(t.step, t.entries, t.spec, writer if t.spec is not None else None) for t in qp.tensors]
     entry = qp.config_entry()
     summary = qp.summary()
     config_extra = {
@@ -137,6 +140,7 @@ def search_target_kl(
     workdir = Path(tempfile.mkdtemp(prefix="hybridconv-search-", dir=parent if parent.is_dir() else None))
 
     def kl_of(i: int) -> float:
+        interrupt.check()  # a safe point: between candidates
         if i not in cache:
             qp = plans[i]
             folder = workdir / f"candidate-{i}"
@@ -167,7 +171,8 @@ def search_target_kl(
                 else:
                     lo = mid + 1
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        with interrupt.critical():
+            shutil.rmtree(workdir, ignore_errors=True)
     explored.sort(key=lambda r: r["bits_per_weight"])
     if best is None:
         return QuantResult(plans[-1], None, explored)

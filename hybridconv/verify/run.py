@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, interrupt
 from ..converters import layer_of
 from ..errors import OutputError, UsageError
 from ..hashing import weights_hash
@@ -71,7 +71,7 @@ def verify_folder(
     """Compare ``out`` against a computed or loaded :class:`Reference`."""
     import mlx.core as mx
 
-    import hybridconv
+    from ..loading import load
 
     out = Path(out)
     arch, config = load_config(out)
@@ -122,7 +122,7 @@ def verify_folder(
             "and one bucket for the rest of the vocabulary, a lower bound of the full KL"
         )
     try:
-        model = hybridconv.load(out, activation_dtype=activation_dtype)
+        model = load(out, activation_dtype=activation_dtype)
     except WeightMismatchError as exc:
         # A conversion that produced weights the model cannot even take is a failed
         # verification, localised to the block of the offending tensor.
@@ -140,6 +140,7 @@ def verify_folder(
     sq_ref = np.zeros(n_blocks)
     stats, per_seq, decode_rows = [], [], []
     for s, ids in enumerate(reference.sequences):
+        interrupt.check()  # a safe point: between sequences
         if progress:
             progress(f"sequence {s + 1}/{len(reference.sequences)}")
         hidden: list = [] if have_hidden else None
@@ -263,6 +264,7 @@ def _decode_check(model, ids: np.ndarray, k: int, ref_out: dict) -> dict:
     model(mx.array(ids[None, : T - k]), cache=cache)
     rows = []
     for t in range(T - k, T):
+        interrupt.check()
         rows.append(np.array(model(mx.array(ids[None, t : t + 1]), cache=cache)[0, 0].astype(mx.float32)))
     got = np.stack(rows)
     ref_rows = {key: v[T - k :] for key, v in ref_out.items()}
@@ -276,6 +278,7 @@ def _decode_check(model, ids: np.ndarray, k: int, ref_out: dict) -> dict:
 
 def write_report(report: dict, path: Path) -> None:
     path = Path(path)
+    interrupt.check()  # no report from an interrupted run
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.partial")
