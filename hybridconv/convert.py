@@ -197,9 +197,26 @@ def check_ledger(p: Plan) -> None:
         if tuple(step.shape) != want:
             raise LedgerError(
                 f"tensor '{step.source}': shape {list(step.shape)} after the rules, but the config "
-                f"implies {list(want)}",
+                f"implies {list(want)}{_implied_by(p.raw_config, tuple(step.shape), want)}",
                 "config.json and the weights disagree; check the sizes in config.json",
             )
+
+
+def _implied_by(raw: dict, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """Which config.json keys hold the sizes that disagree with the weights, so the
+    user knows what to fix: `` (hidden_size = 96)``; empty when none holds them."""
+    if len(got) != len(want):
+        return ""
+    sizes = {k: v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
+    for sub in ("text_config", "linear_attn_config"):
+        if isinstance(raw.get(sub), dict):
+            sizes.update({f"{sub}.{k}": v for k, v in raw[sub].items() if isinstance(v, int) and not isinstance(v, bool)})
+    named = []
+    for g, w in zip(got, want):
+        if g != w:
+            keys = [k for k, v in sizes.items() if v == w]
+            named.append(" or ".join(f"{k} = {w}" for k in keys[:3]) if keys else f"{w} (derived from several sizes)")
+    return f" ({'; '.join(named)}; the weights have {', '.join(str(g) for g, w in zip(got, want) if g != w)})" if named else ""
 
 
 # --- running ---------------------------------------------------------------------------
