@@ -69,14 +69,12 @@ def verify_bf16_and_4bit(src: Path, tmp: Path) -> dict:
     conversion and a default 4-bit quantization of ``src`` against the
     transformers reference. Returns the two reports.
 
-    bf16 must pass. 4-bit must pass every gate but one: the random-weight
+    bf16 and 4-bit must both pass with the default gates. The random-weight
     oracle models predict a near-uniform distribution (reference perplexity
-    close to the vocabulary size, median top-2 logit gap ~0.1), so top-1
-    agreement at 4 bits is a coin toss between near-tied tokens (0.5-0.75
-    across input seeds on all three fixtures) while the mean KL stays ~20x
-    under its 4-bit gate. Where ``min_top1`` is the only failure, the test
-    checks that this is the situation (near-uniform reference, KL far under
-    its gate) instead of hiding it with another seed."""
+    close to the vocabulary size, median top-2 logit gap ~0.1): all-token top-1
+    agreement at 4 bits is a coin toss between near-tied tokens (0.5-0.75), so
+    verify gates top-1/top-5 on decisive tokens only (best two logits >= 0.5
+    nats apart) and measures the rest by KL."""
     source = resolve(str(src))
     cfg = json.loads((src / "config.json").read_text())
     inputs = build_inputs(source.path, cfg["vocab_size"], random_tokens=24, num_sequences=2, seed=1)
@@ -90,13 +88,7 @@ def verify_bf16_and_4bit(src: Path, tmp: Path) -> dict:
     for name, folder in (("bf16", bf16), ("q4", q4)):
         report = verify_folder(folder, ref).report
         reasons = report["failure_reasons"]
-        if name == "q4" and reasons and all(r.startswith("min_top1") for r in reasons):
-            o, gates = report["metrics"]["overall"], report["thresholds"]
-            assert o["perplexity_ref"] > 0.75 * cfg["vocab_size"], o["perplexity_ref"]
-            assert o["kl_mean"] < gates["max_kl_mean"] / 10 and o["kl_p99"] < gates["max_kl_p99"] / 10
-            assert o["top5_overlap"] >= gates["min_top5"]
-        else:
-            assert report["verdict"] == "pass", (name, reasons)
+        assert report["verdict"] == "pass", (name, reasons)
         assert [b["kind"] for b in report["blocks"]] == ref.block_kinds
         reports[name] = report
     return reports

@@ -222,19 +222,17 @@ def test_bf16_passes_verify(reference, tmp_path):
 
 
 def test_default_4bit_passes_verify(reference, tmp_path):
-    """Default quantization (4 bits, group 64) passes verify's 4-bit KL gates
-    (measured: mean KL 0.024 vs gate 0.15). The top-1 / top-5 agreement gates
-    are waived for this fixture, with the measurement: its next-token
-    distributions are nearly uniform (mean entropy 5.45 nats of the maximum
-    5.55, mean top-2 logit gap 0.13 — every fixtures/hybrids case is alike), so
-    the rank of the top tokens is rounding noise: measured top-1 agreement 0.35
-    at 4 bits, 0.925 at 8 bits (KL 2e-4), 0.96 in bf16."""
+    """Default quantization (4 bits, group 64) passes verify with its default
+    4-bit gates (measured: mean KL 0.024 vs gate 0.15). This fixture's
+    next-token distributions are nearly uniform (mean entropy 5.45 nats of the
+    maximum 5.55, mean top-2 logit gap 0.13), so verify's top-1/top-5 gates see
+    few decisive tokens (best two logits >= 0.5 nats apart) or none; all-token
+    top-1 agreement here is 0.35 at 4 bits, 0.925 at 8 bits, 0.96 in bf16."""
     from hybridconv.quant.run import quantize
     from hybridconv.verify.run import verify_folder
 
     quantize(str(hybrid_case(CASE)), tmp_path / "q4")
-    report = verify_folder(tmp_path / "q4", reference,
-                           gate_overrides={"min_top1": 0.0, "min_top5": 0.0}).report
+    report = verify_folder(tmp_path / "q4", reference).report
     assert report["verdict"] == "pass", report["failure_reasons"]
     assert report["model"]["precision"] == "4bit"
     assert report["metrics"]["overall"]["kl_mean"] < 0.05

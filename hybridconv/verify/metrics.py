@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-# Top-1 / top-5 agreement is gated only over *decisive* tokens: those where the
-# reference's two best logits differ by at least this many nats (p1 >= 1.65 p2).
-# Where the reference is nearly indifferent between its best tokens (random tiny
-# models are nearly uniform: a top-2 gap of 0.1 nats), which one ranks first is
-# rounding noise of any low-precision build; KL measures those tokens instead.
+# Top-1 / top-5 agreement is gated only over *decisive* tokens. For top-1: the
+# reference's best two logits differ by at least DECISIVE_GAP nats (p1 >= 1.65 p2);
+# for top-5: its 5th and 6th best do (the set of five is then well defined).
+# Where the reference is nearly indifferent between tokens (random tiny models are
+# nearly uniform: a top-2 gap of 0.1 nats), their ranks are rounding noise of any
+# low-precision build; KL measures those tokens instead. An agreement estimated
+# from fewer than MIN_DECISIVE tokens is noise too: the gate is then skipped.
 DECISIVE_GAP = 0.5
+MIN_DECISIVE = 16
 
 # Position buckets for KL along the sequence: recurrent errors grow with position.
 BUCKETS = [(0, 16), (16, 64), (64, 256), (256, 1024), (1024, 4096), (4096, None)]
@@ -36,7 +39,7 @@ def token_stats(ref: dict, got: np.ndarray, ids: np.ndarray) -> dict:
     ``token_logprobs`` [T]. Works through the tokens in blocks of :data:`ROWS`."""
     T = got.shape[0]
     parts = [_token_stats_rows(ref, got, ids, lo, min(T, lo + ROWS)) for lo in range(0, T, ROWS)]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ("kl", "top1", "top5", "decisive", "max_abs", "sum_abs", "n_abs")}
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("kl", "top1", "top5", "decisive", "decisive5", "max_abs", "sum_abs", "n_abs")}
     out["ref_nll"] = np.concatenate([p["ref_nll"] for p in parts])[: T - 1]
     out["mlx_nll"] = np.concatenate([p["mlx_nll"] for p in parts])[: T - 1]
     return out
@@ -53,10 +56,12 @@ def _token_stats_rows(ref: dict, got_all: np.ndarray, ids: np.ndarray, lo: int, 
         lp = log_softmax(rl)
         out["kl"] = (np.exp(lp) * (lp - lq)).sum(-1)
         diff = np.abs(rl - got)
-        ref_top = np.argsort(-rl, axis=-1)[:, :5]
+        order = np.argsort(-rl, axis=-1)
+        ref_top = order[:, :5]
         ref_nll = -lp[np.arange(R), nxt]
-        best2 = np.take_along_axis(rl, ref_top[:, :2], axis=-1)
-        gap = best2[:, 0] - best2[:, 1]
+        best = np.take_along_axis(rl, order[:, :6], axis=-1)
+        gap = best[:, 0] - best[:, 1]
+        gap5 = best[:, 4] - best[:, 5] if best.shape[1] > 5 else np.full(R, np.inf)
     else:
         idx = np.asarray(ref["topk_indices"][lo:hi])
         tl = np.asarray(ref["topk_logits"][lo:hi], dtype=np.float64)
@@ -71,11 +76,13 @@ def _token_stats_rows(ref: dict, got_all: np.ndarray, ids: np.ndarray, lo: int, 
         ref_nll = -np.asarray(ref["token_logprobs"][lo:hi], dtype=np.float64)
         # a top-1 file cannot tell the gap: every token counts as decisive
         gap = tl[:, 0] - tl[:, 1] if tl.shape[1] > 1 else np.full(R, np.inf)
+        gap5 = tl[:, 4] - tl[:, 5] if tl.shape[1] > 5 else np.full(R, np.inf)
     got_top = np.argsort(-got, axis=-1)[:, :5]
     out["top1"] = ref_top[:, 0] == got_top[:, 0]
     k = min(5, ref_top.shape[1])
     out["top5"] = np.array([len(set(ref_top[t, :k]) & set(got_top[t, :k])) / k for t in range(R)])
     out["decisive"] = gap >= DECISIVE_GAP
+    out["decisive5"] = gap5 >= DECISIVE_GAP
     out["max_abs"] = diff.max(-1)
     out["sum_abs"] = diff.sum(-1)
     out["n_abs"] = np.full(R, diff.shape[-1])
@@ -94,6 +101,7 @@ def summarise(stats: list[dict]) -> dict:
     ppl_ref = float(np.exp(ref_nll.mean())) if ref_nll.size else float("nan")
     ppl_mlx = float(np.exp(mlx_nll.mean())) if mlx_nll.size else float("nan")
     decisive = np.concatenate([s["decisive"] for s in stats])
+    decisive5 = np.concatenate([s["decisive5"] for s in stats])
     top1 = np.concatenate([s["top1"] for s in stats])
     top5 = np.concatenate([s["top5"] for s in stats])
     buckets = []
@@ -114,8 +122,9 @@ def summarise(stats: list[dict]) -> dict:
         "top1_agreement": float(np.mean(top1)),
         "top5_overlap": float(np.mean(top5)),
         "decisive_tokens": int(decisive.sum()),
+        "decisive_tokens_top5": int(decisive5.sum()),
         "top1_agreement_decisive": float(np.mean(top1[decisive])) if decisive.any() else None,
-        "top5_overlap_decisive": float(np.mean(top5[decisive])) if decisive.any() else None,
+        "top5_overlap_decisive": float(np.mean(top5[decisive5])) if decisive5.any() else None,
         "perplexity_ref": ppl_ref,
         "perplexity_mlx": ppl_mlx,
         "perplexity_ratio": ppl_mlx / ppl_ref if ppl_ref else float("nan"),

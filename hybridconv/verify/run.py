@@ -4,11 +4,20 @@ Order of work (memory): the reference outputs are computed first and kept
 (logits in memory, block outputs on disk), the torch model is freed, and only
 then is the MLX model loaded; block outputs are compared one block at a time.
 
-The report (``verification.json``; schema ``hybridconv.verification/1``,
+The same inputs, metrics and gates run once per *runtime*: hybridconv's own
+model and, when asked, mlx-lm's model of the same folder (``mlx_lm.utils.
+load_model``: what people who download the output run). Each runtime's model
+is loaded after the previous one is freed. mlx-lm's result is one of pass,
+fail (with its metrics), ``cannot load`` or ``cannot run`` (with mlx-lm's own
+message); its models expose no block outputs, so its blocks are not compared.
+
+The report (``verification.json``; schema ``hybridconv.verification/2``,
 documented in the README) holds the tool and library versions, the source and
-its revision, a hash of OUT's weights, the inputs, the thresholds, the metrics
-(overall and per sequence), the per-block table, the decode check, every gate
-with its value, and the verdict.
+its revision, a hash of OUT's weights, the inputs, the thresholds, and per
+runtime the metrics (overall and per sequence), the per-block table, the
+decode check, every gate with its value and the runtime's verdict; the top
+level repeats hybridconv's result and the overall verdict (hybridconv's, and
+every runtime required with ``require``).
 """
 
 from __future__ import annotations
@@ -26,11 +35,21 @@ from ..errors import OutputError, UsageError
 from ..hashing import weights_hash
 from ..loading import WeightMismatchError, load_config
 from .gates import Gates, gates_for, precision_of
-from .metrics import DECISIVE_GAP, relative_error, summarise, token_stats
+from .metrics import DECISIVE_GAP, MIN_DECISIVE, relative_error, summarise, token_stats
 from .reference import Reference
 
-SCHEMA = "hybridconv.verification/1"
+SCHEMA = "hybridconv.verification/2"
 REPORT_NAME = "verification.json"
+# Who runs OUT: hybridconv's own model (hybridconv.load) and mlx-lm's model of
+# the same folder (mlx_lm.utils.load_model, what `mlx_lm.load` users get).
+RUNTIMES = ("hybridconv", "mlx-lm")
+
+
+def available_runtimes() -> tuple[str, ...]:
+    """The runtimes installed here (mlx-lm is optional)."""
+    import importlib.util
+
+    return tuple(r for r in RUNTIMES if r == "hybridconv" or importlib.util.find_spec("mlx_lm") is not None)
 
 
 @dataclass
@@ -67,12 +86,24 @@ def verify_folder(
     decode_steps: int = 8,
     progress: Callable[[str], None] | None = None,
     activation_dtype: str | None = None,
+    runtimes: tuple[str, ...] | list[str] = ("hybridconv",),
+    require: tuple[str, ...] | list[str] = (),
 ) -> Outcome:
-    """Compare ``out`` against a computed or loaded :class:`Reference`."""
-    import mlx.core as mx
+    """Compare ``out`` against a computed or loaded :class:`Reference`, once per
+    runtime in ``runtimes`` (:data:`RUNTIMES`; the reference is computed once).
 
-    from ..loading import load
-
+    The report's top level holds hybridconv's result (the conversion's verdict);
+    ``report["runtimes"]`` holds every runtime's. The verdict is ``pass`` when
+    hybridconv's runtime passes and so does every runtime in ``require``; another
+    runtime failing is reported, not a failure."""
+    runtimes = tuple(dict.fromkeys(runtimes))
+    require = tuple(dict.fromkeys(require))
+    bad = [r for r in (*runtimes, *require) if r not in RUNTIMES]
+    if bad or not runtimes:
+        raise UsageError(f"unknown runtime {', '.join(map(repr, bad)) or '(none)'}; expected one of {', '.join(RUNTIMES)}")
+    missing = [r for r in require if r not in runtimes]
+    if missing:
+        raise UsageError(f"runtime {', '.join(missing)} is required but not run", "add it to the runtimes run (--runtime all)")
     out = Path(out)
     arch, config = load_config(out)
     precision = precision_of(out)
@@ -121,21 +152,136 @@ def verify_folder(
             f"the reference file stores the top {top_k} logits per token: KL is computed over those "
             "and one bucket for the rest of the vocabulary, a lower bound of the full KL"
         )
+    results: dict = {}
+    for name in runtimes:
+        interrupt.check()
+        say = (lambda msg, _n=name: progress(f"{_n}: {msg}")) if progress else None
+        if name == "hybridconv":
+            results[name] = _run_hybridconv(out, reference, gates, decode_steps, say, activation_dtype, top_k)
+        else:
+            results[name] = _run_mlx_lm(out, arch, config, reference, gates, decode_steps, say, top_k)
+    primary = "hybridconv" if "hybridconv" in results else runtimes[0]
+    report["runtime"] = primary
+    main = results[primary]
+    for key in PRIMARY_KEYS:
+        if key in main:
+            report[key] = main[key]
+    report["verdict"] = main["verdict"]
+    report["failure_reasons"] = list(main["failure_reasons"])
+    report["required_runtimes"] = list(require)
+    for name in require:
+        if name != primary and results[name]["verdict"] != "pass":
+            r = results[name]
+            why = "; ".join(r["failure_reasons"]) or r["verdict"]
+            report["verdict"] = "fail"
+            report["failure_reasons"].append(f"required runtime {name}: {r['verdict']}: {why}")
+    report["runtimes"] = results
+    return Outcome(report)
+
+
+# The keys of one runtime's result that are also written at the top level of
+# the report for the primary runtime (hybridconv's, as in schema /1).
+PRIMARY_KEYS = ("metrics", "blocks", "block_comparison", "first_divergent_block", "decode", "checks", "skipped_gates")
+
+
+def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dtype, top_k) -> dict:
+    from ..loading import load
+
+    head = {"runtime": "hybridconv", "version": __version__, "loader": "hybridconv.load"}
     try:
         model = load(out, activation_dtype=activation_dtype)
     except WeightMismatchError as exc:
         # A conversion that produced weights the model cannot even take is a failed
         # verification, localised to the block of the offending tensor.
-        report.update(
-            metrics=None, blocks=[], decode=None, checks=[],
-            first_divergent_block=layer_of(exc.parameter),
-            verdict="fail", failure_reasons=[exc.message],
-        )
-        return Outcome(report)
+        return {**head, "metrics": None, "blocks": [], "decode": None, "checks": [],
+                "first_divergent_block": layer_of(exc.parameter), "verdict": "fail",
+                "message": exc.message, "failure_reasons": [exc.message]}
+    try:
+        return {**head, **_compare(model, model.block_kinds(), reference, gates, decode_steps, progress, top_k)}
+    finally:
+        del model
+        _free()
 
-    kinds = model.block_kinds()
-    n_blocks = len(kinds)
-    have_hidden = reference.hidden_files is not None
+
+class _MlxLmModel:
+    """mlx-lm's model behind the interface the comparison uses (call with a cache,
+    ``make_cache``); it exposes no per-block outputs."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, inputs, cache=None, hidden_states=None):
+        return self.model(inputs, cache=cache)
+
+    def make_cache(self):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+
+def _run_mlx_lm(out, arch, config, reference, gates, decode_steps, progress, top_k) -> dict:
+    """mlx-lm's result on OUT: what ``mlx_lm.load`` users get. Any error it raises
+    while loading or computing is its verdict (``cannot load`` / ``cannot run``),
+    never a failure of this command."""
+    import importlib.metadata as md
+
+    try:
+        version = md.version("mlx-lm")
+    except md.PackageNotFoundError:
+        version = None
+    support = arch.mlx_lm_support(config)
+    head = {"runtime": "mlx-lm", "version": version, "loader": "mlx_lm.utils.load_model",
+            "expected": {"status": support.status, "reason": support.reason, "measured_with": support.measured_with}}
+    empty = {"metrics": None, "blocks": [], "decode": None, "checks": [], "first_divergent_block": None,
+             "block_comparison": "not available: mlx-lm's models expose no per-block outputs"}
+    if version is None:
+        return {**head, **empty, "verdict": "not run", "message": "mlx-lm is not installed",
+                "failure_reasons": ["mlx-lm is not installed"]}
+    try:
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(Path(out))
+    except Exception as exc:  # noqa: BLE001  (whatever mlx-lm raises is what its users see)
+        msg = _message(exc)
+        return {**head, **empty, "verdict": "cannot load", "message": msg,
+                "failure_reasons": [f"mlx-lm cannot load {out.name}: {msg}"]}
+    wrapped = _MlxLmModel(model)
+    try:
+        result = _compare(wrapped, None, reference, gates, decode_steps, progress, top_k)
+    except Exception as exc:  # noqa: BLE001
+        msg = _message(exc)
+        return {**head, **empty, "verdict": "cannot run", "message": msg,
+                "failure_reasons": [f"mlx-lm loads {out.name} but fails computing it: {msg}"]}
+    finally:
+        del model, wrapped
+        _free()
+    result["block_comparison"] = empty["block_comparison"]
+    return {**head, **result}
+
+
+def _message(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__
+
+
+def _free() -> None:
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+
+
+def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int, progress, top_k) -> dict:
+    """One runtime's metrics, block table, decode check and gates against the
+    reference. ``kinds``: the block kinds when the model reports block outputs
+    (``hidden_states``), else None."""
+    import mlx.core as mx
+
+    report: dict = {}
+    n_blocks = len(kinds) if kinds is not None else 0
+    have_hidden = reference.hidden_files is not None and kinds is not None
     sq_diff = np.zeros(n_blocks)
     sq_ref = np.zeros(n_blocks)
     stats, per_seq, decode_rows = [], [], []
@@ -189,18 +335,20 @@ def verify_folder(
         for row in per_seq:
             row["top5_overlap"] = row["top5_overlap_decisive"] = None
         skipped.append({"gate": "min_top5", "reason": f"the reference file stores only the top {top_k} logits"})
-    decisive_note = (
-        f"no token where the reference's two best logits differ by {DECISIVE_GAP} nats or more "
-        "(a nearly uniform next-token distribution): which token ranks first is noise there; KL measures it"
-    )
-    for gate, key, threshold in (("min_top1", "top1_agreement_decisive", gates.min_top1),
-                                 ("min_top5", "top5_overlap_decisive", gates.min_top5)):
+    for gate, key, count, which in (
+        ("min_top1", "top1_agreement_decisive", "decisive_tokens", "best two logits"),
+        ("min_top5", "top5_overlap_decisive", "decisive_tokens_top5", "5th and 6th best logits"),
+    ):
         if any(sk["gate"] == gate for sk in skipped):
             continue
-        if overall[key] is None:
-            skipped.append({"gate": gate, "reason": decisive_note})
+        n = overall[count]
+        if n < MIN_DECISIVE:
+            skipped.append({"gate": gate, "reason": (
+                f"only {n} token(s) where the reference's {which} differ by {DECISIVE_GAP} nats or more "
+                f"(fewer than {MIN_DECISIVE}: a nearly uniform next-token distribution); ranks are noise "
+                "there, and KL measures those tokens")})
         else:
-            checks.append(_check(gate, overall[key], threshold, "min"))
+            checks.append(_check(gate, overall[key], getattr(gates, gate), "min"))
     if skipped:
         report["skipped_gates"] = skipped
     if have_hidden:
@@ -223,7 +371,7 @@ def verify_folder(
     report["failure_reasons"] = [
         f"{c['gate']}: {c['value']:.4g} vs threshold {c['threshold']:.4g}" for c in failed
     ]
-    return Outcome(report)
+    return report
 
 
 def check_same_model(reference: Reference, arch, config: dict, out: Path) -> None:
