@@ -277,3 +277,33 @@ def test_bf16_and_4bit_verify(case, tmp_path):
         # on this tiny random model; 8 bits: 0.9875. Every KL gate passes.
         assert o["kl_mean"] < report["thresholds"]["max_kl_mean"]
         assert [r.split(":")[0] for r in report["failure_reasons"]] in ([], ["min_top1"])
+
+
+FUZZ_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+             "conv_L_cache", "conv_bias", "layer_types", "full_attn_idxs", "block_multiple_of",
+             "block_ffn_dim_multiplier", "block_auto_adjust_ff_dim", "norm_eps", "rope_parameters",
+             "tie_word_embeddings", "vocab_size", "head_dim", "block_dim", "moe_intermediate_size", "num_experts",
+             "num_experts_per_tok", "num_dense_layers", "use_expert_bias", "norm_topk_prob", "routed_scaling_factor"]
+FUZZ_VALUES = [None, -1, 0, 1, "x", 10**7, [], True, 2.5, {"a": 1}, ["conv"], "<drop>"]
+
+
+@pytest.mark.parametrize("case", ["lfm2-tiny", "lfm2_moe-tiny"])
+def test_config_mutations_plan_or_fail_plainly(case, tmp_path):
+    """Every key set to odd values (or removed): the plan succeeds or fails with a
+    hybridconv error, never a crash."""
+    from hybridconv.convert import plan
+    from hybridconv.errors import HybridconvError
+
+    src = tmp_path / "src"
+    shutil.copytree(hybrid_case(case), src)
+    raw = json.loads((src / "config.json").read_text())
+    for key in FUZZ_KEYS:
+        for value in FUZZ_VALUES:
+            cfg = {k: v for k, v in raw.items() if not (k == key and value == "<drop>")}
+            if value != "<drop>":
+                cfg[key] = value
+            (src / "config.json").write_text(json.dumps(cfg))
+            try:
+                plan(resolve(str(src)))
+            except HybridconvError:
+                pass

@@ -304,6 +304,14 @@ def test_fused_expert_layout_is_split(tmp_path):
     assert any("split" in s.applied for s in res.plan.steps)
     ids, want = oracle_logits(hybrid_case(CASE))
     assert_logits_close(np.array(hybridconv.load(out)(mx.array(ids))), want)
+    # quantized from the fused layout = quantized from the per-expert one, bit for bit
+    from hybridconv.quant.run import quantize
+
+    quantize(str(src), tmp_path / "q-fused", bits=4, group_size=32)
+    quantize(str(hybrid_case(CASE)), tmp_path / "q-experts", bits=4, group_size=32)
+    a = mx.load(str(tmp_path / "q-fused" / "model.safetensors"))
+    b = mx.load(str(tmp_path / "q-experts" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
 
 
 def test_4bit_stacked_experts_equal_mlx_lm_quantization(converted, tmp_path):
@@ -332,3 +340,23 @@ def test_4bit_stacked_experts_equal_mlx_lm_quantization(converted, tmp_path):
     mine = np.array(hybridconv.load(q)(mx.array(ids)))
     np.testing.assert_allclose(mine, np.array(ours(mx.array(ids))), atol=1e-4)
     assert np.abs(mine - want).max() < 0.5 * np.abs(want).max()  # 4-bit on a tiny random model: close, not equal
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_nonfinite_expert_is_named(tmp_path, quantized):
+    from hybridconv.errors import CheckpointError
+    from hybridconv.quant.run import quantize
+
+    bad = "model.layers.2.feed_forward.experts.3.w2.weight"
+
+    def poison(w):
+        v = w[bad].copy()
+        v[1, 2] = np.nan
+        return {**w, bad: v}
+
+    src = _copy_case(tmp_path / "src", poison)
+    with pytest.raises(CheckpointError, match=bad.replace(".", r"\.")):
+        if quantized:
+            quantize(str(src), tmp_path / "q", bits=4, group_size=32)
+        else:
+            convert(str(src), tmp_path / "out", dtype="bfloat16")

@@ -32,7 +32,7 @@ def _raw(a) -> np.ndarray:
 
 def write_quantized(info, item, src, dst, buf, progress=None) -> bool:
     """Write the quantized parts of one weight; True if it held NaN or Inf."""
-    return write_quantized_ranges([info], item, lambda _: src, dst, progress)
+    return bool(write_quantized_ranges([info], item, lambda _: src, dst, progress))
 
 
 def write_quantized_ranges(ranges, item, open_file, dst, progress=None) -> bool:
@@ -41,14 +41,15 @@ def write_quantized_ranges(ranges, item, open_file, dst, progress=None) -> bool:
     last axis is ``item.step.shape[-1]``; ``open_file(path)`` gives a readable
     file. Groups run along the last axis, so a stacked ``[E, out, in]`` weight
     is quantized expert by expert, exactly as ``mx.quantize`` on the stack
-    (mlx-lm's ``QuantizedSwitchLinear``). True if the data held NaN or Inf."""
+    (mlx-lm's ``QuantizedSwitchLinear``). Returns the names of the source
+    tensors whose data held NaN or Inf."""
     import mlx.core as mx
 
     spec = item.spec
     float_dtype = getattr(mx, _MX_DTYPE[item.step.dtype])
     cols = item.step.shape[-1]
     scales, biases = [], []
-    bad = False
+    bad: list[str] = []
     for info in ranges:
         src = open_file(info.file)
         item_bytes = ITEMSIZE[info.dtype]
@@ -59,7 +60,8 @@ def write_quantized_ranges(ranges, item, open_file, dst, progress=None) -> bool:
             src.seek(info.begin + r0 * cols * item_bytes)
             raw = src.read((r1 - r0) * cols * item_bytes)
             raw_rows = raw_array(raw, info.dtype)
-            bad = bad or has_nonfinite(raw_rows, info.dtype)
+            if info.name not in bad and has_nonfinite(raw_rows, info.dtype):
+                bad.append(info.name)
             w = to_float32(raw_rows, info.dtype).reshape(r1 - r0, cols)
             parts = mx.quantize(mx.array(w).astype(float_dtype), group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
             write_all(dst, _raw(parts[0]))
