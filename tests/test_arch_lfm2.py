@@ -269,14 +269,7 @@ def test_bf16_and_4bit_verify(case, tmp_path):
     q4 = tmp_path / "q4"
     quantize(str(src.path), q4)
     report = verify_folder(q4, ref).report
-    o = report["metrics"]["overall"]
-    if case == "lfm2_moe-tiny":
-        assert report["verdict"] == "pass", report["failure_reasons"]
-    else:
-        # Measured: KL mean 0.0116 (gate 0.15) but top-1 agreement 0.575 (gate 0.7)
-        # on this tiny random model; 8 bits: 0.9875. Every KL gate passes.
-        assert o["kl_mean"] < report["thresholds"]["max_kl_mean"]
-        assert [r.split(":")[0] for r in report["failure_reasons"]] in ([], ["min_top1"])
+    assert report["verdict"] == "pass", report["failure_reasons"]
 
 
 FUZZ_KEYS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
