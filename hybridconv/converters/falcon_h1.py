@@ -22,7 +22,8 @@ Config normalisation (the published Falcon-H1 configs and transformers 5's):
   ``attention_in_multiplier``, ``attention_out_multiplier``,
   ``key_multiplier``, ``ssm_in_multiplier``, ``ssm_out_multiplier``,
   ``ssm_multipliers`` (5), ``mlp_multipliers`` (2)): validated finite numbers,
-  written as data and applied by the model where transformers applies them.
+  kept in the written config as data, with ``multipliers_folded: true``
+  (below).
 * ``time_step_limit`` (transformers' ``{"__float__": "Infinity"}`` encoding or
   numbers) written as ``[low, null]`` / ``[low, high]`` (``null``: no limit).
 * ``hidden_act`` must be ``silu`` (the MLP and the conv activation).
@@ -31,12 +32,40 @@ Tensor rules: ``drop`` rotary ``inv_freq`` buffers and a tied
 ``lm_head.weight``; ``conv1d-to-mlx`` for ``mamba.conv1d.weight``
 (``K = mamba_d_conv``); ``keep-float32`` ``A_log``, ``D``, ``dt_bias`` (the
 decay ``exp(Δ·A)`` compounds a bf16 rounding of ``A_log`` over every step);
-everything else cast to ``--dtype``, names unchanged. The multipliers are not
-folded into the weights here: the output computes the reference function in
-hybridconv (measured in tests/test_arch_falcon_h1.py); mlx-lm applies its
-own folding only to weights in the PyTorch conv layout and ignores every
-multiplier on an MLX-layout folder (see the README row for the measured
-difference).
+everything else cast to ``--dtype``, names unchanged.
+
+Folding the multipliers (``scale`` rules, float32 then one cast or quantized
+after scaling). Each multiplier multiplies the input or the output of one
+linear map, so it moves into that map exactly up to rounding:
+
+=================================  =========================================
+``model.embed_tokens.weight``      × ``embedding_multiplier``
+``lm_head.weight`` (untied)        × ``lm_head_multiplier``
+``self_attn.q_proj / v_proj``      weight × ``attention_in_multiplier``
+``self_attn.k_proj``               weight × ``attention_in · key_multiplier``,
+                                   bias × ``key_multiplier``
+``self_attn.o_proj``               weight, bias × ``attention_out_multiplier``
+``mamba.in_proj``                  row ``r`` of the weight ×
+                                   ``ssm_in_multiplier · mup[r]``, of the bias
+                                   × ``mup[r]`` (``mup``: ``ssm_multipliers``
+                                   over ``[z | x | B | C | dt]``)
+``mamba.out_proj``                 weight, bias × ``ssm_out_multiplier``
+``feed_forward.gate_proj``         weight, bias × ``mlp_multipliers[0]``
+``feed_forward.down_proj``         weight, bias × ``mlp_multipliers[1]``
+=================================  =========================================
+
+With tied embeddings the shared matrix carries ``embedding_multiplier`` and the
+head multiplies by ``lm_head_multiplier / embedding_multiplier`` at run time
+(what mlx-lm does for a tied head). The output says ``multipliers_folded:
+true``; a source that says so is not folded again, so converting an output
+again changes nothing. Why fold rather than apply at run time (hybridconv's
+model can do either): mlx-lm reads an MLX-layout folder without applying any
+multiplier (its own folding runs only on PyTorch-layout weights, and misses
+``key_multiplier`` and ``v_proj``'s input multiplier); folded, the output
+computes the reference function in both runtimes (measured in
+tests/test_arch_falcon_h1.py). What folding cannot fix in mlx-lm: its gated
+RMSNorm ignores ``mamba_n_groups`` (``mamba_rms_norm`` with groups > 1) and
+it ignores ``time_step_limit``.
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
@@ -45,9 +74,9 @@ the conv1d kernels and biases, every norm weight (the input / pre-FF / final
 RMSNorms and the mixer's gated norm when ``mamba_rms_norm``). Quantized
 (:data:`ROLES`): embeddings and head, ``in_proj`` / ``out_proj``, the attention
 projections and the MLP. Sensitive (wider in mixed recipes): embeddings, head,
-``in_proj`` (all inputs of the recurrence) and the MLP ``down_proj``. The
-multipliers scale whole activations and are exact constants in the config,
-untouched by quantization.
+``in_proj`` (all inputs of the recurrence) and the MLP ``down_proj``.
+Folded multipliers are quantized with their weights (the rows are scaled
+before the groups are formed).
 """
 
 from __future__ import annotations
@@ -57,7 +86,7 @@ from ..errors import ConfigError
 from ..models import falcon_h1 as model_module
 from .bamba import parse_time_step_limit, rope_theta
 from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, KeepFloat32, Rule
+from .rules import ConvToMLX, Drop, KeepFloat32, Rule, Scale
 
 MULTIPLIERS = (
     "embedding_multiplier",
@@ -152,10 +181,48 @@ def normalize_config(raw: dict) -> dict:
             raise ConfigError(f"config.json: '{key}' must be a list of {n} numbers, found {value!r}")
         cfg[key] = [pick({key: v}, key, kind=float) for v in value]
     cfg.pop("layers_block_type", None)  # every layer is hybrid; nothing to state
+    # The weights written carry the multipliers (folded); whether *this*
+    # conversion folds them depends on the source (see the module docstring).
+    cfg[FOLD] = not pick(raw, FOLDED, default=False, kind=bool)
+    cfg[FOLDED] = True
     return cfg
 
 
 SSM_FLOAT32 = r"\.mamba\.(A_log|D|dt_bias)$"
+FOLDED = "multipliers_folded"  # written config: the weights carry the multipliers
+FOLD = "_fold_multipliers"  # this conversion folds them (the source has FOLDED unset); not written
+
+
+def mup_vector(cfg: dict) -> tuple[float, ...]:
+    """``ssm_multipliers`` spread over ``in_proj``'s output rows ``[z | x | B | C | dt]``."""
+    d, gn, h = cfg["mamba_d_ssm"], cfg["mamba_n_groups"] * cfg["mamba_d_state"], cfg["mamba_n_heads"]
+    widths = (d, d, gn, gn, h)
+    return tuple(m for w, m in zip(widths, cfg["ssm_multipliers"]) for _ in range(w))
+
+
+def fold_rules(cfg: dict) -> list[Rule]:
+    """Each multiplier into the weights (and biases) of the linear map whose input or
+    output it scales, exactly where transformers applies it (see the model docstring)."""
+    m = cfg
+    a_in, key, gate, down = m["attention_in_multiplier"], m["key_multiplier"], *m["mlp_multipliers"]
+    mup = mup_vector(cfg)
+    L = r"^model\.layers\.\d+\."
+    out = [
+        Scale(r"^model\.embed_tokens\.weight$", m["embedding_multiplier"], "embedding_multiplier"),
+        Scale(L + r"self_attn\.(q|v)_proj\.weight$", a_in, "attention_in_multiplier"),
+        Scale(L + r"self_attn\.k_proj\.weight$", a_in * key, "attention_in_multiplier · key_multiplier"),
+        Scale(L + r"self_attn\.k_proj\.bias$", key, "key_multiplier"),
+        Scale(L + r"self_attn\.o_proj\.(weight|bias)$", m["attention_out_multiplier"], "attention_out_multiplier"),
+        Scale(L + r"mamba\.in_proj\.weight$", tuple(m["ssm_in_multiplier"] * v for v in mup),
+              "ssm_in_multiplier · ssm_multipliers per segment"),
+        Scale(L + r"mamba\.in_proj\.bias$", mup, "ssm_multipliers per segment"),
+        Scale(L + r"mamba\.out_proj\.(weight|bias)$", m["ssm_out_multiplier"], "ssm_out_multiplier"),
+        Scale(L + r"feed_forward\.gate_proj\.(weight|bias)$", gate, "mlp_multipliers[0]"),
+        Scale(L + r"feed_forward\.down_proj\.(weight|bias)$", down, "mlp_multipliers[1]"),
+    ]
+    if not cfg["tie_word_embeddings"]:  # tied: the head keeps lm_head_multiplier / embedding_multiplier
+        out.append(Scale(r"^lm_head\.weight$", m["lm_head_multiplier"], "lm_head_multiplier"))
+    return out
 
 
 def rules(cfg: dict) -> list[Rule]:
@@ -164,6 +231,8 @@ def rules(cfg: dict) -> list[Rule]:
         out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
     out.append(ConvToMLX(r"\.mamba\.conv1d\.weight$", cfg["mamba_d_conv"], "Mamba-2 conv1d weights"))
     out.append(KeepFloat32(SSM_FLOAT32, "SSM decay parameters: rounding compounds over every step", "A_log, D, dt_bias"))
+    if cfg.get(FOLD):
+        out += fold_rules(cfg)
     return out
 
 

@@ -45,11 +45,18 @@ read from config.json (default 1) and applied exactly where transformers'
 Since RoPE and the dot product are linear in ``k``, the key multiplier is the
 same as multiplying the attention logit scale by it; it is applied that way
 (``scale = head_dim^-1/2 · key_multiplier``), which is exact up to float
-rounding. Every multiplier scales the input or output of one linear map, so
-each could equally be folded into that map's weights (the converter may do so
-and then write the multiplier as 1): with tied embeddings, folding
-``embedding_multiplier`` into the shared matrix divides the head's multiplier
-by it.
+rounding.
+
+Folded multipliers (``multipliers_folded``). Every multiplier scales the input
+or output of one linear map, so it can be folded into that map's weight (and
+bias), exactly up to float rounding; the converter does so (see
+:mod:`hybridconv.converters.falcon_h1`) and writes ``multipliers_folded:
+true`` with the multipliers kept in the config as data. The model then applies
+none of them (:func:`applied`), except that with tied embeddings the shared
+matrix carries ``embedding_multiplier``, so the head multiplies by
+``lm_head_multiplier / embedding_multiplier`` — which is what mlx-lm's
+Falcon-H1 computes for a tied head, and the reason a folded output runs right
+in mlx-lm too.
 
 The Mamba-2 mixer (Dao & Gu, 2024, arXiv:2405.21060)
 ----------------------------------------------------
@@ -79,7 +86,7 @@ the published models; only the default rope type exists for Falcon-H1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import mlx.core as mx
@@ -127,11 +134,27 @@ class ModelArgs:
     ssm_out_multiplier: float = 1.0
     ssm_multipliers: list = field(default_factory=lambda: [1.0] * 5)
     mlp_multipliers: list = field(default_factory=lambda: [1.0, 1.0])
+    multipliers_folded: bool = False  # the weights already carry the multipliers
+
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelArgs":
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
+def applied(args: ModelArgs) -> ModelArgs:
+    """The multipliers still to apply at run time: all of them, or, when the
+    converter folded them into the weights (``multipliers_folded``), none but
+    the tied head's ``lm_head_multiplier / embedding_multiplier`` (the shared
+    matrix carries ``embedding_multiplier``)."""
+    if not args.multipliers_folded:
+        return args
+    one = {k: 1.0 for k in ("embedding_multiplier", "attention_in_multiplier", "attention_out_multiplier",
+                            "key_multiplier", "ssm_in_multiplier", "ssm_out_multiplier")}
+    head = args.lm_head_multiplier / args.embedding_multiplier if args.tie_word_embeddings else 1.0
+    return replace(args, **one, lm_head_multiplier=head, ssm_multipliers=[1.0] * 5, mlp_multipliers=[1.0, 1.0],
+                   multipliers_folded=False)
 
 
 def layer_schedule(args: ModelArgs) -> list[str]:
@@ -230,6 +253,7 @@ class Model(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        args = applied(args)
         self.args = args
         self.model_type = args.model_type
         self.model = FalconH1Model(args)

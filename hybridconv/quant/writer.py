@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..converters.rules import scale_rows
 from ..safetensors_io import (
     CHUNK_BYTES,
     ITEMSIZE,
@@ -63,6 +64,8 @@ def write_quantized_ranges(ranges, item, open_file, dst, progress=None) -> bool:
             if info.name not in bad and has_nonfinite(raw_rows, info.dtype):
                 bad.append(info.name)
             w = to_float32(raw_rows, info.dtype).reshape(r1 - r0, cols)
+            if item.step.scale is not None:  # a folded constant (rules.Scale), before quantizing
+                w = scale_rows(w, item.step.scale, r0)
             parts = mx.quantize(mx.array(w).astype(float_dtype), group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
             write_all(dst, _raw(parts[0]))
             scales.append(_raw(parts[1]))
