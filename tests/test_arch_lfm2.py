@@ -188,16 +188,17 @@ def test_ffn_width_rule_matches_transformers():
 
 def _published(raw: dict) -> dict:
     """A transformers-5 config rewritten into the layout of Liquid AI's published
-    configs: full_attn_idxs, block_dim, block_ff_dim, tie_embedding, top-level
-    rope_theta, num_heads, block_norm_eps."""
-    cfg = {k: v for k, v in raw.items()
-           if k not in ("layer_types", "rope_parameters", "tie_word_embeddings", "norm_eps", "num_attention_heads")}
+    configs (transformers 4.54 era): full_attn_idxs instead of layer_types,
+    block_dim, block_ff_dim instead of intermediate_size, tie_embedding, top-level
+    rope_theta, the duplicate num_heads / block_norm_eps, and keys nothing reads."""
+    cfg = {k: v for k, v in raw.items() if k not in ("layer_types", "rope_parameters", "tie_word_embeddings")}
     cfg["full_attn_idxs"] = [i for i, t in enumerate(raw["layer_types"]) if t == "full_attention"]
     cfg["rope_theta"] = raw["rope_parameters"]["rope_theta"]
     cfg["tie_embedding"] = raw["tie_word_embeddings"]
     cfg["block_dim"] = raw["hidden_size"]
     cfg["num_heads"] = raw["num_attention_heads"]
     cfg["block_norm_eps"] = raw["norm_eps"]
+    cfg.update(block_use_swiglu=True, conv_dim=raw["hidden_size"], use_pos_enc=True)
     if raw["model_type"] == "lfm2":
         cfg["block_ff_dim"] = cfg.pop("intermediate_size")
     return cfg
@@ -214,6 +215,12 @@ def test_published_config_layout(case, tmp_path):
     ids, want = oracle_logits(hybrid_case(case))
     assert_logits_close(np.array(hybridconv.load(out)(mx.array(ids))), want)
     assert_logits_close(_mlx_lm(out, ids), want)
+    # the aliases alone (no num_attention_heads / norm_eps) are enough for hybridconv
+    raw = json.loads((src / "config.json").read_text())
+    del raw["num_attention_heads"], raw["norm_eps"]
+    (src / "config.json").write_text(json.dumps(raw))
+    convert(str(src), tmp_path / "out2", dtype="float32")
+    assert_logits_close(np.array(hybridconv.load(tmp_path / "out2")(mx.array(ids))), want)
 
 
 @pytest.mark.parametrize("edit,match", [
