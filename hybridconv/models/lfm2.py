@@ -16,12 +16,12 @@ Layer schedule
 --------------
 ``layer_types[i]`` is ``"conv"`` or ``"full_attention"`` (transformers 5); the
 configs published with the checkpoints give ``full_attn_idxs`` (the attention
-layers) instead. The published LFM2 models use about one attention layer for
-every two or three convolution layers; any order is accepted.
+layers) instead. LFM2-1.2B has 16 layers, 10 convolution and 6 attention;
+any order is accepted.
 
-The gated short-convolution operator (Liquid AI, "LFM2 Technical Report", 2025;
-the "Hyena"-style gated convolution of Poli et al. 2023 with a short kernel)
---------------------------------------------------------------------------------
+The gated short-convolution operator (Liquid AI, "Introducing LFM2", 2025; a
+"Hyena"-style gated convolution, Poli et al. 2023, with a short kernel)
+-------------------------------------------------------------------------
 With ``D = hidden_size`` and kernel length ``L = conv_L_cache``::
 
     B, C, x̃ = split(in_proj(x), 3)             # three D-wide streams
