@@ -189,7 +189,7 @@ def test_cli_exit_codes_and_report(fixtures_dir, converted, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((good / "verification.json").read_text())
     assert report == json.loads((tmp_path / "v.json").read_text())
-    assert report["verdict"] == "pass" and report["schema"] == "hybridconv.verification/1"
+    assert report["verdict"] == "pass" and report["schema"] == "hybridconv.verification/2"
     for key in ("tool", "libraries", "model", "reference", "inputs", "thresholds", "metrics",
                 "blocks", "decode", "checks", "first_divergent_block", "verdict"):
         assert key in report

@@ -44,6 +44,30 @@ class Protected:
 
 
 @dataclass(frozen=True)
+class MlxLm:
+    """What mlx-lm does with hybridconv's output of a config, known before any
+    conversion: ``computes`` (opens it and computes the reference's function),
+    ``differs`` (opens it, computes something else), ``depends`` (differs only
+    where the weights or inputs reach a case it treats differently),
+    ``cannot open``, or ``unknown``; ``reason`` says why, ``measured_with`` the
+    mlx-lm version."""
+
+    status: str
+    reason: str = ""
+    measured_with: str | None = None
+
+    LINES = {"computes": "opens and computes it", "differs": "opens but differs",
+             "depends": "opens; may differ", "cannot open": "cannot open", "unknown": "unknown"}
+
+    def line(self) -> str:
+        head = self.LINES.get(self.status, self.status)
+        return f"{head}: {self.reason}" if self.reason else head
+
+
+NOT_MEASURED = MlxLm("unknown", "not measured")
+
+
+@dataclass(frozen=True)
 class Architecture:
     model_type: str
     architectures: tuple[str, ...]
@@ -53,6 +77,19 @@ class Architecture:
     model_module: ModuleType  # provides ModelArgs, Model, layer_schedule
     roles: tuple[Role, ...] = field(default=())
     protected: tuple[Protected, ...] = field(default=())
+    # What mlx-lm does with the output of a normalised config (see MlxLm); when
+    # None, converters/_mlx_lm.py's entry for model_type, else "not measured".
+    mlx_lm: Callable[[dict], MlxLm] | None = None
+
+    def mlx_lm_support(self, config: dict) -> MlxLm:
+        """mlx-lm's verdict on the output of the normalised ``config``, from the config alone."""
+        check = self.mlx_lm
+        if check is None:
+            from . import _mlx_lm
+
+            check = _mlx_lm.CHECKS.get(self.model_type)
+        return check(config) if check is not None else NOT_MEASURED
+
 
     def role_of(self, name: str) -> Role | None:
         return next((r for r in self.roles if r.matches(name)), None)
