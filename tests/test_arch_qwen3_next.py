@@ -275,6 +275,21 @@ def test_qwen3_5_moe_fused_experts(tmp_path):
     assert_logits_close(np.array(hybridconv.load(out)(mx.array(ids))), ref)
 
 
+def test_dense_qwen3_next(tmp_path):
+    """num_experts = 0: every layer a SwiGLU MLP (transformers allows it)."""
+    from transformers import Qwen3NextForCausalLM
+
+    cfg = _qwen3_next_config(num_hidden_layers=2, num_experts=0, mlp_only_layers=[],
+                             layer_types=["linear_attention", "full_attention"])
+    src, out, ids, ref = _convert_unseen(tmp_path, cfg, Qwen3NextForCausalLM, T=20, seed=7)
+    model = hybridconv.load(out)
+    assert all(type(layer.mlp).__name__ == "MLP" for layer in model.layers)
+    assert_logits_close(np.array(model(mx.array(ids))), ref)
+    # mlx-lm's sanitize folds the norm offset only when it finds per-expert
+    # tensors, so it reads a *converted* dense folder (offset folded, no experts) right.
+    assert_logits_close(mlx_lm_logits(out, ids), ref)
+
+
 def test_config_errors():
     base = json.loads((hybrid_case("qwen3_next-tiny") / "config.json").read_text())
     with pytest.raises(ConfigError, match="layer_types"):

@@ -170,12 +170,16 @@ def normalize_text(raw: dict, model_type: str, architecture: str, moe: str) -> d
     cfg["layer_types"] = _layer_types(text, n)
     cfg["full_attention_interval"] = interval_of(cfg["layer_types"]) or 4
 
-    if moe == "none":
+    experts = 0 if moe == "none" else pick(text, "num_experts", default=512, kind=int)
+    if experts < 0 or (moe == "all" and experts == 0):
+        raise ConfigError(f"config.json: 'num_experts' must be {'positive' if moe == 'all' else '>= 0'}, found {experts}")
+    if experts == 0:  # dense: every layer a SwiGLU MLP (the MoE keys mlx-lm requires, written inert)
         cfg["intermediate_size"] = req("intermediate_size")
-        cfg["num_experts"] = 0
+        cfg.update(num_experts=0, num_experts_per_tok=1, moe_intermediate_size=0, shared_expert_intermediate_size=0,
+                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
     else:
-        defaults = {"num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
-                    "shared_expert_intermediate_size": 512}
+        cfg["num_experts"] = experts
+        defaults = {"num_experts_per_tok": 10, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512}
         for name, d in defaults.items():
             cfg[name] = positive(name, pick(text, name, default=d, kind=int))
         if cfg["num_experts_per_tok"] > cfg["num_experts"]:
