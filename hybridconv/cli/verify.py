@@ -82,6 +82,17 @@ def verify_cmd(
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not write OUT/verification.json.")] = False,
     max_memory: MaxMemoryOpt = None,
     allow_pickle: AllowPickleOpt = False,
+    runtime: Annotated[
+        Optional[str],
+        typer.Option("--runtime", metavar="hybridconv|mlx-lm|all", help="Who runs OUT: hybridconv (its own model), mlx-lm (mlx_lm.utils.load_model, "
+                     "what mlx_lm.load users get) or all \\[default: all when mlx-lm is installed, else hybridconv].",
+                     show_default=False),
+    ] = None,
+    require_runtime: Annotated[
+        Optional[list[str]],
+        typer.Option("--require-runtime", metavar="RUNTIME", help="Make this runtime's failure a failure of the command (exit 1), e.g. "
+                     "mlx-lm for pipelines that publish for mlx-lm users (repeatable).", show_default=False),
+    ] = None,
 ):
     """Check that OUT computes the same function as the original checkpoint.
 
@@ -92,10 +103,34 @@ def verify_cmd(
     diverges), and a decode check through the caches. Gates depend on OUT's precision
     (float32, bf16/fp16, N-bit) and can be overridden.
 
-    Exit codes: 0 pass; 1 a gate failed; 2 bad usage or input.
+    With --runtime all (the default when mlx-lm is installed) the same inputs and gates
+    also run through mlx-lm's model of OUT (the reference runs once): its result (pass,
+    fail with its metrics, or cannot load / cannot run with mlx-lm's message) is reported
+    loudly but is not a failure of the conversion unless --require-runtime mlx-lm.
+
+    Exit codes: 0 pass (hybridconv's runtime and every --require-runtime); 1 a gate
+    failed; 2 bad usage or input.
     """
     from ..verify.reference import read_reference_file
-    from ..verify.run import REPORT_NAME, verify_folder, write_report
+    from ..verify.run import REPORT_NAME, RUNTIMES, available_runtimes, verify_folder, write_report
+
+    have = available_runtimes()
+    if runtime in (None, "all"):
+        runtimes = have
+    elif runtime in RUNTIMES:
+        runtimes = (runtime,)
+    else:
+        raise UsageError(f"--runtime {runtime!r}: expected one of {', '.join(RUNTIMES)} or all")
+    require = tuple(dict.fromkeys(require_runtime or ()))
+    for name in (*runtimes, *require):
+        if name not in RUNTIMES:
+            raise UsageError(f"--require-runtime {name!r}: expected one of {', '.join(RUNTIMES)}")
+        if name not in have:
+            raise UsageError(f"runtime {name}: mlx-lm is not installed", "pip install mlx-lm")
+    not_run = [r for r in require if r not in runtimes]
+    if not_run:
+        raise UsageError(f"--require-runtime {', '.join(not_run)}: not run with --runtime {runtime}",
+                         "use --runtime all")
 
     if (reference is None) == (reference_logits is None):
         raise UsageError("pass exactly one of --reference SOURCE or --reference-logits FILE")
@@ -114,7 +149,8 @@ def verify_cmd(
     overrides = dict(max_kl_mean=max_kl_mean, max_kl_p99=max_kl_p99, min_top1=min_top1,
                      min_top5=min_top5, max_block_error=max_block_error)
     with console.status("running the MLX model"):
-        outcome = verify_folder(out, ref, gate_overrides=overrides, decode_steps=decode_steps)
+        outcome = verify_folder(out, ref, gate_overrides=overrides, decode_steps=decode_steps,
+                                runtimes=runtimes, require=require)
     report = outcome.report
     if not no_report:
         write_report(report, out / REPORT_NAME)
@@ -178,10 +214,40 @@ def render(report: dict) -> None:
     fdb = report.get("first_divergent_block")
     if fdb is not None:
         console.print(f"first divergent block: [bold red]{fdb}[/]")
+    render_runtimes(report)
     if report["verdict"] == "pass":
         console.print("[bold green]PASS[/]")
     else:
         console.print("[bold red]FAIL[/]: " + escape("; ".join(report["failure_reasons"])))
+
+
+def render_runtimes(report: dict) -> None:
+    """One row per runtime; a loud note for a runtime other than hybridconv that
+    does not pass (what people who load OUT with it get)."""
+    runs = report.get("runtimes") or {}
+    if len(runs) < 2 and all(n == report.get("runtime", "hybridconv") for n in runs):
+        return
+    t = Table(title="runtimes")
+    for col in ("runtime", "version", "verdict", "KL mean", "max |Δlogit|"):
+        t.add_column(col, justify="right" if col in ("KL mean", "max |Δlogit|") else "left")
+    for name, r in runs.items():
+        o = (r.get("metrics") or {}).get("overall") or {}
+        color = "green" if r["verdict"] == "pass" else "red"
+        t.add_row(name, str(r.get("version") or "-"), f"[{color}]{r['verdict']}[/]",
+                  "-" if o.get("kl_mean") is None else f"{o['kl_mean']:.3g}",
+                  "-" if o.get("max_abs_logit_diff") is None else f"{o['max_abs_logit_diff']:.3g}")
+    console.print(t)
+    required = set(report.get("required_runtimes") or ())
+    for name, r in runs.items():
+        if name == report.get("runtime", "hybridconv") or r["verdict"] == "pass":
+            continue
+        why = r.get("message") or "; ".join(r.get("failure_reasons") or [])
+        expected = (r.get("expected") or {}).get("reason")
+        tail = ("[bold red]required (--require-runtime): the verification fails[/]" if name in required
+                else f"not a failure of the conversion (--require-runtime {name} makes it one)")
+        console.print(f"[bold yellow]WARNING: {name} {r['verdict']}[/]: " + escape(why)
+                      + (f"\n  known: {escape(expected)}" if expected else "")
+                      + f"\n  people who load this folder with {name} do not get the reference's function; {tail}")
 
 
 @app.command("reference")
