@@ -74,3 +74,13 @@ def mlx_lm_max_diff(out: Path, ids: np.ndarray, ref: np.ndarray) -> float:
 
     model, _ = load_model(Path(out))
     return float(np.abs(np.array(model(mx.array(ids)).astype(mx.float32)) - ref).max())
+
+
+def mlx_lm_agrees(out: Path, ids: np.ndarray) -> float:
+    """max |Δlogit| between hybridconv's and mlx-lm's model on the same output
+    folder (e.g. a quantized one: same weights, same quantized layers)."""
+    from mlx_lm.utils import load_model
+
+    ours = np.array(hybridconv.load(out)(mx.array(ids)).astype(mx.float32))
+    theirs = np.array(load_model(Path(out))[0](mx.array(ids)).astype(mx.float32))
+    return float(np.abs(ours - theirs).max())

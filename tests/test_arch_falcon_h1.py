@@ -14,6 +14,7 @@ from hybridconv.errors import ConfigError
 
 from .arch_checks import (
     convert_matches,
+    mlx_lm_agrees,
     mlx_lm_max_diff,
     prefill_equals_decode,
     transformers_case,
@@ -141,6 +142,9 @@ def test_unseen(name, tmp_path):
 def test_bf16_and_4bit_verify(tmp_path):
     reports = verify_bf16_and_q4(hybrid_case(CASE), tmp_path)
     assert reports["q4"]["model"]["precision"] == "4bit"
+    # mlx-lm opens the 4-bit output and computes what hybridconv computes
+    ids, _ = oracle_logits(hybrid_case(CASE))
+    assert mlx_lm_agrees(tmp_path / "q4", ids) < 1e-4
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from hybridconv.converters.nemotron_h import normalize_config
@@ -14,6 +15,7 @@ from hybridconv.errors import ConfigError
 
 from .arch_checks import (
     convert_matches,
+    mlx_lm_agrees,
     mlx_lm_max_diff,
     prefill_equals_decode,
     transformers_case,
@@ -107,9 +109,30 @@ def test_unseen(name, tmp_path):
         assert diff > 0.05, diff
 
 
+def test_stacked_expert_source(tmp_path):
+    """Experts saved already stacked (transformers' in-memory ``experts.up_proj``
+    ``[E, I, H]`` layout) convert to the same model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(hybrid_case(CASE), src)
+    tensors = load_file(str(src / "model.safetensors"))
+    for proj in ("up_proj", "down_proj"):
+        names = [f"backbone.layers.1.mixer.experts.{e}.{proj}.weight" for e in range(4)]
+        tensors[f"backbone.layers.1.mixer.experts.{proj}"] = np.stack([tensors.pop(n) for n in names])
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    ids, ref = oracle_logits(hybrid_case(CASE))
+    convert_matches(src, tmp_path / "out", ids, ref)
+
+
 def test_bf16_and_4bit_verify(tmp_path):
     reports = verify_bf16_and_q4(hybrid_case(CASE), tmp_path)
     assert reports["q4"]["model"]["precision"] == "4bit"
+    # mlx-lm opens the 4-bit output and computes what hybridconv computes
+    ids, _ = oracle_logits(hybrid_case(CASE))
+    assert mlx_lm_agrees(tmp_path / "q4", ids) < 1e-4
 
 
 def _raw():
