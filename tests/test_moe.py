@@ -360,3 +360,14 @@ def test_nonfinite_expert_is_named(tmp_path, quantized):
             quantize(str(src), tmp_path / "q", bits=4, group_size=32)
         else:
             convert(str(src), tmp_path / "out", dtype="bfloat16")
+
+
+def test_switch_mlp_names():
+    from mlx.utils import tree_flatten
+
+    a = SwitchMLP(8, 4, 3)
+    b = SwitchMLP(8, 4, 3, names=("fc1", "fc2"))
+    assert {n for n, _ in tree_flatten(b.parameters())} == {"fc1.weight", "fc2.weight"}
+    b.update({"fc1": a.up_proj.parameters(), "fc2": a.down_proj.parameters()})
+    x, inds = mx.random.normal((2, 5, 8)), mx.random.randint(0, 3, (2, 5, 2)).astype(mx.uint32)
+    assert mx.array_equal(a(x, inds), b(x, inds)).item()

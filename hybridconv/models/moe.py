@@ -219,17 +219,22 @@ def relu2(x: mx.array) -> mx.array:
 
 
 class SwitchMLP(nn.Module):
-    """Non-gated experts: ``down(act(up(x)))`` per chosen expert."""
+    """Non-gated experts: ``down(act(up(x)))`` per chosen expert. ``names``: the
+    (up, down) parameter names — ``("fc1", "fc2")`` for mlx-lm's Nemotron-H."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, activation=relu2, bias: bool = False):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, activation=relu2, bias: bool = False,
+                 names: tuple[str, str] = ("up_proj", "down_proj")):
         super().__init__()
-        self.up_proj = SwitchLinear(hidden, intermediate, num_experts, bias)
-        self.down_proj = SwitchLinear(intermediate, hidden, num_experts, bias)
+        self._up, self._down = names
+        setattr(self, self._up, SwitchLinear(hidden, intermediate, num_experts, bias))
+        setattr(self, self._down, SwitchLinear(intermediate, hidden, num_experts, bias))
         self.activation = activation
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        up, down = getattr(self, self._up), getattr(self, self._down)
+
         def body(h, idx, s):
-            return self.down_proj(self.activation(self.up_proj(h, idx, s)), idx, s)
+            return down(self.activation(up(h, idx, s)), idx, s)
 
         return _run_experts(x, indices, body)
 
