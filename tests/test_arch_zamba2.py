@@ -42,11 +42,13 @@ def test_oracle_case_shared_block_once_and_decode(oracle):
     prefill_equals_decode(model, ids, prefill=10)
 
 
-def test_mlx_lm_cannot_load(oracle):
-    from mlx_lm.utils import load_model
+def test_mlx_lm_has_no_zamba2():
+    """mlx-lm resolves a model type to ``mlx_lm.models.<model_type>``; there is none
+    for zamba2, so ``mlx_lm.utils.load_model`` refuses the output."""
+    import importlib.util
 
-    with pytest.raises(ValueError, match="zamba2"):
-        load_model(oracle[1])
+    assert importlib.util.find_spec("mlx_lm") is not None
+    assert importlib.util.find_spec("mlx_lm.models.zamba2") is None
 
 
 def _config(**over):
