@@ -6,6 +6,12 @@ with YAML front matter per Hub conventions: ``library_name: mlx``,
 ``base_model`` (when the source is a Hub repo), ``base_model_relation:
 quantized`` for quantized weights, ``tags`` (``mlx``, the architecture,
 ``hybridconv``), and ``license`` / ``language`` copied from the source's card.
+
+The "Runtimes" section comes from the verification report: one row per runtime
+that ran the weights (hybridconv, mlx-lm) with its verdict and mean KL. The
+"Use with mlx-lm" snippet appears only where mlx-lm passed; otherwise a plain
+warning says what mlx-lm does with these weights (cannot load them, or
+computes another function, and why) and points to hybridconv.
 """
 
 from __future__ import annotations
@@ -33,6 +39,62 @@ def _table(rows: list[tuple[str, str]], head: tuple[str, str] = ("setting", "val
     lines = [f"| {head[0]} | {head[1]} |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)
+
+
+MLX_LM_SNIPPET = """## Use with mlx-lm
+
+```sh
+pip install mlx-lm
+```
+
+```python
+from mlx_lm import load, generate
+
+model, tokenizer = load("{repo_id}")
+print(generate(model, tokenizer, prompt="Hello", max_tokens=64))
+```"""
+
+
+def _runtimes(report: dict | None) -> dict:
+    """{runtime: result} of a verification report (schema /2), or hybridconv's
+    alone from an older report."""
+    if not report:
+        return {}
+    runs = report.get("runtimes")
+    if isinstance(runs, dict) and runs:
+        return runs
+    return {"hybridconv": {"runtime": "hybridconv", "verdict": report.get("verdict"), "metrics": report.get("metrics"),
+                           "version": (report.get("tool") or {}).get("version")}}
+
+
+def runtimes_section(report: dict | None, repo_id: str) -> tuple[str, str]:
+    """(the Runtimes table, the mlx-lm section: its usage snippet if mlx-lm passed, else a warning)."""
+    runs = _runtimes(report)
+    rows = []
+    for name, r in runs.items():
+        kl = ((r.get("metrics") or {}).get("overall") or {}).get("kl_mean")
+        rows.append(f"| {name} | {r.get('version') or '-'} | {r.get('verdict') or '-'} | "
+                    f"{'-' if kl is None else f'{kl:.3g}'} |")
+    if "mlx-lm" not in runs:
+        rows.append("| mlx-lm | - | not checked | - |")
+    table = "\n".join(["| runtime | version | verdict | KL mean |", "|---|---|---|---|", *rows])
+    r = runs.get("mlx-lm")
+    if r and r.get("verdict") == "pass":
+        return table, MLX_LM_SNIPPET.replace("{repo_id}", repo_id)
+    if r is None:
+        what = "mlx-lm was not checked against the reference for these weights"
+    elif r.get("verdict") in ("cannot load", "cannot run", "not run"):
+        what = f"mlx-lm {r['verdict']} these weights ({r.get('message') or 'no message'})"
+    else:
+        kl = ((r.get("metrics") or {}).get("overall") or {}).get("kl_mean")
+        what = ("mlx-lm loads these weights but computes a different function"
+                + (f" (mean KL {kl:.3g} from the reference)" if kl is not None else ""))
+    why = ((r or {}).get("expected") or {}).get("reason")
+    if why and (r or {}).get("verdict") != "pass":
+        what += f": {why}"
+    warning = (f"> **Warning: not for mlx-lm.** {what}. Load them with hybridconv (below), "
+               "which computes the original model's function.")
+    return table, "## mlx-lm\n\n" + warning
 
 
 def render_card(out: Path, repo_id: str | None, template: Path | None = None, unverified: bool = False) -> str:
@@ -112,7 +174,10 @@ def render_card(out: Path, repo_id: str | None, template: Path | None = None, un
         variant = f"{b['mode']} {b['bits']}-bit quantized" if b["mode"] == "affine" else f"{b['mode']} quantized"
     else:
         variant = f"in {record.get('dtype', 'float')}"
+    runtimes_table, mlx_lm_section = runtimes_section(report, repo_id or out.name)
     values = {
+        "runtimes_table": runtimes_table,
+        "mlx_lm_section": mlx_lm_section,
         "title": repo_id or out.name,
         "repo_id": repo_id or out.name,
         "source": source if source_is_repo else f"{Path(source).name} (a local folder)",
