@@ -39,7 +39,8 @@ Attention
 ---------
 Grouped-query attention (``q_proj`` … ``o_proj``, never biased) with
 ``head_dim`` from the config and **no position embedding** at all (NoPE: the
-Mamba layers carry position); full causal.
+Mamba layers carry position); full causal (a ``sliding_window`` in the
+config is ignored by transformers, and here).
 
 MLP and MoE
 -----------
