@@ -89,6 +89,7 @@ def describe(p: Plan) -> dict:
             {"index": i, "kind": kind, "window": window}
             for i, (kind, window) in enumerate(schedule)
         ],
+        "mlx_lm": mlx_lm_support(p.arch, p.config),
         "parameters": p.parameter_count,
         "source_tensors": len(p.index.tensors),
         "source_bytes": p.index.total_bytes,
@@ -101,6 +102,13 @@ def describe(p: Plan) -> dict:
         f"scales and unquantized tensors in {DTYPE_LABELS[p.dtype]}, protected tensors in float32); "
         "weights and safetensors headers, within 4 KB per shard of page alignment",
     }
+
+
+def mlx_lm_support(arch, config: dict) -> dict:
+    """What mlx-lm does with the output of ``config`` (the architecture's statement,
+    from the normalised config alone: converters/_mlx_lm.py)."""
+    s = arch.mlx_lm_support(config)
+    return {"status": s.status, "reason": s.reason, "line": s.line(), "measured_with": s.measured_with}
 
 
 def describe_output(folder: Path) -> dict | None:
@@ -123,10 +131,22 @@ def describe_output(folder: Path) -> dict | None:
     try:
         rep = json.loads((folder / "verification.json").read_text())
         verification = {"verdict": rep.get("verdict"), "precision": (rep.get("model") or {}).get("precision"),
-                        "kl_mean": ((rep.get("metrics") or {}).get("overall") or {}).get("kl_mean")}
+                        "kl_mean": ((rep.get("metrics") or {}).get("overall") or {}).get("kl_mean"),
+                        "runtimes": {n: r.get("verdict") for n, r in (rep.get("runtimes") or {}).items()}}
     except (OSError, ValueError):
         pass
     weights = sorted(folder.glob("model*.safetensors"))
+
+    def _output_mlx_lm(cfg: dict) -> dict | None:
+        from .errors import HybridconvError
+        from .loading import load_config
+
+        try:
+            arch, config = load_config(folder)
+        except HybridconvError:
+            return None
+        return mlx_lm_support(arch, config)
+
     return {
         "path": str(folder),
         "kind": "quantized hybridconv output",
@@ -139,5 +159,6 @@ def describe_output(folder: Path) -> dict | None:
         "bits_per_weight": quant.get("bits_per_weight"),
         "bytes": sum(f.stat().st_size for f in weights),
         "verification": verification,
+        "mlx_lm": _output_mlx_lm(cfg),
         "next": "verify it (hybridconv verify), publish it (hybridconv upload); to convert again start from the float source",
     }

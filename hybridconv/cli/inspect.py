@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..inspect import describe, describe_output, inspect_plan
@@ -47,6 +48,9 @@ def inspect_cmd(
         v = done["verification"]
         t.add_row("verification", "never verified" if not v else f"{v['verdict']} ({v['precision']}, KL mean {v['kl_mean']:.3g})"
                   if v.get("kl_mean") is not None else f"{v['verdict']}")
+        measured = (v or {}).get("runtimes", {}).get("mlx-lm")
+        if done.get("mlx_lm") or measured:
+            t.add_row("mlx-lm", (f"verified: {measured}; " if measured else "") + (done["mlx_lm"] or {}).get("line", ""))
         t.add_row("next", done["next"])
         console.print(t)
         return
@@ -61,6 +65,9 @@ def inspect_cmd(
     head.add_row("parameters", f"{info['parameters']:,}")
     head.add_row("hidden / vocab", f"{info['hidden_size']} / {info['vocab_size']}")
     head.add_row("tied embeddings", str(info["tie_word_embeddings"]))
+    head.add_row("mlx-lm", escape(info["mlx_lm"]["line"]) + (
+        f" [dim](known for mlx-lm {info['mlx_lm']['measured_with']}; `hybridconv verify` measures it)[/]"
+        if info["mlx_lm"].get("measured_with") else ""))
     head.add_row("source", f"{info['source_tensors']} tensors, {human_bytes(info['source_bytes'])}, "
                  f"{len(info['source_shards'])} shard(s)")
     console.print(head)

@@ -23,6 +23,7 @@ Plan schema (TOML shown; YAML with the same keys works too)::
     name = "bf16"
     dtype = "bfloat16"                   # a float variant: convert
     repo_id = "my-org/plamo-2-1b-mlx-bf16"
+    require_runtimes = ["mlx-lm"]        # optional: fail (and do not upload) unless mlx-lm computes it too
 
     [[variants]]
     name = "4bit"
@@ -34,7 +35,9 @@ Plan schema (TOML shown; YAML with the same keys works too)::
 
 The PyTorch reference runs once; its logits (and block outputs) are stored in
 ``WORKDIR/reference.safetensors`` and every variant is verified against that
-file. Each step records a hash of what it was computed from in
+file, by every runtime installed (hybridconv, and mlx-lm when present: the
+card says what mlx-lm does with the weights); ``require_runtimes`` makes a
+runtime's failure the variant's. Each step records a hash of what it was computed from in
 ``WORKDIR/release-state.json``; a rerun skips a step whose hash and output are
 unchanged. A variant whose verification fails is never uploaded, whatever the
 others did.
@@ -51,7 +54,8 @@ from typing import Callable
 from .. import __version__
 from ..errors import HybridconvError, UsageError
 
-VARIANT_KEYS = {"name", "dtype", "bits", "group_size", "mode", "recipe", "bits_for", "keep", "repo_id", "gates"}
+VARIANT_KEYS = {"name", "dtype", "bits", "group_size", "mode", "recipe", "bits_for", "keep", "repo_id", "gates",
+                "require_runtimes"}
 GATE_KEYS = {"max_kl_mean", "max_kl_p99", "min_top1", "min_top5", "max_block_error"}
 VERIFY_KEYS = {"random_tokens", "num_sequences", "seed", "prompts", "text_files", "decode_steps", "gates", "ref_dtype"}
 
@@ -68,6 +72,7 @@ class Variant:
     bits_for: list[str] = field(default_factory=list)
     keep: list[str] = field(default_factory=list)
     gates: dict = field(default_factory=dict)
+    require_runtimes: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> bool:
@@ -220,9 +225,15 @@ def _validate(path: Path, data: dict) -> ReleasePlan:
         where = f"variant {name!r}"
         _known(path, where, v, VARIANT_KEYS)
         for k, kind in (("dtype", str), ("mode", str), ("recipe", str), ("repo_id", str),
-                        ("bits", int), ("group_size", int), ("bits_for", list), ("keep", list)):
+                        ("bits", int), ("group_size", int), ("bits_for", list), ("keep", list),
+                        ("require_runtimes", list)):
             if k in v:
                 _typed(path, where, k, v[k], kind)
+        from ..verify.run import RUNTIMES
+
+        for r in v.get("require_runtimes", []):
+            if r not in RUNTIMES:
+                raise _fail(path, f"{where}: require_runtimes entry {r!r}: expected one of {', '.join(RUNTIMES)}")
         if "dtype" in v and v["dtype"] not in FLOAT_DTYPES:
             raise _fail(path, f"{where}: dtype {v['dtype']!r}: expected one of {', '.join(FLOAT_DTYPES)}")
         if "mode" in v and v["mode"] not in MODES:
@@ -361,7 +372,7 @@ def run_release(
         summary["reference_runs"] = 1
         summary["reference"] = f"computed once: {ref_file}"
     from ..verify.reference import read_reference_file
-    from ..verify.run import REPORT_NAME, verify_folder, write_report
+    from ..verify.run import REPORT_NAME, available_runtimes, verify_folder, write_report
 
     reference = read_reference_file(ref_file)
     for v in plan.variants:
@@ -371,7 +382,8 @@ def run_release(
         out = workdir / "variants" / v.name
         try:
             # 1. build
-            build_key = _key(__version__, plan.source, src.revision, asdict(v) | {"gates": None, "repo_id": None})
+            recipe = {k: x for k, x in asdict(v).items() if k != "require_runtimes"}  # verify's business
+            build_key = _key(__version__, plan.source, src.revision, recipe | {"gates": None, "repo_id": None})
             if state.get("variants", v.name, "build") == build_key and (out / "config.json").is_file():
                 row["build"] = "skipped (unchanged)"
             else:
@@ -387,19 +399,24 @@ def run_release(
             # 2. verify, against the stored reference
             gates = {**(vcfg.get("gates") or {}), **v.gates}
             whash = weights_hash(out)
+            runtimes = available_runtimes()
             verify_key = _key(whash, ref_key, gates, vcfg.get("decode_steps", 8))
+            if runtimes != ("hybridconv",) or v.require_runtimes:  # keys of plans without them unchanged
+                verify_key = _key(verify_key, runtimes, v.require_runtimes)
             report_path = out / REPORT_NAME
             if state.get("variants", v.name, "verify") == verify_key and report_path.is_file():
                 report = json.loads(report_path.read_text())
                 row["verify"] = f"{report['verdict']} (skipped, unchanged)"
             else:
                 report = verify_folder(out, reference, gate_overrides=gates,
-                                       decode_steps=vcfg.get("decode_steps", 8)).report
+                                       decode_steps=vcfg.get("decode_steps", 8),
+                                       runtimes=runtimes, require=v.require_runtimes).report
                 write_report(report, report_path)
                 state.set(verify_key, "variants", v.name, "verify")
                 row["verify"] = report["verdict"]
             row["kl_mean"] = ((report.get("metrics") or {}).get("overall") or {}).get("kl_mean")
             row["reasons"] = report.get("failure_reasons", [])
+            row["runtimes"] = {n: r.get("verdict") for n, r in (report.get("runtimes") or {}).items()}
             log(f"{v.name}: verify {row['verify']}")
             if report["verdict"] != "pass":
                 row["upload"] = "refused (verification failed)"
