@@ -154,3 +154,22 @@ def test_unit_lower_inverse():
     assert np.abs(inv - ref).max() <= 1e-4 * np.abs(ref).max()
     with pytest.raises(ValueError, match="power of two"):
         unit_lower_inverse(mx.zeros((12, 12)))
+
+
+@pytest.mark.parametrize("sub", [4, 16, 64])
+def test_per_channel_sub_blocks_equal_direct_form(sub):
+    """The sub-blocked per-channel decay products equal the direct [C, C, Dk]
+    form, also with decays strong enough that exp(-G) would overflow."""
+    from hybridconv.models.gated_delta import _decayed_products
+
+    rng = np.random.default_rng(7)
+    C, D = 64, 8
+    x, k = (mx.array(rng.standard_normal((2, 3, C, D)).astype(np.float32)) for _ in range(2))
+    G = mx.cumsum(mx.array(-np.abs(rng.standard_normal((2, 3, C, D))).astype(np.float32) * 6.0), axis=-2)
+    (got,) = _decayed_products((x,), k, G, sub)
+    Gn, xn, kn = (np.array(t, dtype=np.float64) for t in (G, x, k))
+    diff = Gn[..., :, None, :] - Gn[..., None, :, :]
+    mask = np.tril(np.ones((C, C), bool))[..., None]
+    ref = (xn[..., :, None, :] * kn[..., None, :, :] * np.exp(np.where(mask, diff, -np.inf))).sum(-1)
+    assert np.isfinite(np.array(got)).all()
+    assert np.abs(np.array(got) - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())

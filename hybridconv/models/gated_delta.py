@@ -45,8 +45,10 @@ Everything except the ``S0`` terms is computed for all chunks at once; only the
 carry of ``S`` from chunk to chunk is a Python loop (``T / C`` iterations).
 The pairwise decays are formed as ``exp(G_i − G_j)`` masked to ``j ≤ i`` (never
 as ``exp(G_i)·exp(−G_j)``, which overflows in float32 for strong decays). For
-the per-channel (KDA) form that tensor is ``[C, C, Dk]`` per chunk and head, so
-it is built one chunk at a time inside the loop to bound memory.
+the per-channel (KDA) form they are per key channel: formed directly within
+sub-blocks of 16 steps and factored through the previous sub-block's end
+between sub-blocks (:func:`_decayed_products`), one chunk at a time inside the
+loop to bound memory.
 
 ``T`` is computed by recursive block inversion (``[[A, 0], [B, D]]⁻¹ =
 [[A⁻¹, 0], [−D⁻¹BA⁻¹, D⁻¹]]`` over block sizes 1, 2, 4, … C/2): log₂ C levels
@@ -156,6 +158,46 @@ def unit_lower_inverse(m: mx.array) -> mx.array:
     return inv[..., 0, :, :]
 
 
+SUB_CHUNK = 16  # per-channel decays: sub-blocks whose pairwise decays are formed directly
+
+
+def _decayed_products(xs, k, G, sub: int = SUB_CHUNK):
+    """For each ``x`` in ``xs``: ``P[i, j] = Σ_d x_id k_jd exp(G_id − G_jd)`` for
+    ``j ≤ i`` (0 above), ``[.., C, C]``, with ``G`` the per-channel cumulative
+    log-decay ``[.., C, Dk]``.
+
+    Within diagonal sub-blocks of ``sub`` rows the decays are formed pairwise
+    (``[sub, sub, Dk]``). For ``j`` in an earlier sub-block than ``i`` the
+    decay factors through ``r``, the last position before ``i``'s sub-block:
+    ``exp(G_i − G_j) = exp(G_i − G_r) · exp(G_r − G_j)``, both factors ≤ 1 (so
+    no overflow, unlike ``exp(G_i)·exp(−G_j)``), and the sum over channels is a
+    matmul. Same values as the direct ``[C, C, Dk]`` form, a fraction of its
+    memory and work (FLA's sub-chunking for KDA)."""
+    *lead, C, D = k.shape
+    s = min(sub, C)
+    m = C // s
+    blk = lambda t: t.reshape(*lead, m, s, D)  # noqa: E731
+    Gb, kb = blk(G), blk(k)
+    i = mx.arange(s)
+    pair = mx.exp(mx.where((i[:, None] >= i[None, :])[..., None], Gb[..., :, None, :] - Gb[..., None, :, :], -mx.inf))
+    # ref[a] = G at the last position of sub-block a - 1 (block 0 has no earlier blocks).
+    ref = mx.concatenate([mx.zeros_like(Gb[..., :1, -1:, :]), Gb[..., :-1, -1:, :]], axis=-3)  # [.., m, 1, D]
+    a_idx = mx.arange(m)
+    earlier = (a_idx[:, None] > a_idx[None, :])[:, :, None, None]  # block b before block a
+    expo = mx.where(earlier, ref[..., :, None, :, :] - Gb[..., None, :, :, :], -mx.inf)  # [.., m(a), m(b), s, D]
+    right = kb[..., None, :, :, :] * mx.exp(expo)
+    left = mx.exp(Gb - ref)  # [.., m, s, D]
+    eye = mx.eye(m)[:, :, None, None]
+    out = []
+    for x in xs:
+        xb = blk(x)
+        diag = (xb[..., :, None, :] * kb[..., None, :, :] * pair).sum(axis=-1)  # [.., m, s, s]
+        off = (xb * left)[..., :, None, :, :] @ right.swapaxes(-1, -2)  # [.., m, m, s, s]
+        full = off + eye * diag[..., :, None, :, :]
+        out.append(mx.moveaxis(full, -3, -2).reshape(*lead, C, C))
+    return out
+
+
 def _intra_chunk(q, k, v, g, beta, per_channel):
     """State-independent terms for chunks ``[b, H, n, C, ·]`` (see the module
     docstring): decayed queries, the masked intra-chunk ``q·k`` matrix, ``T(βv)``,
@@ -167,10 +209,7 @@ def _intra_chunk(q, k, v, g, beta, per_channel):
     G = mx.cumsum(g, axis=3)
     k_beta = k * beta[..., None]
     if per_channel:
-        diff = G[..., :, None, :] - G[..., None, :, :]  # [.., C, C, Dk]
-        pair = mx.exp(mx.where(causal[..., None], diff, -mx.inf))
-        A = (k_beta[..., :, None, :] * k[..., None, :, :] * pair).sum(axis=-1)
-        qk = (q[..., :, None, :] * k[..., None, :, :] * pair).sum(axis=-1)
+        A, qk = _decayed_products((k_beta, q), k, G)
         gamma = mx.exp(G)
         to_end = mx.exp(G[..., -1:, :] - G)
         chunk_decay = mx.exp(G[..., -1, :])[..., None]  # [.., Dk, 1]: scales rows of S
