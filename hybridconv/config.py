@@ -105,3 +105,113 @@ def positive(name: str, value: int) -> int:
     if value > limit:
         raise ConfigError(f"config.json: '{name}' = {value} is implausibly large (limit {limit})")
     return value
+
+
+# --- plausibility of the numbers every architecture shares -------------------------
+#
+# A config can be well typed and still describe a model that cannot compute:
+# rms_norm_eps = -1 or rope_theta = -5 convert and give NaN logits,
+# partial_rotary_factor = 4 converts and then fails to load. Checked once for every
+# architecture (the registry runs it on the raw config and on the normalised one,
+# see converters.registry.register), by key name, wherever the key sits (nested
+# rope_parameters / text_config tables included).
+
+def _rule(parent: str, key: str):
+    """(lower bound, lower inclusive, upper bound, upper inclusive, what) for a key, or None."""
+    if key.endswith(("eps", "epsilon")):
+        return 0.0, False, 1.0, False, "a small positive number (0 < eps < 1)"
+    if key in ("rope_theta", "rope_base", "rotary_emb_base"):
+        # published models use 1e4..1e8; far outside, float32 frequencies overflow
+        return 1.0, True, 1e12, True, "between 1 and 1e12 (published models use 1e4 to 1e8)"
+    if key == "partial_rotary_factor":
+        return 0.0, False, 1.0, True, "in (0, 1]: the fraction of each head's dimensions rotated"
+    if key in ("logits_soft_cap", "final_logit_softcapping", "attn_logit_softcapping", "logit_softcapping"):
+        return 0.0, False, math.inf, False, "positive (or null for no cap)"
+    if key == "factor" and parent.rsplit(".", 1)[-1] in ("rope_scaling", "rope_parameters"):
+        return 0.0, False, math.inf, False, "positive"
+    return None
+
+
+def _walk(node: dict, prefix: str = ""):
+    for k, v in node.items():
+        if not isinstance(k, str):
+            continue
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _walk(v, path + ".")
+        else:
+            yield prefix.rstrip("."), k, path, v
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_plausible(cfg: dict, normalised: bool = False) -> dict:
+    """Refuse (ConfigError, exit 2, naming the key) values no working model has:
+    epsilons outside (0, 1), rope_theta outside [1, 1e12], partial_rotary_factor outside (0, 1],
+    soft caps or RoPE scaling factors <= 0, a time_step_limit that is not
+    0 <= low < high. On the raw config only numbers are judged (a converter may
+    accept other spellings); on the ``normalised`` one a non-number is refused too."""
+    if not isinstance(cfg, dict):
+        return cfg
+    for parent, key, path, value in _walk(cfg):
+        if value is None:
+            continue
+        if key == "time_step_limit":
+            _check_time_step_limit(path, value, normalised)
+            continue
+        rule = _rule(parent, key)
+        if rule is None:
+            continue
+        if not _number(value):
+            if normalised:
+                raise ConfigError(f"config.json: '{path}' must be a number, found {value!r}")
+            continue
+        lo, lo_incl, hi, hi_incl, what = rule
+        ok = math.isfinite(value) and (value >= lo if lo_incl else value > lo) and (value <= hi if hi_incl else value < hi)
+        if not ok:
+            raise ConfigError(
+                f"config.json: '{path}' = {value!r} is implausible: expected {what}",
+                "compare config.json with the checkpoint's published one",
+            )
+    if normalised:
+        _check_rotary_dims(cfg)
+    return cfg
+
+
+def _check_rotary_dims(cfg: dict) -> None:
+    """RoPE rotates pairs: int(head_dim · partial_rotary_factor) must be even and >= 2."""
+    factor = cfg.get("partial_rotary_factor")
+    if not _number(factor):
+        return
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size_per_head")
+    if not _number(head_dim):
+        h, n = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+        if not (isinstance(h, int) and isinstance(n, int) and n > 0):
+            return
+        head_dim = h // n
+    rotary = int(head_dim * factor)
+    if rotary < 2 or rotary % 2:
+        raise ConfigError(
+            f"config.json: 'partial_rotary_factor' = {factor!r} is implausible: it rotates {rotary} of "
+            f"{head_dim} head dimensions, and RoPE needs an even number, at least 2",
+            "compare config.json with the checkpoint's published one",
+        )
+
+
+def _check_time_step_limit(path: str, value, normalised: bool) -> None:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        if normalised:
+            raise ConfigError(f"config.json: '{path}' must be [low, high], found {value!r}")
+        return
+    low, high = value
+    if not all(v is None or _number(v) for v in value):
+        return  # an encoded infinity ({"__float__": "Infinity"}) in a raw config: the converter reads it
+    low = 0.0 if low is None else low
+    high = math.inf if high is None else high
+    if math.isnan(low) or math.isnan(high) or low < 0 or not high > low:
+        raise ConfigError(
+            f"config.json: '{path}' = {list(value)!r} is implausible: expected [low, high] with 0 <= low < high",
+            "compare config.json with the checkpoint's published one",
+        )

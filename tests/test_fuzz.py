@@ -9,10 +9,13 @@ import os
 import shutil
 import struct
 
+import mlx.core as mx
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import hybridconv
 from hybridconv.checkpoint import index_weights
 from hybridconv.convert import convert
 from hybridconv.converters.recurrent_gemma import parse_block_types
@@ -106,7 +109,7 @@ KEYS = {
 @pytest.mark.parametrize("case", sorted(KEYS))
 def test_config_mutations_convert(fixtures_dir, tmp_path, case):
     @SETTINGS
-    @given(changes=st.dictionaries(st.sampled_from(KEYS[case]), json_values | st.integers(0, 10**7), min_size=1, max_size=3),
+    @given(changes=st.dictionaries(st.sampled_from(KEYS[case]), json_values | st.integers(0, 10**7) | st.floats(-8, 8), min_size=1, max_size=3),
            drop=st.lists(st.sampled_from(KEYS[case]), max_size=2))
     def check(changes, drop):
         work = tmp_path / "work"
@@ -124,7 +127,43 @@ def test_config_mutations_convert(fixtures_dir, tmp_path, case):
             convert(str(src), out)
         except HybridconvError:
             assert not out.exists()
+        else:
+            # a conversion that succeeds is a model: it loads and computes finite logits
+            logits = hybridconv.load(out)(mx.array([[1, 2, 3, 4, 5]]))
+            assert np.isfinite(np.array(logits.astype(mx.float32))).all(), (changes, drop)
         # nothing but the source and (maybe) OUT in the parent: no strays, no partials
         assert {p.name for p in work.iterdir()} <= {"src", "out"}
+
+    check()
+
+
+# The numbers every architecture shares (config.check_plausible): any value either
+# refuses to convert (exit 2, naming the key) or gives a model with finite logits.
+NUMERIC = {
+    "plamo2-tiny": ["rms_norm_eps", "rope_theta"],
+    "recurrent_gemma-tiny": ["rms_norm_eps", "rope_theta", "partial_rotary_factor", "logits_soft_cap"],
+}
+numbers = st.floats(allow_nan=True, allow_infinity=True) | st.floats(-8, 8) | st.sampled_from(
+    [0, 0.0, -1, -5, 1, 4, 1e-30, 1e30, 0.5, 2])
+
+
+@pytest.mark.parametrize("case", sorted(NUMERIC))
+def test_shared_numbers_convert_only_to_working_models(fixtures_dir, tmp_path, case):
+    base = json.loads((fixtures_dir / case / "config.json").read_text())
+
+    @settings(SETTINGS, max_examples=_N or 40)
+    @given(key=st.sampled_from(NUMERIC[case]), value=numbers)
+    def check(key, value):
+        work = tmp_path / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(fixtures_dir / case, work / "src")
+        (work / "src" / "config.json").write_text(json.dumps({**base, key: value}))
+        try:
+            convert(str(work / "src"), work / "out")
+        except HybridconvError as exc:
+            assert exc.exit_code == 2 and f"'{key}'" in exc.message, exc.message
+            return
+        logits = hybridconv.load(work / "out")(mx.array([[1, 2, 3, 4, 5, 6, 7, 8]]))
+        assert np.isfinite(np.array(logits.astype(mx.float32))).all(), (key, value)
 
     check()

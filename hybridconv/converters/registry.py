@@ -132,7 +132,26 @@ _REGISTRY: dict[str, Architecture] = {}
 
 def register(arch: Architecture) -> Architecture:
     _REGISTRY[arch.model_type] = arch
+    _check_numbers(arch)
     return arch
+
+
+def _check_numbers(arch: Architecture) -> None:
+    """Every architecture's normalisation also refuses implausible shared values
+    (epsilons, rope_theta, partial_rotary_factor, ...: config.check_plausible), in
+    the raw config and in the normalised one, so no converter has to remember to."""
+    from ..config import check_plausible
+
+    inner = arch.normalize_config
+    if getattr(inner, "_checks_plausible", False):
+        return
+
+    def normalize_config(raw: dict) -> dict:
+        check_plausible(raw)
+        return check_plausible(inner(raw), normalised=True)
+
+    normalize_config._checks_plausible = True
+    object.__setattr__(arch, "normalize_config", normalize_config)  # frozen dataclass: wrap in place
 
 
 def supported() -> list[Architecture]:

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import __version__
+from .. import __version__, interrupt
 from ..errors import HybridconvError, UsageError
 
 VARIANT_KEYS = {"name", "dtype", "bits", "group_size", "mode", "recipe", "bits_for", "keep", "repo_id", "gates",
@@ -294,8 +294,9 @@ class _State:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
         tmp = self.path.with_name(self.path.name + ".partial")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        with interrupt.critical():  # the state file is never half-written
+            tmp.write_text(json.dumps(self.data, indent=2))
+            tmp.replace(self.path)
 
 
 def run_release(
@@ -376,6 +377,7 @@ def run_release(
 
     reference = read_reference_file(ref_file)
     for v in plan.variants:
+        interrupt.check()  # a safe point: between variants
         row = {"name": v.name, "repo_id": v.repo_id, "build": "", "verify": "", "upload": "", "kl_mean": None,
                "bytes": None, "reasons": []}
         summary["variants"].append(row)
@@ -396,6 +398,7 @@ def run_release(
                 row["build"] = "built"
             row["bytes"] = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
             log(f"{v.name}: {row['build']}")
+            interrupt.check()
             # 2. verify, against the stored reference
             gates = {**(vcfg.get("gates") or {}), **v.gates}
             whash = weights_hash(out)
@@ -418,6 +421,7 @@ def run_release(
             row["reasons"] = report.get("failure_reasons", [])
             row["runtimes"] = {n: r.get("verdict") for n, r in (report.get("runtimes") or {}).items()}
             log(f"{v.name}: verify {row['verify']}")
+            interrupt.check()
             if report["verdict"] != "pass":
                 row["upload"] = "refused (verification failed)"
                 row["failed"] = True

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, interrupt
 from ..checkpoint import Source, index_weights
 from ..config import read_config
 from ..converters import lookup
@@ -190,22 +190,30 @@ def compute_reference(
     # vocabulary are gigabytes per sequence.
     tmp = tempfile.TemporaryDirectory(prefix="hybridconv-ref-")
     outputs, hidden_files = [], []
-    for s, ids in enumerate(inputs.sequences):
-        hidden: list = []
-        logits = run(ids, hidden)
-        path = Path(tmp.name) / f"seq{s}-logits.npy"
-        np.save(path, logits[0].float().numpy())
-        outputs.append({"logits": np.load(path, mmap_mode="r")})
-        if keep_hidden:
-            files = []
-            for b, h in enumerate(hidden):
-                path = Path(tmp.name) / f"seq{s}-block{b}.npy"
-                np.save(path, h[0].float().numpy())
-                files.append(path)
-            hidden_files.append(files)
-        del hidden, logits
-        if progress:
-            progress(s + 1)
+    try:
+        for s, ids in enumerate(inputs.sequences):
+            interrupt.check()  # a safe point: between sequences
+            hidden: list = []
+            logits = run(ids, hidden)
+            path = Path(tmp.name) / f"seq{s}-logits.npy"
+            np.save(path, logits[0].float().numpy())
+            outputs.append({"logits": np.load(path, mmap_mode="r")})
+            if keep_hidden:
+                files = []
+                for b, h in enumerate(hidden):
+                    path = Path(tmp.name) / f"seq{s}-block{b}.npy"
+                    np.save(path, h[0].float().numpy())
+                    files.append(path)
+                hidden_files.append(files)
+            del hidden, logits
+            if progress:
+                progress(s + 1)
+        interrupt.check()
+    except BaseException:
+        outputs.clear()  # drop the memory maps before their files go
+        with interrupt.critical():
+            tmp.cleanup()
+        raise
     del run
     gc.collect()  # free the torch model before anything MLX is loaded
     return Reference(

@@ -1,0 +1,131 @@
+"""Interruption is deterministic (issue 15, item 7): the CLI's signal handlers only
+record the signal and the library raises at its next safe point, so a signal can
+never surface as an internal error from inside np.save or a finalizer. These run
+in-process (the real handlers, installed by ``hybridconv.cli.main``); the
+subprocess tests in test_hardening.py and test_cli.py send real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from hybridconv import interrupt
+from hybridconv.convert import convert
+
+from .test_new_user import hc
+
+PLAMO = "plamo2-tiny"
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    interrupt.reset()
+    yield
+    interrupt.reset()
+
+
+def test_a_recorded_signal_stops_convert_at_a_safe_point(fixtures_dir, tmp_path):
+    interrupt.request(signal.SIGTERM)
+    with pytest.raises(interrupt.Terminated):
+        convert(str(fixtures_dir / PLAMO), tmp_path / "out", dtype="float32")
+    assert list(tmp_path.iterdir()) == []  # no output, no partial folder
+    interrupt.reset()
+    interrupt.request(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(fixtures_dir / PLAMO), tmp_path / "out", dtype="float32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_critical_sections_finish_and_a_second_signal_escalates():
+    with interrupt.critical():
+        interrupt.request(signal.SIGTERM)
+        interrupt.request(signal.SIGTERM)  # insisting does not break a critical section
+        interrupt.check()
+    with pytest.raises(interrupt.Terminated):
+        interrupt.check()
+    interrupt.reset()
+    interrupt.request(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # outside one, the second signal raises at once
+        interrupt.request(signal.SIGINT)
+
+
+def test_without_the_cli_nothing_changes(fixtures_dir, tmp_path):
+    # a library user installs no handler: check() is free and conversion runs
+    interrupt.check()
+    convert(str(fixtures_dir / PLAMO), tmp_path / "out", dtype="float32")
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def _plan(tmp_path, fixtures_dir):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'name = "tiny"\n[source]\npath = "{fixtures_dir / PLAMO}"\n'
+        "[verify]\nrandom_tokens = 12\nnum_sequences = 1\n"
+        '[[variants]]\nname = "f32"\ndtype = "float32"\n'
+        '[[variants]]\nname = "q8"\nbits = 8\ngroup_size = 32\n'
+    )
+    return plan
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_signal_during_release(fixtures_dir, tmp_path, monkeypatch, capsys, sig, code, word):
+    """The signal arrives while the first variant is being verified (a real
+    os.kill to this process, handled by the CLI's handler): the release stops
+    before writing that variant's report, the second variant is never built, the
+    state file stays valid JSON and nothing temporary is left."""
+    import hybridconv.verify.run as vrun
+
+    real = vrun.verify_folder
+
+    def verify_then_signal(*a, **kw):
+        outcome = real(*a, **kw)
+        os.kill(os.getpid(), sig)
+        return outcome
+
+    monkeypatch.setattr(vrun, "verify_folder", verify_then_signal)
+    work = tmp_path / "work"
+    rc, out = hc(monkeypatch, capsys, "release", _plan(tmp_path, fixtures_dir), "--workdir", work, "--no-upload",
+                 "--json", tmp_path / "s.json")
+    assert rc == code and f"{word}: temporary output removed" in out, out
+    assert "internal error" not in out and "Traceback" not in out
+    f32 = work / "variants" / "f32"
+    assert (f32 / "config.json").is_file() and (f32 / "model.safetensors").is_file()  # built completely
+    assert not (f32 / "verification.json").exists()  # interrupted before its report
+    assert not (work / "variants" / "q8").exists()  # never started
+    state = json.loads((work / "release-state.json").read_text())
+    assert "build" in state["variants"]["f32"] and "verify" not in state["variants"]["f32"]
+    leftovers = [p.name for p in work.rglob("*") if "partial" in p.name or p.name.startswith(".")]
+    assert leftovers == []
+    assert not (tmp_path / "s.json").exists()
+    # handlers are restored after the command
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    # the rerun resumes: the built variant is reused, everything else completes
+    monkeypatch.setattr(vrun, "verify_folder", real)
+    rc, out = hc(monkeypatch, capsys, "release", _plan(tmp_path, fixtures_dir), "--workdir", work, "--no-upload",
+                 "--json", tmp_path / "s.json")
+    assert rc == 0, out
+    rows = {v["name"]: v for v in json.loads((tmp_path / "s.json").read_text())["variants"]}
+    assert rows["f32"]["build"].startswith("skipped") and rows["f32"]["verify"] == "pass"
+    assert rows["q8"]["build"] == "built" and rows["q8"]["verify"] == "pass"
+
+
+def test_signal_after_the_last_safe_point_still_exits_with_its_code(fixtures_dir, tmp_path, monkeypatch, capsys):
+    """A signal that lands after the work's last safe point: the output is complete
+    (written atomically) and the exit code still says the run was terminated."""
+    import hybridconv.convert as conv
+
+    real = conv._swap_into_place
+
+    def swap_then_signal(tmp, out):
+        real(tmp, out)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(conv, "_swap_into_place", swap_then_signal)
+    rc, out = hc(monkeypatch, capsys, "convert", fixtures_dir / PLAMO, "-o", tmp_path / "out", "--dtype", "float32")
+    assert rc == 143 and "internal error" not in out
+    assert (tmp_path / "out" / "conversion.json").is_file()  # the rename finished: a complete output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
