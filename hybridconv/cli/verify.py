@@ -239,6 +239,8 @@ def render_runtimes(report: dict) -> None:
     console.print(t)
     required = set(report.get("required_runtimes") or ())
     for name, r in runs.items():
+        if r.get("note"):
+            console.print(f"[yellow]note ({name}):[/] " + escape(r["note"]))
         if name == report.get("runtime", "hybridconv") or r["verdict"] == "pass":
             continue
         why = r.get("message") or "; ".join(r.get("failure_reasons") or [])

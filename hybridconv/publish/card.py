@@ -80,7 +80,10 @@ def runtimes_section(report: dict | None, repo_id: str) -> tuple[str, str]:
     table = "\n".join(["| runtime | version | verdict | KL mean |", "|---|---|---|---|", *rows])
     r = runs.get("mlx-lm")
     if r and r.get("verdict") == "pass":
-        return table, MLX_LM_SNIPPET.replace("{repo_id}", repo_id)
+        snippet = MLX_LM_SNIPPET.replace("{repo_id}", repo_id)
+        if r.get("note"):  # within a lossy precision's gates, yet another function
+            snippet += f"\n\n> **Note:** mlx-lm {r['note']}. hybridconv (below) computes the original function."
+        return table, snippet
     if r is None:
         what = "mlx-lm was not checked against the reference for these weights"
     elif r.get("verdict") in ("cannot load", "cannot run", "not run"):
