@@ -117,8 +117,8 @@ def test_unseen_published_layout(tmp_path):
 
 
 def test_bf16_and_4bit_verify(tmp_path):
-    """bf16 passes every gate. The default 4-bit quantization passes the KL gates
-    (mean KL 0.082 vs 0.15) but not the per-block relative-error gate (0.6) on
+    """bf16 passes every gate. The default 4-bit quantization passes the KL and
+    rank gates (mean KL 0.082 vs 0.15) but not the per-block relative-error gate (0.6) on
     this fixture: measured 0.30, 0.50, 0.69, 0.94 over the four blocks (group
     32: 0.28 ... 0.94; 8 bits: 0.017 ... 0.082, i.e. 16x smaller, as a
     quantization step 16x finer gives — noise, not a conversion error). The
