@@ -33,9 +33,10 @@ everything else cast to ``--dtype``, names unchanged.
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias``,
-the conv1d kernels and biases (a handful of taps per channel) and every norm
-weight (the gated RMSNorm of the mixer included). Quantized (:data:`ROLES`):
+Never quantized (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias`` (float32, kept
+so by the conversion), the conv1d kernels and biases (a handful of taps per
+channel) and every norm weight, the gated RMSNorm of the mixer included (these in
+the output dtype, as mlx-lm stores them: README, "Quantization"). Quantized (:data:`ROLES`):
 embeddings and head, the mixer's ``in_proj`` and ``out_proj``, the attention
 projections and the MLP. Sensitive (the wider width in mixed recipes): the
 embeddings and head, ``in_proj`` (it produces ``z``, ``x``, ``B``, ``C`` and

@@ -43,7 +43,8 @@ Tensor rules, in order: those of Bamba (``drop`` rotary ``inv_freq`` and a tied
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
 As Bamba's (:mod:`hybridconv.converters.bamba`): ``A_log``, ``D``,
-``dt_bias``, conv kernels and norms never quantized, float32. The routers
+``dt_bias`` never quantized and float32; conv kernels and norms never quantized,
+in the output dtype. The routers
 (``router.layer``, ``[E, H]``) stay in float by default, as Jamba's (see
 :mod:`hybridconv.converters.jamba`; on this fixture 4-bit routers change the
 mean KL by 1e-5: 0.00263 vs 0.00264; mlx-lm keeps them at 8 bits). Quantized: embeddings

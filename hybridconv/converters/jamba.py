@@ -37,9 +37,10 @@ Tensor rules, in order:
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``,
-``dt_proj.bias`` (the SSM dynamics), the conv1d kernels and biases, and every
-norm weight (including the ``dt``/``B``/``C`` layernorms). Kept in float by
+Never quantized (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_proj.bias`` (the SSM
+dynamics: float32, kept so by the conversion), the conv1d kernels and biases, and
+every norm weight including the ``dt``/``B``/``C`` layernorms (these in the output
+dtype, as mlx-lm stores them: README, "Quantization"). Kept in float by
 default (a role with ``default="float"``): the routers (``[E, H]``). Measured
 on the fixture (4-bit, 3 × 2 × 64 random tokens) the choice is invisible —
 mean KL 0.00823 with float routers, 0.00822 with 4-bit ones — because a

@@ -56,7 +56,8 @@ converting an output again changes nothing.
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``dt_bias``, the short
+Never quantized (:data:`PROTECTED`; float32 where the conversion keeps them so —
+``A_log``, ``dt_bias``, the router — else the output dtype): ``A_log``, ``dt_bias``, the short
 conv kernels (4 taps per channel), every norm (``input_layernorm``,
 ``post_attention_layernorm``, ``o_norm``, ``kv_a_layernorm``, ``q_a_layernorm``,
 the final norm), the MoE router ``gate`` and its correction bias (``E × hidden``

@@ -33,8 +33,10 @@ Tensor rules, in order:
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_proj.bias``,
-the conv1d kernels and biases (``K`` taps per channel), every norm weight.
+Never quantized (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_proj.bias`` (float32,
+kept so by the conversion), the conv1d kernels and biases (``K`` taps per
+channel) and every norm weight (these in the output dtype, as mlx-lm stores
+them: README, "Quantization").
 
 Quantized (:data:`ROLES`): ``in_proj``, ``x_proj`` (→ δ, B, C), ``dt_proj``
 (``R → I``), ``out_proj`` at ``--bits``, and the embeddings / head (sensitive:

@@ -32,9 +32,10 @@ Tensor rules, in order:
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias``, the
-conv1d kernels and biases, every norm weight (block norms, ``norm_f``, the gated
-norm inside the mixer). Quantized (:data:`ROLES`): ``in_proj`` (which also
+Never quantized (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias`` (float32, kept
+so by the conversion), the conv1d kernels and biases, every norm weight (block
+norms, ``norm_f``, the gated norm inside the mixer; these in the output dtype, as
+mlx-lm stores them: README, "Quantization"). Quantized (:data:`ROLES`): ``in_proj`` (which also
 produces ``dt``, B and C: Mamba-2 has no separate ``x_proj`` / ``dt_proj``),
 ``out_proj``, the embeddings and ``lm_head`` (sensitive), the layers mlx-lm
 quantizes. Measured on ``mamba2-tiny`` (KL(reference ‖ 4-bit, group 32) from

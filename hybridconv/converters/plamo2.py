@@ -20,12 +20,15 @@ Tensor rules, in order:
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, stored in float32 whatever ``--dtype`` says (:data:`PROTECTED`):
-``A_log``, ``D``, ``dt_bias`` (the SSM dynamics), the conv1d kernels (4 taps per
-channel: a 4-bit grid over 4 numbers is no approximation), every norm weight
-(the four per layer, the final norm, the B/C/dt norms and the per-head QK-norm
-weights: they scale whole activation vectors). Together they are under 0.2 % of
-the parameters of PLaMo-2 1B.
+Never quantized (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias`` (the SSM
+dynamics, float32 whatever ``--dtype`` says: they are kept float32 by the
+conversion), the conv1d kernels (4 taps per channel: a 4-bit grid over 4 numbers
+is no approximation) and every norm weight (the four per layer, the final norm,
+the B/C/dt norms and the per-head QK-norm weights: they scale whole activation
+vectors), these two in the output dtype (bf16 for a bf16 output, as mlx-lm
+stores them; float32 copies cost +0.18 bits per weight on the tiny fixture, KL
+within bf16 noise either way: README, "Quantization"). Together they are under
+0.2 % of the parameters of PLaMo-2 1B.
 
 Quantized (:data:`ROLES`): every projection matrix and the embeddings, at
 ``--bits`` by default — the same layers mlx-lm quantizes. Measured on the

@@ -23,13 +23,17 @@ coefficients and inputs to share a dtype.
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, stored in float32 whatever ``--dtype`` says (:data:`PROTECTED`):
-the RG-LRU parameters (``recurrent_param``, which sets the decay
-``a = exp(-8·softplus(Λ)·r)`` — near 1 for long memory, where a small error in
-``Λ`` changes the memory length a lot — and the block-diagonal input and
-recurrence gates with their biases), the conv_1d kernels and biases, and every
-norm weight. Mixed-dtype arithmetic promotes to float32, so both hybridconv and
-mlx-lm compute these parts in float32 then.
+Never quantized (:data:`PROTECTED`): the RG-LRU parameters — ``recurrent_param``,
+which sets the decay ``a = exp(-8·softplus(Λ)·r)`` (near 1 for long memory, where
+a small error in ``Λ`` changes the memory length a lot), stored in float32
+whatever ``--dtype`` says; and the block-diagonal input and recurrence gates with
+their biases — the conv_1d kernels and biases, and every norm weight. All but
+``recurrent_param`` are stored in the output dtype (bf16 for a bf16 output, as
+mlx-lm stores them): the gate matrices are large (18 × 1.3 M parameters in the
+2B model), float32 copies cost +0.62 to +0.76 bits per weight on the tiny
+fixtures and about +0.14 on the 2B shape, for KL differences within bf16 noise
+(README, "Quantization"). Mixed-dtype arithmetic promotes to float32, so both
+hybridconv and mlx-lm compute the decay in float32.
 
 Quantized (:data:`ROLES`): the embeddings (tied head), the recurrent block's
 ``linear_x``, ``linear_y``, ``linear_out``, the attention projections and the MLP.
@@ -141,7 +145,9 @@ def rules(cfg: dict) -> list[Rule]:
 
 
 PROTECTED = (
-    Protected(r"\.rg_lru\.", "RG-LRU decay and gates: errors change the memory length"),
+    Protected(r"\.rg_lru\.recurrent_param$", "RG-LRU decay a = exp(-8·softplus(Λ)·r): errors change the memory length",
+              float32=True),
+    Protected(r"\.rg_lru\.", "RG-LRU gates: they set the decay's exponent and the input's share"),
     Protected(r"\.conv_1d\.(weight|bias)$", "conv kernel: a handful of taps per channel"),
     Protected(r"norm\.weight$", "norm weights scale whole activations"),
 )

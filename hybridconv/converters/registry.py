@@ -34,10 +34,15 @@ class Role:
 
 @dataclass(frozen=True)
 class Protected:
-    """Tensors never quantized and stored in float32 when quantizing."""
+    """Tensors never quantized. Stored in float32 when ``float32`` is set or the
+    conversion keeps them float32 (a ``keep-float32`` rule: the SSM / recurrence
+    dynamics), otherwise in the output's float dtype: a bf16 output keeps its
+    norms and conv kernels in bf16, as mlx-lm does, instead of paying 32 bits
+    for them (measured: README, "Quantization")."""
 
     regex: str
     why: str
+    float32: bool = False
 
     def matches(self, name: str) -> bool:
         return re.search(self.regex, name) is not None
@@ -89,7 +94,6 @@ class Architecture:
 
             check = _mlx_lm.CHECKS.get(self.model_type)
         return check(config) if check is not None else NOT_MEASURED
-
 
     def role_of(self, name: str) -> Role | None:
         return next((r for r in self.roles if r.matches(name)), None)

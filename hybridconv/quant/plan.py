@@ -3,7 +3,9 @@ which stay in float, which are protected (float32, never quantized), and why.
 
 Order of decisions for each tensor of the converted model:
 
-1. protected by the architecture's policy -> float32 (``--bits-for`` on it is an error);
+1. protected by the architecture's policy -> never quantized (``--bits-for`` on it is an
+   error): float32 for the dynamics the conversion keeps float32, the output dtype for
+   the rest (norms, conv kernels);
 2. not a quantizable role (biases, ...) -> the output dtype;
 3. the recipe: ``uniform`` (every role at ``--bits``, except roles whose default is
    float) or ``mixed-L-H`` (sensitive roles at H bits, the others at L);
@@ -191,8 +193,11 @@ def build_plan(
         if protection:
             if hits:
                 raise UsageError(f"--bits-for {hits[0]!r} matches '{name}', which is never quantized ({protection.why})")
-            s = replace(step, dtype="F32")
-            tensors.append(TensorPlan(s, None, "protected", protection.why, None, [(name, "F32", s.shape)]))
+            # float32 for the dynamics (kept float32 by the conversion, or marked so);
+            # other never-quantized tensors stay in the output dtype
+            dtype = "F32" if (protection.float32 or step.keep_float32) else step.dtype
+            s = replace(step, dtype=dtype)
+            tensors.append(TensorPlan(s, None, "protected", protection.why, None, [(name, dtype, s.shape)]))
             used.update(p for p, match in keeps if match(name, module, role_name))
             continue
         if role is None:
