@@ -69,8 +69,9 @@ it ignores ``time_step_limit``.
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias``,
-the conv1d kernels and biases, every norm weight (the input / pre-FF / final
+Never quantized (:data:`PROTECTED`; ``A_log``, ``D``, ``dt_bias`` float32, kept so
+by the conversion; the rest in the output dtype, as mlx-lm stores them):
+``A_log``, ``D``, ``dt_bias``, the conv1d kernels and biases, every norm weight (the input / pre-FF / final
 RMSNorms and the mixer's gated norm when ``mamba_rms_norm``). Quantized
 (:data:`ROLES`): embeddings and head, ``in_proj`` / ``out_proj``, the attention
 projections and the MLP. Sensitive (wider in mixed recipes): embeddings, head,

@@ -27,7 +27,8 @@ Tensor rules, in order:
 
 Quantization policy
 -------------------
-Never quantized, float32 (:data:`PROTECTED`): the conv kernels (``L = 3`` taps
+Never quantized (:data:`PROTECTED`), stored in the output dtype as mlx-lm
+stores them (README, "Quantization"): the conv kernels (``L = 3`` taps
 per channel) and every RMSNorm weight (operator, FFN, final ``embedding_norm``,
 per-head ``q_layernorm`` / ``k_layernorm``). Quantized at ``--bits``
 (:data:`ROLES`): the embeddings / untied head and the FFN ``w2`` (sensitive:

@@ -40,8 +40,9 @@ float32 in transformers too: ``_keep_in_fp32_modules_strict``).
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias``,
-the conv1d kernels and biases, every norm weight (including the gated norm and
+Never quantized (:data:`PROTECTED`; the dynamics and the router float32, kept
+so by the conversion; the rest in the output dtype, as mlx-lm stores them):
+``A_log``, ``D``, ``dt_bias``, the conv1d kernels and biases, every norm weight (including the gated norm and
 ``norm_f``), and the router (weight and correction bias: a small ``[E, H]``
 matrix whose rounding changes *which* experts run). Quantized (:data:`ROLES`):
 embeddings and head, Mamba ``in_proj`` / ``out_proj``, attention projections,

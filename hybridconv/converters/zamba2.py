@@ -49,8 +49,9 @@ Other rules: ``drop`` rotary ``inv_freq`` buffers and a tied
 
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
-Never quantized, float32 (:data:`PROTECTED`): ``A_log``, ``D``, ``dt_bias``, the
-conv1d kernels and biases, every norm weight (including the mixer's gated
+Never quantized (:data:`PROTECTED`; ``A_log``, ``D``, ``dt_bias`` float32, kept so
+by the conversion; the rest in the output dtype, as mlx-lm stores them):
+``A_log``, ``D``, ``dt_bias``, the conv1d kernels and biases, every norm weight (including the mixer's gated
 norm and the shared block's 2·hidden input norm). Kept in float by default
 (``default="float"``): the per-use low-rank adapters (rank ``adapter_rank``:
 a small share of the parameters, and their input width may be the rank, below
