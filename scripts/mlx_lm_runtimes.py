@@ -91,7 +91,7 @@ def table(rows: list[dict]) -> str:
             nums = f"{_num(m['max_abs_logit_diff'])} / {_num(m['kl_mean'])}"
         flag = "" if r["agrees"] else " **(disagrees)**"
         lines.append(f"| {r['case']} | {r['model_type']} | {h['verdict']} ({_num(h['max_abs_logit_diff'])}) "
-                     f"| {measured} | {nums} | {r['expected'].replace('|', '/')}{flag} |")
+                     f"| {measured} | {nums} | {r['expected'].replace('|', chr(92) + '|')}{flag} |")
     return "\n".join(lines)
 
 

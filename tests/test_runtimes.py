@@ -261,3 +261,27 @@ def test_lossy_precision_hides_a_difference_and_says_so(tmp_path):
     write_report(report, out / REPORT_NAME)
     card = render_card(out, "org/q4")
     assert "from mlx_lm import" in card and "**Note:** mlx-lm passes this precision's gates" in card
+
+
+def test_mlx_lm_cannot_run_short_plamo2(tmp_path):
+    """PLaMo-2 with num_hidden_layers <= mamba_step // 2: mlx-lm loads the weights
+    and fails computing (IndexError): verdict "cannot run", known from the config."""
+    import mlx.core as mx
+    from safetensors.numpy import save_file
+
+    import hybridconv
+
+    from .conftest import plamo2_config, save_hf_plamo2
+
+    save_hf_plamo2(tmp_path / "src", plamo2_config(num_hidden_layers=2, mamba_step=4), seed=1)
+    out = tmp_path / "out"
+    convert(str(tmp_path / "src"), out, dtype="float32")
+    arch, config = load_config(out)
+    assert arch.mlx_lm_support(config).status == "cannot open"
+    ids = random_ids(320, 12, seed=2)
+    logits = np.array(hybridconv.load(out)(mx.array(ids)))  # hybridconv against itself: only mlx-lm is in question
+    save_file({"input_ids": ids, "logits": logits}, str(tmp_path / "ref.safetensors"))
+    r = verify_folder(out, read_reference_file(tmp_path / "ref.safetensors"), runtimes=("hybridconv", "mlx-lm"),
+                      decode_steps=0).report
+    m = r["runtimes"]["mlx-lm"]
+    assert r["verdict"] == "pass" and m["verdict"] == "cannot run" and "IndexError" in m["message"], m
