@@ -237,6 +237,9 @@ def test_qwen3_5_multimodal_wrapper(tmp_path):
     model = hybridconv.load(out)
     assert_logits_close(np.array(model(mx.array(ids))), ref)
     assert_logits_close(mlx_lm_logits(out, ids), ref)
+    # verify's reference loads the wrapper through AutoModelForCausalLM
+    # (transformers' Qwen3_5ForCausalLM) and localises its text blocks.
+    verify_bf16_and_4bit(src, tmp_path)
 
 
 def test_qwen3_5_moe_fused_experts(tmp_path):
@@ -297,7 +300,7 @@ def test_config_errors():
         normalize_config({**base, "linear_num_value_heads": 3})
 
 
-@pytest.mark.parametrize("case", ["qwen3_next-tiny", "qwen3_5-tiny"])
+@pytest.mark.parametrize("case", ["qwen3_next-tiny", "qwen3_5_moe-tiny"])  # qwen3_5: the wrapper test
 def test_bf16_and_4bit_verify(case, tmp_path):
     reports = verify_bf16_and_4bit(hybrid_case(case), tmp_path)
     for name, r in reports.items():
