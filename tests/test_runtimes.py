@@ -285,3 +285,37 @@ def test_mlx_lm_cannot_run_short_plamo2(tmp_path):
                       decode_steps=0).report
     m = r["runtimes"]["mlx-lm"]
     assert r["verdict"] == "pass" and m["verdict"] == "cannot run" and "IndexError" in m["message"], m
+
+
+# What each architecture's statement says for configurations measured in the
+# architecture tests (tests/test_arch_*.py assert mlx-lm's behaviour on them):
+# the fixture's config with these keys changed, normalised as convert does.
+KNOWN = [
+    ("mamba2-tiny", dict(n_groups=2), "differs", "n_groups = 2"),
+    ("granitemoehybrid-tiny", dict(mamba_n_groups=2), "differs", "mamba_n_groups = 2"),
+    ("falcon_h1-tiny", dict(mamba_n_groups=2, mamba_rms_norm=True), "differs", "mamba_n_groups = 2"),
+    ("falcon_h1-tiny", dict(time_step_limit=[0.02, 3.0]), "depends", "time_step_limit"),
+    ("nemotron_h-tiny", dict(num_experts_per_tok=1), "differs", "num_experts_per_tok 1"),
+    ("jamba-tiny", dict(expert_layer_offset=1, expert_layer_period=4), "cannot open", "i % 4 == 1"),
+    ("qwen3_next-tiny", dict(layer_types=["full_attention", "linear_attention", "linear_attention",
+                                          "full_attention"]), "cannot open", "full_attention_interval"),
+    ("qwen3_5-tiny", dict(layer_types=["linear_attention", "full_attention"] * 2), "computes", ""),
+    ("qwen3_5-tiny", dict(layer_types=["full_attention", "linear_attention", "linear_attention",
+                                       "full_attention"]), "cannot open", "full_attention_interval"),
+    ("lfm2-tiny", dict(tie_word_embeddings=False), "cannot open", "untied lm_head"),
+    ("lfm2_moe-tiny", dict(layer_types=["conv"] * 4), "cannot open", "no attention layer"),
+    ("kimi_linear-tiny", dict(q_lora_rank=24), "cannot open", "q_lora_rank 24"),
+    ("kimi_linear-tiny", dict(attention_bias=True), "cannot open", "attention_bias"),
+    ("plamo2-window-tiny", dict(attention_window_size=4096), "depends", "clips time steps"),
+    ("zamba2-tiny", {}, "cannot open", "no Zamba2 model"),
+]
+
+
+@pytest.mark.parametrize("case,over,status,why", KNOWN)
+def test_known_statements(case, over, status, why):
+    from hybridconv.converters import lookup
+
+    raw = {**json.loads((hybrid_case(case) / "config.json").read_text()), **over}
+    arch = lookup(raw)
+    known = arch.mlx_lm_support(arch.normalize_config(raw))
+    assert known.status == status and why in known.reason, known

@@ -182,16 +182,6 @@ def qwen3_next(cfg: dict) -> MlxLm:
     return _qwen_interval(cfg) or _ok()
 
 
-def qwen3_5(cfg: dict) -> MlxLm:
-    bad = _qwen_interval(cfg)
-    if bad:
-        return bad
-    if cfg.get("num_experts", 0) > 0 and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1):
-        return _cannot("mlp_only_layers / decoder_sparse_step: mlx-lm's Qwen3.5 puts experts in every layer "
-                       "and refuses the dense layers' weights")
-    return _ok()
-
-
 def olmo_hybrid(cfg: dict) -> MlxLm:
     return _ok()
 
@@ -212,7 +202,7 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "lfm2": lfm2,
     "lfm2_moe": lfm2,
     "qwen3_next": qwen3_next,
-    "qwen3_5_text": qwen3_5,
-    "qwen3_5_moe_text": qwen3_5,
+    "qwen3_5_text": qwen3_next,  # Qwen3.5-MoE has experts in every layer, as mlx-lm builds it
+    "qwen3_5_moe_text": qwen3_next,
     "olmo_hybrid": olmo_hybrid,
 }
