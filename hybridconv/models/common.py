@@ -186,3 +186,119 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(B, T, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
         return self.o_proj(attend(q, k, v, self.rope, cache, self.window, self.scale))
+
+
+class CausalLM(nn.Module):
+    """The causal-LM frame every architecture shares: embedding → blocks → final
+    norm → head (tied to the embedding unless ``tie_word_embeddings`` is false).
+
+    A subclass declares, as class attributes, where its parameters live (the
+    names are the checkpoint's and mlx-lm's, so they are the parameter paths):
+
+    * ``trunk_name``: the attribute holding the trunk (``"model"`` or
+      ``"backbone"``); the trunk module is passed to ``__init__``;
+    * ``embedding_name``: the trunk's ``nn.Embedding`` (``"embed_tokens"``,
+      ``"embeddings"``);
+    * ``norm_name``: the trunk's final norm (``"norm"``, ``"final_layernorm"``,
+      ``"norm_f"``, ...);
+
+    and overrides only what differs from the plain frame:
+
+    * ``scale_embeddings(h)`` / ``scale_logits(logits)``: multipliers on the
+      embedding output / the logits (µP multipliers, Gemma's √d, soft caps);
+      identity by default;
+    * ``layer_cache(layer)``: the decoding cache a block needs (a
+      :class:`KVCache`, :class:`WindowKVCache`, :class:`StateCache`, a tuple
+      of them, or ``None`` for a stateless block); by default
+      ``layer.make_cache()``;
+    * ``call_layer(layer, h, cache, x0)``: how a block is called (``x0``: the
+      embedding output, which Zamba2's shared blocks read again, and whose
+      dtype is the activations' dtype); by default ``layer(h, cache=cache)``;
+    * ``final_norm(h, dtype)``: the final norm (``dtype``: the activations'
+      dtype, for models whose residual stream runs in float32); by default the
+      trunk's ``norm_name`` module;
+    * ``layers``: the list of blocks (by default ``trunk.layers``).
+
+    It gets what the loader, verify and decoding use: ``args``,
+    ``model_type``, ``lm_head`` when untied, ``layers``, ``block_kinds()``
+    (each block's ``kind``), ``activation_dtype`` (set by the loader to the
+    checkpoint's float dtype; the embedding output is cast to it, since a
+    quantized embedding may dequantize to another dtype), ``embed``, ``head``,
+    ``__call__(inputs, cache=None, hidden_states=None)`` (every block's output
+    appended to ``hidden_states`` when it is a list: verify's localisation)
+    and ``make_cache()`` (one entry per block).
+    """
+
+    trunk_name = "model"
+    embedding_name = "embed_tokens"
+    norm_name = "norm"
+
+    # Activations dtype: the checkpoint's float dtype (set by the loader).
+    activation_dtype = None
+
+    def __init__(self, args, trunk: nn.Module):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        setattr(self, self.trunk_name, trunk)
+        if not self.tied:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the head is the embedding matrix (configs without the key: untied)."""
+        return bool(getattr(self.args, "tie_word_embeddings", False))
+
+    @property
+    def trunk(self) -> nn.Module:
+        return getattr(self, self.trunk_name)
+
+    @property
+    def layers(self) -> list:
+        return self.trunk.layers
+
+    def block_kinds(self) -> list[str]:
+        return [layer.kind for layer in self.layers]
+
+    def scale_embeddings(self, h: mx.array) -> mx.array:
+        return h
+
+    def scale_logits(self, logits: mx.array) -> mx.array:
+        return logits
+
+    def layer_cache(self, layer):
+        return layer.make_cache()
+
+    def call_layer(self, layer, h: mx.array, cache, x0: mx.array) -> mx.array:
+        return layer(h, cache=cache)
+
+    def final_norm(self, h: mx.array, dtype=None) -> mx.array:
+        return getattr(self.trunk, self.norm_name)(h)
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        h = getattr(self.trunk, self.embedding_name)(inputs)
+        if self.activation_dtype is not None:
+            h = h.astype(self.activation_dtype)
+        return self.scale_embeddings(h)
+
+    def head(self, h: mx.array, dtype=None) -> mx.array:
+        h = self.final_norm(h, dtype)
+        if self.tied:
+            logits = getattr(self.trunk, self.embedding_name).as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        return self.scale_logits(logits)
+
+    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
+        """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
+        every block is appended to it (used to localise divergence)."""
+        h = x0 = self.embed(inputs)
+        caches = cache if cache is not None else [None] * len(self.layers)
+        for layer, c in zip(self.layers, caches):
+            h = self.call_layer(layer, h, c, x0)
+            if hidden_states is not None:
+                hidden_states.append(h)
+        return self.head(h, x0.dtype)
+
+    def make_cache(self) -> list:
+        return [self.layer_cache(layer) for layer in self.layers]

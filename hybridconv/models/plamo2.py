@@ -106,6 +106,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .common import (
+    CausalLM,
     KVCache,
     OffsetRMSNorm,
     StateCache,
@@ -317,56 +318,19 @@ class PlamoModel(nn.Module):
         self.norm = OffsetRMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """PLaMo-2 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = PlamoModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, PlamoModel(args))
 
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers.layers
 
-    def block_kinds(self) -> list[str]:
-        return [layer.kind for layer in self.layers]
-
-    # Activations dtype: the checkpoint's float dtype (set by the loader). A
-    # quantized embedding may dequantize to another dtype (mxfp modes give bf16).
-    activation_dtype = None
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        h = self.model.embed_tokens(inputs)
-        return h.astype(self.activation_dtype) if self.activation_dtype is not None else h
-
-    def head(self, h: mx.array) -> mx.array:
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
-        """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
-        every block is appended to it (used to localise divergence)."""
-        h = self.embed(inputs)
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            h = layer(h, cache=c)
-            if hidden_states is not None:
-                hidden_states.append(h)
-        return self.head(h)
-
-    def make_cache(self) -> list:
-        caches = []
-        for layer in self.layers:
-            if layer.is_mamba:
-                caches.append(StateCache())  # [conv state, SSM state]
-            elif layer.mixer.window is None:
-                caches.append(KVCache())
-            else:
-                caches.append(WindowKVCache(layer.mixer.span))  # keeps `window` past positions
-        return caches
+    def layer_cache(self, layer: DecoderLayer):
+        if layer.is_mamba:
+            return StateCache()  # [conv state, SSM state]
+        if layer.mixer.window is None:
+            return KVCache()
+        return WindowKVCache(layer.mixer.span)  # keeps `window` past positions
