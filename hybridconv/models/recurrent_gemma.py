@@ -76,6 +76,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .common import (
+    CausalLM,
     OffsetRMSNorm,
     StateCache,
     WindowKVCache,
@@ -291,65 +292,29 @@ class Griffin(nn.Module):
         self.final_norm = OffsetRMSNorm(args.hidden_size, args.rms_norm_eps, offset=1.0)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """RecurrentGemma for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
+    norm_name = "final_norm"
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = Griffin(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, Griffin(args))
         self.embed_scale = (
             bf16_round(math.sqrt(args.hidden_size))
             if args.embeddings_scale_by_sqrt_dim
             else 1.0
         )
 
-    @property
-    def layers(self) -> list[ResidualBlock]:
-        return self.model.layers
-
-    def block_kinds(self) -> list[str]:
-        return [layer.kind for layer in self.layers]
-
-    # Activations dtype: the checkpoint's float dtype (set by the loader). A
-    # quantized embedding may dequantize to another dtype (mxfp modes give bf16).
-    activation_dtype = None
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        h = self.model.embed_tokens(inputs)
-        if self.activation_dtype is not None:
-            h = h.astype(self.activation_dtype)
+    def scale_embeddings(self, h: mx.array) -> mx.array:
         return h * mx.array(self.embed_scale, dtype=h.dtype)
 
-    def head(self, h: mx.array) -> mx.array:
-        h = self.model.final_norm(h)
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
-        else:
-            logits = self.lm_head(h)
+    def scale_logits(self, logits: mx.array) -> mx.array:
         c = self.args.logits_soft_cap
         if c:
             logits = mx.tanh(logits / c) * c
         return logits
 
-    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
-        """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
-        every block is appended to it (used to localise divergence)."""
-        h = self.embed(inputs)
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            h = layer(h, cache=c)
-            if hidden_states is not None:
-                hidden_states.append(h)
-        return self.head(h)
-
-    def make_cache(self) -> list:
-        return [
-            StateCache()  # [conv state, RG-LRU state]
-            if layer.kind == "recurrent"
-            else WindowKVCache(self.args.attention_window_size)
-            for layer in self.layers
-        ]
+    def layer_cache(self, layer: ResidualBlock):
+        if layer.kind == "recurrent":
+            return StateCache()  # [conv state, RG-LRU state]
+        return WindowKVCache(self.args.attention_window_size)
