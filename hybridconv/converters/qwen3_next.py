@@ -16,10 +16,13 @@ else fails naming the key). The written config carries both forms — the
 top-level keys and ``full_attention_interval`` that mlx-lm reads, and
 ``layer_types`` / ``rope_parameters`` — plus ``norm_offset_folded: true``
 (see below; the planning note ``_fold_norm_offset``, not written, says whether
-this conversion folds it). When ``layer_types`` is not periodic (attention exactly at every
-``n``-th layer) no interval describes it and mlx-lm computes another model;
-the interval written is then the one of the published layout (4) and the
-conversion still works here.
+this conversion folds it). When ``layer_types`` is not periodic (attention
+exactly at every ``n``-th layer) no interval describes it: the interval
+written is then the published default (4), mlx-lm builds that schedule and
+refuses the weights (measured: "Received 6 parameters not in model"), and
+hybridconv, which follows ``layer_types``, converts and runs it. A dense
+Qwen3-Next (``num_experts = 0``) is written with inert MoE keys, which
+mlx-lm requires.
 
 Tensor rules, in order
 ----------------------
