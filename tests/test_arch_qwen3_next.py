@@ -37,10 +37,6 @@ CASES = {  # case -> block kinds
 }
 
 
-def max_diff(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
-
-
 def mlx_lm_logits(out: Path, ids) -> np.ndarray:
     from mlx_lm.utils import load_model
 
