@@ -85,6 +85,19 @@ def _root(
     _state["debug"] = debug or os.environ.get("HYBRIDCONV_DEBUG") == "1"
 
 
+def _usage_error(exc) -> None:
+    """A usage error in hybridconv's own voice (``error:`` / ``hint:``), without
+    the validation library's wording ("Value error, …") or a blank line first."""
+    format_message = getattr(exc, "format_message", None)
+    message = format_message() if callable(format_message) else str(exc)
+    for noise in ("Value error, ", "Input should be "):
+        message = message.replace(noise, "expected " if noise.startswith("Input") else "")
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "hybridconv"
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]hint:[/] see `{escape(command)} --help`", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     from . import convert as _convert  # noqa: F401  (register commands)
     from . import inspect as _inspect  # noqa: F401
@@ -119,7 +132,7 @@ def main() -> None:
     except Exception as exc:  # click usage errors and genuine bugs
         show = getattr(exc, "show", None)  # click/typer usage errors (typer vendors click)
         if callable(show) and hasattr(exc, "exit_code"):
-            show()
+            _usage_error(exc)
             sys.exit(2)
         if _state["debug"]:
             raise
