@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import StateCache
+from .common import CausalLM, StateCache
 from .ssm import Mamba1Mixer
 
 
@@ -101,12 +101,41 @@ def rms_norm(norm: nn.RMSNorm, x: mx.array) -> mx.array:
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """``x + mixer(rmsnorm(x))`` around a Mamba-1 or Mamba-2 mixer (``mixer``;
+    :mod:`hybridconv.models.mamba2` reuses this block and :class:`Model`)."""
+
+    def __init__(self, args, mixer: nn.Module):
         super().__init__()
         self.kind = "mamba"
         self.residual_in_fp32 = args.residual_in_fp32
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
-        self.mixer = Mamba1Mixer(
+        self.mixer = mixer
+
+    def __call__(self, x: mx.array, cache=None, dtype=None) -> mx.array:
+        dtype = dtype or x.dtype
+        residual = x.astype(mx.float32) if self.residual_in_fp32 else x
+        return residual + self.mixer(rms_norm(self.norm, x.astype(dtype)), cache=cache)
+
+
+class Backbone(nn.Module):
+    def __init__(self, args, mixer: Callable[[], nn.Module]):
+        super().__init__()
+        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [ResidualBlock(args, mixer()) for _ in range(args.num_hidden_layers)]
+        self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
+
+
+class Model(CausalLM):
+    """Mamba / Falcon-Mamba for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
+
+    trunk_name, embedding_name, norm_name = "backbone", "embeddings", "norm_f"
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args, Backbone(args, lambda: self.build_mixer(args)))
+
+    @staticmethod
+    def build_mixer(args: ModelArgs) -> nn.Module:
+        return Mamba1Mixer(
             args.hidden_size,
             args.intermediate_size,
             args.state_size,
@@ -118,63 +147,14 @@ class ResidualBlock(nn.Module):
             bcdt_eps=args.mixer_rms_eps,
         )
 
-    def __call__(self, x: mx.array, cache=None, dtype=None) -> mx.array:
-        dtype = dtype or x.dtype
-        residual = x.astype(mx.float32) if self.residual_in_fp32 else x
-        return residual + self.mixer(rms_norm(self.norm, x.astype(dtype)), cache=cache)
+    def call_layer(self, layer: ResidualBlock, h: mx.array, cache, x0: mx.array) -> mx.array:
+        # The residual stream may run in float32; each block casts its input
+        # back to the activations' dtype (the embedding output's).
+        return layer(h, cache=cache, dtype=x0.dtype)
 
-
-class Backbone(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [ResidualBlock(args) for _ in range(args.num_hidden_layers)]
-        self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
-
-
-class Model(nn.Module):
-    """Mamba / Falcon-Mamba for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.backbone = Backbone(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    @property
-    def layers(self) -> list[ResidualBlock]:
-        return self.backbone.layers
-
-    def block_kinds(self) -> list[str]:
-        return [layer.kind for layer in self.layers]
-
-    # Activations dtype: the checkpoint's float dtype (set by the loader).
-    activation_dtype = None
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        h = self.backbone.embeddings(inputs)
-        return h.astype(self.activation_dtype) if self.activation_dtype is not None else h
-
-    def head(self, h: mx.array, dtype=None) -> mx.array:
+    def final_norm(self, h: mx.array, dtype=None) -> mx.array:
         # transformers normalises the (float32) residual stream, then casts.
-        h = rms_norm(self.backbone.norm_f, h).astype(dtype or h.dtype)
-        if self.args.tie_word_embeddings:
-            return self.backbone.embeddings.as_linear(h)
-        return self.lm_head(h)
+        return rms_norm(self.backbone.norm_f, h).astype(dtype or h.dtype)
 
-    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
-        """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
-        every block is appended to it (used to localise divergence)."""
-        h = self.embed(inputs)
-        dtype = h.dtype
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            h = layer(h, cache=c, dtype=dtype)
-            if hidden_states is not None:
-                hidden_states.append(h)
-        return self.head(h, dtype)
-
-    def make_cache(self) -> list:
-        return [StateCache() for _ in self.layers]  # [conv state, SSM state]
+    def layer_cache(self, layer: ResidualBlock):
+        return StateCache()  # [conv state, SSM state]

@@ -50,11 +50,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import mlx.core as mx
 import mlx.nn as nn
 
-from .common import StateCache
-from .mamba import rms_norm
+from . import mamba
 from .ssm import Mamba2Mixer
 
 
@@ -97,13 +95,15 @@ def layer_windows(args: ModelArgs) -> list[Optional[int]]:
     return [None] * args.num_hidden_layers
 
 
-class ResidualBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.kind = "mamba"
-        self.residual_in_fp32 = args.residual_in_fp32
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
-        self.mixer = Mamba2Mixer(
+class Model(mamba.Model):
+    """Mamba-2 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``.
+
+    :class:`hybridconv.models.mamba.Model` (same blocks, residual handling,
+    parameter names and caches) with the Mamba-2 mixer."""
+
+    @staticmethod
+    def build_mixer(args: ModelArgs) -> nn.Module:
+        return Mamba2Mixer(
             args.hidden_size,
             args.num_heads,
             args.head_dim,
@@ -116,62 +116,3 @@ class ResidualBlock(nn.Module):
             norm_eps=args.layer_norm_epsilon,
             time_step_limit=tuple(args.time_step_limit),
         )
-
-    def __call__(self, x: mx.array, cache=None, dtype=None) -> mx.array:
-        dtype = dtype or x.dtype
-        residual = x.astype(mx.float32) if self.residual_in_fp32 else x
-        return residual + self.mixer(rms_norm(self.norm, x.astype(dtype)), cache=cache)
-
-
-class Backbone(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [ResidualBlock(args) for _ in range(args.num_hidden_layers)]
-        self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
-
-
-class Model(nn.Module):
-    """Mamba-2 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.backbone = Backbone(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    @property
-    def layers(self) -> list[ResidualBlock]:
-        return self.backbone.layers
-
-    def block_kinds(self) -> list[str]:
-        return [layer.kind for layer in self.layers]
-
-    activation_dtype = None
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        h = self.backbone.embeddings(inputs)
-        return h.astype(self.activation_dtype) if self.activation_dtype is not None else h
-
-    def head(self, h: mx.array, dtype=None) -> mx.array:
-        h = rms_norm(self.backbone.norm_f, h).astype(dtype or h.dtype)
-        if self.args.tie_word_embeddings:
-            return self.backbone.embeddings.as_linear(h)
-        return self.lm_head(h)
-
-    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
-        """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
-        every block is appended to it (used to localise divergence)."""
-        h = self.embed(inputs)
-        dtype = h.dtype
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            h = layer(h, cache=c, dtype=dtype)
-            if hidden_states is not None:
-                hidden_states.append(h)
-        return self.head(h, dtype)
-
-    def make_cache(self) -> list:
-        return [StateCache() for _ in self.layers]  # [conv state, SSM state]
