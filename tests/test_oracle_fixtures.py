@@ -73,5 +73,13 @@ def test_bfloat16_conversion_close(fixtures_dir, tmp_path):
     expected = mx.load(str(fixtures_dir / case / "expected.safetensors"))
     got = np.array(hybridconv.load(out)(expected["input_ids"]).astype(mx.float32))
     ref = np.array(expected["logits"])
-    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.8
+    # Measured (CPU, MLX 0.32): max |Δ| = 1.65 % of max |logit| (bf16 conversions of
+    # the four fixtures: 0.66-2.05 %), argmax equal on every token. Bounds: under
+    # twice that, and argmax equal wherever the reference's top-2 gap exceeds twice
+    # the allowed error (a flip there is a bug, not rounding).
+    bound = 0.03 * np.abs(ref).max()
+    assert np.abs(got - ref).max() < bound
+    top2 = np.sort(ref, axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > 2 * bound
+    assert clear.any() and (got.argmax(-1) == ref.argmax(-1))[clear].all()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95

@@ -84,7 +84,16 @@ def test_other_modes(fixtures_dir, tmp_path, case, mode, bits, group):
     theirs = np.array(load_model(out)[0](expected["input_ids"]).astype(mx.float32))
     assert np.abs(ours - theirs).max() < 1e-3 * max(1.0, np.abs(ours).max())
     assert json.loads((out / "config.json").read_text())["quantization"]["mode"] == mode
-    assert _kl(out, fixtures_dir, case) < 0.5
+    # twice the KL a correct build measures (a 0.5 bound let an 8-bit mode quantized
+    # as 4-bit pass: 0.0015 -> 0.03)
+    assert _kl(out, fixtures_dir, case) <= 2 * MODE_KL[case, mode]
+
+
+MODE_KL = {  # measured mean KL vs the oracle (CPU, MLX 0.32)
+    ("plamo2-tiny", "mxfp4"): 0.0335, ("plamo2-tiny", "nvfp4"): 0.0314, ("plamo2-tiny", "mxfp8"): 0.00154,
+    ("recurrent_gemma-tiny", "mxfp4"): 0.00524, ("recurrent_gemma-tiny", "nvfp4"): 0.00337,
+    ("recurrent_gemma-tiny", "mxfp8"): 0.000244,
+}
 
 
 def test_mixed_recipe_per_layer_entries(fixtures_dir, tmp_path):
@@ -157,15 +166,36 @@ def test_from_converted_folder_equals_from_source(fixtures_dir, tmp_path):
 
 
 def test_no_worse_than_mlx_lm_at_equal_bits(fixtures_dir, tmp_path):
+    """At float32 our 4-bit output is mlx-lm's, bit for bit (so the KLs are equal);
+    in bfloat16 the two differ exactly where the policy says: the SSM dynamics,
+    kept float32 here and rounded to bf16 by mlx_lm.convert, and that makes ours
+    measurably closer to the reference (plamo2-tiny, measured: KL 0.024658 vs
+    0.024755). Storing the dynamics in bf16 (the mutation this guards) makes the
+    outputs identical and fails the strict inequality."""
     from mlx_lm.convert import convert as mlx_lm_convert
 
-    case = "plamo2-tiny-untied"
-    convert(str(fixtures_dir / case), tmp_path / "f", dtype="float32")
-    mlx_lm_convert(str(tmp_path / "f"), str(tmp_path / "m"), quantize=True, q_bits=4, q_group_size=64)
-    res = quantize(str(fixtures_dir / case), tmp_path / "h", bits=4, group_size=64)
-    params = res.plan.parameters
-    assert _kl(tmp_path / "h", fixtures_dir, case) <= _kl(tmp_path / "m", fixtures_dir, case)
-    assert _stored_bits(tmp_path / "h") / params - _stored_bits(tmp_path / "m") / params <= 0.1
+    case = "plamo2-tiny"
+    kls = {}
+    for dtype in ("float32", "bfloat16"):
+        f, m, h = (tmp_path / f"{n}-{dtype}" for n in "fmh")
+        convert(str(fixtures_dir / case), f, dtype=dtype)
+        mlx_lm_convert(str(f), str(m), quantize=True, q_bits=4, q_group_size=64)
+        res = quantize(str(fixtures_dir / case), h, bits=4, group_size=64, dtype=dtype)
+        ours, theirs = mx.load(str(h / "model.safetensors")), mx.load(str(m / "model.safetensors"))
+        assert ours.keys() == theirs.keys()
+        differ = sorted(k for k in ours if ours[k].dtype != theirs[k].dtype or not mx.array_equal(ours[k], theirs[k]).item())
+        protected = sorted(t.step.target for t in res.plan.tensors if t.decision == "protected" and t.step.target.endswith(("A_log", ".D", "dt_bias")))
+        if dtype == "float32":
+            assert differ == []
+        else:
+            assert differ == protected and len(protected) == 6, differ
+            assert all(ours[k].dtype == mx.float32 and theirs[k].dtype == mx.bfloat16 for k in differ)
+        kls[dtype] = (_kl(h, fixtures_dir, case), _kl(m, fixtures_dir, case))
+        params = res.plan.parameters
+        assert _stored_bits(h) / params - _stored_bits(m) / params <= 0.1
+    assert kls["float32"][0] == kls["float32"][1]
+    ours_kl, theirs_kl = kls["bfloat16"]
+    assert ours_kl < theirs_kl - 3e-5, kls
 
 
 def test_target_kl_search(fixtures_dir, tmp_path):
