@@ -166,12 +166,13 @@ def _reference(source, revision, reference_logits, allow_pickle=False):
 
 
 def _verify(source, revision, reference_logits, out: Path, allow_pickle: bool = False) -> None:
-    from ..verify.run import REPORT_NAME, verify_folder, write_report
+    from ..verify.run import REPORT_NAME, available_runtimes, verify_folder, write_report
     from .verify import render
 
     ref = _reference(source, revision, reference_logits, allow_pickle)
     with console.status("verifying"):
-        outcome = verify_folder(out, ref)
+        # as `verify` does by default: every installed runtime (the card says what mlx-lm does)
+        outcome = verify_folder(out, ref, runtimes=available_runtimes())
     write_report(outcome.report, out / REPORT_NAME)
     render(outcome.report)
     if not outcome.passed:
