@@ -89,6 +89,7 @@ def normalize_config(raw: dict) -> dict:
     if act != "silu":
         raise ConfigError(f"config.json: 'hidden_act' is {act!r}; OLMo-Hybrid uses 'silu'")
 
+    pick(raw, "rope_parameters", default={}, kind=dict)  # an object (or null: NoPE) when present
     rope_type = pick(raw, "rope_parameters.rope_type", "rope_parameters.type", "rope_scaling.rope_type",
                      "rope_scaling.type", default="default", kind=str)
     if rope_type != "default":

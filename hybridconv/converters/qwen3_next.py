@@ -149,6 +149,7 @@ def normalize_text(raw: dict, model_type: str, architecture: str, moe: str) -> d
     if act != "silu":
         raise ConfigError(f"config.json: 'hidden_act' is {act!r}; this architecture uses 'silu'")
 
+    pick(text, "rope_parameters", default={}, kind=dict)  # an object when present
     rope_type = pick(text, "rope_parameters.rope_type", "rope_parameters.type", "rope_scaling.rope_type",
                      "rope_scaling.type", default="default", kind=str)
     if rope_type != "default":
@@ -164,7 +165,7 @@ def normalize_text(raw: dict, model_type: str, architecture: str, moe: str) -> d
             f"config.json: 'partial_rotary_factor' {cfg['partial_rotary_factor']} must be in (0, 1] and give an "
             f"even number of rotated channels of head_dim {cfg['head_dim']}"
         )
-    rope = dict(text.get("rope_parameters") or {})
+    rope = dict(pick(text, "rope_parameters", default={}, kind=dict))
     rope.update(rope_type="default", rope_theta=cfg["rope_theta"], partial_rotary_factor=cfg["partial_rotary_factor"])
     rope.pop("type", None)
     cfg["rope_parameters"] = rope
