@@ -79,7 +79,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .bamba import MLP, mamba2_mixer
-from .common import Attention, KVCache, StateCache
+from .common import Attention, CausalLM, KVCache, StateCache
 from .moe import SwitchGLU, combine, route
 
 
@@ -216,51 +216,17 @@ class GraniteMoeHybridModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """GraniteMoeHybrid for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = GraniteMoeHybridModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, GraniteMoeHybridModel(args))
 
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    def block_kinds(self) -> list[str]:
-        return [layer.kind for layer in self.layers]
-
-    # Activations dtype: the checkpoint's float dtype (set by the loader).
-    activation_dtype = None
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        h = self.model.embed_tokens(inputs)
-        if self.activation_dtype is not None:
-            h = h.astype(self.activation_dtype)
+    def scale_embeddings(self, h: mx.array) -> mx.array:
         return h * self.args.embedding_multiplier
 
-    def head(self, h: mx.array) -> mx.array:
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            out = self.model.embed_tokens.as_linear(h)
-        else:
-            out = self.lm_head(h)
-        return out / self.args.logits_scaling
+    def scale_logits(self, logits: mx.array) -> mx.array:
+        return logits / self.args.logits_scaling
 
-    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
-        """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
-        every block is appended to it (used to localise divergence)."""
-        h = self.embed(inputs)
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            h = layer(h, cache=c)
-            if hidden_states is not None:
-                hidden_states.append(h)
-        return self.head(h)
-
-    def make_cache(self) -> list:
-        return [StateCache() if layer.is_mamba else KVCache() for layer in self.layers]
+    def layer_cache(self, layer: DecoderLayer):
+        return StateCache() if layer.is_mamba else KVCache()
