@@ -73,7 +73,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import Attention, KVCache, StateCache
+from .common import Attention, CausalLM, KVCache, StateCache
 from .moe import SwitchLinear, _run_experts, relu2, route
 from .ssm import Mamba2Mixer
 
@@ -244,44 +244,16 @@ class Backbone(nn.Module):
         self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
 
 
-class Model(nn.Module):
-    """Nemotron-H for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
+class Model(CausalLM):
+    """Nemotron-H for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``.
+
+    The head is never tied (the config has no ``tie_word_embeddings``)."""
+
+    trunk_name, embedding_name, norm_name = "backbone", "embeddings", "norm_f"
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.backbone = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, Backbone(args))
 
-    @property
-    def layers(self) -> list[Block]:
-        return self.backbone.layers
-
-    def block_kinds(self) -> list[str]:
-        return [layer.kind for layer in self.layers]
-
-    activation_dtype = None  # set by the loader (the checkpoint's float dtype)
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        h = self.backbone.embeddings(inputs)
-        return h.astype(self.activation_dtype) if self.activation_dtype is not None else h
-
-    def head(self, h: mx.array) -> mx.array:
-        return self.lm_head(self.backbone.norm_f(h))
-
-    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
-        h = self.embed(inputs)
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            h = layer(h, cache=c)
-            if hidden_states is not None:
-                hidden_states.append(h)
-        return self.head(h)
-
-    def make_cache(self) -> list:
-        # One entry per layer (None for MLP / MoE layers, which keep no state).
-        return [
-            StateCache() if layer.kind == "mamba" else KVCache() if layer.kind == "attention" else None
-            for layer in self.layers
-        ]
+    def layer_cache(self, layer: Block):
+        # None for MLP / MoE layers, which keep no state.
+        return StateCache() if layer.kind == "mamba" else KVCache() if layer.kind == "attention" else None
