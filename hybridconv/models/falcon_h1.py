@@ -92,7 +92,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import Attention, KVCache, StateCache
+from .common import Attention, CausalLM, KVCache, StateCache
 from .ssm import Mamba2Mixer
 
 
@@ -248,52 +248,23 @@ class FalconH1Model(nn.Module):
         self.final_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Falcon-H1 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
+    norm_name = "final_layernorm"
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
         args = applied(args)
-        self.args = args
-        self.model_type = args.model_type
-        self.model = FalconH1Model(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, FalconH1Model(args))
 
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    def block_kinds(self) -> list[str]:
-        return [layer.kind for layer in self.layers]
-
-    activation_dtype = None  # set by the loader (the checkpoint's float dtype)
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        h = self.model.embed_tokens(inputs)
-        if self.activation_dtype is not None:
-            h = h.astype(self.activation_dtype)
+    def scale_embeddings(self, h: mx.array) -> mx.array:
         m = self.args.embedding_multiplier
         return h * m if m != 1.0 else h
 
-    def head(self, h: mx.array) -> mx.array:
-        h = self.model.final_layernorm(h)
-        if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(h)
-        else:
-            logits = self.lm_head(h)
+    def scale_logits(self, logits: mx.array) -> mx.array:
         m = self.args.lm_head_multiplier
         return logits * m if m != 1.0 else logits
 
-    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
-        h = self.embed(inputs)
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            h = layer(h, cache=c)
-            if hidden_states is not None:
-                hidden_states.append(h)
-        return self.head(h)
-
-    def make_cache(self) -> list:
+    def layer_cache(self, layer: DecoderLayer):
         # Per layer: (Mamba [conv, SSM] state, attention key/value history).
-        return [(StateCache(), KVCache()) for _ in self.layers]
+        return (StateCache(), KVCache())
