@@ -78,7 +78,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import KVCache, StateCache, attend
+from .common import CausalLM, KVCache, StateCache, attend
 from .ssm import Mamba2Mixer
 
 ACTIVATIONS = {
@@ -276,49 +276,21 @@ class Zamba2Model(nn.Module):
         self.final_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Zamba2 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
+    norm_name = "final_layernorm"
+
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = Zamba2Model(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, Zamba2Model(args))
 
-    @property
-    def layers(self) -> list:
-        return self.model.layers
+    def call_layer(self, layer, h: mx.array, cache, x0: mx.array) -> mx.array:
+        # A hybrid layer runs its shared block on [h, original embeddings].
+        if layer.kind == "hybrid":
+            return layer(h, x0, self.model.shared_blocks[layer.block], cache=cache)
+        return layer(h, cache=cache)
 
-    def block_kinds(self) -> list[str]:
-        return [layer.kind for layer in self.layers]
-
-    activation_dtype = None  # set by the loader (the checkpoint's float dtype)
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        h = self.model.embed_tokens(inputs)
-        return h.astype(self.activation_dtype) if self.activation_dtype is not None else h
-
-    def head(self, h: mx.array) -> mx.array:
-        h = self.model.final_layernorm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
-        h = emb = self.embed(inputs)
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            if layer.kind == "hybrid":
-                h = layer(h, emb, self.model.shared_blocks[layer.block], cache=c)
-            else:
-                h = layer(h, cache=c)
-            if hidden_states is not None:
-                hidden_states.append(h)
-        return self.head(h)
-
-    def make_cache(self) -> list:
+    def layer_cache(self, layer):
         # A hybrid layer: its Mamba state and the key/value history of its own
         # call of the shared block (the weights are shared, the history is not).
-        return [(StateCache(), KVCache()) if layer.kind == "hybrid" else StateCache() for layer in self.layers]
+        return (StateCache(), KVCache()) if layer.kind == "hybrid" else StateCache()
