@@ -225,7 +225,7 @@ def render_runtimes(report: dict) -> None:
     """One row per runtime; a loud note for a runtime other than hybridconv that
     does not pass (what people who load OUT with it get)."""
     runs = report.get("runtimes") or {}
-    if len(runs) < 2 and all(n == report.get("runtime", "hybridconv") for n in runs):
+    if list(runs) in ([], ["hybridconv"]):
         return
     t = Table(title="runtimes")
     for col in ("runtime", "version", "verdict", "KL mean", "max |Δlogit|"):
