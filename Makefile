@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 HC := $(VENV)/bin/hybridconv
 DEMO_OUT := demo-out
 
-.PHONY: demo test venv install install-reference install-test clean
+.PHONY: demo test venv install install-reference install-test system-blas clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +15,31 @@ $(PY):
 
 venv: $(PY)
 
-install: venv
+# An optimised BLAS for MLX's CPU backend (see hybridconv/blas.py): the mlx[cpu]
+# wheel bundles the reference BLAS (float32 products ~50x slower). On Linux, as
+# root with apt-get, this installs the system OpenBLAS; elsewhere it prints what
+# to do. Never required: without it everything works, slower (`hybridconv doctor`).
+system-blas:
+	@if [ "$$(uname -s)" = Linux ] && ! /sbin/ldconfig -p 2>/dev/null | grep -q 'libopenblas[p]*\.so\.0'; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1 \
+	      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1; }; } \
+	      && echo "installed libopenblas0-pthread: fast float32 products for MLX" \
+	      || echo "note: could not install libopenblas0-pthread; MLX uses its slow bundled BLAS (see hybridconv doctor)"; \
+	  else \
+	    echo "note: no system OpenBLAS; MLX uses its slow bundled BLAS. Install it (Debian/Ubuntu: apt-get install libopenblas0-pthread)"; \
+	  fi; \
+	fi
+
+install: venv system-blas
 	$(PIP) install --quiet -e .
 
-install-reference: venv
+install-reference: venv system-blas
 	$(PIP) install --quiet -e ".[reference]"
 
 # torch is pinned to 2.13.0 (a CPU build on this machine's disk) in the test extra.
-install-test: venv
+install-test: venv system-blas
 	$(PIP) install --quiet -e ".[test]"
 
 # The demo needs the reference side (torch, transformers) for verify.

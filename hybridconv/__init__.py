@@ -10,6 +10,12 @@ Python API::
 
 __version__ = "0.1.0"
 
+# Before anything imports mlx: an optimised BLAS for MLX's CPU backend on Linux
+# (see hybridconv.blas; HYBRIDCONV_BLAS=off skips it).
+from . import blas as _blas  # noqa: E402
+
+_blas.preload()
+
 
 def load(path, lazy: bool = False, activation_dtype: str | None = None):
     """Load a converted MLX folder as a hybridconv model (see :mod:`hybridconv.loading`)."""

@@ -1,4 +1,24 @@
-"""Loading a converted folder into hybridconv's own MLX model."""
+"""Loading a converted folder into hybridconv's own MLX model.
+
+Compute paths (``load(..., compute=...)``):
+
+* ``native`` — MLX's own kernels for the stored dtypes: bf16/fp16 matmuls,
+  ``quantized_matmul`` for N-bit layers; activations in the folder's dtype. What
+  Metal (and CUDA) users run, fast there.
+* ``float32`` — the weights exactly as stored (bf16/fp16 values, N-bit affine
+  codes with their scales and biases: nothing re-rounded), used in float32: each
+  layer's weight is upcast (or dequantized, ``scale·q + bias`` in float32) when
+  the layer runs, one layer at a time inside MLX's lazy graph, never the whole
+  model; activations are float32. The products then go through the float32 BLAS
+  (see :mod:`hybridconv.blas`): on MLX's CPU backend bf16/fp16 and quantized
+  matmuls have no fast kernels (1-2 GFLOP/s), float32 ones run at the BLAS's
+  speed. It proves that the stored weights compute the reference's function;
+  it says nothing of the rounding of low-precision *activations*.
+* ``auto`` — ``float32`` where MLX has no fast low-precision kernels (the CPU
+  device: Linux CPU, or a CPU stream elsewhere) and the folder stores bf16,
+  fp16 or affine N-bit weights; ``native`` otherwise (Metal, CUDA, float32
+  folders). :func:`compute_path` says which and why.
+"""
 
 from __future__ import annotations
 
@@ -24,16 +44,145 @@ def load_config(path: Path) -> tuple[object, dict]:
     return arch, arch.normalize_config(raw)
 
 
-def load(path, lazy: bool = False, activation_dtype: str | None = None):
+COMPUTE_PATHS = ("auto", "native", "float32")
+
+
+def _stored_dtype(path: Path) -> str | None:
+    """The commonest float dtype of a folder's weights (from the headers)."""
+    from collections import Counter
+
+    from .safetensors_io import FLOAT_DTYPES
+
+    counts = Counter(t.dtype for t in index_weights(path).tensors.values() if t.dtype in FLOAT_DTYPES)
+    code = counts.most_common(1)[0][0] if counts else None
+    return {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}.get(code)
+
+
+def compute_path(path, compute: str = "auto", activation_dtype: str | None = None) -> dict:
+    """Which arithmetic ``load(path, compute=compute, activation_dtype=...)`` uses, as a
+    JSON-ready dict: ``path`` (native / float32), ``weights``, ``activations``,
+    ``device`` and ``reason``."""
+    import mlx.core as mx
+
+    if compute not in COMPUTE_PATHS:
+        from .errors import UsageError
+
+        raise UsageError(f"unknown compute path {compute!r}; expected one of {', '.join(COMPUTE_PATHS)}")
+    path = Path(path)
+    _, config = load_config(path)
+    quant = config.get("quantization")
+    stored = _stored_dtype(path) or "float32"
+    if isinstance(quant, dict):
+        mode = quant.get("mode", "affine")
+        weights = f"{quant.get('bits')}-bit {mode}, group size {quant.get('group_size')}"
+        low = mode == "affine"
+    else:
+        weights = stored
+        low = stored in ("bfloat16", "float16")
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    if compute == "auto":
+        if not low:
+            path_, reason = "native", (
+                "the weights are float32" if not isinstance(quant, dict)
+                else f"{weights}: no float32 form of this quantization mode")
+        elif device != "cpu":
+            path_, reason = "native", "MLX has fast low-precision kernels on this device"
+        else:
+            path_, reason = "float32", (
+                "MLX's CPU backend has no fast bf16/fp16/quantized matmul kernels: the stored "
+                "weights are used in float32, upcast one layer at a time, through the float32 BLAS")
+    else:
+        path_, reason = compute, f"asked for ({compute})"
+    if path_ == "float32" and not low and isinstance(quant, dict):
+        path_, reason = "native", f"{weights}: no float32 form of this quantization mode"
+    native_act = config.get("dtype") or config.get("torch_dtype") or stored
+    return {
+        "path": path_,
+        "weights": f"{weights} (as stored" + (", upcast to float32 one layer at a time)" if path_ == "float32" else ")"),
+        "activations": "float32" if path_ == "float32" else (activation_dtype or native_act),
+        "device": device,
+        "reason": reason,
+    }
+
+
+def _dequantize_f32(layer, rows=None):
+    """A quantized layer's weight (or some of its rows) as float32: ``scale·q + bias``
+    computed in float32 from the stored codes, scales and biases."""
+    import mlx.core as mx
+
+    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
+    if rows is not None:
+        w, scales = w[rows], scales[rows]
+        biases = biases[rows] if biases is not None else None
+    return mx.dequantize(w, scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32),
+                         group_size=layer.group_size, bits=layer.bits, mode=getattr(layer, "mode", "affine"))
+
+
+def _float32_classes():
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from .models.moe import QuantizedSwitchLinear
+
+    class Float32QuantizedLinear(nn.QuantizedLinear):
+        """QuantizedLinear computed as ``x @ dequantize(W).T`` in float32 (a float32 BLAS product)."""
+
+        def __call__(self, x):
+            y = x.astype(mx.float32) @ _dequantize_f32(self).T
+            return y + self["bias"] if "bias" in self else y
+
+    class Float32QuantizedEmbedding(nn.QuantizedEmbedding):
+        def __call__(self, x):
+            return _dequantize_f32(self, x)
+
+        def as_linear(self, x):
+            return x.astype(mx.float32) @ _dequantize_f32(self).T
+
+    class Float32QuantizedSwitchLinear(QuantizedSwitchLinear):
+        def __call__(self, x, indices, sorted_indices=False):
+            # each token's expert matrices, dequantized from their codes (gather_mm is float32 on the CPU)
+            w = _dequantize_f32(self)
+            y = mx.gather_mm(x.astype(mx.float32), w.swapaxes(-1, -2), rhs_indices=indices,
+                             sorted_indices=sorted_indices)
+            if "bias" in self:
+                y = y + mx.expand_dims(self["bias"][indices], -2)
+            return y
+
+    return {nn.QuantizedLinear: Float32QuantizedLinear, nn.QuantizedEmbedding: Float32QuantizedEmbedding,
+            QuantizedSwitchLinear: Float32QuantizedSwitchLinear}
+
+
+def use_float32_compute(model) -> int:
+    """Make ``model``'s affine-quantized layers compute in float32 from their stored
+    codes (see the module docstring); returns how many layers changed. The
+    parameters are untouched (same arrays, same names)."""
+    swaps = _float32_classes()
+    n = 0
+    for _, module in model.named_modules():
+        new = swaps.get(type(module))
+        if new is not None and getattr(module, "mode", "affine") == "affine":
+            module.__class__ = new  # same parameters and attributes; only the call differs
+            n += 1
+    return n
+
+
+def load(path, lazy: bool = False, activation_dtype: str | None = None, compute: str = "native"):
     """The MLX model of a converted folder; ``model(ids[B, T]) -> logits[B, T, V]``.
 
     Activations run in the folder's float dtype (config ``dtype``/``torch_dtype``)
-    unless ``activation_dtype`` says otherwise."""
+    unless ``activation_dtype`` says otherwise. ``compute`` chooses the arithmetic
+    for low-precision weights (module docstring; ``native`` by default): with
+    ``float32``/``auto`` choosing float32, activations are float32."""
     import mlx.core as mx
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder")
+    if compute != "native":
+        if compute_path(path, compute)["path"] == "float32":
+            activation_dtype = "float32"
+        else:
+            compute = "native"
     arch, config = load_config(path)
     model = arch.build_model(config)
     index = index_weights(path)
@@ -72,6 +221,8 @@ def load(path, lazy: bool = False, activation_dtype: str | None = None):
     dtype = activation_dtype or config.get("dtype") or config.get("torch_dtype")
     if dtype in ("float32", "float16", "bfloat16"):
         model.activation_dtype = getattr(mx, dtype)
+    if compute != "native":
+        use_float32_compute(model)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import hybridconv  # noqa: F401  (first: loads an optimised BLAS before mlx; see hybridconv.blas)
 import mlx.core as mx
 import numpy as np
 import pytest

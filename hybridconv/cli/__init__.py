@@ -100,6 +100,7 @@ def _usage_error(exc) -> None:
 
 def main() -> None:
     from . import convert as _convert  # noqa: F401  (register commands)
+    from . import doctor as _doctor  # noqa: F401
     from . import inspect as _inspect  # noqa: F401
     from . import publish as _publish  # noqa: F401
     from . import quantize as _quantize  # noqa: F401

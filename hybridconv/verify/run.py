@@ -29,13 +29,14 @@ from typing import Callable
 
 import numpy as np
 
-from .. import __version__, interrupt
+from .. import __version__, blas, interrupt
 from ..converters import layer_of
 from ..errors import OutputError, UsageError
 from ..hashing import weights_hash
-from ..loading import WeightMismatchError, load_config
+from ..loading import WeightMismatchError, compute_path, load_config
 from .gates import Gates, gates_for, precision_of
 from .metrics import DECISIVE_GAP, MIN_DECISIVE, relative_error, summarise, token_stats
+from .onepass import decode_check, run_sequence
 from .reference import Reference
 
 SCHEMA = "hybridconv.verification/2"
@@ -86,6 +87,7 @@ def verify_folder(
     decode_steps: int = 8,
     progress: Callable[[str], None] | None = None,
     activation_dtype: str | None = None,
+    compute: str = "auto",
     runtimes: tuple[str, ...] | list[str] = ("hybridconv",),
     require: tuple[str, ...] | list[str] = (),
 ) -> Outcome:
@@ -157,7 +159,7 @@ def verify_folder(
         interrupt.check()
         say = (lambda msg, _n=name: progress(f"{_n}: {msg}")) if progress else None
         if name == "hybridconv":
-            results[name] = _run_hybridconv(out, reference, gates, decode_steps, say, activation_dtype, top_k)
+            results[name] = _run_hybridconv(out, reference, gates, decode_steps, say, activation_dtype, top_k, compute)
         else:
             results[name] = _run_mlx_lm(out, arch, config, reference, gates, decode_steps, say, top_k)
     primary = "hybridconv" if "hybridconv" in results else runtimes[0]
@@ -181,15 +183,19 @@ def verify_folder(
 
 # The keys of one runtime's result that are also written at the top level of
 # the report for the primary runtime (hybridconv's, as in schema /1).
-PRIMARY_KEYS = ("metrics", "blocks", "block_comparison", "first_divergent_block", "decode", "checks", "skipped_gates")
+PRIMARY_KEYS = ("compute", "metrics", "blocks", "block_comparison", "first_divergent_block", "decode", "checks", "skipped_gates")
 
 
-def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dtype, top_k) -> dict:
+def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dtype, top_k, compute="auto") -> dict:
     from ..loading import load
 
     head = {"runtime": "hybridconv", "version": __version__, "loader": "hybridconv.load"}
     try:
-        model = load(out, activation_dtype=activation_dtype)
+        # the arithmetic (loading.compute_path: float32 for low-precision weights on the
+        # CPU) and the BLAS behind it, in the report
+        compute = "native" if activation_dtype is not None and compute == "auto" else compute
+        head["compute"] = {**compute_path(out, compute, activation_dtype), "blas": blas.status()}
+        model = load(out, activation_dtype=activation_dtype, compute=compute)
     except WeightMismatchError as exc:
         # A conversion that produced weights the model cannot even take is a failed
         # verification, localised to the block of the offending tensor.
@@ -293,9 +299,8 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
         interrupt.check()  # a safe point: between sequences
         if progress:
             progress(f"sequence {s + 1}/{len(reference.sequences)}")
-        hidden: list = [] if have_hidden else None
-        logits = model(mx.array(ids[None]), hidden_states=hidden)
-        got = np.array(logits[0].astype(mx.float32))
+        # one MLX pass: prefill, then the decode check's steps through the caches (onepass)
+        got, hidden, k = run_sequence(model, ids, decode_steps, have_hidden)
         if have_hidden:
             for b, h in enumerate(hidden):
                 r = np.asarray(reference.hidden(s, b), dtype=np.float64)
@@ -306,9 +311,8 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
         st = token_stats(reference.outputs[s], got, ids)
         stats.append(st)
         per_seq.append({"sequence": s, **summarise([st])})
-        k = min(decode_steps, len(ids) - 1)
         if k > 0:
-            decode_rows.append(_decode_check(model, ids, k, reference.outputs[s]))
+            decode_rows.append(decode_check(got, ids, k, reference.outputs[s]))
     overall = summarise(stats)
     report["metrics"] = {"overall": overall, "per_sequence": per_seq}
 
@@ -362,6 +366,8 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
         worst_kl = max(r["kl_max"] for r in decode_rows)
         report["decode"] = {
             "steps_per_sequence": decode_steps,
+            "method": "each sequence's last steps run one token at a time through the caches after a cached prefill "
+                      "of the rest: the same MLX pass gives the metrics' logits (one pass per sequence)",
             "kl_max": worst_kl,
             "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in decode_rows),
             "top1_agreement": float(np.mean([r["top1_agreement"] for r in decode_rows])),
@@ -404,28 +410,6 @@ def check_same_model(reference: Reference, arch, config: dict, out: Path) -> Non
 
 def _short(kinds: list[str]) -> str:
     return ", ".join(kinds[:6]) + (", …" if len(kinds) > 6 else "")
-
-
-def _decode_check(model, ids: np.ndarray, k: int, ref_out: dict) -> dict:
-    """Prefill all but the last ``k`` tokens through the caches, then step one token
-    at a time; compare those ``k`` rows with the reference's full-sequence logits."""
-    import mlx.core as mx
-
-    T = len(ids)
-    cache = model.make_cache()
-    model(mx.array(ids[None, : T - k]), cache=cache)
-    rows = []
-    for t in range(T - k, T):
-        interrupt.check()
-        rows.append(np.array(model(mx.array(ids[None, t : t + 1]), cache=cache)[0, 0].astype(mx.float32)))
-    got = np.stack(rows)
-    ref_rows = {key: v[T - k :] for key, v in ref_out.items()}
-    st = token_stats(ref_rows, got, ids[T - k :])
-    return {
-        "kl_max": float(st["kl"].max()),
-        "max_abs_logit_diff": float(st["max_abs"].max()),
-        "top1_agreement": float(st["top1"].mean()),
-    }
 
 
 def write_report(report: dict, path: Path) -> None:

@@ -1,0 +1,328 @@
+"""Issue 12: verify at the hardware's speed. Correctness only (no timed assertions):
+
+* the optimised BLAS is loaded before mlx (on / off / too late / not found) and
+  MLX's products agree with the reference BLAS's to float32 noise;
+* ``hybridconv doctor`` reports the BLAS, measured GFLOP/s and the fix on the
+  slow path;
+* the float32 compute path (weights as stored, upcast one layer at a time,
+  float32 activations) gives the slow path's verdict and metrics within float32
+  noise, leaves the stored weights untouched, and upcasts per layer, not the model;
+* verify runs one MLX pass per sequence (the decode check reuses its caches).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from hybridconv import blas
+from hybridconv.convert import convert
+from hybridconv.loading import compute_path, load, use_float32_compute
+from hybridconv.quant.run import quantize
+from hybridconv.verify.inputs import build_inputs
+from hybridconv.verify.onepass import run_sequence
+from hybridconv.verify.reference import compute_reference
+from hybridconv.checkpoint import resolve
+from hybridconv.verify.run import verify_folder
+
+CASE = "recurrent_gemma-tiny"
+
+
+def _system_openblas() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libopenblas.so.0"), "cblas_sgemm")
+    except OSError:
+        return False
+
+
+def _status_in_subprocess(code_before: str = "", env: dict | None = None) -> dict:
+    """blas.status() of a fresh interpreter, after ``code_before`` and an mlx product
+    checked against numpy (float64)."""
+    script = (
+        f"{code_before}\n"
+        "import json, numpy as np, hybridconv, mlx.core as mx\n"
+        "from hybridconv import blas\n"
+        "rng = np.random.default_rng(0)\n"
+        "a, b = rng.standard_normal((96, 200)).astype(np.float32), rng.standard_normal((200, 64)).astype(np.float32)\n"
+        "got = np.array(mx.array(a) @ mx.array(b))\n"
+        "ref = a.astype(np.float64) @ b.astype(np.float64)\n"
+        "print(json.dumps({**blas.status(), 'rel_err': float(np.abs(got - ref).max() / np.abs(ref).max())}))\n"
+    )
+    full_env = {**os.environ, **(env or {})}
+    if env is None or blas.ENV not in env:
+        full_env.pop(blas.ENV, None)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=full_env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or blas.bundled_blas() is None,
+                    reason="MLX bundles the reference BLAS on Linux only")
+def test_blas_loaded_before_mlx_or_said_why():
+    default = _status_in_subprocess()
+    if _system_openblas():
+        assert default["kind"] == "optimised" and "openblas" in default["blas"].lower()
+        assert default["action"].startswith("loaded") and "fix" not in default
+    else:  # works all the same, slower, and says what to install
+        assert default["kind"] == "reference" and "apt-get install libopenblas0-pthread" in default["fix"]
+    off = _status_in_subprocess(env={blas.ENV: "off"})
+    assert off["kind"] == "reference" and off["action"] == f"not loaded: {blas.ENV}=off"
+    assert "unset" in off["fix"]
+    late = _status_in_subprocess("import mlx.core")
+    assert late["kind"] == "reference" and late["action"].startswith("too late")
+    assert "import hybridconv before mlx" in late["fix"]
+    missing = _status_in_subprocess(env={blas.ENV: "/nonexistent/libblas.so"})
+    assert missing["kind"] == "reference" and missing["action"].startswith("not found")
+    # the same products either way, to float32 rounding
+    for s in (default, off, late, missing):
+        assert s["rel_err"] < 1e-5, s
+
+
+def test_this_process_records_its_blas():
+    s = blas.status()
+    assert {"setting", "action", "blas", "kind"} <= set(s)
+    assert s["kind"] in ("optimised", "reference", "platform", "unknown")
+    json.dumps(s)
+
+
+def test_doctor_reports_blas_speed_and_fix(monkeypatch):
+    from typer.testing import CliRunner
+
+    from hybridconv.cli import app
+    from hybridconv.cli import doctor as _doctor  # noqa: F401  (registers the command)
+    from hybridconv.verify import speed
+
+    small = dict(shape=(16, 128, 128), budget=0.01)
+    rep = speed.doctor(**small, with_torch=True)
+    assert rep["blas"]["kind"] == blas.status()["kind"]
+    assert set(rep["gflops"]["mlx"]) == {"float32", "bfloat16", "4bit", "4bit_as_float32"}
+    assert all(v > 0 for v in rep["gflops"]["mlx"].values())
+    assert rep["gflops"]["torch"]["float32"] > 0
+    assert rep["verify_compute"]["low_precision_folders"] == "float32"  # the CPU
+    assert rep["slow_path"] == bool(rep["findings"])
+
+    orig = speed.doctor
+    monkeypatch.setattr(speed, "doctor", lambda with_torch=True: orig(**small, with_torch=with_torch))
+    res = CliRunner().invoke(app, ["doctor", "--no-torch"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "BLAS for MLX" in res.output and "measured GFLOP/s" in res.output and "not measured (--no-torch)" in res.output
+    # on the slow path: the problem and its fix
+    monkeypatch.setattr(blas, "status", lambda: {"setting": "off", "action": "not loaded: HYBRIDCONV_BLAS=off",
+                                                  "blas": "libblas-x.so", "kind": "reference",
+                                                  "fix": "unset HYBRIDCONV_BLAS (or set it to auto)"})
+    res = CliRunner().invoke(app, ["doctor", "--no-torch"], terminal_width=200)
+    assert res.exit_code == 0
+    assert "slow:" in res.output and "reference (netlib) BLAS" in res.output and "fix: unset HYBRIDCONV_BLAS" in res.output
+    res = CliRunner().invoke(app, ["doctor", "--no-torch", "--json"], terminal_width=200)
+    data = json.loads(res.output)
+    assert data["slow_path"] is True and data["findings"][0]["fix"].startswith("unset")
+
+
+# --- the float32 compute path ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def folders(fixtures_dir, tmp_path_factory):
+    """bf16 and 4-bit conversions of one fixture, from a bfloat16 copy of the source
+    (so that the 4-bit folder's scales and native activations are bf16, as in practice)."""
+    src = fixtures_dir / CASE
+    tmp = tmp_path_factory.mktemp("speed")
+    out = {"bfloat16": tmp / "bf16"}
+    convert(str(src), out["bfloat16"], dtype="bfloat16")
+    out["4bit"] = tmp / "q4"
+    quantize(str(src), out["4bit"], bits=4, group_size=32, dtype="bfloat16")
+    out["float32"] = tmp / "f32"
+    convert(str(src), out["float32"], dtype="float32")
+    cfg = json.loads((src / "config.json").read_text())
+    inputs = build_inputs(src, cfg["vocab_size"], random_tokens=40, num_sequences=2, seed=3)
+    return out, compute_reference(resolve(str(src)), inputs)
+
+
+def test_compute_path_choice(folders):
+    out, _ = folders
+    for name in ("bfloat16", "4bit"):
+        c = compute_path(out[name], "auto")
+        assert c["path"] == "float32" and c["activations"] == "float32" and c["device"] == "cpu"
+        assert "as stored" in c["weights"] and "one layer at a time" in c["weights"]
+        n = compute_path(out[name], "native")
+        assert n["path"] == "native" and n["activations"] == "bfloat16"
+    assert compute_path(out["float32"], "auto")["path"] == "native"
+    with pytest.raises(Exception, match="unknown compute path"):
+        compute_path(out["bfloat16"], "fast")
+
+
+def test_float32_path_keeps_stored_weights(folders):
+    out, _ = folders
+    q = load(out["4bit"], compute="float32")
+    layers = [m for _, m in q.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    assert layers and all(type(m).__name__.startswith("Float32") for m in layers)
+    stored = mx.load(str(out["4bit"] / "model.safetensors"))
+    from mlx.utils import tree_flatten
+
+    for name, p in tree_flatten(q.parameters()):
+        assert p.dtype == stored[name].dtype and mx.array_equal(p, stored[name]), name
+    b = load(out["bfloat16"], compute="float32")
+    assert b.activation_dtype == mx.float32
+    assert {p.dtype for _, p in tree_flatten(b.parameters())} <= {mx.bfloat16, mx.float32}
+
+
+def _dense_float32(model):
+    """The slow path, whole-model: every quantized layer replaced by a float32 dense one
+    holding its dequantized weight (``scale·q + bias`` in float32)."""
+    from hybridconv.loading import _dequantize_f32
+
+    for path, m in list(model.named_modules()):
+        if isinstance(m, nn.QuantizedLinear):
+            new = nn.Linear(1, 1, bias="bias" in m)
+            new.weight = _dequantize_f32(m)
+            if "bias" in m:
+                new.bias = m["bias"]
+        elif isinstance(m, nn.QuantizedEmbedding):
+            new = nn.Embedding(1, 1)
+            new.weight = _dequantize_f32(m)
+        else:
+            continue
+        *parents, last = path.split(".")
+        owner = model
+        for p in parents:
+            owner = owner[int(p)] if isinstance(owner, list) else getattr(owner, p)
+        if isinstance(owner, list):
+            owner[int(last)] = new
+        else:
+            setattr(owner, last, new)
+    return model
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "4bit"])
+def test_float32_path_same_verdict_and_metrics_as_slow_path(folders, name, monkeypatch):
+    """float32 path vs the same arithmetic done the slow way (bf16: MLX's own kernels with
+    float32 activations; 4-bit: the whole model dequantized to float32 dense layers):
+    metrics equal to float32 noise; and vs the native low-precision run (bf16
+    activations, MLX's quantized kernels): the same verdict."""
+    import hybridconv.loading as loading
+
+    out, ref = folders
+    fast = verify_folder(out[name], ref, compute="float32").report
+    orig = loading.load
+    monkeypatch.setattr(loading, "load", lambda *a, **kw: _dense_float32(orig(*a, **kw)))
+    slow = verify_folder(out[name], ref, activation_dtype="float32").report
+    monkeypatch.setattr(loading, "load", orig)
+    native = verify_folder(out[name], ref, compute="native").report
+    assert fast["compute"]["path"] == "float32" and slow["compute"]["path"] == "native"
+    assert fast["compute"]["activations"] == slow["compute"]["activations"] == "float32"
+    assert native["compute"]["activations"] == "bfloat16"
+    assert fast["compute"]["blas"]["kind"] == blas.status()["kind"]
+    assert fast["verdict"] == slow["verdict"] == native["verdict"] == "pass"
+    fo, so = fast["metrics"]["overall"], slow["metrics"]["overall"]
+    assert abs(fo["kl_mean"] - so["kl_mean"]) <= 1e-6 + 1e-3 * so["kl_mean"]
+    assert abs(fo["max_abs_logit_diff"] - so["max_abs_logit_diff"]) <= 1e-4
+    assert fo["top1_agreement_decisive"] == so["top1_agreement_decisive"]
+    for fb, sb in zip(fast["blocks"], slow["blocks"]):
+        assert abs(fb["relative_error"] - sb["relative_error"]) <= 1e-5 + 1e-3 * sb["relative_error"]
+    assert abs(fast["decode"]["kl_max"] - slow["decode"]["kl_max"]) <= 1e-6 + 1e-3 * slow["decode"]["kl_max"]
+    # auto is the float32 path here (the CPU)
+    auto = verify_folder(out[name], ref).report
+    assert auto["compute"]["path"] == "float32" and auto["metrics"]["overall"]["kl_mean"] == fo["kl_mean"]
+
+
+def test_float32_path_upcasts_one_layer_at_a_time():
+    """Peak memory of a forward pass through many 4-bit layers on the float32 path stays
+    far below the size of the whole model in float32 (each layer is dequantized when it
+    runs, and freed after)."""
+    d, n = 512, 32
+    layers = []
+    for i in range(n):
+        lin = nn.Linear(d, d)
+        lin.set_dtype(mx.bfloat16)
+        layers.append(nn.QuantizedLinear.from_linear(lin, group_size=64, bits=4))
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+
+        def __call__(self, x):
+            for lin in self.layers:
+                x = x + nn.gelu(lin(x))
+            return x
+
+    model = Stack()
+    assert use_float32_compute(model) == n
+    mx.eval(model.parameters())
+    x = mx.random.normal((1, 16, d))
+    mx.eval(x)
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    y = model(x)
+    mx.eval(y)
+    assert y.dtype == mx.float32
+    whole_model_f32 = n * d * d * 4
+    assert mx.get_peak_memory() - base < whole_model_f32 / 4
+
+
+# --- one MLX pass per sequence -------------------------------------------------------
+
+
+class _Counting:
+    """A model wrapper that counts the tokens it is given."""
+
+    def __init__(self, model):
+        self.model, self.tokens = model, 0
+
+    def __call__(self, inputs, cache=None, hidden_states=None):
+        self.tokens += inputs.shape[1]
+        return self.model(inputs, cache=cache, hidden_states=hidden_states)
+
+    def make_cache(self):
+        return self.model.make_cache()
+
+    def block_kinds(self):
+        return self.model.block_kinds()
+
+
+def test_one_pass_per_sequence_equals_plain_forward(folders):
+    out, ref = folders
+    model = _Counting(load(out["float32"]))
+    ids = ref.sequences[0]
+    T = len(ids)
+    got, hidden, k = run_sequence(model, ids, 8, want_hidden=True)
+    assert k == 8 and model.tokens == T  # one pass: every token once
+    plain_hidden: list = []
+    plain = np.array(model.model(mx.array(ids[None]), hidden_states=plain_hidden)[0])
+    assert got.shape == plain.shape
+    assert np.abs(got - plain).max() <= 1e-4 + 1e-5 * np.abs(plain).max()
+    assert len(hidden) == len(plain_hidden)
+    for h, p in zip(hidden, plain_hidden):
+        assert h.shape == p.shape
+        assert float(mx.abs(h - p).max()) <= 1e-4 + 1e-5 * float(mx.abs(p).max())
+    model.tokens = 0
+    run_sequence(model, ids, 0, want_hidden=False)
+    assert model.tokens == T
+
+
+def test_verify_runs_each_token_once(folders, monkeypatch):
+    out, ref = folders
+    import hybridconv.loading as loading
+
+    seen = []
+    orig = loading.load
+
+    def counting_load(*a, **kw):
+        m = _Counting(orig(*a, **kw))
+        seen.append(m)
+        return m
+
+    monkeypatch.setattr(loading, "load", counting_load)
+    report = verify_folder(out["float32"], ref, decode_steps=8).report
+    assert report["verdict"] == "pass" and report["decode"]["steps_per_sequence"] == 8
+    assert "one pass per sequence" in report["decode"]["method"]
+    assert seen[0].tokens == sum(len(s) for s in ref.sequences)
