@@ -173,3 +173,15 @@ def test_per_channel_sub_blocks_equal_direct_form(sub):
     ref = (xn[..., :, None, :] * kn[..., None, :, :] * np.exp(np.where(mask, diff, -np.inf))).sum(-1)
     assert np.isfinite(np.array(got)).all()
     assert np.abs(np.array(got) - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_intra_chunk_groups(monkeypatch):
+    """Intra-chunk terms formed a few chunks at a time give the same result."""
+    import hybridconv.models.gated_delta as gd
+
+    args = _inputs(8, 1, 150, 2, 4, 16, 8, False)
+    ref_o, ref_s = _ours(gated_delta_chunked, *args, chunk_size=16)
+    monkeypatch.setattr(gd, "INTRA_GROUP", 3)  # 10 chunks in groups of 3, 3, 3, 1
+    o, s = _ours(gated_delta_chunked, *args, chunk_size=16)
+    _close(o, ref_o, 1e-6)
+    _close(s, ref_s, 1e-6)

@@ -41,8 +41,9 @@ so with the UT transform ``T = (I + A)^{-1}``: ``u = T(βv) − T(βk⊙Γ) S0``
     o_i   = (scale·q_i ⊙ Γ_i)ᵀ S0 + Σ_{j≤i} (scale·q_i)ᵀ (k_j ⊙ exp(G_i − G_j)) u_j
     S_end = diag(Γ_C) S0 + Σ_j (k_j ⊙ exp(G_C − G_j)) u_jᵀ
 
-Everything except the ``S0`` terms is computed for all chunks at once; only the
-carry of ``S`` from chunk to chunk is a Python loop (``T / C`` iterations).
+Everything except the ``S0`` terms is computed for groups of 32 chunks at
+once (bounding memory for long prompts); only the carry of ``S`` from chunk to
+chunk is a Python loop (``T / C`` iterations).
 The pairwise decays are formed as ``exp(G_i − G_j)`` masked to ``j ≤ i`` (never
 as ``exp(G_i)·exp(−G_j)``, which overflows in float32 for strong decays). For
 the per-channel (KDA) form they are per key channel: formed directly within
@@ -158,6 +159,7 @@ def unit_lower_inverse(m: mx.array) -> mx.array:
     return inv[..., 0, :, :]
 
 
+INTRA_GROUP = 32  # chunks whose intra-chunk terms are formed together (2048 steps at C = 64)
 SUB_CHUNK = 16  # per-channel decays: sub-blocks whose pairwise decays are formed directly
 
 
@@ -259,17 +261,15 @@ def gated_delta_chunked(
         return mx.moveaxis(x, 3, 1)
 
     q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
-    if not per_channel:
-        terms = _intra_chunk(q, k, v, g, beta, False)
+    # State-independent terms for a group of chunks at once (one chunk for the
+    # per-channel form): vectorised, with memory bounded whatever T is.
+    group = 1 if per_channel else INTRA_GROUP
     outs = []
     for c in range(n):
-        if per_channel:  # [C, C, Dk] pairwise decays: one chunk at a time
-            sl = (slice(None), slice(None), slice(c, c + 1))
-            q_dec, qk, u, w, k_end, decay = (
-                x[:, :, 0] for x in _intra_chunk(q[sl], k[sl], v[sl], g[sl], beta[sl], True)
-            )
-        else:
-            q_dec, qk, u, w, k_end, decay = (x[:, :, c] for x in terms)
+        if c % group == 0:
+            sl = (slice(None), slice(None), slice(c, c + group))
+            terms = _intra_chunk(q[sl], k[sl], v[sl], g[sl], beta[sl], per_channel)
+        q_dec, qk, u, w, k_end, decay = (x[:, :, c % group] for x in terms)
         v_new = u - w @ S
         outs.append(q_dec @ S + qk @ v_new)
         S = S * decay + k_end.swapaxes(-1, -2) @ v_new
