@@ -78,6 +78,11 @@ def verify_cmd(
     min_top5: Annotated[Optional[float], typer.Option("--min-top5", help="Gate: mean top-5 overlap over decisive tokens, 0..1.", show_default=False)] = None,
     max_block_error: Annotated[Optional[float], typer.Option("--max-block-error", help="Gate: relative error of any block's output.", show_default=False)] = None,
     decode_steps: Annotated[int, typer.Option("--decode-steps", help="Tokens per sequence run one at a time through the caches.")] = 8,
+    compute: Annotated[str, typer.Option("--compute", metavar="auto|native|float32", help=(
+        "Arithmetic for bf16/fp16/N-bit weights: float32 uses the weights exactly as stored, upcast one layer at a "
+        "time, with float32 activations (fast through the BLAS on the CPU); native uses MLX's own low-precision "
+        "kernels and the folder's activation dtype; auto is float32 on the CPU (no fast low-precision kernels there) "
+        "and native elsewhere (Metal, CUDA)."))] = "auto",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here.", show_default=False)] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not write OUT/verification.json.")] = False,
     max_memory: MaxMemoryOpt = None,
@@ -149,7 +154,7 @@ def verify_cmd(
     overrides = dict(max_kl_mean=max_kl_mean, max_kl_p99=max_kl_p99, min_top1=min_top1,
                      min_top5=min_top5, max_block_error=max_block_error)
     with console.status("running the MLX model"):
-        outcome = verify_folder(out, ref, gate_overrides=overrides, decode_steps=decode_steps,
+        outcome = verify_folder(out, ref, gate_overrides=overrides, decode_steps=decode_steps, compute=compute,
                                 runtimes=runtimes, require=require)
     report = outcome.report
     if not no_report:
@@ -169,6 +174,10 @@ def render(report: dict) -> None:
     r = report["reference"]
     head.add_row("reference", escape(f"{r['implementation']} [{r['dtype']}] — {r['source']}" + (f" ({r['file']})" if r["file"] else "")))
     head.add_row("inputs", f"{report['inputs']['sequences']} sequence(s), {report['inputs']['tokens']} tokens")
+    if report.get("compute"):
+        c = report["compute"]
+        head.add_row("arithmetic", escape(f"{c['path']}: weights {c['weights']}, activations {c['activations']}; "
+                                          f"BLAS {c['blas'].get('kind')}"))
     if m:
         o = m["overall"]
         head.add_row("max / mean |Δlogit|", f"{o['max_abs_logit_diff']:.3g} / {o['mean_abs_logit_diff']:.3g}")
