@@ -59,7 +59,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import KVCache, StateCache, attend, causal_depthwise_conv
+from .common import CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
 from .gated_delta import RMSNormGated, gated_delta, gdn_decay, l2norm
 from .qwen3_next import MLP
 
@@ -209,44 +209,12 @@ class OlmoHybridModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """OLMo-Hybrid for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = OlmoHybridModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, OlmoHybridModel(args))
 
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    def block_kinds(self) -> list[str]:
-        return [layer.kind for layer in self.layers]
-
-    activation_dtype = None
-
-    def embed(self, inputs: mx.array) -> mx.array:
-        h = self.model.embed_tokens(inputs)
-        return h.astype(self.activation_dtype) if self.activation_dtype is not None else h
-
-    def head(self, h: mx.array) -> mx.array:
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def __call__(self, inputs: mx.array, cache=None, hidden_states=None) -> mx.array:
-        h = self.embed(inputs)
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, c in zip(self.layers, caches):
-            h = layer(h, cache=c)
-            if hidden_states is not None:
-                hidden_states.append(h)
-        return self.head(h)
-
-    def make_cache(self) -> list:
-        return [StateCache() if layer.is_delta else KVCache() for layer in self.layers]
+    def layer_cache(self, layer: DecoderLayer):
+        # delta-rule layer: [conv state, recurrent state]; attention: full KV history.
+        return StateCache() if layer.is_delta else KVCache()
