@@ -17,6 +17,9 @@ class FakeHub:
         self.requests: list[dict] = []  # method, path, headers, body
         self.repos: dict[str, dict] = {}  # repo_id -> {"private":..., "branches": set, "commits": [...]}
         self.fail_commits_for: set[str] = set()
+        # repos whose commits are refused with a message quoting the credentials
+        # received (as a careless server or proxy might): the client must scrub it
+        self.echo_token_for: set[str] = set()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +62,9 @@ class FakeHub:
                             {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]})
                     if repo_id in hub.fail_commits_for:
                         return self._reply(500, {"error": "simulated failure"})
+                    if repo_id in hub.echo_token_for:
+                        auth = self.headers.get("Authorization", "")
+                        return self._reply(403, {"error": f"simulated refusal: credentials '{auth}' may not write to {repo_id}"})
                     header, files = None, {}
                     for line in body.splitlines():
                         item = json.loads(line)

@@ -124,6 +124,38 @@ def test_hub_failure_exit_5_without_token(verified, tmp_path):
         hub.fail_commits_for.add("org/broken")
         r = run(["upload", verified, "--repo-id", "org/broken"], tmp_path, hub)
     assert r.returncode == 5 and "Traceback" not in r.stderr
+    assert "simulated failure" in " ".join(r.stderr.split())  # the Hub's own words reach the user
+
+
+def test_hub_message_echoing_the_token_is_scrubbed(verified, tmp_path):
+    """A Hub (or proxy) error that quotes the credentials: the user sees the Hub's
+    message with the token replaced by ***, never the token (run() asserts that
+    on stdout and stderr)."""
+    with FakeHub() as hub:
+        hub.echo_token_for.add("org/echo")
+        r = run(["upload", verified, "--repo-id", "org/echo"], tmp_path, hub)
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 5 and "Traceback" not in err
+    assert "simulated refusal" in err and "may not write to org/echo" in err, err
+    assert "Bearer ***" in err, err  # the token was there, and was replaced
+
+
+def test_failed_verification_is_never_uploaded(verified, tmp_path):
+    """A report whose verdict is fail, for exactly these weights (the hash
+    matches): refused with the report's reasons, before any request."""
+    from hybridconv.verify.run import REPORT_NAME
+
+    report = json.loads((verified / REPORT_NAME).read_text())
+    report.update(verdict="fail", failure_reasons=["max_kl_mean: 0.9 vs threshold 0.01"])
+    write_report(report, verified / REPORT_NAME)
+    with FakeHub() as hub:
+        r = run(["upload", verified, "--repo-id", "org/model"], tmp_path, hub)
+        assert r.returncode == 4, r.stderr
+        assert hub.requests == [] and hub.repos == {}
+    err = " ".join(r.stderr.split())
+    assert "verification failed (max_kl_mean: 0.9 vs threshold 0.01)" in err, err
+    dry = run(["upload", verified, "--repo-id", "org/model", "--dry-run"], tmp_path)
+    assert dry.returncode == 4 and "verification failed" in dry.stderr
 
 
 def test_card_template_and_source_card(fixtures_dir, tmp_path, verified):
