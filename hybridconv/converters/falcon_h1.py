@@ -85,9 +85,17 @@ from __future__ import annotations
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import falcon_h1 as model_module
-from .bamba import parse_time_step_limit, rope_theta
-from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, KeepFloat32, Rule, Scale
+from ._common import (
+    ATTENTION_ROLES,
+    FEED_FORWARD_ROLES,
+    MAMBA2_PROTECTED,
+    MAMBA2_ROLES,
+    mamba2_rules,
+    parse_time_step_limit,
+    rope_theta,
+)
+from .registry import Architecture, register
+from .rules import Rule, Scale
 
 MULTIPLIERS = (
     "embedding_multiplier",
@@ -189,7 +197,6 @@ def normalize_config(raw: dict) -> dict:
     return cfg
 
 
-SSM_FLOAT32 = r"\.mamba\.(A_log|D|dt_bias)$"
 FOLDED = "multipliers_folded"  # written config: the weights carry the multipliers
 FOLD = "_fold_multipliers"  # this conversion folds them (the source has FOLDED unset); not written
 
@@ -227,34 +234,14 @@ def fold_rules(cfg: dict) -> list[Rule]:
 
 
 def rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers")]
-    if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
-    out.append(ConvToMLX(r"\.mamba\.conv1d\.weight$", cfg["mamba_d_conv"], "Mamba-2 conv1d weights"))
-    out.append(KeepFloat32(SSM_FLOAT32, "SSM decay parameters: rounding compounds over every step", "A_log, D, dt_bias"))
+    out = mamba2_rules(cfg)
     if cfg.get(FOLD):
         out += fold_rules(cfg)
     return out
 
 
-PROTECTED = (
-    Protected(SSM_FLOAT32, "SSM dynamics: A = -exp(A_log), dt = softplus(. + dt_bias)"),
-    Protected(r"\.mamba\.conv1d\.(weight|bias)$", "conv1d kernel: a handful of taps per channel"),
-    Protected(r"norm\.weight$", "norm weights scale whole activations"),
-)
-ROLES = (
-    Role("embed", r"^model\.embed_tokens\.weight$", sensitive=True),
-    Role("lm_head", r"^lm_head\.weight$", sensitive=True),
-    Role("mamba.in_proj", r"\.mamba\.in_proj\.weight$", sensitive=True),
-    Role("mamba.out_proj", r"\.mamba\.out_proj\.weight$"),
-    Role("attn.q_proj", r"\.self_attn\.q_proj\.weight$"),
-    Role("attn.k_proj", r"\.self_attn\.k_proj\.weight$"),
-    Role("attn.v_proj", r"\.self_attn\.v_proj\.weight$"),
-    Role("attn.o_proj", r"\.self_attn\.o_proj\.weight$"),
-    Role("mlp.gate_proj", r"\.feed_forward\.gate_proj\.weight$"),
-    Role("mlp.up_proj", r"\.feed_forward\.up_proj\.weight$"),
-    Role("mlp.down_proj", r"\.feed_forward\.down_proj\.weight$", sensitive=True),
-)
+PROTECTED = MAMBA2_PROTECTED
+ROLES = MAMBA2_ROLES + ATTENTION_ROLES + FEED_FORWARD_ROLES
 
 ARCH = register(
     Architecture(

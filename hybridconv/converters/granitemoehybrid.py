@@ -59,7 +59,8 @@ from __future__ import annotations
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import granitemoehybrid as model_module
-from .bamba import (
+from ._common import (
+    ATTENTION_ROLES,
     MAMBA2_PROTECTED,
     MAMBA2_ROLES,
     check_activation,
@@ -154,7 +155,7 @@ def rules(cfg: dict) -> list[Rule]:
     return out
 
 
-ROLES = MAMBA2_ROLES + (
+ROLES = MAMBA2_ROLES + ATTENTION_ROLES + (
     Role("moe.router", r"\.block_sparse_moe\.router\.layer\.weight$", default="float",
          why="router: a rounding error changes which experts run"),
     Role("moe.gate_proj", r"\.switch_mlp\.gate_proj\.weight$"),

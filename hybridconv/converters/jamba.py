@@ -63,9 +63,9 @@ import math
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import jamba as model_module
-from .bamba import check_activation, normalize_attention, parse_layer_kinds
+from ._common import check_activation, head_rules, normalize_attention, parse_layer_kinds
 from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, KeepFloat32, Rename, Rule, Split, StackExperts
+from .rules import ConvToMLX, KeepFloat32, Rename, Rule, Split, StackExperts
 
 
 def _period(raw: dict, what: str, period_default: int, offset_default: int) -> tuple[int, int]:
@@ -132,9 +132,7 @@ FFN = r"^(?P<pre>.*\.feed_forward)"
 
 def rules(cfg: dict) -> list[Rule]:
     E, I = cfg["num_experts"], cfg["intermediate_size"]
-    out: list[Rule] = []
-    if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
+    out = head_rules(cfg, rotary=False)
     out.append(ConvToMLX(r"\.mamba\.conv1d\.weight$", cfg["mamba_d_conv"], "Mamba conv1d weights"))
     out.append(
         KeepFloat32(SSM_FLOAT32, "SSM decay parameters: rounding compounds over every step", "A_log, D, dt_proj.bias")

@@ -42,8 +42,9 @@ from __future__ import annotations
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import lfm2 as model_module
+from ._common import head_rules
 from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, Rule
+from .rules import ConvToMLX, Rule
 
 LAYER_TYPES = ("conv", "full_attention")
 
@@ -138,9 +139,7 @@ CONV_WEIGHT = r"\.conv\.conv\.weight$"
 
 
 def common_rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers")]
-    if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
+    out = head_rules(cfg)
     out.append(ConvToMLX(CONV_WEIGHT, cfg["conv_L_cache"], "short-conv kernels"))
     return out
 

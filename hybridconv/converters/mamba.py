@@ -70,10 +70,23 @@ import math
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import mamba as model_module
+from ._common import head_rules
 from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, KeepFloat32, Rule
+from .rules import ConvToMLX, KeepFloat32, Rule
 
 SSM_FLOAT32 = r"\.mixer\.(A_log|D|dt_proj\.bias)$"
+
+
+def normalize_stack_options(raw: dict, cfg: dict, tie_default: bool, block: str) -> None:
+    """The keys Mamba and Mamba-2 configs share besides the mixer's sizes."""
+    cfg["use_bias"] = pick(raw, "use_bias", "bias", default=False, kind=bool)
+    cfg["use_conv_bias"] = pick(raw, "use_conv_bias", "conv_bias", default=True, kind=bool)
+    cfg["tie_word_embeddings"] = pick(raw, "tie_word_embeddings", default=tie_default, kind=bool)
+    cfg["layer_norm_epsilon"] = pick(raw, "layer_norm_epsilon", "rms_norm_eps", default=1e-5, kind=float)
+    cfg["residual_in_fp32"] = pick(raw, "residual_in_fp32", default=True, kind=bool)
+    act = pick(raw, "hidden_act", default="silu", kind=str)
+    if act != "silu":
+        raise ConfigError(f"config.json: 'hidden_act' must be \"silu\" (the only activation of the {block} block), found {act!r}")
 
 
 def normalize_config(raw: dict, model_type: str = "mamba") -> dict:
@@ -101,14 +114,7 @@ def normalize_config(raw: dict, model_type: str = "mamba") -> dict:
     elif isinstance(rank, bool) or not isinstance(rank, int):
         raise ConfigError(f"config.json: 'time_step_rank' must be an integer or \"auto\", found {rank!r}")
     cfg["time_step_rank"] = positive("time_step_rank", rank)
-    cfg["use_bias"] = pick(raw, "use_bias", "bias", default=False, kind=bool)
-    cfg["use_conv_bias"] = pick(raw, "use_conv_bias", "conv_bias", default=True, kind=bool)
-    cfg["tie_word_embeddings"] = pick(raw, "tie_word_embeddings", default=True, kind=bool)
-    cfg["layer_norm_epsilon"] = pick(raw, "layer_norm_epsilon", "rms_norm_eps", default=1e-5, kind=float)
-    cfg["residual_in_fp32"] = pick(raw, "residual_in_fp32", default=True, kind=bool)
-    act = pick(raw, "hidden_act", default="silu", kind=str)
-    if act != "silu":
-        raise ConfigError(f"config.json: 'hidden_act' must be \"silu\" (the only activation of the Mamba block), found {act!r}")
+    normalize_stack_options(raw, cfg, tie_default=True, block="Mamba")
     if model_type == "falcon_mamba":
         cfg["mixer_rms_eps"] = pick(raw, "mixer_rms_eps", default=1e-6, kind=float)
         cfg["use_bcdt_rms"] = True
@@ -116,22 +122,23 @@ def normalize_config(raw: dict, model_type: str = "mamba") -> dict:
 
 
 def rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = []
-    if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is backbone.embeddings.weight", "lm_head.weight"))
+    out = head_rules(cfg, "backbone.embeddings.weight", rotary=False)
     out.append(ConvToMLX(r"\.mixer\.conv1d\.weight$", cfg["conv_kernel"], "Mamba conv1d weights"))
     out.append(KeepFloat32(SSM_FLOAT32, "SSM dynamics: rounding compounds over every step", "A_log, D, dt_proj.bias"))
     return out
 
 
-PROTECTED = (
-    Protected(SSM_FLOAT32, "SSM dynamics: A = -exp(A_log), Δ = softplus(dt_proj(δ) + bias)"),
+# Shared with Mamba-2 (same backbone, same names).
+STACK_PROTECTED = (
     Protected(r"\.mixer\.conv1d\.(weight|bias)$", "conv1d kernel: a handful of taps per channel"),
     Protected(r"norm(_f)?\.weight$", "norm weights scale whole activations"),
 )
-ROLES = (
+STACK_ROLES = (
     Role("embed", r"^backbone\.embeddings\.weight$", sensitive=True),
     Role("lm_head", r"^lm_head\.weight$", sensitive=True),
+)
+PROTECTED = (Protected(SSM_FLOAT32, "SSM dynamics: A = -exp(A_log), Δ = softplus(dt_proj(δ) + bias)"),) + STACK_PROTECTED
+ROLES = STACK_ROLES + (
     Role("mamba.in_proj", r"\.mixer\.in_proj\.weight$"),
     Role("mamba.x_proj", r"\.mixer\.x_proj\.weight$"),
     Role("mamba.dt_proj", r"\.mixer\.dt_proj\.weight$"),

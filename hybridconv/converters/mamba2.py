@@ -53,8 +53,10 @@ import math
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import mamba2 as model_module
+from ._common import head_rules
+from .mamba import STACK_PROTECTED, STACK_ROLES, normalize_stack_options
 from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, KeepFloat32, Rule
+from .rules import ConvToMLX, KeepFloat32, Rule
 
 SSM_FLOAT32 = r"\.mixer\.(A_log|D|dt_bias)$"
 
@@ -126,34 +128,19 @@ def normalize_config(raw: dict) -> dict:
         raise ConfigError(f"config.json: 'time_step_rank' must be an integer or \"auto\", found {rank!r}")
     cfg["time_step_rank"] = rank
     cfg["time_step_limit"] = time_step_limit(raw)
-    cfg["use_bias"] = pick(raw, "use_bias", "bias", default=False, kind=bool)
-    cfg["use_conv_bias"] = pick(raw, "use_conv_bias", "conv_bias", default=True, kind=bool)
-    cfg["tie_word_embeddings"] = pick(raw, "tie_word_embeddings", default=False, kind=bool)
-    cfg["layer_norm_epsilon"] = pick(raw, "layer_norm_epsilon", "rms_norm_eps", default=1e-5, kind=float)
-    cfg["residual_in_fp32"] = pick(raw, "residual_in_fp32", default=True, kind=bool)
-    act = pick(raw, "hidden_act", default="silu", kind=str)
-    if act != "silu":
-        raise ConfigError(f"config.json: 'hidden_act' must be \"silu\" (the only activation of the Mamba-2 block), found {act!r}")
+    normalize_stack_options(raw, cfg, tie_default=False, block="Mamba-2")
     return cfg
 
 
 def rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = []
-    if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is backbone.embeddings.weight", "lm_head.weight"))
+    out = head_rules(cfg, "backbone.embeddings.weight", rotary=False)
     out.append(ConvToMLX(r"\.mixer\.conv1d\.weight$", cfg["conv_kernel"], "Mamba-2 conv1d weights"))
     out.append(KeepFloat32(SSM_FLOAT32, "SSM dynamics: rounding compounds over every step", "A_log, D, dt_bias"))
     return out
 
 
-PROTECTED = (
-    Protected(SSM_FLOAT32, "SSM dynamics: A = -exp(A_log), Δ = softplus(dt + dt_bias)"),
-    Protected(r"\.mixer\.conv1d\.(weight|bias)$", "conv1d kernel: a handful of taps per channel"),
-    Protected(r"norm(_f)?\.weight$", "norm weights scale whole activations"),
-)
-ROLES = (
-    Role("embed", r"^backbone\.embeddings\.weight$", sensitive=True),
-    Role("lm_head", r"^lm_head\.weight$", sensitive=True),
+PROTECTED = (Protected(SSM_FLOAT32, "SSM dynamics: A = -exp(A_log), Δ = softplus(dt + dt_bias)"),) + STACK_PROTECTED
+ROLES = STACK_ROLES + (
     Role("mamba.in_proj", r"\.mixer\.in_proj\.weight$"),
     Role("mamba.out_proj", r"\.mixer\.out_proj\.weight$"),
 )

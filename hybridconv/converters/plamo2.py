@@ -49,8 +49,9 @@ from __future__ import annotations
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import plamo2 as model_module
+from ._common import head_rules
 from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, KeepFloat32, Rule
+from .rules import ConvToMLX, KeepFloat32, Rule
 
 SSM_FLOAT32 = r"\.mixer\.(A_log|D|dt_bias)$"
 
@@ -111,9 +112,7 @@ def normalize_config(raw: dict) -> dict:
 
 
 def rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers")]
-    if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
+    out = head_rules(cfg)
     out.append(ConvToMLX(r"\.mixer\.conv1d\.weight$", cfg["mamba_d_conv"], "Mamba conv1d weights"))
     out.append(
         KeepFloat32(SSM_FLOAT32, "SSM decay parameters: rounding compounds over every step", "A_log, D, dt_bias")

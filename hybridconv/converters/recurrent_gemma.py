@@ -47,8 +47,9 @@ from __future__ import annotations
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import recurrent_gemma as model_module
+from ._common import head_rules
 from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, Rule
+from .rules import ConvToMLX, Rule
 
 BLOCK_KINDS = ("recurrent", "attention")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_approx")
@@ -137,9 +138,7 @@ def normalize_config(raw: dict) -> dict:
 
 
 def rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers")]
-    if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
+    out = head_rules(cfg)
     out.append(ConvToMLX(r"\.temporal_block\.conv_1d\.weight$", cfg["conv1d_width"], "RG-LRU conv_1d weights"))
     return out
 

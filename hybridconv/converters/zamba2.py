@@ -67,9 +67,9 @@ from __future__ import annotations
 from ..config import pick, positive
 from ..errors import ConfigError
 from ..models import zamba2 as model_module
-from .bamba import rope_theta
-from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, KeepFloat32, Rename, Rule
+from ._common import MAMBA2_PROTECTED, MAMBA2_ROLES, head_rules, mamba2_mixer_rules, rope_theta
+from .registry import Architecture, Role, register
+from .rules import Drop, Rename, Rule
 
 KIND_ALIASES = {"mamba": "mamba", "linear_attention": "mamba", "hybrid": "hybrid"}
 
@@ -155,9 +155,6 @@ def normalize_config(raw: dict) -> dict:
     return cfg
 
 
-SSM_FLOAT32 = r"\.mamba\.(A_log|D|dt_bias)$"
-
-
 def shared_block_rules(cfg: dict) -> list[Rule]:
     """Shared weights to ``model.shared_blocks.b``, per-use adapters to their layer,
     tied copies dropped (see module docstring)."""
@@ -202,25 +199,11 @@ def shared_block_rules(cfg: dict) -> list[Rule]:
 
 
 def rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = [Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers")]
-    if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
-    out += shared_block_rules(cfg)
-    out.append(ConvToMLX(r"\.mamba\.conv1d\.weight$", cfg["mamba_d_conv"], "Mamba-2 conv1d weights"))
-    out.append(KeepFloat32(SSM_FLOAT32, "SSM decay parameters: rounding compounds over every step", "A_log, D, dt_bias"))
-    return out
+    return head_rules(cfg) + shared_block_rules(cfg) + mamba2_mixer_rules(cfg)
 
 
-PROTECTED = (
-    Protected(SSM_FLOAT32, "SSM dynamics: A = -exp(A_log), dt = softplus(. + dt_bias)"),
-    Protected(r"\.mamba\.conv1d\.(weight|bias)$", "conv1d kernel: a handful of taps per channel"),
-    Protected(r"norm\.weight$", "norm weights scale whole activations"),
-)
-ROLES = (
-    Role("embed", r"^model\.embed_tokens\.weight$", sensitive=True),
-    Role("lm_head", r"^lm_head\.weight$", sensitive=True),
-    Role("mamba.in_proj", r"\.mamba\.in_proj\.weight$", sensitive=True),
-    Role("mamba.out_proj", r"\.mamba\.out_proj\.weight$"),
+PROTECTED = MAMBA2_PROTECTED
+ROLES = MAMBA2_ROLES + (
     Role("hybrid.linear", r"\.layers\.\d+\.linear\.weight$"),
     Role("shared.q_proj", r"\.self_attn\.q_proj\.weight$"),
     Role("shared.k_proj", r"\.self_attn\.k_proj\.weight$"),
