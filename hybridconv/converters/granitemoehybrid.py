@@ -22,7 +22,7 @@ Config normalisation (the published Granite 4.0 configs and transformers 5's):
   expert width, unused by transformers then) is set to
   ``shared_intermediate_size``, the width of mlx-lm's dense ``mlp``.
 * the Mamba-2 keys and ``time_step_limit`` as for Bamba
-  (:func:`hybridconv.converters.bamba.normalize_mamba2`).
+  (:func:`hybridconv.converters._common.normalize_mamba2`).
 * ``num_key_value_heads`` defaults to ``num_attention_heads``; ``tie_word_embeddings``
   to false (transformers' defaults).
 
