@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 import hybridconv
-from hybridconv.convert import convert
 from hybridconv.converters.bamba import normalize_config
 from hybridconv.errors import ConfigError
 
-from .arch_hybrids import (
+from .arch_checks import (
     assert_reconvert_is_noop,
-    check_decode,
+    convert_case,
     check_unseen,
+    prefill_equals_decode,
     verify_bf16_and_4bit,
 )
 from .conftest import assert_logits_close, hybrid_case, oracle_logits, random_ids
@@ -26,9 +26,7 @@ CASE = "bamba-tiny"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bamba") / "out"
-    convert(str(hybrid_case(CASE)), out, dtype="float32")
-    return out
+    return convert_case(tmp_path_factory, CASE)
 
 
 def test_oracle_matches(converted):
@@ -44,7 +42,7 @@ def test_oracle_matches(converted):
 def test_prefill_equals_cached_decode(converted):
     # chunk size 8: the prefill spans a chunk boundary, decoding crosses two more
     ids = random_ids(256, 30, batch=2, seed=4)
-    check_decode(converted, ids, prefill=11)
+    prefill_equals_decode(converted, ids, prefill=11)
 
 
 def test_reconvert_is_noop(converted, tmp_path):

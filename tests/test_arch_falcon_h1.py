@@ -14,11 +14,12 @@ from hybridconv.errors import ConfigError
 
 from .arch_checks import (
     convert_matches,
+    oracle_case,
     mlx_lm_agrees,
     mlx_lm_max_diff,
     prefill_equals_decode,
     transformers_case,
-    verify_bf16_and_q4,
+    verify_bf16_and_4bit,
 )
 from .conftest import hybrid_case, oracle_logits, random_ids, tolerance
 
@@ -27,11 +28,7 @@ CASE = "falcon_h1-tiny"
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    src = hybrid_case(CASE)
-    ids, ref = oracle_logits(src)
-    out = tmp_path_factory.mktemp("falcon_h1") / "out"
-    model = convert_matches(src, out, ids, ref)
-    return src, out, model, ids, ref
+    return oracle_case(tmp_path_factory, CASE)
 
 
 def test_oracle_case_and_decode(oracle):
@@ -140,7 +137,7 @@ def test_unseen(name, tmp_path):
 
 
 def test_bf16_and_4bit_verify(tmp_path):
-    reports = verify_bf16_and_q4(hybrid_case(CASE), tmp_path)
+    reports = verify_bf16_and_4bit(hybrid_case(CASE), tmp_path, sequences=1, decode_steps=4)
     assert reports["q4"]["model"]["precision"] == "4bit"
     # mlx-lm opens the 4-bit output and computes what hybridconv computes
     ids, _ = oracle_logits(hybrid_case(CASE))

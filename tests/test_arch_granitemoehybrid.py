@@ -17,13 +17,14 @@ from hybridconv.convert import convert
 from hybridconv.converters.granitemoehybrid import normalize_config
 from hybridconv.errors import ConfigError
 
-from .arch_hybrids import (
+from .arch_checks import (
     assert_reconvert_is_noop,
-    check_decode,
+    convert_case,
     check_unseen,
     max_diff,
     mlx_lm_logits,
     unseen_case,
+    prefill_equals_decode,
     verify_bf16_and_4bit,
 )
 from .conftest import assert_logits_close, hybrid_case, oracle_logits, random_ids, tolerance, torch_logits
@@ -33,9 +34,7 @@ CASE = "granitemoehybrid-tiny"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("granite") / "out"
-    convert(str(hybrid_case(CASE)), out, dtype="float32")
-    return out
+    return convert_case(tmp_path_factory, CASE)
 
 
 def test_oracle_matches(converted):
@@ -61,7 +60,7 @@ def test_mlx_lm_matches_oracle(converted):
 
 def test_prefill_equals_cached_decode(converted):
     ids = random_ids(256, 30, batch=2, seed=4)
-    check_decode(converted, ids, prefill=9)
+    prefill_equals_decode(converted, ids, prefill=9)
 
 
 def test_reconvert_is_noop(converted, tmp_path):

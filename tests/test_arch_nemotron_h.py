@@ -15,11 +15,12 @@ from hybridconv.errors import ConfigError
 
 from .arch_checks import (
     convert_matches,
+    oracle_case,
     mlx_lm_agrees,
     mlx_lm_max_diff,
     prefill_equals_decode,
     transformers_case,
-    verify_bf16_and_q4,
+    verify_bf16_and_4bit,
 )
 from .conftest import hybrid_case, oracle_logits, random_ids, tolerance
 
@@ -28,11 +29,7 @@ CASE = "nemotron_h-tiny"
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    src = hybrid_case(CASE)
-    ids, ref = oracle_logits(src)
-    out = tmp_path_factory.mktemp("nemotron_h") / "out"
-    model = convert_matches(src, out, ids, ref)
-    return src, out, model, ids, ref
+    return oracle_case(tmp_path_factory, CASE)
 
 
 def test_oracle_case_decode_and_layout(oracle):
@@ -128,7 +125,7 @@ def test_stacked_expert_source(tmp_path):
 
 
 def test_bf16_and_4bit_verify(tmp_path):
-    reports = verify_bf16_and_q4(hybrid_case(CASE), tmp_path)
+    reports = verify_bf16_and_4bit(hybrid_case(CASE), tmp_path, sequences=1, decode_steps=4)
     assert reports["q4"]["model"]["precision"] == "4bit"
     # mlx-lm opens the 4-bit output and computes what hybridconv computes
     ids, _ = oracle_logits(hybrid_case(CASE))

@@ -13,19 +13,15 @@ import pytest
 from hybridconv.converters.zamba2 import normalize_config, rules
 from hybridconv.errors import ConfigError
 
-from .arch_checks import convert_matches, prefill_equals_decode, transformers_case, verify_bf16_and_q4
-from .conftest import hybrid_case, oracle_logits, random_ids
+from .arch_checks import convert_matches, oracle_case, prefill_equals_decode, transformers_case, verify_bf16_and_4bit
+from .conftest import hybrid_case, random_ids
 
 CASE = "zamba2-tiny"
 
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    src = hybrid_case(CASE)
-    ids, ref = oracle_logits(src)
-    out = tmp_path_factory.mktemp("zamba2") / "out"
-    model = convert_matches(src, out, ids, ref)
-    return src, out, model, ids, ref
+    return oracle_case(tmp_path_factory, CASE)
 
 
 def test_oracle_case_shared_block_once_and_decode(oracle):
@@ -122,7 +118,7 @@ def test_bf16_and_4bit_verify(tmp_path):
     """Both pass. (The tiny random model's output is nearly flat — reference
     perplexity ~240 of a 256-token vocabulary — so the top-1 gates count only
     the decisive tokens; measured at 4 bits: KL mean 0.008, all-token top-1 0.58.)"""
-    reports = verify_bf16_and_q4(hybrid_case(CASE), tmp_path)
+    reports = verify_bf16_and_4bit(hybrid_case(CASE), tmp_path, sequences=1, decode_steps=4)
     assert [b["kind"] for b in reports["bf16"]["blocks"]] == ["mamba", "hybrid", "mamba", "hybrid"]
     assert reports["q4"]["model"]["precision"] == "4bit"
 
