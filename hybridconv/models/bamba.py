@@ -63,12 +63,12 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import Attention, CausalLM, KVCache, StateCache
+from .common import Attention, BaseModelArgs, CausalLM, KVCache, StateCache
 from .ssm import Mamba2Mixer
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "bamba"
     vocab_size: int = 128000
     hidden_size: int = 4096
@@ -95,11 +95,6 @@ class ModelArgs:
     # [low, high]; ``None`` for high means no upper limit (JSON has no infinity)
     time_step_limit: list = field(default_factory=lambda: [0.0, None])
 
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
-
     @property
     def attention_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
@@ -122,9 +117,10 @@ def time_step_limit(value) -> tuple[float, float]:
     return float(lo), math.inf if hi is None else float(hi)
 
 
-def mamba2_mixer(args, **extra) -> Mamba2Mixer:
-    """The Mamba-2 mixer of a Bamba-style config (also Granite-4.0-H's)."""
-    return Mamba2Mixer(
+def mamba2_mixer_args(args) -> dict:
+    """:class:`~hybridconv.models.ssm.Mamba2Mixer`'s arguments from a Bamba-style
+    config (``mamba_*`` keys; also Granite-4.0-H's and Falcon-H1's)."""
+    return dict(
         hidden_size=args.hidden_size,
         num_heads=args.mamba_n_heads,
         head_dim=args.mamba_d_head,
@@ -136,8 +132,12 @@ def mamba2_mixer(args, **extra) -> Mamba2Mixer:
         use_bias=args.mamba_proj_bias,
         norm_eps=args.rms_norm_eps,
         time_step_limit=time_step_limit(args.time_step_limit),
-        **extra,
     )
+
+
+def mamba2_mixer(args, **extra) -> Mamba2Mixer:
+    """The Mamba-2 mixer of a Bamba-style config (also Granite-4.0-H's)."""
+    return Mamba2Mixer(**mamba2_mixer_args(args), **extra)
 
 
 class MLP(nn.Module):

@@ -188,6 +188,17 @@ class Attention(nn.Module):
         return self.o_proj(attend(q, k, v, self.rope, cache, self.window, self.scale))
 
 
+class BaseModelArgs:
+    """Base of every architecture's ``ModelArgs`` dataclass: ``from_dict`` takes
+    the keys of a normalised config that are fields and ignores the rest (the
+    config also carries ``quantization``, ``dtype``, architectures, ...)."""
+
+    @classmethod
+    def from_dict(cls, cfg: dict):
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
 class CausalLM(nn.Module):
     """The causal-LM frame every architecture shares: embedding → blocks → final
     norm → head (tied to the embedding unless ``tie_word_embeddings`` is false).

@@ -85,19 +85,19 @@ the published models; only the default rope type exists for Falcon-H1).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import Attention, CausalLM, KVCache, StateCache
+from .bamba import mamba2_mixer_args
+from .common import Attention, BaseModelArgs, CausalLM, KVCache, StateCache
 from .ssm import Mamba2Mixer
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "falcon_h1"
     hidden_size: int = 1024
     num_hidden_layers: int = 36
@@ -137,11 +137,6 @@ class ModelArgs:
     multipliers_folded: bool = False  # the weights already carry the multipliers
 
 
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
-
 
 def applied(args: ModelArgs) -> ModelArgs:
     """The multipliers still to apply at run time: all of them, or, when the
@@ -171,20 +166,8 @@ class Mixer(Mamba2Mixer):
     separately biased ``out_proj`` (``projectors_bias``)."""
 
     def __init__(self, args: ModelArgs):
-        lo, hi = args.time_step_limit
-        hi = math.inf if hi is None else hi  # written as null: JSON has no infinity
         super().__init__(
-            hidden_size=args.hidden_size,
-            num_heads=args.mamba_n_heads,
-            head_dim=args.mamba_d_head,
-            n_groups=args.mamba_n_groups,
-            d_state=args.mamba_d_state,
-            d_conv=args.mamba_d_conv,
-            chunk_size=args.mamba_chunk_size,
-            use_conv_bias=args.mamba_conv_bias,
-            use_bias=args.mamba_proj_bias,
-            norm_eps=args.rms_norm_eps,
-            time_step_limit=(lo, hi),
+            **mamba2_mixer_args(args),  # Bamba's keys (time_step_limit's null high: no limit)
             norm_before_gate=args.mamba_norm_before_gate,
             use_norm=args.mamba_rms_norm,
             in_multiplier=args.ssm_in_multiplier,

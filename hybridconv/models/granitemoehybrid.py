@@ -79,12 +79,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .bamba import MLP, mamba2_mixer
-from .common import Attention, CausalLM, KVCache, StateCache
+from .common import Attention, BaseModelArgs, CausalLM, KVCache, StateCache
 from .moe import SwitchGLU, combine, route
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "granitemoehybrid"
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -116,11 +116,6 @@ class ModelArgs:
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
     time_step_limit: list = field(default_factory=lambda: [0.0, None])
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
     @property
     def use_moe(self) -> bool:

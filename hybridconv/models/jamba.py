@@ -75,13 +75,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .bamba import MLP
-from .common import Attention, CausalLM, KVCache, StateCache
+from .common import Attention, BaseModelArgs, CausalLM, KVCache, StateCache
 from .moe import MoEBlock
 from .ssm import Mamba1Mixer
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "jamba"
     vocab_size: int = 65536
     hidden_size: int = 4096
@@ -105,11 +105,6 @@ class ModelArgs:
     mamba_proj_bias: bool = False
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
     @property
     def dt_rank(self) -> int:

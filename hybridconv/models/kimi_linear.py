@@ -100,7 +100,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import CausalLM, KVCache, StateCache, attention_mask, causal_depthwise_conv
+from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attention_mask, causal_depthwise_conv
 from .gated_delta import gated_delta, l2norm
 from .moe import MoEBlock
 
@@ -111,7 +111,7 @@ LATENT_NORM_EPS = 1e-6
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "kimi_linear"
     vocab_size: int = 163840
     hidden_size: int = 2304
@@ -138,11 +138,6 @@ class ModelArgs:
     routed_scaling_factor: float = 2.446
     num_expert_group: int = 1
     topk_group: int = 1
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
     @property
     def linear_num_heads(self) -> int:

@@ -66,11 +66,11 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
+from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "lfm2"
     vocab_size: int = 65536
     hidden_size: int = 2048
@@ -89,11 +89,6 @@ class ModelArgs:
     layer_types: list[str] = field(default_factory=list)
     rope_theta: float = 1000000.0
     tie_word_embeddings: bool = True
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
     @property
     def attn_head_dim(self) -> int:

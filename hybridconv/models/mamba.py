@@ -52,12 +52,12 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import CausalLM, StateCache
+from .common import BaseModelArgs, CausalLM, StateCache
 from .ssm import Mamba1Mixer
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "mamba"
     vocab_size: int = 50280
     hidden_size: int = 768
@@ -79,11 +79,6 @@ class ModelArgs:
             self.time_step_rank = math.ceil(self.hidden_size / 16)
         if self.model_type == "falcon_mamba":
             self.use_bcdt_rms = True
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 def layer_schedule(args: ModelArgs) -> list[str]:

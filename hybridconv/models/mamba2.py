@@ -53,11 +53,12 @@ from typing import Optional, Sequence
 import mlx.nn as nn
 
 from . import mamba
+from .common import BaseModelArgs
 from .ssm import Mamba2Mixer
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "mamba2"
     num_heads: int = 128
     head_dim: int = 64
@@ -80,11 +81,6 @@ class ModelArgs:
     def __post_init__(self):
         if self.intermediate_size is None:
             self.intermediate_size = self.num_heads * self.head_dim
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 def layer_schedule(args: ModelArgs) -> list[str]:

@@ -73,7 +73,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import Attention, CausalLM, KVCache, StateCache
+from .common import Attention, BaseModelArgs, CausalLM, KVCache, StateCache
 from .moe import SwitchLinear, _run_experts, relu2, route
 from .ssm import Mamba2Mixer
 
@@ -82,7 +82,7 @@ ACTIVATIONS = {"relu2": relu2, "relu": nn.relu, "silu": nn.silu, "gelu": nn.gelu
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "nemotron_h"
     hidden_size: int = 4096
     num_hidden_layers: int = 52
@@ -113,11 +113,6 @@ class ModelArgs:
     topk_group: int = 1
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 def layer_schedule(args: ModelArgs) -> list[str]:

@@ -106,6 +106,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .common import (
+    BaseModelArgs,
     CausalLM,
     KVCache,
     OffsetRMSNorm,
@@ -117,7 +118,7 @@ from .common import (
 from .ssm import ssd_scan
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "plamo2"
     hidden_size: int = 4096
     num_hidden_layers: int = 32
@@ -138,11 +139,6 @@ class ModelArgs:
     intermediate_size: int = 13312
     vocab_size: int = 32000
     rope_theta: float = 10000.0
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 def layer_schedule(args: ModelArgs) -> list[str]:

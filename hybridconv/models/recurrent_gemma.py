@@ -76,6 +76,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .common import (
+    BaseModelArgs,
     CausalLM,
     OffsetRMSNorm,
     StateCache,
@@ -88,7 +89,7 @@ RG_LRU_C = 8.0  # the constant c of the RG-LRU (Griffin, section 2.4)
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "recurrent_gemma"
     hidden_size: int = 2560
     intermediate_size: int = 15360
@@ -109,11 +110,6 @@ class ModelArgs:
     attention_bias: bool = False
     tie_word_embeddings: bool = True
     embeddings_scale_by_sqrt_dim: bool = True
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
     @property
     def head_dim(self) -> int:

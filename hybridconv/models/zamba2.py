@@ -78,7 +78,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import CausalLM, KVCache, StateCache, attend
+from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attend
 from .ssm import Mamba2Mixer
 
 ACTIVATIONS = {
@@ -92,7 +92,7 @@ ACTIVATIONS = {
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "zamba2"
     hidden_size: int = 2560
     num_hidden_layers: int = 54
@@ -120,11 +120,6 @@ class ModelArgs:
     time_step_min: float = 1e-3
     tie_word_embeddings: bool = True
     tie_shared_blocks: bool = True  # transformers 5: ties the blocks only with tie_word_embeddings
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 def layer_schedule(args: ModelArgs) -> list[str]:
