@@ -47,6 +47,17 @@ def convert_case(tmp_path_factory, case: str) -> Path:
     return out
 
 
+def oracle_matches(out: Path, case: str, kinds: list[str]) -> dict:
+    """The converted oracle case ``out`` loads through hybridconv with the block
+    kinds ``kinds`` and matches the oracle logits; the stored tensors
+    (``mx.load``), for layout checks."""
+    ids, ref = oracle_logits(hybrid_case(case))
+    model = hybridconv.load(out)
+    assert model.block_kinds() == kinds
+    assert_logits_close(np.array(model(mx.array(ids))), ref)
+    return mx.load(str(out / "model.safetensors"))
+
+
 def convert_matches(src: Path, out: Path, ids: np.ndarray, ref: np.ndarray):
     """Convert ``src`` (float32), load with hybridconv, compare with ``ref``; the model."""
     convert(str(src), out, dtype="float32")

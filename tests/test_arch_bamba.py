@@ -5,21 +5,20 @@ prefill = cached decode, bf16 / 4-bit verify, and mlx-lm (which has no Bamba).""
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
-import hybridconv
 from hybridconv.converters.bamba import normalize_config
 from hybridconv.errors import ConfigError
 
 from .arch_checks import (
     assert_reconvert_is_noop,
-    convert_case,
     check_unseen,
+    convert_case,
+    oracle_matches,
     prefill_equals_decode,
     verify_bf16_and_4bit,
 )
-from .conftest import assert_logits_close, hybrid_case, oracle_logits, random_ids
+from .conftest import hybrid_case, random_ids
 
 CASE = "bamba-tiny"
 
@@ -30,11 +29,7 @@ def converted(tmp_path_factory):
 
 
 def test_oracle_matches(converted):
-    ids, ref = oracle_logits(hybrid_case(CASE))
-    model = hybridconv.load(converted)
-    assert model.block_kinds() == ["mamba", "attention", "mamba", "attention"]
-    assert_logits_close(np.array(model(mx.array(ids))), ref)
-    w = mx.load(str(converted / "model.safetensors"))
+    w = oracle_matches(converted, CASE, ["mamba", "attention", "mamba", "attention"])
     assert w["model.layers.0.mamba.conv1d.weight"].shape == (160, 4, 1)
     assert all(w[n].dtype == mx.float32 for n in w if n.endswith(("A_log", ".D", "dt_bias")))
 

@@ -19,12 +19,13 @@ from hybridconv.errors import ConfigError
 
 from .arch_checks import (
     assert_reconvert_is_noop,
-    convert_case,
     check_unseen,
+    convert_case,
     max_diff,
     mlx_lm_logits,
-    unseen_case,
+    oracle_matches,
     prefill_equals_decode,
+    unseen_case,
     verify_bf16_and_4bit,
 )
 from .conftest import assert_logits_close, hybrid_case, oracle_logits, random_ids, tolerance, torch_logits
@@ -38,11 +39,7 @@ def converted(tmp_path_factory):
 
 
 def test_oracle_matches(converted):
-    ids, ref = oracle_logits(hybrid_case(CASE))
-    model = hybridconv.load(converted)
-    assert model.block_kinds() == ["mamba", "attention", "mamba", "attention"]
-    assert_logits_close(np.array(model(mx.array(ids))), ref)
-    w = mx.load(str(converted / "model.safetensors"))
+    w = oracle_matches(converted, CASE, ["mamba", "attention", "mamba", "attention"])
     assert w["model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight"].shape == (4, 32, 64)
     assert w["model.layers.0.block_sparse_moe.switch_mlp.down_proj.weight"].shape == (4, 64, 32)
     cfg = json.loads((converted / "config.json").read_text())

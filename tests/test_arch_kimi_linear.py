@@ -19,6 +19,7 @@ from hybridconv.converters.kimi_linear import normalize_config
 from hybridconv.errors import ConfigError
 from hybridconv.models.kimi_linear import ModelArgs, layer_schedule, mlp_schedule
 
+from .arch_checks import convert_case, oracle_matches
 from .conftest import (
     assert_logits_close,
     decode_logits,
@@ -34,16 +35,11 @@ CASE = "kimi_linear-tiny"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kimi") / "f32"
-    convert(str(hybrid_case(CASE)), out, dtype="float32")
-    return out
+    return convert_case(tmp_path_factory, CASE)
 
 
 def test_oracle_case_matches(converted):
-    ids, ref = oracle_logits(hybrid_case(CASE))
-    model = hybridconv.load(converted)
-    assert model.block_kinds() == ["kda", "attention", "kda", "attention"]
-    assert_logits_close(np.array(model(mx.array(ids))), ref)
+    oracle_matches(converted, CASE, ["kda", "attention", "kda", "attention"])
 
 
 def test_prefill_equals_cached_decode(converted):
