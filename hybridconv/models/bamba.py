@@ -68,7 +68,24 @@ from .ssm import Mamba2Mixer
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
+class Mamba2Keys(BaseModelArgs):
+    """The Mamba-2 keys of a Bamba-style config (read by :func:`mamba2_mixer_args`;
+    GraniteMoeHybrid's too)."""
+
+    mamba_n_heads: int = 128
+    mamba_d_head: int = 64
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 256
+    mamba_d_conv: int = 4
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    # [low, high]; ``None`` for high means no upper limit (JSON has no infinity)
+    time_step_limit: list = field(default_factory=lambda: [0.0, None])
+
+
+@dataclass
+class ModelArgs(Mamba2Keys):
     model_type: str = "bamba"
     vocab_size: int = 128000
     hidden_size: int = 4096
@@ -84,16 +101,6 @@ class ModelArgs(BaseModelArgs):
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.5
     tie_word_embeddings: bool = False
-    mamba_n_heads: int = 128
-    mamba_d_head: int = 64
-    mamba_n_groups: int = 1
-    mamba_d_state: int = 256
-    mamba_d_conv: int = 4
-    mamba_chunk_size: int = 256
-    mamba_conv_bias: bool = True
-    mamba_proj_bias: bool = False
-    # [low, high]; ``None`` for high means no upper limit (JSON has no infinity)
-    time_step_limit: list = field(default_factory=lambda: [0.0, None])
 
     @property
     def attention_head_dim(self) -> int:

@@ -78,13 +78,13 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .bamba import MLP, mamba2_mixer
-from .common import Attention, BaseModelArgs, CausalLM, KVCache, StateCache
+from .bamba import MLP, Mamba2Keys, mamba2_mixer
+from .common import Attention, CausalLM, KVCache, StateCache
 from .moe import SwitchGLU, combine, route
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
+class ModelArgs(Mamba2Keys):
     model_type: str = "granitemoehybrid"
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -107,15 +107,6 @@ class ModelArgs(BaseModelArgs):
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    mamba_n_heads: int = 128
-    mamba_d_head: int = 64
-    mamba_n_groups: int = 1
-    mamba_d_state: int = 256
-    mamba_d_conv: int = 4
-    mamba_chunk_size: int = 256
-    mamba_conv_bias: bool = True
-    mamba_proj_bias: bool = False
-    time_step_limit: list = field(default_factory=lambda: [0.0, None])
 
     @property
     def use_moe(self) -> bool:
