@@ -12,8 +12,14 @@ Compute paths (``load(..., compute=...)``):
   model; activations are float32. The products then go through the float32 BLAS
   (see :mod:`hybridconv.blas`): on MLX's CPU backend bf16/fp16 and quantized
   matmuls have no fast kernels (1-2 GFLOP/s), float32 ones run at the BLAS's
-  speed. It proves that the stored weights compute the reference's function;
-  it says nothing of the rounding of low-precision *activations*.
+  speed. Other low-precision parameters (norms, conv kernels: small) become
+  float32 at load, so arithmetic on parameters is float32 too. With
+  ``upcast="model"`` the matrices are upcast once at load instead, one tensor at
+  a time (:func:`upcast_model`): the float32 model's memory, and products that
+  read 4 bytes per weight instead of 2 + 4 + 4; verify does this only after a
+  live float32 reference, whose model needed that memory already. It proves that
+  the stored weights compute the reference's function; it says nothing of the
+  rounding of low-precision *activations*.
 * ``auto`` — ``float32`` where MLX has no fast low-precision kernels (the CPU
   device: Linux CPU, or a CPU stream elsewhere) and the folder stores bf16,
   fp16 or affine N-bit weights; ``native`` otherwise (Metal, CUDA, float32
@@ -58,7 +64,7 @@ def _stored_dtype(path: Path) -> str | None:
     return {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}.get(code)
 
 
-def compute_path(path, compute: str = "auto", activation_dtype: str | None = None) -> dict:
+def compute_path(path, compute: str = "auto", activation_dtype: str | None = None, upcast: str = "layer") -> dict:
     """Which arithmetic ``load(path, compute=compute, activation_dtype=...)`` uses, as a
     JSON-ready dict: ``path`` (native / float32), ``weights``, ``activations``,
     ``device`` and ``reason``."""
@@ -98,7 +104,8 @@ def compute_path(path, compute: str = "auto", activation_dtype: str | None = Non
     native_act = config.get("dtype") or config.get("torch_dtype") or stored
     return {
         "path": path_,
-        "weights": f"{weights} (as stored" + (", upcast to float32 one layer at a time)" if path_ == "float32" else ")"),
+        "weights": f"{weights} (as stored" + (")" if path_ != "float32" else ", upcast to float32 one layer at a time)"
+                                              if upcast != "model" else ", held in float32: upcast once at load)"),
         "activations": "float32" if path_ == "float32" else (activation_dtype or native_act),
         "device": device,
         "reason": reason,
@@ -153,9 +160,28 @@ def _float32_classes():
 
 
 def use_float32_compute(model) -> int:
-    """Make ``model``'s affine-quantized layers compute in float32 from their stored
-    codes (see the module docstring); returns how many layers changed. The
-    parameters are untouched (same arrays, same names)."""
+    """Make ``model`` compute in float32 from its stored weights, upcasting each
+    large matrix when its layer runs (see the module docstring); returns how many
+    layers changed.
+
+    Matrices of linear, embedding and expert layers keep their stored arrays
+    (bf16/fp16 promote exactly inside the product; affine N-bit layers dequantize
+    in float32 from their codes). Every other low-precision parameter (norm
+    weights, conv kernels, gates: small) becomes float32 here, once, so that
+    arithmetic the model does on parameters themselves (``1 + w``, a scale) is
+    float32 as well, exactly as with :func:`upcast_model`."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from .models.moe import QuantizedSwitchLinear, SwitchLinear
+
+    matrices = (nn.Linear, nn.Embedding, SwitchLinear, nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
+    for _, module in model.named_modules():
+        if isinstance(module, matrices):
+            continue
+        for key, value in list(module.items()):
+            if isinstance(value, mx.array) and value.dtype in (mx.bfloat16, mx.float16):
+                module[key] = value.astype(mx.float32)
     swaps = _float32_classes()
     n = 0
     for _, module in model.named_modules():
@@ -166,13 +192,77 @@ def use_float32_compute(model) -> int:
     return n
 
 
-def load(path, lazy: bool = False, activation_dtype: str | None = None, compute: str = "native"):
+def upcast_model(model) -> int:
+    """Hold ``model``'s weights in float32 from now on, one tensor at a time: affine
+    quantized layers become float32 dense layers of their dequantized weights,
+    bf16/fp16 tensors become float32 (the same values). Each low-precision tensor
+    is freed (and MLX's buffer cache cleared) as soon as its float32 copy exists,
+    so memory grows to the float32 model, never to both. Returns the tensors changed.
+
+    The float32 compute path with the weights resident in float32: every product
+    reads 4 bytes per weight instead of upcasting again at every call (2 + 4 + 4);
+    for callers whose memory already held the float32 model (verify after a float32
+    PyTorch reference)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from .models.moe import QuantizedSwitchLinear, SwitchLinear
+
+    def owner_of(path):
+        *parents, last = path.split(".")
+        owner = model
+        for part in parents:
+            owner = owner[int(part)] if isinstance(owner, list) else getattr(owner, part)
+        return owner, last
+
+    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
+    # paths only: a list of the modules would keep every replaced one alive
+    paths = [p for p, m in model.named_modules() if isinstance(m, kinds) and getattr(m, "mode", "affine") == "affine"]
+    n = 0
+    for path in paths:
+        owner, last = owner_of(path)
+        m = owner[int(last)] if isinstance(owner, list) else getattr(owner, last)
+        if isinstance(m, nn.QuantizedLinear):
+            new = nn.Linear(1, 1, bias="bias" in m)
+        elif isinstance(m, nn.QuantizedEmbedding):
+            new = nn.Embedding(1, 1)
+        else:
+            new = SwitchLinear(1, 1, 1, bias="bias" in m)
+        new.weight = _dequantize_f32(m)
+        if "bias" in m:
+            new.bias = m["bias"].astype(mx.float32)
+        mx.eval(new.parameters())
+        if isinstance(owner, list):
+            owner[int(last)] = new
+        else:
+            setattr(owner, last, new)
+        del m, new
+        mx.clear_cache()
+        n += 1
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    names = [name for name, p in tree_flatten(model.parameters()) if p.dtype in (mx.bfloat16, mx.float16)]
+    for name in names:
+        q = dict(tree_flatten(model.parameters()))[name].astype(mx.float32)
+        mx.eval(q)
+        model.update(tree_unflatten([(name, q)]))
+        del q
+        mx.clear_cache()
+        n += 1
+    return n
+
+
+def load(path, lazy: bool = False, activation_dtype: str | None = None, compute: str = "native",
+         upcast: str = "layer"):
     """The MLX model of a converted folder; ``model(ids[B, T]) -> logits[B, T, V]``.
 
     Activations run in the folder's float dtype (config ``dtype``/``torch_dtype``)
     unless ``activation_dtype`` says otherwise. ``compute`` chooses the arithmetic
     for low-precision weights (module docstring; ``native`` by default): with
-    ``float32``/``auto`` choosing float32, activations are float32."""
+    ``float32``/``auto`` choosing float32, activations are float32, and ``upcast``
+    says when the weights become float32: ``layer`` (each time a layer runs; the
+    model stays its stored size) or ``model`` (once, here: :func:`upcast_model`,
+    the float32 model's memory, faster products)."""
     import mlx.core as mx
 
     path = Path(path)
@@ -221,8 +311,13 @@ def load(path, lazy: bool = False, activation_dtype: str | None = None, compute:
     dtype = activation_dtype or config.get("dtype") or config.get("torch_dtype")
     if dtype in ("float32", "float16", "bfloat16"):
         model.activation_dtype = getattr(mx, dtype)
+    del weights
     if compute != "native":
-        use_float32_compute(model)
+        if upcast == "model":
+            mx.eval(model.parameters())
+            upcast_model(model)
+        else:
+            use_float32_compute(model)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

@@ -5,7 +5,8 @@ A sequence of ``T`` tokens with a decode check of ``k`` steps runs as a prefill
 of its first ``T - k`` tokens through the model's caches, then ``k`` single-token
 steps through the same caches. The prefill rows and the stepped rows together
 are the sequence's logits (and block outputs) for the metrics; the stepped rows
-alone are the decode check. Before, the decode check prefilled the same
+alone are the decode check. Sequences of one length run together as a batch
+(:func:`run_sequences`). Before, the decode check prefilled the same
 ``T - k`` tokens a second time: about 2x the MLX work per sequence for the
 default 8 steps. The last ``k`` rows of the metrics are thus computed by cached
 decode rather than by the prefill; both are the model's function (prefill =
@@ -21,36 +22,71 @@ from .. import interrupt
 from .metrics import token_stats
 
 
-def run_sequence(model, ids: np.ndarray, k: int, want_hidden: bool):
-    """``(logits [T, V] float32 numpy, hidden or None, k)`` for one sequence.
+# Sequences of one length run together (a batch) while their logits and block
+# outputs stay under this many bytes: each weight is then read (and, on the
+# float32 compute path, upcast) once per step for the whole batch.
+BATCH_BYTES = 1 << 30
+MAX_BATCH = 8
 
-    ``hidden`` is one MLX array ``[1, T, H]`` per block (the model's
+
+def run_sequences(model, sequences, k: int, want_hidden: bool, vocab: int, hidden_size: int = 0,
+                  n_blocks: int = 0, batch: bool = True):
+    """``run_sequence`` for every sequence, in order (a generator): consecutive
+    sequences of the same length run as one batch when ``batch`` (the model takes
+    ``[B, T]`` with caches) and the batch's outputs fit :data:`BATCH_BYTES`."""
+    i = 0
+    while i < len(sequences):
+        T = len(sequences[i])
+        per_seq = T * 4 * (max(vocab, 1) + hidden_size * n_blocks * (2 if want_hidden else 0))
+        limit = max(1, min(MAX_BATCH, BATCH_BYTES // max(per_seq, 1))) if batch and vocab > 0 else 1
+        j = i + 1
+        while j < len(sequences) and j - i < limit and len(sequences[j]) == T:
+            j += 1
+        if j - i == 1:
+            yield run_sequence(model, sequences[i], k, want_hidden)
+        else:
+            got, hidden, kk = run_sequence(model, np.stack(sequences[i:j]), k, want_hidden)
+            for b in range(j - i):
+                yield got[b], (None if hidden is None else [h[b : b + 1] for h in hidden]), kk
+            del got, hidden
+        i = j
+
+
+def run_sequence(model, ids: np.ndarray, k: int, want_hidden: bool):
+    """``(logits [T, V] float32 numpy, hidden or None, k)`` for one sequence
+    ``ids [T]`` (or ``[B, T, V]`` logits for a batch ``ids [B, T]``).
+
+    ``hidden`` is one MLX array ``[B, T, H]`` per block (the model's
     ``hidden_states`` outputs, prefill and steps joined); with ``k == 0`` the
     sequence runs as one plain forward (no caches)."""
     import mlx.core as mx
 
-    T = len(ids)
+    single = ids.ndim == 1
+    ids = ids[None] if single else ids
+    T = ids.shape[1]
     k = max(0, min(k, T - 1))
     if k == 0:
         hidden: list | None = [] if want_hidden else None
-        logits = model(mx.array(ids[None]), hidden_states=hidden)
-        return np.array(logits[0].astype(mx.float32)), hidden, 0
+        logits = model(mx.array(ids), hidden_states=hidden)
+        got = np.array(logits.astype(mx.float32))
+        return (got[0] if single else got), hidden, 0
     cache = model.make_cache()
     hidden = [] if want_hidden else None
-    logits = model(mx.array(ids[None, : T - k]), cache=cache, hidden_states=hidden)
-    rows = [np.array(logits[0].astype(mx.float32))]
+    logits = model(mx.array(ids[:, : T - k]), cache=cache, hidden_states=hidden)
+    rows = [np.array(logits.astype(mx.float32))]
     del logits
     steps: list[list] = []
     for t in range(T - k, T):
         interrupt.check()
         h: list | None = [] if want_hidden else None
-        step = model(mx.array(ids[None, t : t + 1]), cache=cache, hidden_states=h)
-        rows.append(np.array(step[0].astype(mx.float32)))
+        step = model(mx.array(ids[:, t : t + 1]), cache=cache, hidden_states=h)
+        rows.append(np.array(step.astype(mx.float32)))
         if want_hidden:
             steps.append(h)
     if want_hidden:
         hidden = [mx.concatenate([hidden[b]] + [s[b] for s in steps], axis=1) for b in range(len(hidden))]
-    return np.concatenate(rows), hidden, k
+    got = np.concatenate(rows, axis=1)
+    return (got[0] if single else got), hidden, k
 
 
 def decode_check(got: np.ndarray, ids: np.ndarray, k: int, ref_out: dict) -> dict:

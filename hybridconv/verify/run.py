@@ -36,7 +36,7 @@ from ..hashing import weights_hash
 from ..loading import WeightMismatchError, compute_path, load_config
 from .gates import Gates, gates_for, precision_of
 from .metrics import DECISIVE_GAP, MIN_DECISIVE, relative_error, summarise, token_stats
-from .onepass import decode_check, run_sequence
+from .onepass import decode_check, run_sequences
 from .reference import Reference
 
 SCHEMA = "hybridconv.verification/2"
@@ -194,8 +194,11 @@ def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dt
         # the arithmetic (loading.compute_path: float32 for low-precision weights on the
         # CPU) and the BLAS behind it, in the report
         compute = "native" if activation_dtype is not None and compute == "auto" else compute
-        head["compute"] = {**compute_path(out, compute, activation_dtype), "blas": blas.status()}
-        model = load(out, activation_dtype=activation_dtype, compute=compute)
+        # weights held in float32 only where this process already held the float32
+        # model (a live float32 reference): the peak memory stays the reference's
+        upcast = "model" if reference.file is None and reference.dtype == "float32" else "layer"
+        head["compute"] = {**compute_path(out, compute, activation_dtype, upcast), "blas": blas.status()}
+        model = load(out, activation_dtype=activation_dtype, compute=compute, upcast=upcast)
     except WeightMismatchError as exc:
         # A conversion that produced weights the model cannot even take is a failed
         # verification, localised to the block of the offending tensor.
@@ -295,12 +298,14 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
     sq_diff = np.zeros(n_blocks)
     sq_ref = np.zeros(n_blocks)
     stats, per_seq, decode_rows = [], [], []
+    # one MLX pass per sequence; sequences of one length batched (hybridconv's models)
+    runs = run_sequences(model, reference.sequences, decode_steps, have_hidden, reference.vocab_size,
+                         reference.hidden(0, 0).shape[-1] if have_hidden else 0, n_blocks, batch=kinds is not None)
     for s, ids in enumerate(reference.sequences):
         interrupt.check()  # a safe point: between sequences
         if progress:
             progress(f"sequence {s + 1}/{len(reference.sequences)}")
-        # one MLX pass: prefill, then the decode check's steps through the caches (onepass)
-        got, hidden, k = run_sequence(model, ids, decode_steps, have_hidden)
+        got, hidden, k = next(runs)  # prefill, then the decode check's steps through the caches
         if have_hidden:
             for b, h in enumerate(hidden):
                 r = np.asarray(reference.hidden(s, b), dtype=np.float64)
