@@ -59,7 +59,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
+from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
 from .gated_delta import RMSNormGated, gated_delta, gdn_decay, l2norm
 from .qwen3_next import MLP
 
@@ -68,7 +68,7 @@ O_NORM_EPS = 1e-5  # transformers/FLA: the gated output norm's eps is fixed
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "olmo_hybrid"
     hidden_size: int = 3840
     intermediate_size: int = 11008
@@ -90,11 +90,6 @@ class ModelArgs:
     max_position_embeddings: int = 65536
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 def layer_schedule(args: ModelArgs) -> list[str]:

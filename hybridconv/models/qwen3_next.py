@@ -98,7 +98,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
+from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
 from .gated_delta import RMSNormGated, gated_delta, gdn_decay, l2norm
 from .moe import MoEBlock
 
@@ -106,7 +106,7 @@ CHUNK_SIZE = 64  # delta-rule chunk length (transformers' and FLA's default)
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(BaseModelArgs):
     model_type: str = "qwen3_next"
     hidden_size: int = 2048
     num_hidden_layers: int = 48
@@ -136,11 +136,6 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     hidden_act: str = "silu"
-
-    @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelArgs":
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
 
     @property
     def split_projections(self) -> bool:
