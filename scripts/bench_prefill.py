@@ -83,24 +83,26 @@ def time_mlx(out: Path, vocab: int, tokens: int, repeat: int, save: Path | None)
             times.append(time.perf_counter() - t)
     if save is not None:
         np.save(save, np.array(logits[0].astype(mx.float32)))
-    return {"best_s": min(times), "runs_s": times, "blas": blas.status()}
+    return {"best_s": min(times), "runs_s": times, "blas": blas.status(), "device": str(mx.default_device())}
 
 
-def time_torch(src: Path, vocab: int, tokens: int, repeat: int):
+def time_torch(src: Path, vocab: int, tokens: int, repeat: int, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ids = torch.tensor(ids_for(vocab, tokens), dtype=torch.long)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval().to(device)
+    ids = torch.tensor(ids_for(vocab, tokens), dtype=torch.long, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times = []
     with torch.inference_mode():
         for i in range(repeat + 1):
             t = time.perf_counter()
             logits = model(ids).logits
+            sync()
             if i:
                 times.append(time.perf_counter() - t)
-    return {"best_s": min(times), "runs_s": times, "threads": torch.get_num_threads(),
-            "version": torch.__version__}, logits[0].float().numpy()
+    return {"best_s": min(times), "runs_s": times, "threads": torch.get_num_threads(), "device": device,
+            "version": torch.__version__}, logits[0].float().cpu().numpy()
 
 
 def main() -> None:
@@ -111,6 +113,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--torch-device", default="cpu", help="cpu, or cuda where a GPU is (MLX uses its default device)")
     ap.add_argument("--blas-off", action="store_true", help="also time MLX with HYBRIDCONV_BLAS=off (its bundled reference BLAS)")
     ap.add_argument("--mlx-only", type=Path, help=argparse.SUPPRESS)  # internal: one MLX timing, JSON to stdout
     args = ap.parse_args()
@@ -136,7 +139,7 @@ def main() -> None:
         return out_, np.load(save)
 
     mlx_fast, mlx_logits = mlx_run({})
-    tr, torch_logits = time_torch(src, args.vocab, args.tokens, args.repeat)
+    tr, torch_logits = time_torch(src, args.vocab, args.tokens, args.repeat, args.torch_device)
     scale = float(np.abs(torch_logits).max())
     diff = float(np.abs(mlx_logits - torch_logits).max())
     rows = [("hybridconv MLX", mlx_fast)]
@@ -146,8 +149,8 @@ def main() -> None:
     print()
     print(f"RecurrentGemma prefill: T={args.tokens}, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
           f"float32, batch 1; {os.cpu_count()} CPUs; best of {args.repeat} after a warm-up")
-    print(f"MLX BLAS: {mlx_fast['blas'].get('blas')} [{mlx_fast['blas'].get('kind')}]; "
-          f"torch {tr['version']} ({tr['threads']} threads)")
+    print(f"MLX on {mlx_fast['device']}, BLAS: {mlx_fast['blas'].get('blas')} [{mlx_fast['blas'].get('kind')}]; "
+          f"torch {tr['version']} on {tr['device']} ({tr['threads']} threads)")
     print(f"logits agree: max |MLX - torch| = {diff:.3g} (max |logit| {scale:.3g})")
     print("| implementation | best (s) | runs (s) | vs torch |")
     print("|---|---|---|---|")

@@ -143,13 +143,13 @@ def build_source(workdir: Path, size: str) -> Path:
     return src
 
 
-def prepare(src: Path, workdir: Path, variant: str, hc: str) -> Path:
+def prepare(src: Path, workdir: Path, variant: str, hc: list[str]) -> Path:
     out = workdir / f"{src.name}-{variant}"
     if (out / "config.json").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    cmd = ([hc, "convert", str(src), "-o", str(out), "--dtype", "bfloat16"] if variant == "bf16"
-           else [hc, "quantize", str(src), "-o", str(out), "--bits", "4"])
+    cmd = ([*hc, "convert", str(src), "-o", str(out), "--dtype", "bfloat16"] if variant == "bf16"
+           else [*hc, "quantize", str(src), "-o", str(out), "--bits", "4"])
     t = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write all figures here")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    hc = str(Path(sys.executable).parent / "hybridconv")
+    hc = [sys.executable, "-m", "hybridconv"]
     src = build_source(args.workdir, args.size)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     outs = {v: prepare(src, args.workdir, v, hc) for v in variants}
@@ -196,7 +196,7 @@ def main() -> None:
                                  "load_average_before": os.getloadavg()},
                      "size": args.size, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     ref_file = args.workdir / "bench-reference.safetensors"
-    r = measure([hc, "reference", str(src), "-o", str(ref_file), "--force"])
+    r = measure([*hc, "reference", str(src), "-o", str(ref_file), "--force"])
     if r["rc"]:
         raise SystemExit(f"reference failed:\n{r['stderr']}")
     results["reference_alone"] = {"wall": r["wall"], "peak_rss_gb": r["rss"]}
