@@ -96,7 +96,7 @@ def compute_path(path, compute: str = "auto", activation_dtype: str | None = Non
         else:
             path_, reason = "float32", (
                 "MLX's CPU backend has no fast bf16/fp16/quantized matmul kernels: the stored "
-                "weights are used in float32, upcast one layer at a time, through the float32 BLAS")
+                "weights are used in float32, through the float32 BLAS")
     else:
         path_, reason = compute, f"asked for ({compute})"
     if path_ == "float32" and not low and isinstance(quant, dict):

@@ -372,7 +372,8 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
         report["decode"] = {
             "steps_per_sequence": decode_steps,
             "method": "each sequence's last steps run one token at a time through the caches after a cached prefill "
-                      "of the rest: the same MLX pass gives the metrics' logits (one pass per sequence)",
+                      "of the rest: the same MLX pass gives the metrics' logits (one pass per sequence; sequences "
+                      "of one length run as a batch)",
             "kl_max": worst_kl,
             "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in decode_rows),
             "top1_agreement": float(np.mean([r["top1_agreement"] for r in decode_rows])),
