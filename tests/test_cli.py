@@ -124,7 +124,7 @@ def test_signal_during_convert_cleans_up(fixtures_dir, tmp_path, sig, code, comm
     save_file(tensors, str(src / "model.safetensors"))
     out = tmp_path / "out"
     proc = subprocess.Popen([*HC, command, str(src), "-o", str(out), "--dtype", "bfloat16"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
         if proc.poll() is not None:
@@ -137,3 +137,12 @@ def test_signal_during_convert_cleans_up(fixtures_dir, tmp_path, sig, code, comm
     assert "Traceback" not in err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def _default_signals():
+    """In the child: SIGINT and SIGTERM at their defaults, even when the test runner
+    itself runs as a background job (which inherits SIGINT ignored)."""
+    import signal as _signal
+
+    for sig in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(sig, _signal.SIG_DFL)

@@ -254,7 +254,7 @@ def test_signal_during_verify_leaves_no_temporary_files(fixtures_dir, tmp_path, 
     env = dict(os.environ, TMPDIR=str(tmpdir))
     # Many short sequences: the reference loop runs for seconds, each step is quick.
     proc = subprocess.Popen([*HC, "verify", out, "--reference", fixtures_dir / PLAMO, "--random-tokens", "64",
-                             "--num-sequences", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--num-sequences", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_signals)
     deadline = time.time() + 60
     # Wait until the reference is inside its loop (its first output is written): the
     # handlers are installed by then. Wherever the signal lands, it is acted on at the
@@ -268,3 +268,12 @@ def test_signal_during_verify_leaves_no_temporary_files(fixtures_dir, tmp_path, 
     assert "Traceback" not in err
     assert list(tmpdir.iterdir()) == []  # reference outputs removed
     assert _digest(out) == before  # no report, no partial report
+
+
+def _default_signals():
+    """In the child: SIGINT and SIGTERM at their defaults, even when the test runner
+    itself runs as a background job (which inherits SIGINT ignored)."""
+    import signal as _signal
+
+    for sig in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(sig, _signal.SIG_DFL)

@@ -52,6 +52,16 @@ def test_critical_sections_finish_and_a_second_signal_escalates():
         interrupt.request(signal.SIGINT)
 
 
+def test_ignored_signals_stay_ignored(fixtures_dir, tmp_path, monkeypatch, capsys):
+    """A background job (SIGINT inherited as ignored) keeps ignoring it, as Python does."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        rc, out = hc(monkeypatch, capsys, "convert", fixtures_dir / PLAMO, "-o", tmp_path / "out", "--dtype", "float32")
+        assert rc == 0 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_without_the_cli_nothing_changes(fixtures_dir, tmp_path):
     # a library user installs no handler: check() is free and conversion runs
     interrupt.check()
@@ -71,7 +81,7 @@ def _plan(tmp_path, fixtures_dir):
 
 
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_signal_during_release(fixtures_dir, tmp_path, monkeypatch, capsys, sig, code, word):
+def test_signal_during_release(fixtures_dir, tmp_path, monkeypatch, capsys, request, sig, code, word):
     """The signal arrives while the first variant is being verified (a real
     os.kill to this process, handled by the CLI's handler): the release stops
     before writing that variant's report, the second variant is never built, the
@@ -86,6 +96,11 @@ def test_signal_during_release(fixtures_dir, tmp_path, monkeypatch, capsys, sig,
         return outcome
 
     monkeypatch.setattr(vrun, "verify_folder", verify_then_signal)
+    # not ignored, even when the test runner is a background job (SIGINT inherited ignored)
+    ignored = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is signal.SIG_IGN]
+    for s in ignored:
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+    request.addfinalizer(lambda: [signal.signal(s, signal.SIG_IGN) for s in ignored])
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     work = tmp_path / "work"
     rc, out = hc(monkeypatch, capsys, "release", _plan(tmp_path, fixtures_dir), "--workdir", work, "--no-upload",

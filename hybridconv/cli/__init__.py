@@ -107,7 +107,10 @@ def main() -> None:
     from . import verify as _verify  # noqa: F401
 
     interrupt.reset()
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # A signal the parent made us ignore (a background job: `cmd &` in a script
+    # ignores SIGINT) stays ignored, as Python itself does.
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         rc = app(standalone_mode=False)
         # A signal that came after the last safe point: the work finished (outputs are
