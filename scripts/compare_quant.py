@@ -104,8 +104,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"inputs: {args.sequences} x {args.tokens} random tokens (seed 0); reference: PyTorch float32; "
-          f"affine, group size {args.group_size}; output dtype {args.dtype or 'as the source'}")
+    kl = "no KL (--no-kl)" if args.no_kl else (
+        f"inputs: {args.sequences} x {args.tokens} random tokens (seed 0); reference: PyTorch float32")
+    print(f"{kl}; affine, group size {args.group_size}; output dtype {args.dtype or 'as the source'}")
     print("| checkpoint | bits | hybridconv KL mean | mlx_lm KL mean | hybridconv KL p99 | mlx_lm KL p99 "
           "| hybridconv bpw | mlx_lm bpw | extra bpw | KL no worse |")
     print("|---|---|---|---|---|---|---|---|---|---|")
