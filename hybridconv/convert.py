@@ -646,6 +646,10 @@ def convert(
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
 ) -> Result:
+    """`hybridconv convert`: plan ``source`` (a folder or Hub repo id), check the ledger,
+    stream the weights into a temporary sibling of ``out`` and rename it into place.
+    ``dtype``: "float32" | "float16" | "bfloat16" (default: the checkpoint's own).
+    Returns a :class:`Result` (the plan, the files written, their bytes)."""
     with source_folder(source, revision, allow_pickle) as src:
         tmp = prepare_output(Path(out), force, src)
         p = plan(src, dtype)

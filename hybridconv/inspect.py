@@ -52,6 +52,8 @@ def _header_size(entries) -> int:
 
 
 def describe(p: Plan) -> dict:
+    """`hybridconv inspect --json`: a plan as a dict (architecture, layer schedule, rules,
+    dropped tensors, size estimates, what mlx-lm does with the output)."""
     schedule = p.arch.schedule(p.config)
     rules = []
     for rule in p.arch.rules(p.config):

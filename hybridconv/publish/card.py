@@ -101,6 +101,8 @@ def runtimes_section(report: dict | None, repo_id: str) -> tuple[str, str]:
 
 
 def render_card(out: Path, repo_id: str | None, template: Path | None = None, unverified: bool = False) -> str:
+    """The model card (README.md) of an output folder: Hub front matter, how to run it,
+    how it was made, the verification and runtimes tables, provenance."""
     out = Path(out)
     config = _json(out / "config.json") or {}
     record = _json(out / "conversion.json") or {}

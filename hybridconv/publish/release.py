@@ -95,6 +95,8 @@ def _fail(path: Path, msg: str) -> UsageError:
 
 
 def load_plan(path: Path) -> ReleasePlan:
+    """Read and validate a release plan (TOML or YAML) before any work: every key and
+    type, widths and modes, repo ids; errors name the table or variant and the key."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -306,6 +308,9 @@ def run_release(
     upload: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
+    """`hybridconv release`: per variant convert or quantize, verify against one shared
+    reference run, upload; resumable from ``WORKDIR/release-state.json``. Returns the
+    summary dict (``ok`` is false when any variant failed)."""
     from ..checkpoint import resolve
     from ..convert import convert
     from ..convert import plan as plan_conversion

@@ -79,6 +79,9 @@ def upload(
     large_folder: bool = False,
     endpoint: str | None = None,
 ) -> UploadResult:
+    """`hybridconv upload`: publish a verified hybridconv output to ``repo_id`` (refused,
+    exit 4, without a passing report of its current weights unless ``allow_unverified``;
+    only hybridconv outputs, whatever the flags). ``dry_run`` contacts nothing."""
     from ..checkpoint import REPO_ID
 
     out = Path(out)

@@ -36,6 +36,8 @@ def default_bits(mode: str) -> int:
 
 
 def validate(bits: int | None, group_size: int | None, mode: str) -> QuantSpec:
+    """A :class:`QuantSpec` for ``bits`` / ``group_size`` / ``mode``, checked against what
+    MLX supports (``None``: the mode's default width and group size)."""
     if mode not in MODES:
         raise UsageError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     allowed_bits, allowed_groups, default_group = MODES[mode]

@@ -168,6 +168,8 @@ def build_plan(
     bits_for: list[str] | None = None,
     keep: list[str] | None = None,
 ) -> QuantPlan:
+    """The per-tensor quantization plan of a conversion plan (order of decisions: the
+    module docstring); refuses a plan that would quantize nothing."""
     from .modes import validate
 
     arch = conversion.arch

@@ -84,6 +84,10 @@ def quantize(
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
 ) -> QuantResult:
+    """`hybridconv quantize`: convert and quantize ``source`` into ``out`` in one streamed
+    pass (``bits`` defaults to the mode's width: 4, or 8 for mxfp8). ``recipe``:
+    "uniform" or "mixed-L-H"; ``bits_for``: ["PATTERN=BITS", ...]; ``keep``: [PATTERN, ...].
+    With ``dry_run`` nothing is written. Returns a :class:`QuantResult`."""
     spec = validate(bits, group_size, mode)
     with source_folder(source, revision, allow_pickle) as src:
         qp = _plan_for(src, spec, recipe, bits_for, keep, dtype)

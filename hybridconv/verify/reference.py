@@ -177,6 +177,9 @@ def compute_reference(
     source: Source, inputs: Inputs, dtype: str = "float32", trust_remote_code: bool = False,
     keep_hidden: bool = True, progress=None, max_memory: str | None = None,
 ) -> Reference:
+    """Run ``source`` in PyTorch on ``inputs`` (float32 by default) and keep its logits
+    (and, with ``keep_hidden``, every block's output) on disk, memory-mapped; the torch
+    model is freed before this returns. Refuses (exit 2) when it would not fit in memory."""
     from ..resources import check_fits
 
     check_fits(
@@ -234,6 +237,8 @@ def compute_reference(
 
 
 def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, with_hidden: bool = False):
+    """Store a :class:`Reference` as a reference-logits file (README, "Reference-logits
+    files"): full logits, or the top-k form; with ``with_hidden``, the block outputs."""
     from safetensors.numpy import save_file
 
     lengths = [len(s) for s in ref.sequences]
@@ -297,6 +302,8 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
 
 
 def read_reference_file(path: Path) -> Reference:
+    """Read a reference-logits file (or a fixture's ``expected.safetensors``) as a
+    :class:`Reference`; a malformed file is refused naming what is wrong."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 

@@ -419,6 +419,7 @@ def _short(kinds: list[str]) -> str:
 
 
 def write_report(report: dict, path: Path) -> None:
+    """Write a verification report as JSON, atomically (temporary file, then rename)."""
     path = Path(path)
     interrupt.check()  # no report from an interrupted run
     try:
