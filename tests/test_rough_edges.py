@@ -60,3 +60,14 @@ def test_verify_help_finishes_its_sentences():
     # no stray space before a full stop (where a [default: …] note was swallowed as markup)
     assert not re.search(r"\S \.(\s|$)", out), re.search(r".{40}\S \.(\s|$)", out)
     assert "<bool>" not in out  # flags take no value
+
+
+def test_cli_starts_with_a_typer_that_has_no_rich_type_hook(monkeypatch):
+    """Older typer releases have no TyperOption.display_type_rich (seen on another
+    machine): hiding <bool> must then do nothing rather than break start-up."""
+    from typer.core import TyperOption
+
+    import hybridconv.cli as cli
+
+    monkeypatch.delattr(TyperOption, "display_type_rich")
+    cli._hide_flag_types()  # no AttributeError

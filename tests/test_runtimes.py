@@ -319,3 +319,19 @@ def test_known_statements(case, over, status, why):
     arch = lookup(raw)
     known = arch.mlx_lm_support(arch.normalize_config(raw))
     assert known.status == status and why in known.reason, known
+
+
+def test_mlx_lm_runs_on_the_same_arithmetic_as_hybridconv(tmp_path):
+    """On a CPU, the default --runtime all must not fall back to the slow native
+    kernels for mlx-lm: its model code runs on the stored weights in float32, as
+    hybridconv's does, and the report says so. bf16 MoE experts are what MLX's CPU
+    gather_mm cannot even run natively (float32 only), so this case fails without it."""
+    out = tmp_path / "bf16"
+    convert(str(hybrid_case("lfm2_moe-tiny")), out, dtype="bfloat16")
+    report = verify_folder(out, read_reference_file(hybrid_case("lfm2_moe-tiny") / "expected.safetensors"),
+                           runtimes=("hybridconv", "mlx-lm"), decode_steps=2).report
+    ours, theirs = report["runtimes"]["hybridconv"], report["runtimes"]["mlx-lm"]
+    assert theirs["verdict"] == "pass", theirs.get("failure_reasons")
+    assert theirs["compute"]["path"] == ours["compute"]["path"] == "float32"
+    # same weights, same arithmetic, same function: the two runtimes agree closely
+    assert abs(theirs["metrics"]["overall"]["kl_mean"] - ours["metrics"]["overall"]["kl_mean"]) < 1e-6

@@ -31,10 +31,15 @@ EXIT_CODES_HELP = (
 
 def _hide_flag_types() -> None:
     """typer shows ``<bool>`` beside every on/off flag (--force, --debug, --help);
-    a flag takes no value, so its help row shows none."""
-    from typer.core import TyperOption
-
-    original = TyperOption.display_type_rich
+    a flag takes no value, so its help row shows none. Older typer releases have no
+    such hook (and show no ``<bool>``): nothing to do there."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - typer without the rich help core
+        return
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None:
+        return
 
     def display_type_rich(self, ctx):
         return None if getattr(self, "is_flag", False) or getattr(self, "is_bool_flag", False) else original(self, ctx)

@@ -161,7 +161,8 @@ def verify_folder(
         if name == "hybridconv":
             results[name] = _run_hybridconv(out, reference, gates, decode_steps, say, activation_dtype, top_k, compute)
         else:
-            results[name] = _run_mlx_lm(out, arch, config, reference, gates, decode_steps, say, top_k)
+            results[name] = _run_mlx_lm(out, arch, config, reference, gates, decode_steps, say, top_k,
+                                        compute, activation_dtype)
     primary = "hybridconv" if "hybridconv" in results else runtimes[0]
     report["runtime"] = primary
     main = results[primary]
@@ -228,10 +229,14 @@ class _MlxLmModel:
         return make_prompt_cache(self.model)
 
 
-def _run_mlx_lm(out, arch, config, reference, gates, decode_steps, progress, top_k) -> dict:
+def _run_mlx_lm(out, arch, config, reference, gates, decode_steps, progress, top_k, compute="auto",
+                activation_dtype=None) -> dict:
     """mlx-lm's result on OUT: what ``mlx_lm.load`` users get. Any error it raises
     while loading or computing is its verdict (``cannot load`` / ``cannot run``),
-    never a failure of this command."""
+    never a failure of this command. mlx-lm's model code runs on the same arithmetic
+    as hybridconv's (``compute``: on a CPU without fast low-precision kernels, the
+    stored weights in float32), so that the default ``--runtime all`` keeps the
+    fast path; the report says which."""
     import importlib.metadata as md
 
     try:
@@ -254,6 +259,13 @@ def _run_mlx_lm(out, arch, config, reference, gates, decode_steps, progress, top
         msg = _message(exc)
         return {**head, **empty, "verdict": "cannot load", "message": msg,
                 "failure_reasons": [f"mlx-lm cannot load {out.name}: {msg}"]}
+    compute = "native" if activation_dtype is not None and compute == "auto" else compute
+    upcast = "model" if reference.file is None and reference.dtype == "float32" else "layer"
+    head["compute"] = {**compute_path(out, compute, activation_dtype, upcast), "blas": blas.status()}
+    if head["compute"]["path"] == "float32":
+        from ..loading import upcast_model, use_float32_compute
+
+        (upcast_model if upcast == "model" else use_float32_compute)(model)
     wrapped = _MlxLmModel(model)
     try:
         result = _compare(wrapped, None, reference, gates, decode_steps, progress, top_k)
