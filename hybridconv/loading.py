@@ -252,6 +252,13 @@ def upcast_model(model) -> int:
     return n
 
 
+def to_float32_compute(model, upcast: str = "layer") -> int:
+    """Put any MLX model (hybridconv's or mlx-lm's) on the float32 path: weights
+    upcast once and held (``upcast="model"``: :func:`upcast_model`) or each time a
+    layer runs (``"layer"``: :func:`use_float32_compute`)."""
+    return (upcast_model if upcast == "model" else use_float32_compute)(model)
+
+
 def load(path, lazy: bool = False, activation_dtype: str | None = None, compute: str = "native",
          upcast: str = "layer"):
     """The MLX model of a converted folder; ``model(ids[B, T]) -> logits[B, T, V]``.
@@ -314,10 +321,8 @@ def load(path, lazy: bool = False, activation_dtype: str | None = None, compute:
     del weights
     if compute != "native":
         if upcast == "model":
-            mx.eval(model.parameters())
-            upcast_model(model)
-        else:
-            use_float32_compute(model)
+            mx.eval(model.parameters())  # the stored weights first, then one float32 copy at a time
+        to_float32_compute(model, upcast)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

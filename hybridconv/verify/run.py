@@ -187,18 +187,23 @@ def verify_folder(
 PRIMARY_KEYS = ("compute", "metrics", "blocks", "block_comparison", "first_divergent_block", "decode", "checks", "skipped_gates")
 
 
+def _arithmetic(out, reference, compute: str, activation_dtype) -> tuple[str, str, dict]:
+    """(compute, upcast, the report's ``compute`` entry) for one runtime: the
+    arithmetic (loading.compute_path: float32 for low-precision weights on the CPU)
+    and the BLAS behind it. Weights are held in float32 only where this process
+    already held the float32 model (a live float32 reference): the peak memory
+    stays the reference's."""
+    compute = "native" if activation_dtype is not None and compute == "auto" else compute
+    upcast = "model" if reference.file is None and reference.dtype == "float32" else "layer"
+    return compute, upcast, {**compute_path(out, compute, activation_dtype, upcast), "blas": blas.status()}
+
+
 def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dtype, top_k, compute="auto") -> dict:
     from ..loading import load
 
     head = {"runtime": "hybridconv", "version": __version__, "loader": "hybridconv.load"}
     try:
-        # the arithmetic (loading.compute_path: float32 for low-precision weights on the
-        # CPU) and the BLAS behind it, in the report
-        compute = "native" if activation_dtype is not None and compute == "auto" else compute
-        # weights held in float32 only where this process already held the float32
-        # model (a live float32 reference): the peak memory stays the reference's
-        upcast = "model" if reference.file is None and reference.dtype == "float32" else "layer"
-        head["compute"] = {**compute_path(out, compute, activation_dtype, upcast), "blas": blas.status()}
+        compute, upcast, head["compute"] = _arithmetic(out, reference, compute, activation_dtype)
         model = load(out, activation_dtype=activation_dtype, compute=compute, upcast=upcast)
     except WeightMismatchError as exc:
         # A conversion that produced weights the model cannot even take is a failed
@@ -259,13 +264,11 @@ def _run_mlx_lm(out, arch, config, reference, gates, decode_steps, progress, top
         msg = _message(exc)
         return {**head, **empty, "verdict": "cannot load", "message": msg,
                 "failure_reasons": [f"mlx-lm cannot load {out.name}: {msg}"]}
-    compute = "native" if activation_dtype is not None and compute == "auto" else compute
-    upcast = "model" if reference.file is None and reference.dtype == "float32" else "layer"
-    head["compute"] = {**compute_path(out, compute, activation_dtype, upcast), "blas": blas.status()}
+    _, upcast, head["compute"] = _arithmetic(out, reference, compute, activation_dtype)
     if head["compute"]["path"] == "float32":
-        from ..loading import upcast_model, use_float32_compute
+        from ..loading import to_float32_compute
 
-        (upcast_model if upcast == "model" else use_float32_compute)(model)
+        to_float32_compute(model, upcast)
     wrapped = _MlxLmModel(model)
     try:
         result = _compare(wrapped, None, reference, gates, decode_steps, progress, top_k)
