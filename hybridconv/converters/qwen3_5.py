@@ -26,25 +26,33 @@ from .registry import Architecture, register
 WRAPPER = "_multimodal_wrapper"  # planning note: the source is a Qwen3_5ForConditionalGeneration
 
 
-def normalize_config(raw: dict) -> dict:
-    cfg = normalize_text(raw, "qwen3_5", "Qwen3_5ForCausalLM", "none")
-    cfg[WRAPPER] = _text_config(raw)[1]
-    return cfg
+def register_text_model(model_type: str, mlx_type: str, causal_lm: str, wrapper: str, moe_layers: str,
+                        title: str, model_module) -> Architecture:
+    """Register a Qwen3.5 text model (dense or MoE): Qwen3-Next's config layouts,
+    rules and policy, written as mlx-lm's ``mlx_type``, with its multimodal
+    ``wrapper`` class accepted as a source (``moe_layers``: "none" or "all")."""
 
+    def normalize_config(raw: dict) -> dict:
+        cfg = normalize_text(raw, mlx_type, causal_lm, moe_layers)
+        cfg[WRAPPER] = _text_config(raw)[1]
+        return cfg
 
-def rules(cfg: dict):
-    return text_rules(cfg, wrapper=cfg.get(WRAPPER, False))
+    def rules(cfg: dict):
+        return text_rules(cfg, wrapper=cfg.get(WRAPPER, False))
 
-
-ARCH = register(
-    Architecture(
-        model_type="qwen3_5_text",
-        architectures=("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
-        title="Qwen3.5 (gated DeltaNet + gated attention)",
-        normalize_config=normalize_config,
-        rules=rules,
-        model_module=model_module,
-        roles=ROLES,
-        protected=PROTECTED,
+    return register(
+        Architecture(
+            model_type=model_type,
+            architectures=(causal_lm, wrapper),
+            title=title,
+            normalize_config=normalize_config,
+            rules=rules,
+            model_module=model_module,
+            roles=ROLES,
+            protected=PROTECTED,
+        )
     )
-)
+
+
+ARCH = register_text_model("qwen3_5_text", "qwen3_5", "Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration",
+                           "none", "Qwen3.5 (gated DeltaNet + gated attention)", model_module)

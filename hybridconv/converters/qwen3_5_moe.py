@@ -14,30 +14,9 @@ are stacked from per-expert tensors or split from the fused
 from __future__ import annotations
 
 from ..models import qwen3_5_moe as model_module
-from .qwen3_5 import WRAPPER
-from .qwen3_next import PROTECTED, ROLES, _text_config, normalize_text, text_rules
-from .registry import Architecture, register
+from .qwen3_5 import register_text_model
 
-
-def normalize_config(raw: dict) -> dict:
-    cfg = normalize_text(raw, "qwen3_5_moe", "Qwen3_5MoeForCausalLM", "all")
-    cfg[WRAPPER] = _text_config(raw)[1]
-    return cfg
-
-
-def rules(cfg: dict):
-    return text_rules(cfg, wrapper=cfg.get(WRAPPER, False))
-
-
-ARCH = register(
-    Architecture(
-        model_type="qwen3_5_moe_text",
-        architectures=("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"),
-        title="Qwen3.5-MoE (gated DeltaNet + gated attention, MoE)",
-        normalize_config=normalize_config,
-        rules=rules,
-        model_module=model_module,
-        roles=ROLES,
-        protected=PROTECTED,
-    )
+ARCH = register_text_model(
+    "qwen3_5_moe_text", "qwen3_5_moe", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration",
+    "all", "Qwen3.5-MoE (gated DeltaNet + gated attention, MoE)", model_module,
 )
