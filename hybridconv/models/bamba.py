@@ -63,7 +63,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import Attention, BaseModelArgs, CausalLM, KVCache, StateCache
+from .common import MLP, Attention, BaseModelArgs, CausalLM, KVCache, StateCache
 from .ssm import Mamba2Mixer
 
 
@@ -145,19 +145,6 @@ def mamba2_mixer_args(args) -> dict:
 def mamba2_mixer(args, **extra) -> Mamba2Mixer:
     """The Mamba-2 mixer of a Bamba-style config (also Granite-4.0-H's)."""
     return Mamba2Mixer(**mamba2_mixer_args(args), **extra)
-
-
-class MLP(nn.Module):
-    """``down_proj(silu(gate_proj(x)) ⊙ up_proj(x))``."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

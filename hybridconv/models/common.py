@@ -96,6 +96,21 @@ def attend(q: mx.array, k: mx.array, v: mx.array, rope, cache, window: Optional[
     return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
+class MLP(nn.Module):
+    """The SwiGLU feed-forward most of these models use (Shazeer 2020, "GLU Variants
+    Improve Transformer"): ``down_proj(silu(gate_proj(x)) ⊙ up_proj(x))``, with
+    transformers' and mlx-lm's parameter names."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class KVCache:
     """Full key/value history for an attention layer (keys ``[B, H, T, d]``)."""
 

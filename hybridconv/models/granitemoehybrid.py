@@ -78,8 +78,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .bamba import MLP, Mamba2Keys, mamba2_mixer
-from .common import Attention, CausalLM, KVCache, StateCache
+from .bamba import Mamba2Keys, mamba2_mixer
+from .common import MLP, Attention, CausalLM, KVCache, StateCache
 from .moe import SwitchGLU, combine, route
 
 

@@ -74,8 +74,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .bamba import MLP
-from .common import Attention, BaseModelArgs, CausalLM, KVCache, StateCache
+from .common import MLP, Attention, BaseModelArgs, CausalLM, KVCache, StateCache
 from .moe import MoEBlock
 from .ssm import Mamba1Mixer
 

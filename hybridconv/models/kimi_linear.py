@@ -100,7 +100,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attention_mask, causal_depthwise_conv
+from .common import MLP, BaseModelArgs, CausalLM, KVCache, StateCache, attention_mask, causal_depthwise_conv
 from .gated_delta import gated_delta, l2norm
 from .moe import MoEBlock
 
@@ -309,17 +309,6 @@ class MLAttention(nn.Module):
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(b, T, H * self.v_dim)
         return self.o_proj(out)
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def sparse_moe(args: ModelArgs) -> MoEBlock:

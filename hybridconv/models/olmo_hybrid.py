@@ -59,9 +59,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
+from .common import MLP, BaseModelArgs, CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
 from .gated_delta import RMSNormGated, gated_delta, gdn_decay, l2norm
-from .qwen3_next import MLP
 
 CHUNK_SIZE = 64
 O_NORM_EPS = 1e-5  # transformers/FLA: the gated output norm's eps is fixed

@@ -98,7 +98,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
+from .common import MLP, BaseModelArgs, CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
 from .gated_delta import RMSNormGated, gated_delta, gdn_decay, l2norm
 from .moe import MoEBlock
 
@@ -248,17 +248,6 @@ class GatedAttention(nn.Module):
         v = self.v_proj(x).reshape(B, T, self.n_kv, d).transpose(0, 2, 1, 3)
         out = attend(q, k, v, self.rope, cache, None, d**-0.5)
         return self.o_proj(out * mx.sigmoid(gate.reshape(B, T, -1)))
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def sparse_moe(args: ModelArgs) -> MoEBlock:
