@@ -203,3 +203,22 @@ def decode_logits(model, ids: np.ndarray, prefill: int) -> np.ndarray:
     for t in range(prefill, ids.shape[1]):
         outs.append(model(mx.array(ids[:, t : t + 1]), cache=cache))
     return np.array(mx.concatenate(outs, axis=1).astype(mx.float32))
+
+
+def hc(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """Run the hybridconv CLI in-process (no interpreter start-up): (exit code,
+    stdout + stderr with whitespace collapsed, since Rich wraps long lines)."""
+    import sys
+
+    from hybridconv.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["hybridconv", *map(str, args)])
+    monkeypatch.delenv("HYBRIDCONV_DEBUG", raising=False)
+    monkeypatch.setenv("COLUMNS", "400")  # Rich: no wrapping or cut table cells
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out = capsys.readouterr()
+    return code, " ".join((out.out + "\n" + out.err).split())

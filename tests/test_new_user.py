@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -19,25 +18,11 @@ import pytest
 
 from hybridconv.errors import EXIT_BAD_INPUT, EXIT_HUB
 
+from .conftest import hc
+
 PLAMO = "plamo2-tiny"
 PLAMO_UNTIED = "plamo2-tiny-untied"
 RG = "recurrent_gemma-tiny-hf5"
-
-
-def hc(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """Run the CLI in-process; (exit code, stdout + stderr with whitespace collapsed)."""
-    from hybridconv.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hybridconv", *map(str, args)])
-    monkeypatch.delenv("HYBRIDCONV_DEBUG", raising=False)
-    monkeypatch.setenv("COLUMNS", "400")  # Rich: no wrapping or cut table cells
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return code, " ".join((out.out + "\n" + out.err).split())
 
 
 def digest(folder: Path) -> dict:

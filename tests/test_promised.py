@@ -23,7 +23,7 @@ from hybridconv.verify.reference import read_reference_file
 from hybridconv.verify.run import verify_folder
 
 from .conftest import assert_logits_close, plamo2_config, save_hf_plamo2, save_hf_recurrent_gemma
-from .test_new_user import hc
+from .conftest import hc
 
 PLAMO = "plamo2-tiny"
 PROMPT = "The quick brown fox jumps over the lazy dog."

@@ -12,7 +12,6 @@ cannot be loaded (built here with transformers).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from hybridconv.loading import load_config
 from hybridconv.verify.reference import read_reference_file
 from hybridconv.verify.run import verify_folder
 
-from .conftest import assert_logits_close, hybrid_case, random_ids, save_hf_recurrent_gemma, torch_logits
+from .conftest import assert_logits_close, hc, hybrid_case, random_ids, save_hf_recurrent_gemma, torch_logits
 
 CASES = ("mamba-tiny", "jamba-tiny", "bamba-tiny", "falcon_h1-tiny")
 
@@ -149,20 +148,6 @@ def test_runtime_arguments_checked():
 
 
 # --- the CLI: exit codes with and without --require-runtime ---------------------------------
-
-
-def hc(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from hybridconv.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["hybridconv", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "400")
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return code, " ".join((out.out + "\n" + out.err).split())
 
 
 def test_cli_exit_codes(outputs, monkeypatch, capsys, tmp_path):
