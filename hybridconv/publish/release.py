@@ -46,6 +46,7 @@ others did.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -142,7 +143,7 @@ def _typed(path: Path, where: str, key: str, value, kind, *, positive: bool = Fa
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list of strings"}
     if not ok:
         raise _fail(path, f"{where}: {key} must be {names[kind]}, found {value!r}")
-    if kind is float and value != value or kind is float and value in (float("inf"), float("-inf")):
+    if kind is float and not math.isfinite(value):
         raise _fail(path, f"{where}: {key} must be a finite number, found {value!r}")
     if positive and value <= 0:
         raise _fail(path, f"{where}: {key} must be positive, found {value!r}")
