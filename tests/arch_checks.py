@@ -138,22 +138,25 @@ def assert_reconvert_is_noop(out: Path, tmp: Path) -> None:
 # --- hybridconv verify ---------------------------------------------------------------
 
 
-def verify_bf16_and_4bit(src: Path, tmp: Path, sequences: int = 2, decode_steps: int = 8) -> dict:
+def verify_bf16_and_4bit(src: Path, tmp: Path, sequences: int = 2, decode_steps: int = 8, tokens: int = 24,
+                         seed: int = 1, with_reference: bool = False):
     """``hybridconv verify`` (the library functions the CLI calls) of a bf16
     conversion and a default 4-bit quantization of ``src`` against the float32
-    transformers reference (24 random tokens per sequence, ``sequences`` of
-    them; ``decode_steps`` cached steps). Returns the two reports.
+    transformers reference (``tokens`` random tokens per sequence, ``sequences``
+    of them; ``decode_steps`` cached steps). Returns the two reports (and the
+    reference, ``with_reference``).
 
-    bf16 and 4-bit must both pass with the default gates, with the reference's
-    block kinds. The random-weight oracle models predict a near-uniform
-    distribution (reference perplexity close to the vocabulary size, median
-    top-2 logit gap ~0.1): all-token top-1 agreement at 4 bits is a coin toss
-    between near-tied tokens (0.5-0.75), so verify gates top-1/top-5 on
-    decisive tokens only (best two logits >= 0.5 nats apart) and measures the
+    bf16 and 4-bit must both pass with the default gates — no gate waived —
+    with the reference's block kinds. The random-weight oracle models predict a
+    near-uniform distribution (reference perplexity close to the vocabulary
+    size, median top-2 logit gap ~0.1): all-token top-1 agreement at 4 bits is
+    a coin toss between near-tied tokens (0.5-0.75), so verify gates top-1/top-5
+    on decisive tokens only (best two logits >= 0.5 nats apart) and measures the
     rest by KL."""
     source = resolve(str(src))
     cfg = json.loads((source.path / "config.json").read_text())
-    inputs = build_inputs(source.path, cfg["vocab_size"], random_tokens=24, num_sequences=sequences, seed=1)
+    vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
+    inputs = build_inputs(source.path, vocab, random_tokens=tokens, num_sequences=sequences, seed=seed)
     ref = compute_reference(source, inputs)
     bf16 = tmp / "bf16"
     convert(str(src), bf16, dtype="bfloat16")
@@ -164,9 +167,11 @@ def verify_bf16_and_4bit(src: Path, tmp: Path, sequences: int = 2, decode_steps:
     for name, folder in (("bf16", bf16), ("q4", q4)):
         report = verify_folder(folder, ref, decode_steps=decode_steps).report
         assert report["verdict"] == "pass", (name, report.get("failure_reasons"))
+        if name == "q4":
+            assert report["model"]["precision"] == "4bit"
         assert [b["kind"] for b in report["blocks"]] == ref.block_kinds
         reports[name] = report
-    return reports
+    return (reports, ref) if with_reference else reports
 
 
 # --- mlx-lm ---------------------------------------------------------------------------

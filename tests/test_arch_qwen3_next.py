@@ -20,6 +20,8 @@ from hybridconv.convert import convert, plan
 from hybridconv.converters.qwen3_next import interval_of, normalize_config
 from hybridconv.errors import ConfigError
 
+from . import arch_checks
+from .arch_checks import mlx_lm_logits
 from .conftest import (
     assert_logits_close,
     decode_logits,
@@ -37,46 +39,12 @@ CASES = {  # case -> block kinds
 }
 
 
-def mlx_lm_logits(out: Path, ids) -> np.ndarray:
-    from mlx_lm.utils import load_model
-
-    model, _ = load_model(Path(out))
-    return np.array(model(mx.array(ids)).astype(mx.float32))
-
-
-def verify_bf16_and_4bit(src: Path, tmp: Path, q4_waivers: dict | None = None) -> dict:
-    """``hybridconv verify`` (the library functions the CLI calls) of a bf16
-    conversion and a default 4-bit quantization against the transformers
-    reference; both must pass with verify's default gates (``q4_waivers``:
-    gates an architecture's test waives for the 4-bit check, with its
-    measurement)."""
-    from hybridconv.quant.run import quantize
-    from hybridconv.verify.inputs import build_inputs
-    from hybridconv.verify.reference import compute_reference
-    from hybridconv.verify.run import verify_folder
-
-    source = resolve(str(src))
-    cfg = json.loads((src / "config.json").read_text())
-    vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
-    # 2 x 64 tokens: on these near-uniform distributions top-1 agreement over
-    # 48 tokens is too coarse an estimate (OLMo-Hybrid bf16: 0.896 = 43/48 with
-    # seed 1 at 2 x 24 tokens, 0.953 and 0.961 over 2 x 64 with seeds 2 and 3).
-    inputs = build_inputs(source.path, vocab, random_tokens=64, num_sequences=2, seed=2)
-    ref = compute_reference(source, inputs)
-    bf16, q4 = tmp / "bf16", tmp / "q4"
-    convert(str(src), bf16, dtype="bfloat16")
-    res = quantize(str(src), q4)
-    assert any(t.decision == "quantize" for t in res.plan.tensors)
-    reports = {}
-    for name, folder in (("bf16", bf16), ("q4", q4)):
-        waive = q4_waivers if name == "q4" else None
-        report = verify_folder(folder, ref, gate_overrides=waive).report
-        assert report["verdict"] == "pass", (name, report["failure_reasons"])
-        if name == "q4":
-            assert report["model"]["precision"] == "4bit"
-        assert [b["kind"] for b in report["blocks"]] == ref.block_kinds
-        reports[name] = report
-    return reports
+def verify_bf16_and_4bit(src: Path, tmp: Path, **kw):
+    """arch_checks' bf16 + default 4-bit verify on 2 x 64 tokens: on these
+    near-uniform distributions top-1 agreement over 48 tokens is too coarse an
+    estimate (OLMo-Hybrid bf16: 0.896 = 43/48 with seed 1 at 2 x 24 tokens,
+    0.953 and 0.961 over 2 x 64 with seeds 2 and 3)."""
+    return arch_checks.verify_bf16_and_4bit(src, tmp, tokens=64, seed=2, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -201,10 +201,18 @@ def render(report: dict) -> None:
         t.add_column("block", justify="right")
         t.add_column("kind")
         t.add_column("relative error", justify="right")
+        own = any("own_error" in b for b in report["blocks"])
+        if own:
+            t.add_column("own error", justify="right")
         t.add_column("")
         for b in report["blocks"]:
-            t.add_row(str(b["block"]), b["kind"], f"{b['relative_error']:.3g}", "[red]diverges[/]" if b["diverged"] else "")
+            cells = [str(b["block"]), b["kind"], f"{b['relative_error']:.3g}"]
+            if own:
+                cells.append(f"{b['own_error']:.3g}")
+            t.add_row(*cells, "[red]diverges[/]" if b["diverged"] else "")
         console.print(t)
+        if report.get("block_note"):
+            console.print(f"[yellow]blocks:[/] {escape(report['block_note'])}")
     elif report.get("block_comparison"):
         console.print(f"[dim]blocks: {report['block_comparison']}[/]")
     if r.get("note"):

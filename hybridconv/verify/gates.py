@@ -19,6 +19,15 @@ magnitude more. Reasoning, per precision:
   conversions that are broken rather than coarse: mean KL ≤ 0.15 / 0.4 / 1.5,
   p99 ≤ 1.5 / 3 / 8, top-1 ≥ 0.7 / 0.55 / 0.3.
 
+The block gate bounds the error *one block* makes. verify first compares the
+chained block outputs (each block fed by the model's own previous block); only
+when one of those is over the gate does it run every block on the reference's
+input to it and gate on those own errors (``verify.onepass.own_block_errors``):
+in a small model whose blocks add updates as large as their residual, correct
+4-bit blocks compound each other's noise past the gate (OLMo-Hybrid's tiny
+fixture: chained 0.94, own at most 0.30), while a wrong block has a large own
+error wherever it sits (0.88 for a reversed conv kernel in the same model).
+
 Every gate can be overridden on the command line (``--max-kl-mean`` …).
 The decode check uses the p99 gate for its worst token.
 """

@@ -100,3 +100,53 @@ def decode_check(got: np.ndarray, ids: np.ndarray, k: int, ref_out: dict) -> dic
         "max_abs_logit_diff": float(st["max_abs"].max()),
         "top1_agreement": float(st["top1"].mean()),
     }
+
+
+def own_block_errors(model, sequences, k: int, ref_hidden, dtypes: list) -> np.ndarray:
+    """Each block's *own* error: the block run on the reference's input to it (the
+    previous block's reference output; the model's own embedding for block 0),
+    exactly as :func:`run_sequence` runs it (a cached prefill of ``T - k`` rows,
+    then ``k`` single steps through the block's cache), compared with the
+    reference's output of that block. Returns the squared differences summed over
+    the sequences, per block (``relative_error`` against the same reference sums
+    as the chained block table).
+
+    Why: in the chained pass a block's error includes everything the blocks below
+    it got wrong, so quantization noise that a small model amplifies block after
+    block can exceed the block gate without any block being wrong; a block whose
+    own error is small computes its function. ``ref_hidden(s, b)`` is the
+    reference's output of block ``b`` for sequence ``s``; ``dtypes[b]`` the dtype
+    the model's own output of block ``b`` had (the input dtype block ``b + 1``
+    expects)."""
+    import mlx.core as mx
+
+    layers = model.layers
+    sq = np.zeros(len(layers))
+    for s, ids in enumerate(sequences):
+        ids = np.asarray(ids)[None]
+        T = ids.shape[1]
+        kk = max(0, min(k, T - 1))
+        x0 = model.embed(mx.array(ids))
+        for b, layer in enumerate(layers):
+            interrupt.check()  # a safe point: between blocks
+            if b == 0:
+                inp = x0
+            else:
+                prev = np.asarray(ref_hidden(s, b - 1), dtype=np.float32).reshape(1, T, -1)
+                inp = mx.array(prev).astype(dtypes[b - 1])
+            cache = model.layer_cache(layer) if kk else None
+            if cache is None:  # no decode steps, or a stateless block: one call
+                out = model.call_layer(layer, inp, None, x0)
+                mx.eval(out)
+            else:
+                parts = [model.call_layer(layer, inp[:, : T - kk], cache, x0[:, : T - kk])]
+                mx.eval(parts[-1])
+                for t in range(T - kk, T):
+                    parts.append(model.call_layer(layer, inp[:, t : t + 1], cache, x0[:, t : t + 1]))
+                    mx.eval(parts[-1])
+                out = mx.concatenate(parts, axis=1)
+            got = np.array(out[0].astype(mx.float32), dtype=np.float64)
+            ref = np.asarray(ref_hidden(s, b), dtype=np.float64).reshape(T, -1)
+            sq[b] += float(((got - ref) ** 2).sum())
+            del out, inp
+    return sq

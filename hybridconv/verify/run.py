@@ -36,7 +36,7 @@ from ..hashing import weights_hash
 from ..loading import WeightMismatchError, compute_path, load_config
 from .gates import Gates, gates_for, precision_of
 from .metrics import DECISIVE_GAP, MIN_DECISIVE, relative_error, summarise, token_stats
-from .onepass import decode_check, run_sequences
+from .onepass import decode_check, own_block_errors, run_sequences
 from .reference import Reference
 
 SCHEMA = "hybridconv.verification/2"
@@ -184,7 +184,7 @@ def verify_folder(
 
 # The keys of one runtime's result that are also written at the top level of
 # the report for the primary runtime (hybridconv's, as in schema /1).
-PRIMARY_KEYS = ("compute", "metrics", "blocks", "block_comparison", "first_divergent_block", "decode", "checks", "skipped_gates")
+PRIMARY_KEYS = ("compute", "metrics", "blocks", "block_comparison", "block_note", "first_divergent_block", "decode", "checks", "skipped_gates")
 
 
 def _arithmetic(out, reference, compute: str, activation_dtype) -> tuple[str, str, dict]:
@@ -322,6 +322,7 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
             progress(f"sequence {s + 1}/{len(reference.sequences)}")
         got, hidden, k = next(runs)  # prefill, then the decode check's steps through the caches
         if have_hidden:
+            dtypes = [h.dtype for h in hidden]
             for b, h in enumerate(hidden):
                 r = np.asarray(reference.hidden(s, b), dtype=np.float64)
                 g = np.array(h[0].astype(mx.float32), dtype=np.float64)
@@ -336,19 +337,40 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
     overall = summarise(stats)
     report["metrics"] = {"overall": overall, "per_sequence": per_seq}
 
-    blocks, first = [], None
+    blocks, first, block_gate = [], None, None
     if have_hidden:
+        chained = [relative_error(sq_diff[b], sq_ref[b]) for b in range(n_blocks)]
+        own = None
+        if max(chained, default=0.0) > gates.max_block_error:
+            # Over the gate in the chained pass: run each block on the reference's
+            # input to it, to tell one wrong block from noise accumulated through
+            # correct ones (see onepass.own_block_errors).
+            if progress:
+                progress("blocks on the reference's inputs")
+            sq_own = own_block_errors(model, reference.sequences, decode_steps, reference.hidden, dtypes)
+            own = [relative_error(sq_own[b], sq_ref[b]) for b in range(n_blocks)]
         for b in range(n_blocks):
-            err = relative_error(sq_diff[b], sq_ref[b])
-            diverged = bool(err > gates.max_block_error)
+            row = {"block": b, "kind": kinds[b], "relative_error": chained[b]}
+            if own is not None:
+                row["own_error"] = own[b]
+            decisive = own[b] if own is not None else chained[b]
+            diverged = bool(decisive > gates.max_block_error)
             if diverged and first is None:
                 first = b
-            blocks.append({"block": b, "kind": kinds[b], "relative_error": err,
-                           "threshold": gates.max_block_error, "diverged": diverged})
+            blocks.append({**row, "threshold": gates.max_block_error, "diverged": diverged})
+        block_gate = max(own if own is not None else chained, default=0.0)
+        if own is not None and first is None:
+            report["block_note"] = (
+                f"the chained block outputs exceed {gates.max_block_error:g} (worst {max(chained):.3g}), but every "
+                f"block run on the reference's input to it stays within it (worst {block_gate:.3g}): the error is "
+                "noise accumulated through correct blocks, not one wrong block; the KL gates bound its effect on "
+                "the logits"
+            )
     report["blocks"] = blocks
     report["first_divergent_block"] = first
     report["block_comparison"] = (
-        "hidden states after every block" if have_hidden
+        ("hidden states after every block; over the gate, each block also run on the reference's input to it "
+         "(own_error), which decides the gate and the first divergent block") if have_hidden
         else "not available: the reference file holds no hidden states (make it with --hidden-states, or use --reference)"
     )
 
@@ -380,8 +402,7 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
     if skipped:
         report["skipped_gates"] = skipped
     if have_hidden:
-        worst = max((b["relative_error"] for b in blocks), default=0.0)
-        checks.append(_check("max_block_error", worst, gates.max_block_error, "max"))
+        checks.append(_check("max_block_error", block_gate, gates.max_block_error, "max"))
     if decode_rows:
         worst_kl = max(r["kl_max"] for r in decode_rows)
         report["decode"] = {
