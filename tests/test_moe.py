@@ -315,11 +315,13 @@ def test_fused_expert_layout_is_split(tmp_path):
 
 
 def test_4bit_stacked_experts_equal_mlx_lm_quantization(converted, tmp_path):
-    """Our streamed per-expert quantization is bit-identical to mlx-lm quantizing
-    the float model (QuantizedSwitchLinear), and the folder opens in both."""
+    """Our streamed per-expert quantization is bit-identical to quantizing the
+    float model's stacked experts at once (hybridconv's quantizer on the stack,
+    as mlx-lm's QuantizedSwitchLinear lays it out), and the folder opens in both."""
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model
 
+    from hybridconv.quant.affine import quantize_rows
     from hybridconv.quant.run import quantize
 
     out, _ = converted
@@ -330,12 +332,17 @@ def test_4bit_stacked_experts_equal_mlx_lm_quantization(converted, tmp_path):
     assert decisions["model.layers.1.feed_forward.gate.weight"] == "float"
     assert decisions["model.layers.1.feed_forward.expert_bias"] == "protected"
     ours = load_model(q)[0]
-    theirs = load_model(out)[0]
-    quantized = {n for n, _ in tree_flatten(ours.parameters()) if n.endswith(".scales")}
-    nn.quantize(theirs, group_size=32, bits=4, class_predicate=lambda p, m: f"{p}.scales" in quantized)
-    a, b = dict(tree_flatten(ours.parameters())), dict(tree_flatten(theirs.parameters()))
-    for name in (n for n in a if "switch_mlp" in n):
-        assert mx.array_equal(a[name], b[name]).item(), name
+    a = dict(tree_flatten(ours.parameters()))
+    floats = dict(tree_flatten(load_model(out)[0].parameters()))
+    stacked = [n for n in floats if "switch_mlp" in n and n.endswith(".weight")]
+    assert stacked
+    for name in stacked:
+        w = np.array(floats[name])  # [experts, out, in]
+        packed, scales, biases = quantize_rows(w.reshape(-1, w.shape[-1]), 4, 32, "F32")
+        base = name[: -len(".weight")]
+        assert np.array_equal(np.array(a[name]).reshape(packed.shape), packed), name
+        assert np.array_equal(np.array(a[f"{base}.scales"]).reshape(scales.shape), scales), name
+        assert np.array_equal(np.array(a[f"{base}.biases"]).reshape(biases.shape), biases), name
     ids, want = oracle_logits(hybrid_case(CASE))
     mine = np.array(hybridconv.load(q)(mx.array(ids)))
     np.testing.assert_allclose(mine, np.array(ours(mx.array(ids))), atol=1e-4)

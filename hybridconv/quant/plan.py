@@ -149,7 +149,6 @@ def recipe_widths(recipe: str | None, base: QuantSpec) -> tuple[int, int]:
     low, high = int(m.group(1)), int(m.group(2))
     if base.mode != "affine":
         raise UsageError(f"--recipe {recipe}: mixed widths need --mode affine (mode {base.mode} has one width)")
-    from .modes import validate
 
     for b in (low, high):
         allowed = MODES["affine"][0]
@@ -170,7 +169,6 @@ def build_plan(
 ) -> QuantPlan:
     """The per-tensor quantization plan of a conversion plan (order of decisions: the
     module docstring); refuses a plan that would quantize nothing."""
-    from .modes import validate
 
     arch = conversion.arch
     low, high = recipe_widths(recipe, base)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..converters.rules import scale_rows
+from .affine import quantize_rows
 from ..safetensors_io import (
     CHUNK_BYTES,
     ITEMSIZE,
@@ -66,11 +67,18 @@ def write_quantized_ranges(ranges, item, open_file, dst, progress=None) -> bool:
             w = to_float32(raw_rows, info.dtype).reshape(r1 - r0, cols)
             if item.step.scale is not None:  # a folded constant (rules.Scale), before quantizing
                 w = scale_rows(w, item.step.scale, r0)
-            parts = mx.quantize(mx.array(w).astype(float_dtype), group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
-            write_all(dst, _raw(parts[0]))
-            scales.append(_raw(parts[1]))
-            if len(parts) > 2 and parts[2] is not None:
-                biases.append(_raw(parts[2]))
+            if spec.mode == "affine":  # error-minimising ranges, MLX's format (quant/affine.py)
+                packed, sc, bi = quantize_rows(w, spec.bits, spec.group_size, item.step.dtype)
+                write_all(dst, packed)
+                scales.append(sc)
+                biases.append(bi)
+            else:
+                parts = mx.quantize(mx.array(w).astype(float_dtype), group_size=spec.group_size, bits=spec.bits,
+                                    mode=spec.mode)
+                write_all(dst, _raw(parts[0]))
+                scales.append(_raw(parts[1]))
+                if len(parts) > 2 and parts[2] is not None:
+                    biases.append(_raw(parts[2]))
             if progress:
                 progress(len(raw), item.step.source)
     write_all(dst, np.concatenate(scales))
