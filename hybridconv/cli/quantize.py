@@ -88,9 +88,12 @@ def quantize_cmd(
     """Quantize a checkpoint for MLX, keeping what hybrid models need in float32.
 
     SOURCE is a Hugging Face checkpoint (converted on the fly) or a float folder from
-    `hybridconv convert`. SSM parameters (A_log, D, dt_bias), conv1d kernels, norms and RG-LRU
-    gate parameters are never quantized and stay float32. The output opens in hybridconv and
-    mlx_lm.load (mlx-lm's quantization config, per-layer entries when mixed).
+    `hybridconv convert`. The SSM / recurrence dynamics (A_log, D, dt_bias, RG-LRU
+    recurrent_param) and MoE routers are never quantized and stay float32; conv kernels,
+    norms and RG-LRU gate matrices are never quantized and keep the output dtype. Affine
+    mode picks each group's range to minimise its squared error (never worse than
+    mx.quantize), in MLX's format. The output opens in hybridconv and mlx_lm.load (mlx-lm's
+    quantization config, per-layer entries when mixed).
 
     Exit codes: 0 done (and verified, with --verify); 1 verification failed or no plan meets
     --target-kl; 2 bad usage or input.

@@ -76,7 +76,7 @@ def verify_cmd(
     max_kl_p99: Annotated[Optional[float], typer.Option("--max-kl-p99", help="Gate: 99th percentile of per-token KL (also bounds the decode check).", show_default=False)] = None,
     min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Gate: top-1 agreement over decisive tokens (the reference's best two logits at least 0.5 nats apart), 0..1.", show_default=False)] = None,
     min_top5: Annotated[Optional[float], typer.Option("--min-top5", help="Gate: mean top-5 overlap over decisive tokens, 0..1.", show_default=False)] = None,
-    max_block_error: Annotated[Optional[float], typer.Option("--max-block-error", help="Gate: relative error of any block's output.", show_default=False)] = None,
+    max_block_error: Annotated[Optional[float], typer.Option("--max-block-error", help="Gate: relative error of one block's output (decided on each block's own error when the chained outputs exceed it).", show_default=False)] = None,
     decode_steps: Annotated[int, typer.Option("--decode-steps", help="Tokens per sequence run one at a time through the caches.")] = 8,
     compute: Annotated[str, typer.Option("--compute", metavar="auto|native|float32", help=(
         "Arithmetic for bf16/fp16/N-bit weights: float32 uses the weights exactly as stored, upcast one layer at a "
@@ -105,7 +105,9 @@ def verify_cmd(
     (--reference-logits), runs OUT in MLX on the same tokens, and compares: |Δlogit|,
     per-token KL(ref || mlx) (mean, median, p99, max), top-1 and top-5 agreement,
     perplexities, KL by position, the output of every block (naming the first that
-    diverges), and a decode check through the caches. Gates depend on OUT's precision
+    diverges; when a block is over the gate, every block also runs on the reference's
+    input to it, so one wrong block is told from noise accumulated through correct ones),
+    and a decode check through the caches. Gates depend on OUT's precision
     (float32, bf16/fp16, N-bit) and can be overridden.
 
     With --runtime all (the default when mlx-lm is installed) the same inputs and gates
