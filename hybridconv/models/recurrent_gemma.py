@@ -17,7 +17,10 @@ that is 50.5, not 50.596; the difference would show in every logit). Then
 
 a final norm, the output head (tied to the embeddings unless ``lm_head`` is
 stored) and logit soft-capping ``logits = c · tanh(logits / c)`` with
-``c = logits_soft_cap`` (30).
+``c = logits_soft_cap`` (30). (On the CPU in float32 the tanh of the soft-cap
+and of the GELUs is ``models/common.py``'s vectorised rational approximation,
+within 4e-7 of tanh: MLX's own is scalar libm there, and over 2048 × 256000
+logits that alone would take seconds.)
 
 Norms: RMSNorm with scale ``1 + weight`` (Gemma convention; the stored weight
 is the difference from 1).
@@ -52,9 +55,11 @@ state) the state is reset: ``a_0`` is irrelevant and the first input is *not*
 normalised (multiplier 1), as in the reference.
 
 Prefill computes the linear recurrence ``h_t = a_t h_{t-1} + x_t`` with a
-parallel (Hillis–Steele) scan: ``log2(T)`` vectorised steps of the associative
-combine ``(a1, x1)∘(a2, x2) = (a1 a2, a2 x1 + x2)``, in float32; decoding uses
-the same code on one step with the cached state.
+blocked parallel scan of the associative combine ``(a1, x1)∘(a2, x2) = (a1 a2,
+a2 x1 + x2)``, in float32: within blocks of 4 steps (Hillis–Steele, 2
+vectorised steps), then the same scan over the blocks' end states
+(recursively), then each block's states corrected by the state entering it.
+Decoding uses the same code on one step with the cached state.
 
 Local attention block
 ---------------------
@@ -83,6 +88,8 @@ from .common import (
     WindowKVCache,
     attend,
     causal_depthwise_conv,
+    gelu_tanh,
+    soft_cap,
 )
 
 RG_LRU_C = 8.0  # the constant c of the RG-LRU (Griffin, section 2.4)
@@ -135,24 +142,51 @@ def bf16_round(x: float) -> float:
     return mx.array(x, dtype=mx.bfloat16).astype(mx.float32).item()
 
 
+SCAN_BLOCK = 4  # steps per block of linear_scan
+
+
+def _hillis_steele(a: mx.array, x: mx.array, axis: int) -> tuple[mx.array, mx.array]:
+    """Products of ``a`` and states from a zero state along ``axis``. After the
+    step with shift ``k``, position ``t`` holds the combination of the ``2k``
+    inputs ending at ``t``: ``log2(n)`` steps."""
+    n = x.shape[axis]
+    widths = [(0, 0)] * x.ndim
+    head = [slice(None)] * x.ndim
+    k = 1
+    while k < n:
+        widths[axis], head[axis] = (k, 0), slice(0, n - k)
+        x = x + a * mx.pad(x[tuple(head)], widths)
+        a = a * mx.pad(a[tuple(head)], widths, constant_values=1.0)
+        k *= 2
+    return a, x
+
+
 def linear_scan(a: mx.array, x: mx.array, h0: Optional[mx.array]) -> mx.array:
     """``h_t = a_t * h_{t-1} + x_t`` over axis 1 (``[B, T, D]``), all states.
 
-    Hillis–Steele: after the step with shift ``k``, position ``t`` holds the
-    combination of the ``2k`` inputs ending at ``t``. ``log2(T)`` steps.
+    Blocked: the scan within blocks of ``SCAN_BLOCK`` steps, this function on
+    the blocks' end states (``T / SCAN_BLOCK`` of them, and so on down), then
+    ``h = h_block + a_block_product · h_entering``. About 15 passes over the
+    ``[B, T, D]`` arrays where one Hillis–Steele scan over T makes 5 per step,
+    55 at T = 2048 (CPU, 2048 × 512: 6 ms instead of 42); the same sums, in
+    another order.
     """
     if h0 is not None:
         # Fold the carried state into the first input: x_0 <- a_0 h0 + x_0.
         x = mx.concatenate([x[:, :1] + a[:, :1] * h0[:, None], x[:, 1:]], axis=1)
-    T = x.shape[1]
-    k = 1
-    while k < T:
-        x_prev = mx.pad(x[:, : T - k], [(0, 0), (k, 0), (0, 0)])
-        a_prev = mx.pad(a[:, : T - k], [(0, 0), (k, 0), (0, 0)], constant_values=1.0)
-        x = x + a * x_prev
-        a = a * a_prev
-        k *= 2
-    return x
+    B, T, D = x.shape
+    if T <= SCAN_BLOCK:
+        return _hillis_steele(a, x, 1)[1]
+    n = -(-T // SCAN_BLOCK)
+    if n * SCAN_BLOCK != T:  # pad the end (a = 1, x = 0): earlier states are unchanged
+        tail = [(0, 0), (0, n * SCAN_BLOCK - T), (0, 0)]
+        a, x = mx.pad(a, tail, constant_values=1.0), mx.pad(x, tail)
+    shape = (B, n, SCAN_BLOCK, D)
+    a_blk, h_blk = _hillis_steele(a.reshape(shape), x.reshape(shape), 2)
+    ends = linear_scan(a_blk[:, :, -1], h_blk[:, :, -1], None)  # state at each block's end
+    entering = mx.pad(ends[:, :-1], [(0, 0), (1, 0), (0, 0)])
+    h = h_blk + a_blk * entering[:, :, None]
+    return h.reshape(B, n * SCAN_BLOCK, D)[:, :T]
 
 
 class Conv1d(nn.Module):
@@ -213,7 +247,7 @@ class RecurrentBlock(nn.Module):
         self.rg_lru = RGLRU(lru, args.num_attention_heads)
 
     def __call__(self, x: mx.array, cache=None) -> mx.array:
-        y = nn.gelu_approx(self.linear_y(x))
+        y = gelu_tanh(self.linear_y(x))
         u = self.linear_x(x)
         conv_state = cache[0] if cache is not None else None
         lru_state = cache[1] if cache is not None else None
@@ -260,7 +294,7 @@ class MLPBlock(nn.Module):
         self.down_proj = nn.Linear(half, args.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
 
 
 class ResidualBlock(nn.Module):
@@ -306,9 +340,7 @@ class Model(CausalLM):
 
     def scale_logits(self, logits: mx.array) -> mx.array:
         c = self.args.logits_soft_cap
-        if c:
-            logits = mx.tanh(logits / c) * c
-        return logits
+        return soft_cap(logits, c) if c else logits
 
     def layer_cache(self, layer: ResidualBlock):
         if layer.kind == "recurrent":
