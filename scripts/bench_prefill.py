@@ -14,10 +14,13 @@ default, batch 1, logits for every position) on the same weights and tokens:
 
 Each side: one warm-up, then the best of --repeat runs. Prints the BLAS in use,
 both times and the ratio (target: MLX <= 1.5x torch), and checks that the two
-logits agree (max |diff| relative to max |logit|).
+logits agree (max |diff| relative to max |logit|). ``--profile`` also times
+the MLX model's parts, each evaluated alone on the activations it gets in the
+prefill (best of --repeat): every block's temporal mixer and MLP (with their
+norms), the head's matmul and its soft-cap, and their sum.
 
 Usage: python scripts/bench_prefill.py [--tokens 2048] [--hidden 512] [--layers 6]
-       [--vocab 32000] [--repeat 3] [--blas-off] [--workdir bench-data]
+       [--vocab 32000] [--repeat 3] [--blas-off] [--profile] [--workdir bench-data]
 """
 
 from __future__ import annotations
@@ -65,7 +68,49 @@ def ids_for(vocab: int, tokens: int):
     return np.random.default_rng(0).integers(0, vocab, size=(1, tokens)).astype(np.int32)
 
 
-def time_mlx(out: Path, vocab: int, tokens: int, repeat: int, save: Path | None) -> dict:
+def best_of(fn, repeat: int) -> tuple[float, list[float], object]:
+    """(best, all timed runs, last result) of ``mx.eval(fn())``, after one warm-up."""
+    import mlx.core as mx
+
+    times, out = [], None
+    for i in range(repeat + 1):
+        t = time.perf_counter()
+        out = fn()
+        mx.eval(out)
+        if i:
+            times.append(time.perf_counter() - t)
+    return min(times), times, out
+
+
+def profile_mlx(model, ids, repeat: int) -> list[tuple[str, float]]:
+    """Seconds per part of one prefill, each part evaluated alone on its real input."""
+    import mlx.core as mx
+
+    rows = []
+    h = model.embed(ids)
+    for i, layer in enumerate(model.layers):
+        mx.eval(h)
+        rows.append((f"layer {i} {layer.kind}", best_of(lambda: layer.temporal_block(layer.temporal_pre_norm(h)), repeat)[0]))
+        mid = h + layer.temporal_block(layer.temporal_pre_norm(h))
+        mx.eval(mid)
+        rows.append((f"layer {i} mlp", best_of(lambda: layer.mlp_block(layer.channel_pre_norm(mid)), repeat)[0]))
+        h = mid + layer.mlp_block(layer.channel_pre_norm(mid))
+    mx.eval(h)
+
+    def matmul():
+        hn = model.final_norm(h)
+        return model.trunk.embed_tokens.as_linear(hn) if model.tied else model.lm_head(hn)
+
+    t_head, _, raw = best_of(matmul, repeat)
+    rows.append(("final norm + head matmul", t_head))
+    # the soft-cap on a fresh copy of the raw logits (which it may overwrite, as
+    # in the model), less the time of making that copy
+    copy = best_of(lambda: raw + 0, repeat)[0]
+    rows.append(("soft-cap", best_of(lambda: model.scale_logits(raw + 0), repeat)[0] - copy))
+    return rows
+
+
+def time_mlx(out: Path, vocab: int, tokens: int, repeat: int, save: Path | None, profile: bool = False) -> dict:
     import hybridconv  # first: the BLAS before mlx
     import mlx.core as mx
     import numpy as np
@@ -74,16 +119,14 @@ def time_mlx(out: Path, vocab: int, tokens: int, repeat: int, save: Path | None)
 
     model = hybridconv.load(out)
     ids = mx.array(ids_for(vocab, tokens))
-    times = []
-    for i in range(repeat + 1):
-        t = time.perf_counter()
-        logits = model(ids)
-        mx.eval(logits)
-        if i:
-            times.append(time.perf_counter() - t)
+    best, times, logits = best_of(lambda: model(ids), repeat)
     if save is not None:
         np.save(save, np.array(logits[0].astype(mx.float32)))
-    return {"best_s": min(times), "runs_s": times, "blas": blas.status(), "device": str(mx.default_device())}
+    res = {"best_s": best, "runs_s": times, "blas": blas.status(), "device": str(mx.default_device())}
+    if profile:
+        del logits
+        res["profile"] = profile_mlx(model, ids, repeat)
+    return res
 
 
 def time_torch(src: Path, vocab: int, tokens: int, repeat: int, device: str = "cpu"):
@@ -115,22 +158,23 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--torch-device", default="cpu", help="cpu, or cuda where a GPU is (MLX uses its default device)")
     ap.add_argument("--blas-off", action="store_true", help="also time MLX with HYBRIDCONV_BLAS=off (its bundled reference BLAS)")
+    ap.add_argument("--profile", action="store_true", help="also time the MLX model's parts (blocks, head, soft-cap)")
     ap.add_argument("--mlx-only", type=Path, help=argparse.SUPPRESS)  # internal: one MLX timing, JSON to stdout
     args = ap.parse_args()
     name = f"recurrent_gemma-h{args.hidden}-l{args.layers}-v{args.vocab}"
     src, out = args.workdir / name, args.workdir / (name + "-mlx-f32")
     if args.mlx_only is not None:
-        res = time_mlx(out, args.vocab, args.tokens, args.repeat, args.mlx_only)
+        res = time_mlx(out, args.vocab, args.tokens, args.repeat, args.mlx_only, args.profile)
         print(json.dumps(res))
         return
     build(src, out, args.hidden, args.layers, args.vocab)
     import numpy as np
 
-    def mlx_run(env_extra: dict) -> tuple[dict, np.ndarray]:
+    def mlx_run(env_extra: dict, profile: bool = False) -> tuple[dict, np.ndarray]:
         save = args.workdir / f"{name}-mlx-logits.npy"
         cmd = [sys.executable, __file__, "--workdir", str(args.workdir), "--tokens", str(args.tokens),
                "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab),
-               "--repeat", str(args.repeat), "--mlx-only", str(save)]
+               "--repeat", str(args.repeat), "--mlx-only", str(save)] + (["--profile"] if profile else [])
         env = {**os.environ, **env_extra}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
@@ -138,7 +182,7 @@ def main() -> None:
         out_ = json.loads(res.stdout.strip().splitlines()[-1])
         return out_, np.load(save)
 
-    mlx_fast, mlx_logits = mlx_run({})
+    mlx_fast, mlx_logits = mlx_run({}, args.profile)
     tr, torch_logits = time_torch(src, args.vocab, args.tokens, args.repeat, args.torch_device)
     scale = float(np.abs(torch_logits).max())
     diff = float(np.abs(mlx_logits - torch_logits).max())
@@ -157,6 +201,16 @@ def main() -> None:
     for label, r in rows:
         print(f"| {label} | {r['best_s']:.3f} | {', '.join(f'{x:.3f}' for x in r['runs_s'])} | {r['best_s'] / tr['best_s']:.2f}x |")
     print(f"| transformers torch | {tr['best_s']:.3f} | {', '.join(f'{x:.3f}' for x in tr['runs_s'])} | 1.00x |")
+    if "profile" in mlx_fast:
+        parts = mlx_fast["profile"]
+        print(f"\nMLX parts, each evaluated alone (best of {args.repeat}):")
+        print("| part | s |")
+        print("|---|---|")
+        for label, sec in parts:
+            print(f"| {label} | {sec:.3f} |")
+        # timed alone, each part runs its own norm again and allocates its
+        # output afresh, so the sum can exceed the whole prefill
+        print(f"| sum of the parts (whole prefill: {mlx_fast['best_s']:.3f}) | {sum(sec for _, sec in parts):.3f} |")
 
 
 if __name__ == "__main__":
