@@ -139,3 +139,24 @@ def test_blocked_linear_scan_equals_the_recurrence(T, carried):
     got = linear_scan(mx.array(a.astype(np.float32)), mx.array(x.astype(np.float32)),
                       mx.array(h0.astype(np.float32)) if carried else None)
     np.testing.assert_allclose(np.array(got), ref, rtol=0, atol=2e-6 * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("how", ["no g++", "kernels fail to build"])
+def test_falls_back_to_mx_tanh_where_compiled_kernels_do_not_work(monkeypatch, how):
+    if how == "no g++":
+        monkeypatch.setattr(common.shutil, "which", lambda name: None)
+    else:
+        def broken(*_):
+            raise RuntimeError("[compile] Failed to compile function")
+
+        monkeypatch.setattr(common, "_tanh_out", broken)
+    common._have_gxx.cache_clear()
+    try:
+        x = mx.array(np.linspace(-40, 40, 101, dtype=np.float32))
+        assert not common.rational_tanh_pays(x)
+        assert mx.array_equal(common.soft_cap(x, 30.0), mx.tanh(x / 30.0) * 30.0).item()
+        assert mx.array_equal(common.gelu_tanh(x), nn.gelu_approx(x)).item()
+    finally:
+        monkeypatch.undo()
+        common._have_gxx.cache_clear()
+    assert common.rational_tanh_pays(mx.zeros(2)) == (common.shutil.which("g++") is not None)

@@ -78,12 +78,25 @@ def _clamp(t: mx.array) -> mx.array:
 
 @lru_cache(maxsize=None)
 def _have_gxx() -> bool:
-    return shutil.which("g++") is not None  # what MLX's CPU compile runs
+    """g++ on the PATH (what MLX's CPU compile runs) and the compiled kernels build
+    and agree with ``mx.tanh`` here, tried once per process: a compiler that is
+    present but cannot build (no headers, a read-only temporary folder) falls
+    back to ``mx.tanh`` instead of failing the model."""
+    if shutil.which("g++") is None:
+        return False
+    try:
+        with mx.stream(mx.cpu):
+            x = mx.array([-9.0, -0.5, 0.0, 0.25, 3.0], dtype=mx.float32)
+            got = _tanh_out(_tanh_in(x))
+            return bool(mx.allclose(got, mx.tanh(x), rtol=0.0, atol=1e-6).item())
+    except Exception:  # any failure to build or run the kernels: the plain path
+        return False
 
 
 def rational_tanh_pays(x: mx.array) -> bool:
     """Whether :func:`tanh_rational` beats ``mx.tanh`` for ``x``: float32 on the
-    CPU with g++ there. (Only ``x.dtype`` and the default device are looked at.)"""
+    CPU where the compiled kernels work. (Only ``x.dtype`` and the default device
+    are looked at.)"""
     return x.dtype == mx.float32 and mx.default_device() == mx.cpu and _have_gxx()
 
 
