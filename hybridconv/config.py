@@ -107,6 +107,13 @@ def positive(name: str, value: int) -> int:
     return value
 
 
+
+def positive_int(cfg: dict, *names: str, default: Any = REQUIRED) -> int:
+    """``pick(cfg, *names, kind=int)`` (``default`` when none is set), checked by
+    :func:`positive` under the name ``names[0]``: a required or defaulted size."""
+    return positive(names[0], pick(cfg, *names, default=default, kind=int))
+
+
 # --- plausibility of the numbers every architecture shares -------------------------
 #
 # A config can be well typed and still describe a model that cannot compute:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from .registry import Protected, Role
 from .rules import ConvToMLX, Drop, KeepFloat32, Rule
@@ -103,13 +103,8 @@ def rope_theta(raw: dict) -> float:
 
 def normalize_attention(raw: dict, cfg: dict, kv_default: int | None) -> None:
     """Heads, KV heads (``kv_default``: transformers' default; None = the head count)."""
-    heads = cfg["num_attention_heads"] = positive(
-        "num_attention_heads", pick(raw, "num_attention_heads", kind=int)
-    )
-    kv = cfg["num_key_value_heads"] = positive(
-        "num_key_value_heads",
-        pick(raw, "num_key_value_heads", default=kv_default or heads, kind=int),
-    )
+    heads = cfg["num_attention_heads"] = positive_int(raw, "num_attention_heads")
+    kv = cfg["num_key_value_heads"] = positive_int(raw, "num_key_value_heads", default=kv_default or heads)
     if heads % kv:
         raise ConfigError(
             f"config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})"
@@ -127,8 +122,8 @@ def normalize_attention(raw: dict, cfg: dict, kv_default: int | None) -> None:
 def normalize_mamba2(raw: dict, cfg: dict) -> None:
     """The Mamba-2 keys shared by Bamba and GraniteMoeHybrid (transformers' names)."""
     hidden = cfg["hidden_size"]
-    expand = positive("mamba_expand", pick(raw, "mamba_expand", default=2, kind=int))
-    heads = cfg["mamba_n_heads"] = positive("mamba_n_heads", pick(raw, "mamba_n_heads", default=128, kind=int))
+    expand = positive_int(raw, "mamba_expand", default=2)
+    heads = cfg["mamba_n_heads"] = positive_int(raw, "mamba_n_heads", default=128)
     d_head = raw.get("mamba_d_head", "auto")
     if d_head in ("auto", None):
         if (expand * hidden) % heads:
@@ -143,12 +138,12 @@ def normalize_mamba2(raw: dict, cfg: dict) -> None:
             f"mamba_expand * hidden_size ({expand} * {hidden}), as transformers requires"
         )
     cfg["mamba_expand"] = expand
-    groups = cfg["mamba_n_groups"] = positive("mamba_n_groups", pick(raw, "mamba_n_groups", default=1, kind=int))
+    groups = cfg["mamba_n_groups"] = positive_int(raw, "mamba_n_groups", default=1)
     if heads % groups:
         raise ConfigError(f"config.json: mamba_n_heads ({heads}) must be a multiple of mamba_n_groups ({groups})")
-    cfg["mamba_d_state"] = positive("mamba_d_state", pick(raw, "mamba_d_state", default=256, kind=int))
-    cfg["mamba_d_conv"] = positive("mamba_d_conv", pick(raw, "mamba_d_conv", default=4, kind=int))
-    cfg["mamba_chunk_size"] = positive("mamba_chunk_size", pick(raw, "mamba_chunk_size", default=256, kind=int))
+    cfg["mamba_d_state"] = positive_int(raw, "mamba_d_state", default=256)
+    cfg["mamba_d_conv"] = positive_int(raw, "mamba_d_conv", default=4)
+    cfg["mamba_chunk_size"] = positive_int(raw, "mamba_chunk_size", default=256)
     cfg["mamba_conv_bias"] = pick(raw, "mamba_conv_bias", default=True, kind=bool)
     cfg["mamba_proj_bias"] = pick(raw, "mamba_proj_bias", default=False, kind=bool)
     cfg["time_step_limit"] = parse_time_step_limit(raw)

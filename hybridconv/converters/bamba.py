@@ -45,7 +45,7 @@ embeddings and head, ``in_proj`` (it produces ``z``, ``x``, ``B``, ``C`` and
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import bamba as model_module
 from ._common import (
@@ -68,13 +68,10 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "bamba"
 
-    def req_int(name):
-        return positive(name, pick(raw, name, kind=int))
-
-    cfg["hidden_size"] = req_int("hidden_size")
-    n = cfg["num_hidden_layers"] = req_int("num_hidden_layers")
-    cfg["vocab_size"] = req_int("vocab_size")
-    cfg["intermediate_size"] = req_int("intermediate_size")
+    cfg["hidden_size"] = positive_int(raw, "hidden_size")
+    n = cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
+    cfg["intermediate_size"] = positive_int(raw, "intermediate_size")
     normalize_attention(raw, cfg, kv_default=8)
     check_activation(raw)
     normalize_mamba2(raw, cfg)

@@ -82,7 +82,7 @@ before the groups are formed).
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import falcon_h1 as model_module
 from ._common import (
@@ -113,19 +113,16 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "falcon_h1"
 
-    def req_int(name):
-        return positive(name, pick(raw, name, kind=int))
-
-    hidden = cfg["hidden_size"] = req_int("hidden_size")
-    cfg["num_hidden_layers"] = req_int("num_hidden_layers")
-    cfg["vocab_size"] = req_int("vocab_size")
-    cfg["intermediate_size"] = req_int("intermediate_size")
+    hidden = cfg["hidden_size"] = positive_int(raw, "hidden_size")
+    cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
+    cfg["intermediate_size"] = positive_int(raw, "intermediate_size")
     act = pick(raw, "hidden_act", default="silu", kind=str)
     if act != "silu":
         raise ConfigError(f"config.json: hidden_act {act!r} is not supported for Falcon-H1 (expected 'silu')")
 
     # Attention.
-    heads = cfg["num_attention_heads"] = req_int("num_attention_heads")
+    heads = cfg["num_attention_heads"] = positive_int(raw, "num_attention_heads")
     kv = raw.get("num_key_value_heads", 8)  # absent: transformers' default 8; null: the head count
     kv = cfg["num_key_value_heads"] = positive(
         "num_key_value_heads", pick({"num_key_value_heads": kv if kv is not None else heads}, "num_key_value_heads", kind=int)
@@ -144,11 +141,11 @@ def normalize_config(raw: dict) -> dict:
     cfg["max_position_embeddings"] = pick(raw, "max_position_embeddings", default=8192, kind=int)
 
     # Mamba-2.
-    expand = cfg["mamba_expand"] = positive("mamba_expand", pick(raw, "mamba_expand", default=2, kind=int))
+    expand = cfg["mamba_expand"] = positive_int(raw, "mamba_expand", default=2)
     d_ssm = raw.get("mamba_d_ssm", 1024)
     d_ssm = positive("mamba_d_ssm", pick({"mamba_d_ssm": d_ssm if d_ssm is not None else expand * hidden}, "mamba_d_ssm", kind=int))
     cfg["mamba_d_ssm"] = d_ssm
-    n_heads = cfg["mamba_n_heads"] = positive("mamba_n_heads", pick(raw, "mamba_n_heads", default=128, kind=int))
+    n_heads = cfg["mamba_n_heads"] = positive_int(raw, "mamba_n_heads", default=128)
     d_head = raw.get("mamba_d_head", "auto")
     if d_head in ("auto", None):
         if d_ssm % n_heads:
@@ -159,12 +156,12 @@ def normalize_config(raw: dict) -> dict:
         raise ConfigError(
             f"config.json: mamba_n_heads * mamba_d_head ({n_heads} * {d_head}) must equal mamba_d_ssm ({d_ssm})"
         )
-    groups = cfg["mamba_n_groups"] = positive("mamba_n_groups", pick(raw, "mamba_n_groups", default=1, kind=int))
+    groups = cfg["mamba_n_groups"] = positive_int(raw, "mamba_n_groups", default=1)
     if n_heads % groups:
         raise ConfigError(f"config.json: mamba_n_heads ({n_heads}) must be a multiple of mamba_n_groups ({groups})")
-    cfg["mamba_d_state"] = positive("mamba_d_state", pick(raw, "mamba_d_state", default=256, kind=int))
-    cfg["mamba_d_conv"] = positive("mamba_d_conv", pick(raw, "mamba_d_conv", default=4, kind=int))
-    cfg["mamba_chunk_size"] = positive("mamba_chunk_size", pick(raw, "mamba_chunk_size", default=256, kind=int))
+    cfg["mamba_d_state"] = positive_int(raw, "mamba_d_state", default=256)
+    cfg["mamba_d_conv"] = positive_int(raw, "mamba_d_conv", default=4)
+    cfg["mamba_chunk_size"] = positive_int(raw, "mamba_chunk_size", default=256)
     for key, default in (
         ("mamba_conv_bias", True),
         ("mamba_proj_bias", False),

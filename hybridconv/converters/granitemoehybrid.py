@@ -56,7 +56,7 @@ head, ``in_proj``, and the ``down_proj`` / ``output_linear`` projections.
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import granitemoehybrid as model_module
 from ._common import (
@@ -80,12 +80,9 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "granitemoehybrid"
 
-    def req_int(name):
-        return positive(name, pick(raw, name, kind=int))
-
-    cfg["hidden_size"] = req_int("hidden_size")
-    n = cfg["num_hidden_layers"] = req_int("num_hidden_layers")
-    cfg["vocab_size"] = req_int("vocab_size")
+    cfg["hidden_size"] = positive_int(raw, "hidden_size")
+    n = cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
     normalize_attention(raw, cfg, kv_default=None)
     check_activation(raw)
     normalize_mamba2(raw, cfg)
@@ -106,15 +103,11 @@ def normalize_config(raw: dict) -> dict:
     E = cfg["num_local_experts"] = pick(raw, "num_local_experts", default=8, kind=int)
     if E < 0:
         raise ConfigError(f"config.json: num_local_experts must be 0 (dense) or positive, found {E}")
-    cfg["shared_intermediate_size"] = positive(
-        "shared_intermediate_size", pick(raw, "shared_intermediate_size", default=1024, kind=int)
-    )
+    cfg["shared_intermediate_size"] = positive_int(raw, "shared_intermediate_size", default=1024)
     if E > 0:
         positive("num_local_experts", E)
-        cfg["intermediate_size"] = req_int("intermediate_size")
-        k = cfg["num_experts_per_tok"] = positive(
-            "num_experts_per_tok", pick(raw, "num_experts_per_tok", default=2, kind=int)
-        )
+        cfg["intermediate_size"] = positive_int(raw, "intermediate_size")
+        k = cfg["num_experts_per_tok"] = positive_int(raw, "num_experts_per_tok", default=2)
         if k > E:
             raise ConfigError(f"config.json: num_experts_per_tok ({k}) exceeds num_local_experts ({E})")
     else:

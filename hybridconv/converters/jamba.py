@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import jamba as model_module
 from ._common import check_activation, head_rules, normalize_attention, parse_layer_kinds
@@ -83,13 +83,10 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "jamba"
 
-    def req_int(name):
-        return positive(name, pick(raw, name, kind=int))
-
-    hidden = cfg["hidden_size"] = req_int("hidden_size")
-    n = cfg["num_hidden_layers"] = req_int("num_hidden_layers")
-    cfg["vocab_size"] = req_int("vocab_size")
-    cfg["intermediate_size"] = req_int("intermediate_size")
+    hidden = cfg["hidden_size"] = positive_int(raw, "hidden_size")
+    n = cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
+    cfg["intermediate_size"] = positive_int(raw, "intermediate_size")
     normalize_attention(raw, cfg, kv_default=8)
     check_activation(raw)
     cfg["attn_layer_period"], cfg["attn_layer_offset"] = _period(raw, "attn", 8, 4)
@@ -104,16 +101,14 @@ def normalize_config(raw: dict) -> dict:
             )
     cfg.pop("layer_types", None)
     cfg["layers_block_type"] = kinds
-    E = cfg["num_experts"] = positive("num_experts", pick(raw, "num_experts", "num_local_experts", default=16, kind=int))
+    E = cfg["num_experts"] = positive_int(raw, "num_experts", "num_local_experts", default=16)
     cfg.pop("num_local_experts", None)
-    k = cfg["num_experts_per_tok"] = positive(
-        "num_experts_per_tok", pick(raw, "num_experts_per_tok", default=2, kind=int)
-    )
+    k = cfg["num_experts_per_tok"] = positive_int(raw, "num_experts_per_tok", default=2)
     if E > 1 and k > E:
         raise ConfigError(f"config.json: num_experts_per_tok ({k}) exceeds num_experts ({E})")
-    cfg["mamba_d_state"] = positive("mamba_d_state", pick(raw, "mamba_d_state", default=16, kind=int))
-    cfg["mamba_d_conv"] = positive("mamba_d_conv", pick(raw, "mamba_d_conv", default=4, kind=int))
-    cfg["mamba_expand"] = positive("mamba_expand", pick(raw, "mamba_expand", default=2, kind=int))
+    cfg["mamba_d_state"] = positive_int(raw, "mamba_d_state", default=16)
+    cfg["mamba_d_conv"] = positive_int(raw, "mamba_d_conv", default=4)
+    cfg["mamba_expand"] = positive_int(raw, "mamba_expand", default=2)
     rank = raw.get("mamba_dt_rank", "auto")
     if rank in ("auto", None):
         rank = math.ceil(hidden / 16)

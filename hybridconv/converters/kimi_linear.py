@@ -82,7 +82,7 @@ architecture here: the largest outliers in trained models).
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import kimi_linear as model_module
 from .registry import Architecture, Protected, Role, register
@@ -173,24 +173,18 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "kimi_linear"
 
-    def req_int(*names):
-        return positive(names[0], pick(raw, *names, kind=int))
-
-    def opt_int(name, *aliases, default):
-        return positive(name, pick(raw, name, *aliases, default=default, kind=int))
-
-    n = cfg["num_hidden_layers"] = req_int("num_hidden_layers")
-    cfg["hidden_size"] = req_int("hidden_size")
-    cfg["vocab_size"] = req_int("vocab_size")
-    cfg["intermediate_size"] = req_int("intermediate_size")
-    heads = cfg["num_attention_heads"] = req_int("num_attention_heads")
-    cfg["num_key_value_heads"] = opt_int("num_key_value_heads", default=heads)
-    cfg["kv_lora_rank"] = req_int("kv_lora_rank")
+    n = cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers")
+    cfg["hidden_size"] = positive_int(raw, "hidden_size")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
+    cfg["intermediate_size"] = positive_int(raw, "intermediate_size")
+    heads = cfg["num_attention_heads"] = positive_int(raw, "num_attention_heads")
+    cfg["num_key_value_heads"] = positive_int(raw, "num_key_value_heads", default=heads)
+    cfg["kv_lora_rank"] = positive_int(raw, "kv_lora_rank")
     q_rank = pick(raw, "q_lora_rank", default=None, kind=int)
     cfg["q_lora_rank"] = None if q_rank is None else positive("q_lora_rank", q_rank)
-    cfg["qk_nope_head_dim"] = req_int("qk_nope_head_dim")
-    cfg["qk_rope_head_dim"] = req_int("qk_rope_head_dim")
-    cfg["v_head_dim"] = req_int("v_head_dim")
+    cfg["qk_nope_head_dim"] = positive_int(raw, "qk_nope_head_dim")
+    cfg["qk_rope_head_dim"] = positive_int(raw, "qk_rope_head_dim")
+    cfg["v_head_dim"] = positive_int(raw, "v_head_dim")
     cfg["head_dim"] = pick(raw, "head_dim", default=cfg["qk_rope_head_dim"], kind=int)
     cfg["rms_norm_eps"] = pick(raw, "rms_norm_eps", default=1e-5, kind=float)
     # transformers' KimiLinearForCausalLM never ties its head (``_tied_weights_keys``
@@ -249,9 +243,9 @@ def normalize_config(raw: dict) -> dict:
     )
     cfg["linear_attn_config"] = lac
 
-    cfg["moe_intermediate_size"] = opt_int("moe_intermediate_size", default=1024)
-    experts = cfg["num_experts"] = opt_int("num_experts", "num_local_experts", "n_routed_experts", default=256)
-    top_k = cfg["num_experts_per_token"] = opt_int(
+    cfg["moe_intermediate_size"] = positive_int(raw, "moe_intermediate_size", default=1024)
+    experts = cfg["num_experts"] = positive_int(raw, "num_experts", "num_local_experts", "n_routed_experts", default=256)
+    top_k = cfg["num_experts_per_token"] = positive_int(raw,
         "num_experts_per_token", "num_experts_per_tok", default=8
     )
     shared = pick(raw, "num_shared_experts", "n_shared_experts", default=1, kind=int)
@@ -260,8 +254,8 @@ def normalize_config(raw: dict) -> dict:
     cfg["num_shared_experts"] = shared
     cfg["moe_renormalize"] = pick(raw, "moe_renormalize", "norm_topk_prob", default=True, kind=bool)
     cfg["routed_scaling_factor"] = pick(raw, "routed_scaling_factor", default=2.446, kind=float)
-    groups = cfg["num_expert_group"] = opt_int("num_expert_group", "n_group", default=1)
-    topk_group = cfg["topk_group"] = opt_int("topk_group", default=1)
+    groups = cfg["num_expert_group"] = positive_int(raw, "num_expert_group", "n_group", default=1)
+    topk_group = cfg["topk_group"] = positive_int(raw, "topk_group", default=1)
     if "sparse" in mlp_types:
         if top_k > experts:
             raise ConfigError(

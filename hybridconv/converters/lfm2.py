@@ -39,7 +39,7 @@ layers mlx-lm quantizes.
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import lfm2 as model_module
 from ._common import head_rules
@@ -54,21 +54,16 @@ def normalize_common(raw: dict, model_type: str) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = model_type
 
-    def req_int(*names):
-        return positive(names[0], pick(raw, *names, kind=int))
-
-    hidden = cfg["hidden_size"] = req_int("hidden_size", "block_dim")
+    hidden = cfg["hidden_size"] = positive_int(raw, "hidden_size", "block_dim")
     if "block_dim" in raw and pick(raw, "block_dim", kind=int) != hidden:
         raise ConfigError(
             f"config.json: block_dim ({raw['block_dim']}) differs from hidden_size ({hidden}); LFM2 uses one width"
         )
     cfg["block_dim"] = hidden
-    n = cfg["num_hidden_layers"] = req_int("num_hidden_layers")
-    cfg["vocab_size"] = req_int("vocab_size")
-    heads = cfg["num_attention_heads"] = req_int("num_attention_heads", "num_heads")
-    kv = cfg["num_key_value_heads"] = positive(
-        "num_key_value_heads", pick(raw, "num_key_value_heads", default=heads, kind=int)
-    )
+    n = cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
+    heads = cfg["num_attention_heads"] = positive_int(raw, "num_attention_heads", "num_heads")
+    kv = cfg["num_key_value_heads"] = positive_int(raw, "num_key_value_heads", default=heads)
     if heads % kv:
         raise ConfigError(
             f"config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})"
@@ -83,7 +78,7 @@ def normalize_common(raw: dict, model_type: str) -> dict:
     cfg["head_dim"] = positive("head_dim", head_dim)
     cfg["norm_eps"] = pick(raw, "norm_eps", "block_norm_eps", default=1e-5, kind=float)
     cfg["conv_bias"] = pick(raw, "conv_bias", default=False, kind=bool)
-    cfg["conv_L_cache"] = positive("conv_L_cache", pick(raw, "conv_L_cache", default=3, kind=int))
+    cfg["conv_L_cache"] = positive_int(raw, "conv_L_cache", default=3)
     cfg["max_position_embeddings"] = pick(raw, "max_position_embeddings", default=128000, kind=int)
     cfg["tie_word_embeddings"] = pick(raw, "tie_embedding", "tie_word_embeddings", default=True, kind=bool)
     cfg.pop("tie_embedding", None)
@@ -118,7 +113,7 @@ def _layer_types(raw: dict, n: int) -> list[str]:
 def normalize_config(raw: dict) -> dict:
     cfg = normalize_common(raw, "lfm2")
     size = positive("intermediate_size", pick(raw, "block_ff_dim", "intermediate_size", kind=int))
-    multiple = positive("block_multiple_of", pick(raw, "block_multiple_of", default=256, kind=int))
+    multiple = positive_int(raw, "block_multiple_of", default=256)
     mult = pick(raw, "block_ffn_dim_multiplier", default=None, kind=float) if "block_ffn_dim_multiplier" in raw else 1.0
     auto = pick(raw, "block_auto_adjust_ff_dim", default=True, kind=bool)
     width = model_module.ff_dim(size, auto, mult, multiple)

@@ -30,7 +30,7 @@ protected (float32).
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import lfm2_moe as model_module
 from . import lfm2
@@ -44,10 +44,10 @@ EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 def normalize_config(raw: dict) -> dict:
     cfg = lfm2.normalize_common(raw, "lfm2_moe")
     n = cfg["num_hidden_layers"]
-    cfg["intermediate_size"] = positive("intermediate_size", pick(raw, "intermediate_size", "block_ff_dim", kind=int))
-    cfg["moe_intermediate_size"] = positive("moe_intermediate_size", pick(raw, "moe_intermediate_size", kind=int))
-    experts = cfg["num_experts"] = positive("num_experts", pick(raw, "num_experts", kind=int))
-    k = cfg["num_experts_per_tok"] = positive("num_experts_per_tok", pick(raw, "num_experts_per_tok", kind=int))
+    cfg["intermediate_size"] = positive_int(raw, "intermediate_size", "block_ff_dim")
+    cfg["moe_intermediate_size"] = positive_int(raw, "moe_intermediate_size")
+    experts = cfg["num_experts"] = positive_int(raw, "num_experts")
+    k = cfg["num_experts_per_tok"] = positive_int(raw, "num_experts_per_tok")
     if k > experts:
         raise ConfigError(f"config.json: num_experts_per_tok ({k}) exceeds num_experts ({experts})")
     dense = cfg["num_dense_layers"] = pick(raw, "num_dense_layers", default=2, kind=int)

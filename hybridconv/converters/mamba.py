@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import mamba as model_module
 from ._common import head_rules
@@ -93,21 +93,13 @@ def normalize_config(raw: dict, model_type: str = "mamba") -> dict:
     cfg = dict(raw)
     cfg["model_type"] = model_type
 
-    def req(*names):
-        return positive(names[0], pick(raw, *names, kind=int))
-
-    def opt(default, *names):
-        return positive(names[0], pick(raw, *names, default=default, kind=int))
-
-    hidden = cfg["hidden_size"] = req("hidden_size", "d_model")
-    cfg["num_hidden_layers"] = req("num_hidden_layers", "n_layer", "n_layers")
-    cfg["vocab_size"] = req("vocab_size")
-    cfg["state_size"] = opt(16, "state_size", "d_state")
-    cfg["conv_kernel"] = opt(4, "conv_kernel", "d_conv")
+    hidden = cfg["hidden_size"] = positive_int(raw, "hidden_size", "d_model")
+    cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers", "n_layer", "n_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
+    cfg["state_size"] = positive_int(raw, "state_size", "d_state", default=16)
+    cfg["conv_kernel"] = positive_int(raw, "conv_kernel", "d_conv", default=4)
     expand = pick(raw, "expand", default=2, kind=int)
-    cfg["intermediate_size"] = positive(
-        "intermediate_size", pick(raw, "intermediate_size", "d_inner", default=expand * hidden, kind=int)
-    )
+    cfg["intermediate_size"] = positive_int(raw, "intermediate_size", "d_inner", default=expand * hidden)
     rank = pick(raw, "time_step_rank", "dt_rank", default="auto")
     if rank == "auto":
         rank = math.ceil(hidden / 16)

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import pick, positive
+from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import mamba2 as model_module
 from ._common import head_rules
@@ -93,22 +93,16 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "mamba2"
 
-    def req(*names):
-        return positive(names[0], pick(raw, *names, kind=int))
-
-    def opt(default, *names):
-        return positive(names[0], pick(raw, *names, default=default, kind=int))
-
-    hidden = cfg["hidden_size"] = req("hidden_size", "d_model")
-    cfg["num_hidden_layers"] = req("num_hidden_layers", "n_layer", "n_layers")
-    cfg["vocab_size"] = req("vocab_size")
-    heads = cfg["num_heads"] = opt(128, "num_heads")
-    head_dim = cfg["head_dim"] = opt(64, "head_dim", "headdim")
-    groups = cfg["n_groups"] = opt(8, "n_groups", "ngroups")
-    cfg["state_size"] = opt(128, "state_size", "d_state")
-    cfg["conv_kernel"] = opt(4, "conv_kernel", "d_conv")
-    cfg["chunk_size"] = opt(256, "chunk_size")
-    expand = positive("expand", pick(raw, "expand", default=2, kind=int))
+    hidden = cfg["hidden_size"] = positive_int(raw, "hidden_size", "d_model")
+    cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers", "n_layer", "n_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
+    heads = cfg["num_heads"] = positive_int(raw, "num_heads", default=128)
+    head_dim = cfg["head_dim"] = positive_int(raw, "head_dim", "headdim", default=64)
+    groups = cfg["n_groups"] = positive_int(raw, "n_groups", "ngroups", default=8)
+    cfg["state_size"] = positive_int(raw, "state_size", "d_state", default=128)
+    cfg["conv_kernel"] = positive_int(raw, "conv_kernel", "d_conv", default=4)
+    cfg["chunk_size"] = positive_int(raw, "chunk_size", default=256)
+    expand = positive_int(raw, "expand", default=2)
     inner = heads * head_dim
     stated = pick(raw, "intermediate_size", "d_inner", default=None, kind=int)
     if inner != expand * hidden or (stated is not None and stated != inner):

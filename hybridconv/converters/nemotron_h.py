@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import nemotron_h as model_module
 from .registry import Architecture, Protected, Role, register
@@ -132,8 +132,8 @@ def normalize_config(raw: dict) -> dict:
     cfg["layers_block_type"] = [CHAR_TO_LIST[c] for c in pattern]
     cfg["num_hidden_layers"] = n
 
-    cfg["hidden_size"] = positive("hidden_size", pick(raw, "hidden_size", kind=int))
-    cfg["vocab_size"] = positive("vocab_size", pick(raw, "vocab_size", kind=int))
+    cfg["hidden_size"] = positive_int(raw, "hidden_size")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
     cfg["layer_norm_epsilon"] = pick(raw, "layer_norm_epsilon", "rms_norm_eps", default=1e-5, kind=float)
 
     # Attention (no position embedding, no bias).

@@ -44,7 +44,7 @@ embeddings/head, ``down_proj`` and the DeltaNet ``o_proj`` are sensitive.
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import olmo_hybrid as model_module
 from .registry import Architecture, Protected, Role, register
@@ -55,30 +55,17 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "olmo_hybrid"
 
-    def req(name):
-        return positive(name, pick(raw, name, kind=int))
-
     for name in ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size"):
-        cfg[name] = req(name)
+        cfg[name] = positive_int(raw, name)
     n, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    cfg["num_key_value_heads"] = positive(
-        "num_key_value_heads", pick(raw, "num_key_value_heads", default=heads, kind=int)
-    )
-    cfg["head_dim"] = positive("head_dim", pick(raw, "head_dim", default=cfg["hidden_size"] // heads, kind=int))
-    cfg["linear_num_key_heads"] = positive(
-        "linear_num_key_heads", pick(raw, "linear_num_key_heads", default=heads, kind=int)
-    )
-    cfg["linear_num_value_heads"] = positive(
-        "linear_num_value_heads", pick(raw, "linear_num_value_heads", default=heads, kind=int)
-    )
+    cfg["num_key_value_heads"] = positive_int(raw, "num_key_value_heads", default=heads)
+    cfg["head_dim"] = positive_int(raw, "head_dim", default=cfg["hidden_size"] // heads)
+    cfg["linear_num_key_heads"] = positive_int(raw, "linear_num_key_heads", default=heads)
+    cfg["linear_num_value_heads"] = positive_int(raw, "linear_num_value_heads", default=heads)
     cfg["linear_key_head_dim"] = positive("linear_key_head_dim", pick(
         raw, "linear_key_head_dim", default=int(0.75 * cfg["hidden_size"] / cfg["linear_num_key_heads"]), kind=int))
-    cfg["linear_value_head_dim"] = positive(
-        "linear_value_head_dim", pick(raw, "linear_value_head_dim", default=2 * cfg["linear_key_head_dim"], kind=int)
-    )
-    cfg["linear_conv_kernel_dim"] = positive(
-        "linear_conv_kernel_dim", pick(raw, "linear_conv_kernel_dim", default=4, kind=int)
-    )
+    cfg["linear_value_head_dim"] = positive_int(raw, "linear_value_head_dim", default=2 * cfg["linear_key_head_dim"])
+    cfg["linear_conv_kernel_dim"] = positive_int(raw, "linear_conv_kernel_dim", default=4)
     cfg["linear_allow_neg_eigval"] = pick(raw, "linear_allow_neg_eigval", default=True, kind=bool)
     cfg["rms_norm_eps"] = pick(raw, "rms_norm_eps", default=1e-6, kind=float)
     cfg["layer_norm_epsilon"] = model_module.O_NORM_EPS

@@ -46,7 +46,7 @@ transformer quantization practice).
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import plamo2 as model_module
 from ._common import head_rules
@@ -60,33 +60,23 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "plamo2"
 
-    def req_int(*names):
-        return positive(names[0], pick(raw, *names, kind=int))
-
-    cfg["hidden_size"] = req_int("hidden_size")
-    cfg["num_hidden_layers"] = req_int("num_hidden_layers")
-    cfg["vocab_size"] = req_int("vocab_size")
-    cfg["num_attention_heads"] = req_int("num_attention_heads")
-    cfg["num_key_value_heads"] = positive(
-        "num_key_value_heads", pick(raw, "num_key_value_heads", default=4, kind=int)
-    )
-    cfg["hidden_size_per_head"] = req_int("hidden_size_per_head", "head_dim")
-    cfg["intermediate_size"] = req_int("intermediate_size")
-    cfg["mamba_num_heads"] = req_int("mamba_num_heads")
-    cfg["mamba_d_state"] = req_int("mamba_d_state")
-    cfg["mamba_d_conv"] = positive("mamba_d_conv", pick(raw, "mamba_d_conv", default=4, kind=int))
+    cfg["hidden_size"] = positive_int(raw, "hidden_size")
+    cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
+    cfg["num_attention_heads"] = positive_int(raw, "num_attention_heads")
+    cfg["num_key_value_heads"] = positive_int(raw, "num_key_value_heads", default=4)
+    cfg["hidden_size_per_head"] = positive_int(raw, "hidden_size_per_head", "head_dim")
+    cfg["intermediate_size"] = positive_int(raw, "intermediate_size")
+    cfg["mamba_num_heads"] = positive_int(raw, "mamba_num_heads")
+    cfg["mamba_d_state"] = positive_int(raw, "mamba_d_state")
+    cfg["mamba_d_conv"] = positive_int(raw, "mamba_d_conv", default=4)
     cfg["mamba_step"] = pick(raw, "mamba_step", default=2, kind=int)
-    cfg["mamba_chunk_size"] = positive(
-        "mamba_chunk_size", pick(raw, "mamba_chunk_size", default=256, kind=int)
-    )
+    cfg["mamba_chunk_size"] = positive_int(raw, "mamba_chunk_size", default=256)
     cfg["mamba_enabled"] = pick(raw, "mamba_enabled", default=True, kind=bool)
     cfg["rms_norm_eps"] = pick(raw, "rms_norm_eps", default=1e-6, kind=float)
     cfg["tie_word_embeddings"] = pick(raw, "tie_word_embeddings", default=True, kind=bool)
     cfg["max_position_embeddings"] = pick(raw, "max_position_embeddings", default=2048, kind=int)
-    cfg["attention_window_size"] = positive(
-        "attention_window_size",
-        pick(raw, "attention_window_size", "sliding_window", default=2048, kind=int),
-    )
+    cfg["attention_window_size"] = positive_int(raw, "attention_window_size", "sliding_window", default=2048)
     cfg["rope_theta"] = pick(
         raw, "rope_theta", "rope_parameters.rope_theta", default=10000.0, kind=float
     )

@@ -66,7 +66,7 @@ embeddings/head, MLP/expert ``down_proj`` and the DeltaNet ``out_proj`` are
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import qwen3_next as model_module
 from .registry import Architecture, Protected, Role, register
@@ -95,7 +95,7 @@ def _text_config(raw: dict) -> tuple[dict, bool]:
 def _layer_types(raw: dict, n: int) -> list[str]:
     types = pick(raw, "layer_types", default=None, kind=list)
     if types is None:
-        interval = positive("full_attention_interval", pick(raw, "full_attention_interval", default=4, kind=int))
+        interval = positive_int(raw, "full_attention_interval", default=4)
         return ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
     if len(types) != n:
         raise ConfigError(f"config.json: 'layer_types' has {len(types)} entries, expected num_hidden_layers = {n}")
@@ -125,22 +125,13 @@ def normalize_text(raw: dict, model_type: str, architecture: str, moe: str) -> d
     cfg["model_type"] = model_type
     cfg["architectures"] = [architecture]
 
-    def req(name, *alts):
-        return positive(name, pick(text, name, *alts, kind=int))
-
     for name in ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
                  "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"):
-        cfg[name] = req(name)
+        cfg[name] = positive_int(text, name)
     n = cfg["num_hidden_layers"]
-    cfg["num_key_value_heads"] = positive(
-        "num_key_value_heads", pick(text, "num_key_value_heads", default=cfg["num_attention_heads"], kind=int)
-    )
-    cfg["head_dim"] = positive(
-        "head_dim", pick(text, "head_dim", default=cfg["hidden_size"] // cfg["num_attention_heads"], kind=int)
-    )
-    cfg["linear_conv_kernel_dim"] = positive(
-        "linear_conv_kernel_dim", pick(text, "linear_conv_kernel_dim", default=4, kind=int)
-    )
+    cfg["num_key_value_heads"] = positive_int(text, "num_key_value_heads", default=cfg["num_attention_heads"])
+    cfg["head_dim"] = positive_int(text, "head_dim", default=cfg["hidden_size"] // cfg["num_attention_heads"])
+    cfg["linear_conv_kernel_dim"] = positive_int(text, "linear_conv_kernel_dim", default=4)
     cfg["rms_norm_eps"] = pick(text, "rms_norm_eps", default=1e-6, kind=float)
     cfg["tie_word_embeddings"] = pick(text, "tie_word_embeddings", default=False, kind=bool)
     cfg["attention_bias"] = pick(text, "attention_bias", default=False, kind=bool)
@@ -178,7 +169,7 @@ def normalize_text(raw: dict, model_type: str, architecture: str, moe: str) -> d
     if experts < 0 or (moe == "all" and experts == 0):
         raise ConfigError(f"config.json: 'num_experts' must be {'positive' if moe == 'all' else '>= 0'}, found {experts}")
     if experts == 0:  # dense: every layer a SwiGLU MLP (the MoE keys mlx-lm requires, written inert)
-        cfg["intermediate_size"] = req("intermediate_size")
+        cfg["intermediate_size"] = positive_int(text, "intermediate_size")
         cfg.update(num_experts=0, num_experts_per_tok=1, moe_intermediate_size=0, shared_expert_intermediate_size=0,
                    decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
     else:
@@ -196,9 +187,7 @@ def normalize_text(raw: dict, model_type: str, architecture: str, moe: str) -> d
             cfg["intermediate_size"] = pick(text, "intermediate_size", default=0, kind=int)
         else:
             cfg["norm_topk_prob"] = pick(text, "norm_topk_prob", default=True, kind=bool)
-            cfg["decoder_sparse_step"] = positive(
-                "decoder_sparse_step", pick(text, "decoder_sparse_step", default=1, kind=int)
-            )
+            cfg["decoder_sparse_step"] = positive_int(text, "decoder_sparse_step", default=1)
             only = pick(text, "mlp_only_layers", default=[], kind=list)
             for i in only:
                 if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
@@ -206,7 +195,7 @@ def normalize_text(raw: dict, model_type: str, architecture: str, moe: str) -> d
             cfg["mlp_only_layers"] = sorted(set(only))
             dense_needed = any(not m for m in model_module.moe_layers(model_module.ModelArgs.from_dict(cfg)))
             cfg["intermediate_size"] = (
-                req("intermediate_size") if dense_needed else pick(text, "intermediate_size", default=0, kind=int)
+                positive_int(text, "intermediate_size") if dense_needed else pick(text, "intermediate_size", default=0, kind=int)
             )
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
         raise ConfigError(

@@ -44,7 +44,7 @@ query heads) and the MLP ``down_proj``.
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import recurrent_gemma as model_module
 from ._common import head_rules
@@ -75,23 +75,15 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "recurrent_gemma"
 
-    def req_int(*names):
-        return positive(names[0], pick(raw, *names, kind=int))
-
-    hidden = cfg["hidden_size"] = req_int("hidden_size")
-    cfg["intermediate_size"] = req_int("intermediate_size")
-    cfg["num_hidden_layers"] = req_int("num_hidden_layers")
-    cfg["vocab_size"] = req_int("vocab_size")
-    heads = cfg["num_attention_heads"] = req_int("num_attention_heads")
-    kv = cfg["num_key_value_heads"] = positive(
-        "num_key_value_heads", pick(raw, "num_key_value_heads", default=heads, kind=int)
-    )
-    lru = cfg["lru_width"] = positive("lru_width", pick(raw, "lru_width", default=hidden, kind=int))
-    cfg["attention_window_size"] = positive(
-        "attention_window_size",
-        pick(raw, "attention_window_size", "sliding_window", default=2048, kind=int),
-    )
-    cfg["conv1d_width"] = positive("conv1d_width", pick(raw, "conv1d_width", default=4, kind=int))
+    hidden = cfg["hidden_size"] = positive_int(raw, "hidden_size")
+    cfg["intermediate_size"] = positive_int(raw, "intermediate_size")
+    cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
+    heads = cfg["num_attention_heads"] = positive_int(raw, "num_attention_heads")
+    kv = cfg["num_key_value_heads"] = positive_int(raw, "num_key_value_heads", default=heads)
+    lru = cfg["lru_width"] = positive_int(raw, "lru_width", default=hidden)
+    cfg["attention_window_size"] = positive_int(raw, "attention_window_size", "sliding_window", default=2048)
+    cfg["conv1d_width"] = positive_int(raw, "conv1d_width", default=4)
     cfg["logits_soft_cap"] = pick(raw, "logits_soft_cap", default=30.0, kind=float)
     cfg["rms_norm_eps"] = pick(raw, "rms_norm_eps", default=1e-6, kind=float)
     cfg["rope_theta"] = pick(

@@ -64,7 +64,7 @@ repeated at each call).
 
 from __future__ import annotations
 
-from ..config import pick, positive
+from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import zamba2 as model_module
 from ._common import MAMBA2_PROTECTED, MAMBA2_ROLES, head_rules, mamba2_mixer_rules, rope_theta
@@ -78,15 +78,9 @@ def normalize_config(raw: dict) -> dict:
     cfg = dict(raw)
     cfg["model_type"] = "zamba2"
 
-    def req_int(name):
-        return positive(name, pick(raw, name, kind=int))
-
-    def opt_int(name, default):
-        return positive(name, pick(raw, name, default=default, kind=int))
-
-    hidden = cfg["hidden_size"] = req_int("hidden_size")
-    n = cfg["num_hidden_layers"] = req_int("num_hidden_layers")
-    cfg["vocab_size"] = req_int("vocab_size")
+    hidden = cfg["hidden_size"] = positive_int(raw, "hidden_size")
+    n = cfg["num_hidden_layers"] = positive_int(raw, "num_hidden_layers")
+    cfg["vocab_size"] = positive_int(raw, "vocab_size")
 
     key = next((k for k in ("layers_block_type", "layer_types") if raw.get(k) is not None), None)
     if key is None:
@@ -108,8 +102,8 @@ def normalize_config(raw: dict) -> dict:
         raise ConfigError(
             f"config.json: hidden_act {act!r} is not supported (expected one of {', '.join(model_module.ACTIVATIONS)})"
         )
-    heads = cfg["num_attention_heads"] = opt_int("num_attention_heads", 32)
-    kv = cfg["num_key_value_heads"] = opt_int("num_key_value_heads", heads)
+    heads = cfg["num_attention_heads"] = positive_int(raw, "num_attention_heads", default=32)
+    kv = cfg["num_key_value_heads"] = positive_int(raw, "num_key_value_heads", default=heads)
     if heads % kv:
         raise ConfigError(f"config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})")
     cfg["attention_head_dim"] = positive("attention_head_dim", 2 * hidden // heads)  # as transformers derives it
@@ -120,8 +114,8 @@ def normalize_config(raw: dict) -> dict:
             "q/k/v adapters output 2·hidden_size channels and fail otherwise"
         )
     cfg["attention_hidden_size"] = 2 * hidden
-    cfg["num_mem_blocks"] = opt_int("num_mem_blocks", 1)
-    cfg["adapter_rank"] = opt_int("adapter_rank", 128)
+    cfg["num_mem_blocks"] = positive_int(raw, "num_mem_blocks", default=1)
+    cfg["adapter_rank"] = positive_int(raw, "adapter_rank", default=128)
     for k, default in (
         ("use_shared_attention_adapter", False),
         ("use_mem_rope", False),
@@ -135,19 +129,19 @@ def normalize_config(raw: dict) -> dict:
     cfg["rope_theta"] = rope_theta(raw)
     cfg.pop("rope_parameters", None)
 
-    expand = cfg["mamba_expand"] = opt_int("mamba_expand", 2)
-    m_heads = cfg["n_mamba_heads"] = opt_int("n_mamba_heads", 8)
+    expand = cfg["mamba_expand"] = positive_int(raw, "mamba_expand", default=2)
+    m_heads = cfg["n_mamba_heads"] = positive_int(raw, "n_mamba_heads", default=8)
     if (expand * hidden) % m_heads:
         raise ConfigError(
             f"config.json: n_mamba_heads ({m_heads}) must divide mamba_expand * hidden_size ({expand * hidden})"
         )
     cfg["mamba_headdim"] = expand * hidden // m_heads
-    groups = cfg["mamba_ngroups"] = opt_int("mamba_ngroups", 1)
+    groups = cfg["mamba_ngroups"] = positive_int(raw, "mamba_ngroups", default=1)
     if m_heads % groups:
         raise ConfigError(f"config.json: n_mamba_heads ({m_heads}) must be a multiple of mamba_ngroups ({groups})")
-    cfg["mamba_d_state"] = opt_int("mamba_d_state", 64)
-    cfg["mamba_d_conv"] = opt_int("mamba_d_conv", 4)
-    cfg["chunk_size"] = opt_int("chunk_size", 256)
+    cfg["mamba_d_state"] = positive_int(raw, "mamba_d_state", default=64)
+    cfg["mamba_d_conv"] = positive_int(raw, "mamba_d_conv", default=4)
+    cfg["chunk_size"] = positive_int(raw, "chunk_size", default=256)
     cfg["rms_norm_eps"] = pick(raw, "rms_norm_eps", default=1e-5, kind=float)
     t_min = cfg["time_step_min"] = pick(raw, "time_step_min", default=1e-3, kind=float)
     if t_min < 0:
