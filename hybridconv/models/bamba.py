@@ -63,7 +63,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import MLP, Attention, BaseModelArgs, CausalLM, KVCache, StateCache
+from .common import MLP, Attention, BaseModelArgs, CausalLM
 from .ssm import Mamba2Mixer
 
 
@@ -189,6 +189,3 @@ class Model(CausalLM):
 
     def __init__(self, args: ModelArgs):
         super().__init__(args, BambaModel(args))
-
-    def layer_cache(self, layer: DecoderLayer):
-        return StateCache() if layer.is_mamba else KVCache()

@@ -387,8 +387,9 @@ class CausalLM(nn.Module):
       identity by default;
     * ``layer_cache(layer)``: the decoding cache a block needs (a
       :class:`KVCache`, :class:`WindowKVCache`, :class:`StateCache`, a tuple
-      of them, or ``None`` for a stateless block); by default
-      ``layer.make_cache()``;
+      of them, or ``None`` for a stateless block); by default a
+      :class:`KVCache` for a block of kind ``"attention"``, else a
+      :class:`StateCache`;
     * ``call_layer(layer, h, cache, x0)``: how a block is called (``x0``: the
       embedding output, which Zamba2's shared blocks read again, and whose
       dtype is the activations' dtype); by default ``layer(h, cache=cache)``;
@@ -445,7 +446,9 @@ class CausalLM(nn.Module):
         return logits
 
     def layer_cache(self, layer):
-        return layer.make_cache()
+        # An attention block keeps its key/value history; any other block its
+        # recurrent state (conv state, then the SSM / delta-rule / LRU state).
+        return KVCache() if layer.kind == "attention" else StateCache()
 
     def call_layer(self, layer, h: mx.array, cache, x0: mx.array) -> mx.array:
         return layer(h, cache=cache)

@@ -79,7 +79,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .bamba import Mamba2Keys, mamba2_mixer
-from .common import MLP, Attention, CausalLM, KVCache, StateCache
+from .common import MLP, Attention, CausalLM
 from .moe import SwitchGLU, combine, route
 
 
@@ -213,6 +213,3 @@ class Model(CausalLM):
 
     def scale_logits(self, logits: mx.array) -> mx.array:
         return logits / self.args.logits_scaling
-
-    def layer_cache(self, layer: DecoderLayer):
-        return StateCache() if layer.is_mamba else KVCache()

@@ -74,7 +74,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import MLP, Attention, BaseModelArgs, CausalLM, KVCache, StateCache
+from .common import MLP, Attention, BaseModelArgs, CausalLM
 from .moe import MoEBlock
 from .ssm import Mamba1Mixer
 
@@ -189,6 +189,3 @@ class Model(CausalLM):
 
     def __init__(self, args: ModelArgs):
         super().__init__(args, JambaModel(args))
-
-    def layer_cache(self, layer: DecoderLayer):
-        return StateCache() if layer.is_mamba else KVCache()

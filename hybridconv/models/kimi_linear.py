@@ -370,7 +370,3 @@ class Model(CausalLM):
 
     def __init__(self, args: ModelArgs):
         super().__init__(args, KimiLinearModel(args))
-
-    def layer_cache(self, layer: DecoderLayer):
-        # KDA: [conv state of q|k|v, delta-rule memory [b, H, D, D]]; MLA: latents.
-        return StateCache() if layer.is_linear else KVCache()

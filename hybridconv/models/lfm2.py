@@ -217,6 +217,3 @@ class Model(CausalLM):
             args.intermediate_size, args.block_auto_adjust_ff_dim, args.block_ffn_dim_multiplier, args.block_multiple_of
         )
         return MLP(args.hidden_size, width)
-
-    def layer_cache(self, layer: DecoderLayer):
-        return KVCache() if layer.is_attention else StateCache()

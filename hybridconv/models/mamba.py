@@ -52,7 +52,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import BaseModelArgs, CausalLM, StateCache
+from .common import BaseModelArgs, CausalLM
 from .ssm import Mamba1Mixer
 
 
@@ -150,6 +150,3 @@ class Model(CausalLM):
     def final_norm(self, h: mx.array, dtype=None) -> mx.array:
         # transformers normalises the (float32) residual stream, then casts.
         return rms_norm(self.backbone.norm_f, h).astype(dtype or h.dtype)
-
-    def layer_cache(self, layer: ResidualBlock):
-        return StateCache()  # [conv state, SSM state]

@@ -59,7 +59,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import MLP, BaseModelArgs, CausalLM, KVCache, StateCache, attend, causal_depthwise_conv
+from .common import MLP, BaseModelArgs, CausalLM, StateCache, attend, causal_depthwise_conv
 from .gated_delta import RMSNormGated, gated_delta, gdn_decay, l2norm
 
 CHUNK_SIZE = 64
@@ -208,7 +208,3 @@ class Model(CausalLM):
 
     def __init__(self, args: ModelArgs):
         super().__init__(args, OlmoHybridModel(args))
-
-    def layer_cache(self, layer: DecoderLayer):
-        # delta-rule layer: [conv state, recurrent state]; attention: full KV history.
-        return StateCache() if layer.is_delta else KVCache()
