@@ -374,7 +374,9 @@ class CausalLM(nn.Module):
     names are the checkpoint's and mlx-lm's, so they are the parameter paths):
 
     * ``trunk_name``: the attribute holding the trunk (``"model"`` or
-      ``"backbone"``); the trunk module is passed to ``__init__``;
+      ``"backbone"``); a trunk module is passed to ``__init__``, or for the
+      plain trunk (an embedding, the blocks, a final norm) only its
+      ``layers=`` and ``norm=``;
     * ``embedding_name``: the trunk's ``nn.Embedding`` (``"embed_tokens"``,
       ``"embeddings"``);
     * ``norm_name``: the trunk's final norm (``"norm"``, ``"final_layernorm"``,
@@ -415,10 +417,16 @@ class CausalLM(nn.Module):
     # Activations dtype: the checkpoint's float dtype (set by the loader).
     activation_dtype = None
 
-    def __init__(self, args, trunk: nn.Module):
+    def __init__(self, args, trunk: Optional[nn.Module] = None, *, layers: Optional[list] = None,
+                 norm: Optional[nn.Module] = None):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
+        if trunk is None:  # the plain trunk: embedding, ``layers``, final ``norm``
+            trunk = nn.Module()
+            setattr(trunk, self.embedding_name, nn.Embedding(args.vocab_size, args.hidden_size))
+            trunk.layers = layers
+            setattr(trunk, self.norm_name, norm)
         setattr(self, self.trunk_name, trunk)
         if not self.tied:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

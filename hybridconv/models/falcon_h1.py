@@ -137,7 +137,6 @@ class ModelArgs(BaseModelArgs):
     multipliers_folded: bool = False  # the weights already carry the multipliers
 
 
-
 def applied(args: ModelArgs) -> ModelArgs:
     """The multipliers still to apply at run time: all of them, or, when the
     converter folded them into the weights (``multipliers_folded``), none but
@@ -223,14 +222,6 @@ class DecoderLayer(nn.Module):
         return x + self.feed_forward(self.pre_ff_layernorm(x))
 
 
-class FalconH1Model(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.final_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-
 class Model(CausalLM):
     """Falcon-H1 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
@@ -238,7 +229,11 @@ class Model(CausalLM):
 
     def __init__(self, args: ModelArgs):
         args = applied(args)
-        super().__init__(args, FalconH1Model(args))
+        super().__init__(
+            args,
+            layers=[DecoderLayer(args) for _ in range(args.num_hidden_layers)],
+            norm=nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps),
+        )
 
     def scale_embeddings(self, h: mx.array) -> mx.array:
         m = self.args.embedding_multiplier

@@ -194,19 +194,15 @@ class DecoderLayer(nn.Module):
         return h + self.ffn(self.post_attention_layernorm(h)) * r
 
 
-class GraniteMoeHybridModel(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, kind) for kind in layer_schedule(args)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-
 class Model(CausalLM):
     """GraniteMoeHybrid for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__(args, GraniteMoeHybridModel(args))
+        super().__init__(
+            args,
+            layers=[DecoderLayer(args, kind) for kind in layer_schedule(args)],
+            norm=nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps),
+        )
 
     def scale_embeddings(self, h: mx.array) -> mx.array:
         return h * self.args.embedding_multiplier

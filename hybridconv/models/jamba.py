@@ -172,20 +172,14 @@ class DecoderLayer(nn.Module):
         return h + self.feed_forward(self.pre_ff_layernorm(h))
 
 
-class JambaModel(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [
-            DecoderLayer(args, kind, moe) for kind, moe in zip(layer_schedule(args), expert_layers(args))
-        ]
-        self.final_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-
 class Model(CausalLM):
     """Jamba for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     norm_name = "final_layernorm"
 
     def __init__(self, args: ModelArgs):
-        super().__init__(args, JambaModel(args))
+        super().__init__(
+            args,
+            layers=[DecoderLayer(args, kind, moe) for kind, moe in zip(layer_schedule(args), expert_layers(args))],
+            norm=nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps),
+        )

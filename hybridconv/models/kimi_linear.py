@@ -354,19 +354,12 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class KimiLinearModel(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [
-            DecoderLayer(args, kind, mlp_kind)
-            for kind, mlp_kind in zip(layer_schedule(args), mlp_schedule(args))
-        ]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-
 class Model(CausalLM):
     """Kimi-Linear for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__(args, KimiLinearModel(args))
+        super().__init__(
+            args,
+            layers=[DecoderLayer(args, kind, mlp) for kind, mlp in zip(layer_schedule(args), mlp_schedule(args))],
+            norm=nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps),
+        )

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -112,21 +112,17 @@ class ResidualBlock(nn.Module):
         return residual + self.mixer(rms_norm(self.norm, x.astype(dtype)), cache=cache)
 
 
-class Backbone(nn.Module):
-    def __init__(self, args, mixer: Callable[[], nn.Module]):
-        super().__init__()
-        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [ResidualBlock(args, mixer()) for _ in range(args.num_hidden_layers)]
-        self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
-
-
 class Model(CausalLM):
     """Mamba / Falcon-Mamba for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     trunk_name, embedding_name, norm_name = "backbone", "embeddings", "norm_f"
 
     def __init__(self, args: ModelArgs):
-        super().__init__(args, Backbone(args, lambda: self.build_mixer(args)))
+        super().__init__(
+            args,
+            layers=[ResidualBlock(args, self.build_mixer(args)) for _ in range(args.num_hidden_layers)],
+            norm=nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon),
+        )
 
     @staticmethod
     def build_mixer(args: ModelArgs) -> nn.Module:

@@ -231,14 +231,6 @@ class Block(nn.Module):
         return x + h
 
 
-class Backbone(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [Block(args, kind) for kind in layer_schedule(args)]
-        self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon)
-
-
 class Model(CausalLM):
     """Nemotron-H for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``.
 
@@ -247,7 +239,11 @@ class Model(CausalLM):
     trunk_name, embedding_name, norm_name = "backbone", "embeddings", "norm_f"
 
     def __init__(self, args: ModelArgs):
-        super().__init__(args, Backbone(args))
+        super().__init__(
+            args,
+            layers=[Block(args, kind) for kind in layer_schedule(args)],
+            norm=nn.RMSNorm(args.hidden_size, eps=args.layer_norm_epsilon),
+        )
 
     def layer_cache(self, layer: Block):
         # None for MLP / MoE layers, which keep no state.

@@ -195,16 +195,12 @@ class DecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(h))
 
 
-class OlmoHybridModel(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args, kind) for kind in layer_schedule(args)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-
 class Model(CausalLM):
     """OLMo-Hybrid for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__(args, OlmoHybridModel(args))
+        super().__init__(
+            args,
+            layers=[DecoderLayer(args, kind) for kind in layer_schedule(args)],
+            norm=nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps),
+        )

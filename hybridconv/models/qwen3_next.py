@@ -280,18 +280,12 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class TextModel(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [
-            DecoderLayer(args, kind, moe) for kind, moe in zip(layer_schedule(args), moe_layers(args))
-        ]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-
 class Model(CausalLM):
     """Qwen3-Next / Qwen3.5 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     def __init__(self, args: ModelArgs):
-        super().__init__(args, TextModel(args))
+        super().__init__(
+            args,
+            layers=[DecoderLayer(args, kind, moe) for kind, moe in zip(layer_schedule(args), moe_layers(args))],
+            norm=nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps),
+        )
