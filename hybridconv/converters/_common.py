@@ -199,8 +199,15 @@ ATTENTION_ROLES = (
     Role("attn.v_proj", r"\.self_attn\.v_proj\.weight$"),
     Role("attn.o_proj", r"\.self_attn\.o_proj\.weight$"),
 )
-FEED_FORWARD_ROLES = (
-    Role("mlp.gate_proj", r"\.feed_forward\.gate_proj\.weight$"),
-    Role("mlp.up_proj", r"\.feed_forward\.up_proj\.weight$"),
-    Role("mlp.down_proj", r"\.feed_forward\.down_proj\.weight$", sensitive=True),
-)
+
+
+def swiglu_roles(module: str) -> tuple:
+    """The roles of a SwiGLU MLP stored as ``<module>.{gate,up,down}_proj``."""
+    return (
+        Role("mlp.gate_proj", rf"\.{module}\.gate_proj\.weight$"),
+        Role("mlp.up_proj", rf"\.{module}\.up_proj\.weight$"),
+        Role("mlp.down_proj", rf"\.{module}\.down_proj\.weight$", sensitive=True),
+    )
+
+
+FEED_FORWARD_ROLES = swiglu_roles("feed_forward")

@@ -69,6 +69,7 @@ from ._common import (
     normalize_mamba2,
     parse_layer_kinds,
     rope_theta,
+    swiglu_roles,
 )
 from .registry import Architecture, Role, register
 from .rules import Rename, Rule, Split
@@ -156,10 +157,7 @@ ROLES = MAMBA2_ROLES + ATTENTION_ROLES + (
     Role("moe.down_proj", r"\.switch_mlp\.down_proj\.weight$", sensitive=True),
     Role("shared_mlp.input_linear", r"\.shared_mlp\.input_linear\.weight$"),
     Role("shared_mlp.output_linear", r"\.shared_mlp\.output_linear\.weight$", sensitive=True),
-    Role("mlp.gate_proj", r"\.mlp\.gate_proj\.weight$"),
-    Role("mlp.up_proj", r"\.mlp\.up_proj\.weight$"),
-    Role("mlp.down_proj", r"\.mlp\.down_proj\.weight$", sensitive=True),
-)
+) + swiglu_roles("mlp")
 
 ARCH = register(
     Architecture(

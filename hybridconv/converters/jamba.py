@@ -63,13 +63,20 @@ import math
 from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import jamba as model_module
-from ._common import check_activation, head_rules, normalize_attention, parse_layer_kinds
+from ._common import (
+    ATTENTION_ROLES,
+    FEED_FORWARD_ROLES,
+    check_activation,
+    head_rules,
+    normalize_attention,
+    parse_layer_kinds,
+)
 from .registry import Architecture, Protected, Role, register
 from .rules import ConvToMLX, KeepFloat32, Rename, Rule, Split, StackExperts
 
 
 def _period(raw: dict, what: str, period_default: int, offset_default: int) -> tuple[int, int]:
-    p = positive(f"{what}_layer_period", pick(raw, f"{what}_layer_period", default=period_default, kind=int))
+    p = positive_int(raw, f"{what}_layer_period", default=period_default)
     o = pick(raw, f"{what}_layer_offset", default=offset_default, kind=int)
     if not 0 <= o < p:
         raise ConfigError(
@@ -165,19 +172,13 @@ ROLES = (
     Role("mamba.x_proj", r"\.mamba\.x_proj\.weight$", sensitive=True),
     Role("mamba.dt_proj", r"\.mamba\.dt_proj\.weight$"),
     Role("mamba.out_proj", r"\.mamba\.out_proj\.weight$"),
-    Role("attn.q_proj", r"\.self_attn\.q_proj\.weight$"),
-    Role("attn.k_proj", r"\.self_attn\.k_proj\.weight$"),
-    Role("attn.v_proj", r"\.self_attn\.v_proj\.weight$"),
-    Role("attn.o_proj", r"\.self_attn\.o_proj\.weight$"),
+) + ATTENTION_ROLES + (
     Role("moe.router", r"\.feed_forward\.router\.weight$", default="float",
          why="router: a rounding error changes which experts run"),
     Role("moe.gate_proj", r"\.feed_forward\.switch_mlp\.gate_proj\.weight$"),
     Role("moe.up_proj", r"\.feed_forward\.switch_mlp\.up_proj\.weight$"),
     Role("moe.down_proj", r"\.feed_forward\.switch_mlp\.down_proj\.weight$", sensitive=True),
-    Role("mlp.gate_proj", r"\.feed_forward\.gate_proj\.weight$"),
-    Role("mlp.up_proj", r"\.feed_forward\.up_proj\.weight$"),
-    Role("mlp.down_proj", r"\.feed_forward\.down_proj\.weight$", sensitive=True),
-)
+) + FEED_FORWARD_ROLES
 
 ARCH = register(
     Architecture(

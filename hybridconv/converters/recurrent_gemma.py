@@ -47,7 +47,7 @@ from __future__ import annotations
 from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import recurrent_gemma as model_module
-from ._common import head_rules
+from ._common import head_rules, swiglu_roles
 from .registry import Architecture, Protected, Role, register
 from .rules import ConvToMLX, Rule
 
@@ -152,10 +152,7 @@ ROLES = (
     Role("attn.k_proj", r"\.temporal_block\.k_proj\.weight$"),
     Role("attn.v_proj", r"\.temporal_block\.v_proj\.weight$", sensitive=True),
     Role("attn.o_proj", r"\.temporal_block\.o_proj\.weight$"),
-    Role("mlp.gate_proj", r"\.mlp_block\.gate_proj\.weight$"),
-    Role("mlp.up_proj", r"\.mlp_block\.up_proj\.weight$"),
-    Role("mlp.down_proj", r"\.mlp_block\.down_proj\.weight$", sensitive=True),
-)
+) + swiglu_roles("mlp_block")
 
 ARCH = register(
     Architecture(
