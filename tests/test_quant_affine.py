@@ -9,7 +9,16 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from hybridconv.quant.affine import pack, quantize_rows, unpack
+from hybridconv.quant.affine import pack, quantize_rows
+
+
+def unpack(p: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """The inverse of ``pack``: codes ``[rows, cols]`` (uint32)."""
+    rows = p.shape[0]
+    b = np.unpackbits(np.ascontiguousarray(p).view(np.uint8).reshape(rows, -1), axis=-1, bitorder="little")
+    b = b[:, : cols * bits].reshape(rows, cols, bits).astype(np.uint32)
+    return (b << np.arange(bits, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
+
 
 MX = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 

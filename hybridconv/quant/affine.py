@@ -53,14 +53,6 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(by).view(np.uint32)
 
 
-def unpack(p: np.ndarray, bits: int, cols: int) -> np.ndarray:
-    """The inverse of :func:`pack`: codes ``[rows, cols]`` (uint32)."""
-    rows = p.shape[0]
-    b = np.unpackbits(np.ascontiguousarray(p).view(np.uint8).reshape(rows, -1), axis=-1, bitorder="little")
-    b = b[:, : cols * bits].reshape(rows, cols, bits).astype(np.uint32)
-    return (b << np.arange(bits, dtype=np.uint32)).sum(axis=-1, dtype=np.uint32)
-
-
 def _codes(g, s, b, qmax, out):
     """Codes of the groups ``g`` for scale ``s`` and bias ``b`` (per group), into ``out``."""
     inv = np.divide(1, s, out=np.ones_like(s), where=s != 0)

@@ -127,13 +127,13 @@ def own_block_errors(model, sequences, k: int, ref_hidden, dtypes: list) -> np.n
         T = ids.shape[1]
         kk = max(0, min(k, T - 1))
         x0 = model.embed(mx.array(ids))
+        ref = None  # the previous block's reference output, read once: its target, then the next input
         for b, layer in enumerate(layers):
             interrupt.check()  # a safe point: between blocks
-            if b == 0:
+            if ref is None:
                 inp = x0
             else:
-                prev = np.asarray(ref_hidden(s, b - 1), dtype=np.float32).reshape(1, T, -1)
-                inp = mx.array(prev).astype(dtypes[b - 1])
+                inp = mx.array(ref.astype(np.float32)[None]).astype(dtypes[b - 1])
             cache = model.layer_cache(layer) if kk else None
             if cache is None:  # no decode steps, or a stateless block: one call
                 out = model.call_layer(layer, inp, None, x0)
@@ -148,5 +148,5 @@ def own_block_errors(model, sequences, k: int, ref_hidden, dtypes: list) -> np.n
             got = np.array(out[0].astype(mx.float32), dtype=np.float64)
             ref = np.asarray(ref_hidden(s, b), dtype=np.float64).reshape(T, -1)
             sq[b] += float(((got - ref) ** 2).sum())
-            del out, inp
+            del out, inp, got
     return sq
