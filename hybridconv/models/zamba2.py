@@ -78,13 +78,13 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attend
+from .common import BaseModelArgs, CausalLM, KVCache, StateCache, attend, gelu_tanh
 from .ssm import Mamba2Mixer
 
 ACTIVATIONS = {
     "gelu": nn.gelu,  # transformers' "gelu" is the exact (erf) GELU
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_new": nn.gelu_approx,
+    "gelu_pytorch_tanh": gelu_tanh,  # the tanh GELU, vectorised on the CPU (models.common)
+    "gelu_new": gelu_tanh,
     "silu": nn.silu,
     "swish": nn.silu,
     "relu": nn.relu,
