@@ -42,7 +42,7 @@ def max_diff(got, ref) -> float:
 def convert_case(tmp_path_factory, case: str) -> Path:
     """The oracle case ``case`` converted (float32) into a fresh folder (for a
     module-scoped fixture)."""
-    out = tmp_path_factory.mktemp(case) / "out"
+    out = tmp_path_factory.mktemp(Path(case).name) / "out"
     convert(str(hybrid_case(case)), out, dtype="float32")
     return out
 
@@ -71,7 +71,7 @@ def oracle_case(tmp_path_factory, case: str):
     ``(source folder, output folder, model, ids, oracle logits)``."""
     src = hybrid_case(case)
     ids, ref = oracle_logits(src)
-    out = tmp_path_factory.mktemp(case) / "out"
+    out = tmp_path_factory.mktemp(Path(case).name) / "out"
     return src, out, convert_matches(src, out, ids, ref), ids, ref
 
 

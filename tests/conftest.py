@@ -154,11 +154,13 @@ def torch_logits(model, ids: np.ndarray) -> np.ndarray:
 # same architectures built at test time with transformers' own classes.
 
 HYBRIDS = FIXTURES / "hybrids"
+WAVE3 = FIXTURES / "wave3"
 
 
 def hybrid_case(name: str) -> Path:
-    """Folder of one ``fixtures/hybrids/`` case (fails the test if missing)."""
-    path = HYBRIDS / name
+    """Folder of one oracle case: ``fixtures/hybrids/NAME``, or ``fixtures/wave3/X``
+    for ``name = "wave3/X"`` (fails the test if missing)."""
+    path = FIXTURES / name if name.startswith("wave3/") else HYBRIDS / name
     if not (path / "expected.safetensors").is_file():
         pytest.fail(f"oracle case {path} not found (set HYBRIDCONV_FIXTURES)")
     return path
