@@ -56,14 +56,28 @@ class Reference:
     dtype: str
     block_kinds: list[str] | None = None
     model_type: str | None = None
-    hidden_files: list[list[Path]] | None = None  # [sequence][block] -> .npy
+    # [sequence][block] -> a .npy file (float32; bfloat16 bits in *.bf16.npy), or an
+    # array (a memory map into a reference-logits file)
+    hidden_files: list[list] | None = None
     file: str | None = None
+    # how a live reference ran: path (whole-model / streamed), why, memory, seconds per part
+    execution: dict | None = None
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     def hidden(self, seq: int, block: int) -> np.ndarray | None:
+        """Block ``block``'s output for sequence ``seq``, ``[T, H]`` float32 (memory-mapped)."""
         if not self.hidden_files:
             return None
-        return np.load(self.hidden_files[seq][block], mmap_mode="r")
+        entry = self.hidden_files[seq][block]
+        if isinstance(entry, np.ndarray):
+            return entry
+        from .torch_stream import hidden_array
+
+        return hidden_array(entry)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.hidden_files[0]) if self.hidden_files else 0
 
     @property
     def top_k(self) -> int | None:
@@ -91,13 +105,9 @@ def _decoder_layers(model, n_layers: int):
     raise CheckpointError(f"cannot find the {n_layers} decoder blocks in the reference model")
 
 
-def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
-    """(callable ids -> logits with block hooks, implementation label, block kinds)."""
-    import torch
-
-    if dtype not in REF_DTYPES:
-        raise UsageError(f"--ref-dtype {dtype!r}: expected one of {', '.join(REF_DTYPES)}")
-    tdtype = getattr(torch, dtype)
+def _source_config(source: Source, trust_remote_code: bool) -> tuple[dict, object, dict]:
+    """(raw config, architecture, normalised config) of a reference source, refused
+    when it is a hybridconv output or has no weights hybridconv can read."""
     raw = read_config(source.path)
     if (source.path / "conversion.json").is_file():
         raise UsageError(
@@ -107,6 +117,36 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     arch = lookup(raw)
     config = arch.normalize_config(raw)
     index_weights(source.path)  # safetensors present and well formed (no pickle)
+    if arch.model_type == "plamo2" and trust_remote_code and not raw.get("auto_map"):
+        raise UsageError(
+            f"{source.label}: --trust-remote-code given, but config.json has no auto_map naming modeling code"
+        )
+    return raw, arch, config
+
+
+def _plamo2_label(source: Source) -> str:
+    label = "hybridconv PyTorch PLaMo-2 reference"
+    py = _remote_code_files(source.path)
+    if py:
+        label += f" (the checkpoint's {', '.join(py)} was not run: pass --trust-remote-code to use it)"
+    return label
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
+    """(callable ids -> logits with block hooks, implementation label, block kinds)."""
+    import torch
+
+    if dtype not in REF_DTYPES:
+        raise UsageError(f"--ref-dtype {dtype!r}: expected one of {', '.join(REF_DTYPES)}")
+    tdtype = getattr(torch, dtype)
+    raw, arch, config = _source_config(source, trust_remote_code)
     kinds = [k for k, _ in arch.schedule(config)]
     n = config["num_hidden_layers"]
     model_type = arch.model_type
@@ -115,26 +155,16 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
         from .torch_plamo2 import TorchPlamo2
 
         model = TorchPlamo2(source.path, tdtype)
-        label = "hybridconv PyTorch PLaMo-2 reference"
-        py = _remote_code_files(source.path)
-        if py:
-            label += f" (the checkpoint's {', '.join(py)} was not run: pass --trust-remote-code to use it)"
+        label = _plamo2_label(source)
 
         def run(ids: np.ndarray, hidden: list):
             return model(torch.tensor(ids[None], dtype=torch.long), hidden)
 
         return run, label, kinds, model_type
 
-    import transformers
     from transformers import AutoModelForCausalLM
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    if arch.model_type == "plamo2" and trust_remote_code and not raw.get("auto_map"):
-        raise UsageError(
-            f"{source.label}: --trust-remote-code given, but config.json has no auto_map naming modeling code"
-        )
+    _quiet_transformers()
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=tdtype, **kwargs)
@@ -161,64 +191,98 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     return run, label, kinds, model_type
 
 
-def estimate_memory(source: Source, inputs: Inputs, dtype: str) -> int:
-    """Bytes the PyTorch reference needs: its weights in ``dtype`` plus a margin for
-    activations, and one sequence's logits twice (the model's and our copy)."""
+def _sizes(source: Source, inputs: Inputs, dtype: str) -> dict:
+    """What the memory estimates need, from config.json and the safetensors headers:
+    parameters in total, outside the blocks and in the largest block, the vocabulary,
+    hidden size and longest input."""
+    from ..converters import layer_of
+
     index = index_weights(source.path)
-    width = 4 if dtype == "float32" else 2
-    weights = sum(t.numel for t in index.tensors.values()) * width
     raw = read_config(source.path)
-    vocab = lookup(raw).normalize_config(raw)["vocab_size"]
-    longest = max(len(s) for s in inputs.sequences)
-    return int(weights * 1.2) + 2 * longest * vocab * 4
+    cfg = lookup(raw).normalize_config(raw)
+    per_block: dict = {}
+    for name, t in index.tensors.items():
+        b = layer_of(name)
+        per_block[b] = per_block.get(b, 0) + t.numel
+    return {
+        "params": sum(per_block.values()),
+        "global": per_block.pop(None, 0),
+        "block": max(per_block.values(), default=0),
+        "width": 4 if dtype == "float32" else 2,
+        "vocab": cfg["vocab_size"],
+        "hidden": cfg.get("hidden_size", 0),
+        "longest": max(len(s) for s in inputs.sequences),
+    }
+
+
+def estimate_memory(source: Source, inputs: Inputs, dtype: str) -> int:
+    """Bytes the whole-model PyTorch reference needs: its weights in ``dtype`` plus a
+    margin for activations, and one sequence's logits twice (the model's and our copy)."""
+    z = _sizes(source, inputs, dtype)
+    return int(z["params"] * z["width"] * 1.2) + 2 * z["longest"] * z["vocab"] * 4
+
+
+def estimate_streamed_memory(source: Source, inputs: Inputs, dtype: str) -> int:
+    """Bytes the streamed PyTorch reference needs: the parameters outside the blocks
+    (embedding, norm, head), the largest block twice (transformers' loader may stack
+    per-expert tensors beside their copies), one sequence's logits twice and its
+    activations."""
+    z = _sizes(source, inputs, dtype)
+    return (z["global"] * z["width"] + 2 * z["block"] * z["width"] + 2 * z["longest"] * z["vocab"] * 4
+            + 64 * z["longest"] * z["hidden"] * 4)
+
+
+REFERENCE_HINT = "use --ref-dtype bfloat16 (half the memory), fewer or shorter inputs, or a machine with more memory"
+
+
+def plan_reference(source: Source, inputs: Inputs, dtype: str = "float32", stream: bool | None = None,
+                   max_memory: str | None = None) -> dict:
+    """Whole-model or streamed for this reference (``resources.choose_path``); refuses
+    (exit 2) when the path it would take does not fit."""
+    from ..resources import choose_path
+
+    return choose_path(f"the PyTorch reference ({dtype})", estimate_memory(source, inputs, dtype),
+                       estimate_streamed_memory(source, inputs, dtype), stream, max_memory, REFERENCE_HINT)
 
 
 def compute_reference(
     source: Source, inputs: Inputs, dtype: str = "float32", trust_remote_code: bool = False,
-    keep_hidden: bool = True, progress=None, max_memory: str | None = None,
+    keep_hidden: bool = True, progress=None, max_memory: str | None = None, stream: bool | None = None,
 ) -> Reference:
     """Run ``source`` in PyTorch on ``inputs`` (float32 by default) and keep its logits
     (and, with ``keep_hidden``, every block's output) on disk, memory-mapped; the torch
-    model is freed before this returns. Refuses (exit 2) when it would not fit in memory."""
-    from ..resources import check_fits
+    model is freed before this returns.
 
-    check_fits(
-        f"the PyTorch reference ({dtype})",
-        estimate_memory(source, inputs, dtype),
-        max_memory,
-        "use --ref-dtype bfloat16 (half the memory), fewer or shorter inputs, or a machine with more memory",
-    )
-    run, label, kinds, model_type = load_torch_model(source, dtype, trust_remote_code)
+    ``stream``: True runs it one block at a time (:mod:`.torch_stream`: memory the
+    largest block, not the model), False the whole model at once, None chooses
+    (whole-model when it fits with a margin: ``resources.choose_path``). Refuses
+    (exit 2) when the path taken would not fit in memory. ``Reference.execution``
+    records the path, why, the memory and the seconds per part."""
+    import time
+
+    from ..resources import peak_rss
+
+    if dtype not in REF_DTYPES:
+        raise UsageError(f"--ref-dtype {dtype!r}: expected one of {', '.join(REF_DTYPES)}")
+    decision = plan_reference(source, inputs, dtype, stream, max_memory)
     # Outputs go to disk and are read back memory-mapped: T x V logits of a large
-    # vocabulary are gigabytes per sequence.
+    # vocabulary are gigabytes per sequence (TMPDIR chooses the folder).
     tmp = tempfile.TemporaryDirectory(prefix="hybridconv-ref-")
-    outputs, hidden_files = [], []
+    outputs: list = []
+    seconds: dict = {}
+    t0 = time.perf_counter()
     try:
-        for s, ids in enumerate(inputs.sequences):
-            interrupt.check()  # a safe point: between sequences
-            hidden: list = []
-            logits = run(ids, hidden)
-            path = Path(tmp.name) / f"seq{s}-logits.npy"
-            np.save(path, logits[0].float().numpy())
-            outputs.append({"logits": np.load(path, mmap_mode="r")})
-            if keep_hidden:
-                files = []
-                for b, h in enumerate(hidden):
-                    path = Path(tmp.name) / f"seq{s}-block{b}.npy"
-                    np.save(path, h[0].float().numpy())
-                    files.append(path)
-                hidden_files.append(files)
-            del hidden, logits
-            if progress:
-                progress(s + 1)
+        run = _run_streamed if decision["path"] == "streamed" else _run_whole
+        hidden_files, label, kinds, model_type = run(source, inputs, dtype, trust_remote_code, keep_hidden,
+                                                     progress, Path(tmp.name), outputs, seconds)
         interrupt.check()
     except BaseException:
         outputs.clear()  # drop the memory maps before their files go
         with interrupt.critical():
             tmp.cleanup()
         raise
-    del run
     gc.collect()  # free the torch model before anything MLX is loaded
+    seconds["total"] = time.perf_counter() - t0
     return Reference(
         sequences=inputs.sequences,
         outputs=outputs,
@@ -229,8 +293,101 @@ def compute_reference(
         block_kinds=kinds,
         model_type=model_type,
         hidden_files=hidden_files if keep_hidden else None,
+        execution={**decision, "seconds": {k: round(v, 3) for k, v in seconds.items()}, "peak_rss_bytes": peak_rss()},
         _tmp=tmp,
     )
+
+
+def _save_logits(logits, path: Path, outputs: list) -> None:
+    np.save(path, logits[0].float().numpy())
+    outputs.append({"logits": np.load(path, mmap_mode="r")})
+
+
+def _run_whole(source, inputs, dtype, trust_remote_code, keep_hidden, progress, tmp: Path, outputs, seconds):
+    """The whole model in memory, one sequence after another (hooks record the blocks)."""
+    import time
+
+    t = time.perf_counter()
+    run, label, kinds, model_type = load_torch_model(source, dtype, trust_remote_code)
+    seconds["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    hidden_files = []
+    for s, ids in enumerate(inputs.sequences):
+        interrupt.check()  # a safe point: between sequences
+        hidden: list = []
+        logits = run(ids, hidden)
+        _save_logits(logits, tmp / f"seq{s}-logits.npy", outputs)
+        if keep_hidden:
+            files = []
+            for b, h in enumerate(hidden):
+                path = tmp / f"seq{s}-block{b}.npy"
+                np.save(path, h[0].float().numpy())
+                files.append(path)
+            hidden_files.append(files)
+        del hidden, logits
+        if progress:
+            progress(f"sequence {s + 1}/{len(inputs.sequences)}")
+    seconds["forward"] = time.perf_counter() - t
+    del run
+    return hidden_files, label, kinds, model_type
+
+
+def open_blocks(source: Source, dtype: str, trust_remote_code: bool):
+    """(block runner, implementation label, block kinds, model_type) for the streamed
+    reference: :class:`.torch_stream.TransformersBlocks`, or hybridconv's PyTorch
+    PLaMo-2 block by block (:class:`.torch_stream.Plamo2Blocks`)."""
+    import torch
+
+    from .torch_stream import Plamo2Blocks, TransformersBlocks
+
+    raw, arch, config = _source_config(source, trust_remote_code)
+    index = index_weights(source.path)
+    kinds = [k for k, _ in arch.schedule(config)]
+    tdtype = getattr(torch, dtype)
+    if arch.model_type == "plamo2" and not trust_remote_code:
+        return Plamo2Blocks(source, index, tdtype), _plamo2_label(source), kinds, arch.model_type
+    _quiet_transformers()
+    blocks = TransformersBlocks(source, index, tdtype, config["num_hidden_layers"], trust_remote_code)
+    return blocks, blocks.label, kinds, arch.model_type
+
+
+def _run_streamed(source, inputs, dtype, trust_remote_code, keep_hidden, progress, tmp: Path, outputs, seconds):
+    """One block at a time (:mod:`.torch_stream`): the global parameters, then per
+    block its weights, every sequence through it, its outputs to disk, the block
+    freed; the logits last. Block outputs are kept whatever ``keep_hidden`` says:
+    each block reads the previous one's."""
+    import time
+
+    from .torch_stream import OutputStore
+
+    t = time.perf_counter()
+    blocks, label, kinds, model_type = open_blocks(source, dtype, trust_remote_code)
+    blocks.load_globals()
+    seconds["load"] = time.perf_counter() - t
+    seconds["forward"] = 0.0
+    store = OutputStore(tmp)
+    seqs = inputs.sequences
+    for b in range(blocks.n):
+        interrupt.check()  # a safe point: between blocks
+        t = time.perf_counter()
+        blocks.load_block(b)
+        seconds["load"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for s, ids in enumerate(seqs):
+            interrupt.check()  # a safe point: between sequences
+            blocks.run_block(b, s, ids, store)
+        seconds["forward"] += time.perf_counter() - t
+        blocks.release_block(b)
+        if progress:
+            progress(f"block {b + 1}/{blocks.n}")
+    t = time.perf_counter()
+    for s, ids in enumerate(seqs):
+        interrupt.check()
+        _save_logits(blocks.logits(s, ids, store), tmp / f"seq{s}-logits.npy", outputs)
+    seconds["head"] = time.perf_counter() - t
+    del blocks
+    hidden_files = [[store.hidden[s, b] for b in range(len(kinds))] for s in range(len(seqs))]
+    return hidden_files, label, kinds, model_type
 
 
 # --- reference-logits files ------------------------------------------------------------
