@@ -99,3 +99,20 @@ def peak_rss() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def full_disk_error(exc: BaseException, folder, needed: int | None = None):
+    """An :class:`~hybridconv.errors.OutputError` (exit 3) naming ``folder`` and the
+    space needed when ``exc`` is a write that failed for lack of space (numpy's short
+    write says only "N requested and M written"), else None."""
+    import errno
+
+    from .errors import OutputError
+
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not (exc.errno is None and "requested and" in str(exc)):
+        return None
+    need = f"; about {_fmt(needed)} needed" if needed else ""
+    return OutputError(f"{folder}: no space left on the device for verify's temporary outputs{need}",
+                       "free space there, or point TMPDIR at a folder with more room")
