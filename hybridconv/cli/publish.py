@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..errors import EXIT_GATE_FAILED
 from . import app, console, err_console
+from .options import StreamOpt
 from .render import human_bytes
 
 
@@ -63,20 +64,23 @@ def release_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan: steps, sizes, what would be uploaded where.")] = False,
     no_upload: Annotated[bool, typer.Option("--no-upload", help="Build and verify, but upload nothing.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the release summary as JSON here.", show_default=False)] = None,
+    stream: StreamOpt = None,
 ):
     """Build, verify and publish every variant of a release plan.
 
     Per variant: convert or quantize -> verify (against one PyTorch reference run, stored
     as a reference-logits file and reused by every variant) -> upload. A variant that fails
     its gate is never uploaded. Finished steps whose inputs are unchanged are skipped on a
-    rerun.
+    rerun. The reference and each verification run the model whole when it fits in half
+    the memory, else one block at a time (--stream / --no-stream force it).
 
     Exit codes: 0 every variant passed (and was uploaded); 1 a variant failed; 2 bad plan.
     """
     from ..publish.release import load_plan, run_release
 
     rp = load_plan(plan)
-    summary = run_release(rp, workdir, dry_run=dry_run, upload=not no_upload, log=lambda m: console.print(escape(m)))
+    summary = run_release(rp, workdir, dry_run=dry_run, upload=not no_upload, log=lambda m: console.print(escape(m)),
+                          stream=stream)
     if json_path:
         json_path.write_text(json.dumps(summary, indent=2) + "\n")
     t = Table(title=f"release {rp.name}" + (" (dry run)" if dry_run else ""))

@@ -24,6 +24,7 @@ from .options import (
     RecipeOpt,
     RevisionOpt,
     SourceArg,
+    StreamOpt,
     refuse_unused,
 )
 from .render import byte_progress, human_bytes
@@ -84,6 +85,7 @@ def quantize_cmd(
     target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Search the smallest plan whose mean KL on the verify inputs is <= this, and write it.", show_default=False)] = None,
     allow_nonfinite: AllowNonfiniteOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    stream: StreamOpt = None,
 ):
     """Quantize a checkpoint for MLX, keeping what hybrid models need in float32.
 
@@ -115,7 +117,7 @@ def quantize_cmd(
             raise UsageError(f"--mode {mode.value}: --target-kl searches affine widths only", "drop --mode, or drop --target-kl")
         if allow_pickle:
             raise UsageError("--allow-pickle: not supported with --target-kl", "convert the pickle checkpoint first, then quantize the converted folder")
-        ref = _reference(source, revision, reference_logits)
+        ref = _reference(source, revision, reference_logits, stream=stream)
         rows = Table(title=f"plans explored for --target-kl {target_kl}")
         for col in ("plan", "bits/weight", "KL mean", "meets"):
             rows.add_column(col)
@@ -128,7 +130,7 @@ def quantize_cmd(
         with console.status("searching"):
             res = search_target_kl(source, out, target_kl, ref, group_size, dtype.value if dtype else None,
                                    revision, force, keep, report, bits_for=bits_for, dry_run=dry_run,
-                                   allow_nonfinite=allow_nonfinite)
+                                   allow_nonfinite=allow_nonfinite, stream=stream)
         for r in res.search:
             rows.add_row(r["plan"], f"{r['bits_per_weight']:.3f}", f"{r['kl_mean']:.4g}", "yes" if r["meets_target"] else "no")
         console.print(rows)
@@ -142,8 +144,8 @@ def quantize_cmd(
             console.print("[dim]--dry-run: the smallest plan meeting the target is shown above; nothing written[/]")
             return
         console.print(f"[green]wrote {out}[/]: the smallest plan meeting the target")
-        if verify:
-            _verify(source, revision, reference_logits, out)
+        if verify:  # against the reference the search used: it runs once
+            _verify(source, revision, reference_logits, out, ref=ref, stream=stream)
         return
 
     with byte_progress(console, "quantizing") as (on_plan, progress):
@@ -156,26 +158,29 @@ def quantize_cmd(
         return
     console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
     if verify:
-        _verify(source, revision, reference_logits, out, allow_pickle)
+        _verify(source, revision, reference_logits, out, allow_pickle, stream=stream)
 
 
-def _reference(source, revision, reference_logits, allow_pickle=False):
+def _reference(source, revision, reference_logits, allow_pickle=False, stream=None):
     from ..verify.reference import read_reference_file
     from .verify import _live_reference
 
     if reference_logits is not None:
         return read_reference_file(reference_logits)
-    return _live_reference(source, revision, allow_pickle=allow_pickle)[0]  # verify's default inputs
+    # verify's default inputs
+    return _live_reference(source, revision, allow_pickle=allow_pickle, stream=stream)[0]
 
 
-def _verify(source, revision, reference_logits, out: Path, allow_pickle: bool = False) -> None:
+def _verify(source, revision, reference_logits, out: Path, allow_pickle: bool = False, ref=None,
+            stream=None) -> None:
     from ..verify.run import REPORT_NAME, available_runtimes, verify_folder, write_report
     from .verify import render
 
-    ref = _reference(source, revision, reference_logits, allow_pickle)
+    if ref is None:
+        ref = _reference(source, revision, reference_logits, allow_pickle, stream)
     with console.status("verifying"):
         # as `verify` does by default: every installed runtime (the card says what mlx-lm does)
-        outcome = verify_folder(out, ref, runtimes=available_runtimes())
+        outcome = verify_folder(out, ref, runtimes=available_runtimes(), stream=stream)
     write_report(outcome.report, out / REPORT_NAME)
     render(outcome.report)
     if not outcome.passed:

@@ -113,13 +113,16 @@ def search_target_kl(
     bits_for: list[str] | None = None,
     dry_run: bool = False,
     allow_nonfinite: bool = False,
+    stream: bool | None = None,
 ) -> QuantResult:
     """The smallest candidate plan (by bits per weight) whose mean KL on the
     reference's inputs is <= ``target_kl``; every candidate tried is reported.
 
     Candidates: uniform widths and mixed recipes (sensitive roles wider), sorted by
     bits per weight; a binary search over that order (KL falls as the plan grows),
-    so a large model costs log2(14) ≈ 4 trial quantizations, not 14."""
+    so a large model costs log2(14) ≈ 4 trial quantizations, not 14. ``reference`` is
+    computed once by the caller; each candidate's MLX model runs whole or one block at a
+    time (``stream``: as ``verify_folder``)."""
     from ..verify.run import verify_folder
 
     if target_kl <= 0:
@@ -149,7 +152,7 @@ def search_target_kl(
             qp = plans[i]
             folder = workdir / f"candidate-{i}"
             write_quantized_output(qp, folder, prepare_output(folder, False, None))
-            rep = verify_folder(folder, reference).report
+            rep = verify_folder(folder, reference, stream=stream).report
             cache[i] = rep["metrics"]["overall"]["kl_mean"]
             row = {
                 "plan": _plan_label(qp),

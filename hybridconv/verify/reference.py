@@ -395,24 +395,22 @@ def _run_streamed(source, inputs, dtype, trust_remote_code, keep_hidden, progres
 
 def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, with_hidden: bool = False):
     """Store a :class:`Reference` as a reference-logits file (README, "Reference-logits
-    files"): full logits, or the top-k form; with ``with_hidden``, the block outputs."""
-    from safetensors.numpy import save_file
+    files"): full logits, or the top-k form; with ``with_hidden``, the block outputs.
+
+    Written tensor by tensor (the header first, from the shapes), one sequence's rows
+    at a time: memory is one sequence's logits or block output, not the file."""
+    from ..safetensors_io import header_bytes, write_all
 
     lengths = [len(s) for s in ref.sequences]
     B, T = len(lengths), max(lengths)
     ids = np.zeros((B, T), dtype=np.int32)
     for i, s in enumerate(ref.sequences):
         ids[i, : len(s)] = s
-    tensors: dict[str, np.ndarray] = {"input_ids": ids}
-    if len(set(lengths)) > 1:
-        tensors["lengths"] = np.array(lengths, dtype=np.int32)
     V = ref.vocab_size
-    if top_k is None:
-        logits = np.zeros((B, T, V), dtype=np.float32)
-        for i, out in enumerate(ref.outputs):
-            logits[i, : lengths[i]] = out["logits"]
-        tensors["logits"] = logits
-    else:
+    small: dict[str, np.ndarray] = {"input_ids": ids}
+    if len(set(lengths)) > 1:
+        small["lengths"] = np.array(lengths, dtype=np.int32)
+    if top_k is not None:
         if not 1 <= top_k <= V:
             raise UsageError(f"--top-k {top_k}: expected 1..{V}")
         idx = np.zeros((B, T, top_k), dtype=np.int32)
@@ -422,7 +420,7 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
         lse = np.zeros((B, T), dtype=np.float64)
         tlp = np.zeros((B, T), dtype=np.float64)
         for i, (seq, out) in enumerate(zip(ref.sequences, ref.outputs)):
-            lg = out["logits"].astype(np.float64)
+            lg = np.asarray(out["logits"]).astype(np.float64)
             n = lengths[i]
             order = np.argsort(-lg, axis=-1)[:, :top_k]
             idx[i, :n] = order
@@ -431,14 +429,19 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
             l = (m + np.log(np.exp(lg - m).sum(-1, keepdims=True)))[:, 0]
             lse[i, :n] = l
             tlp[i, : n - 1] = lg[np.arange(n - 1), seq[1:]] - l[: n - 1]
-        tensors.update(topk_indices=idx, topk_logits=tl, logsumexp=lse, token_logprobs=tlp)
+            del lg
+        small.update(topk_indices=idx, topk_logits=tl, logsumexp=lse, token_logprobs=tlp)
+    codes = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
+    entries = [(k, codes[v.dtype], v.shape) for k, v in small.items()]
+    # the large tensors, written one sequence at a time: [B, T, width] float32
+    rows: list[tuple[str, int, object]] = []
+    if top_k is None:
+        rows.append(("logits", V, lambda i: ref.outputs[i]["logits"]))
     if with_hidden and ref.hidden_files:
-        for b in range(len(ref.hidden_files[0])):
-            first = ref.hidden(0, b)
-            arr = np.zeros((B, T, first.shape[-1]), dtype=np.float32)
-            for i in range(B):
-                arr[i, : lengths[i]] = ref.hidden(i, b)
-            tensors[f"hidden.{b}"] = arr
+        width = ref.hidden(0, 0).shape[-1]
+        for b in range(ref.n_blocks):
+            rows.append((f"hidden.{b}", width, lambda i, _b=b: ref.hidden(i, _b)))
+    entries += [(name, "F32", (B, T, width)) for name, width, _ in rows]
     metadata = {
         "format": FORMAT,
         "tool": f"hybridconv {__version__}",
@@ -452,7 +455,17 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "wb", buffering=0) as f:
+            write_all(f, header_bytes(entries, metadata))
+            for arr in small.values():
+                write_all(f, np.ascontiguousarray(arr))
+            for _, width, get in rows:
+                pad = np.zeros((1, width), dtype=np.float32)
+                for i in range(B):
+                    interrupt.check()  # a safe point: between rows written
+                    write_all(f, np.ascontiguousarray(np.asarray(get(i), dtype=np.float32)))
+                    for _ in range(T - lengths[i]):
+                        write_all(f, pad)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -460,20 +473,22 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
 
 def read_reference_file(path: Path) -> Reference:
     """Read a reference-logits file (or a fixture's ``expected.safetensors``) as a
-    :class:`Reference`; a malformed file is refused naming what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+    :class:`Reference`; a malformed file is refused naming what is wrong. Its
+    tensors are memory-mapped (nothing is copied: a file larger than memory works)."""
     from ..safetensors_io import read_header
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: reference-logits file not found")
-    _, meta = read_header(path)  # validates the header with clear errors
-    try:
-        t = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc})") from None
+    infos, meta = read_header(path)  # validates the header with clear errors
+    np_dtypes = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I32": np.int32, "I64": np.int64}
+    t: dict[str, np.ndarray] = {}
+    for name, info in infos.items():
+        if info.dtype not in np_dtypes:
+            raise CheckpointError(f"{path}: tensor '{name}' has dtype {info.dtype}; a reference-logits file holds "
+                                  "I32 ids and F32 logits")
+        t[name] = (np.memmap(path, dtype=np_dtypes[info.dtype], mode="r", offset=info.begin, shape=info.shape)
+                   if info.numel else np.zeros(info.shape, dtype=np_dtypes[info.dtype]))
     if "input_ids" not in t or ("logits" not in t and "topk_indices" not in t):
         raise CheckpointError(
             f"{path}: not a reference-logits file (needs input_ids and logits, or the top-k form); "
@@ -483,8 +498,8 @@ def read_reference_file(path: Path) -> Reference:
     if ids.ndim != 2:
         raise CheckpointError(f"{path}: input_ids must be [B, T], found {list(ids.shape)}")
     B, T = ids.shape
-    lengths = t["lengths"].tolist() if "lengths" in t else [T] * B
-    sequences = [ids[i, : lengths[i]].astype(np.int32) for i in range(B)]
+    lengths = np.asarray(t["lengths"]).tolist() if "lengths" in t else [T] * B
+    sequences = [np.asarray(ids[i, : lengths[i]]).astype(np.int32) for i in range(B)]
     outputs = []
     for i in range(B):
         n = lengths[i]
@@ -492,7 +507,7 @@ def read_reference_file(path: Path) -> Reference:
             lg = t["logits"]
             if lg.shape[:2] != (B, T):
                 raise CheckpointError(f"{path}: logits {list(lg.shape)} do not match input_ids [{B}, {T}]")
-            outputs.append({"logits": lg[i, :n].astype(np.float32)})
+            outputs.append({"logits": lg[i, :n] if lg.dtype == np.float32 else lg[i, :n].astype(np.float32)})
         else:
             outputs.append({k: t[k][i, :n] for k in ("topk_indices", "topk_logits", "logsumexp", "token_logprobs")})
     hidden_keys = sorted((k for k in t if k.startswith("hidden.")), key=lambda k: int(k.split(".")[1]))
@@ -508,12 +523,5 @@ def read_reference_file(path: Path) -> Reference:
         file=str(path),
     )
     if hidden_keys:
-        tmp = tempfile.TemporaryDirectory(prefix="hybridconv-ref-")
-        ref._tmp = tmp
-        ref.hidden_files = [[] for _ in range(B)]
-        for b, k in enumerate(hidden_keys):
-            for i in range(B):
-                f = Path(tmp.name) / f"seq{i}-block{b}.npy"
-                np.save(f, t[k][i, : lengths[i]])
-                ref.hidden_files[i].append(f)
+        ref.hidden_files = [[t[k][i, : lengths[i]] for k in hidden_keys] for i in range(B)]
     return ref

@@ -293,11 +293,12 @@ def _not_run_larger_than_memory(plan: dict) -> dict:
         version = md.version("mlx-lm")
     except md.PackageNotFoundError:
         version = None
-    why = f"not run: larger than memory ({plan['reason']}); mlx-lm loads the whole model"
+    why = (f"larger than memory: the MLX side runs one block at a time ({plan['reason']}), and mlx-lm "
+           "loads the whole model")
     return {"runtime": "mlx-lm", "version": version, "loader": "mlx_lm.utils.load_model", "metrics": None,
             "blocks": [], "decode": None, "checks": [], "first_divergent_block": None,
             "block_comparison": "not available: mlx-lm was not run", "verdict": "not run", "message": why,
-            "failure_reasons": [why], "execution": plan}
+            "failure_reasons": [f"not run: {why}"], "execution": plan}
 
 
 class _MlxLmModel:
