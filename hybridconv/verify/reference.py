@@ -229,7 +229,7 @@ def estimate_streamed_memory(source: Source, inputs: Inputs, dtype: str) -> int:
     activations."""
     z = _sizes(source, inputs, dtype)
     return (z["global"] * z["width"] + 2 * z["block"] * z["width"] + 2 * z["longest"] * z["vocab"] * 4
-            + 64 * z["longest"] * z["hidden"] * 4)
+            + 32 * z["longest"] * z["hidden"] * 4)
 
 
 REFERENCE_HINT = "use --ref-dtype bfloat16 (half the memory), fewer or shorter inputs, or a machine with more memory"
@@ -276,10 +276,15 @@ def compute_reference(
         hidden_files, label, kinds, model_type = run(source, inputs, dtype, trust_remote_code, keep_hidden,
                                                      progress, Path(tmp.name), outputs, seconds)
         interrupt.check()
-    except BaseException:
+    except BaseException as exc:
         outputs.clear()  # drop the memory maps before their files go
         with interrupt.critical():
             tmp.cleanup()
+        from ..resources import full_disk_error
+
+        err = full_disk_error(exc, tmp.name, _outputs_bytes(source, inputs))
+        if err is not None:  # the temporary outputs (TMPDIR) filled the disk: exit 3
+            raise err from None
         raise
     gc.collect()  # free the torch model before anything MLX is loaded
     seconds["total"] = time.perf_counter() - t0
@@ -296,6 +301,18 @@ def compute_reference(
         execution={**decision, "seconds": {k: round(v, 3) for k, v in seconds.items()}, "peak_rss_bytes": peak_rss()},
         _tmp=tmp,
     )
+
+
+def _outputs_bytes(source: Source, inputs: Inputs) -> int | None:
+    """What the temporary outputs need on disk: float32 logits and block outputs for
+    every token of the inputs."""
+    try:
+        raw = read_config(source.path)
+        cfg = lookup(raw).normalize_config(raw)
+        width = cfg["vocab_size"] + cfg["hidden_size"] * cfg["num_hidden_layers"]
+    except Exception:  # noqa: BLE001  (only an estimate for a message)
+        return None
+    return 4 * width * sum(len(s) for s in inputs.sequences)
 
 
 def _save_logits(logits, path: Path, outputs: list) -> None:

@@ -242,6 +242,7 @@ def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dt
     try:
         compute, upcast, head["compute"] = _arithmetic(out, reference, compute, activation_dtype)
         if streamed:
+            head["compute"] = {**compute_path(out, compute, activation_dtype, "layer"), "blas": blas.status()}
             head["compute"]["weights"] = head["compute"]["weights"].replace(
                 "upcast to float32 one layer at a time", "upcast to float32 once per block, while it runs")
         # streamed: every weight mapped lazily, each block read when its turn comes
