@@ -163,6 +163,7 @@ def test_second_stage_agrees(tmp_path):
         assert x["diverged"] == y["diverged"]
     assert a["verdict"] == b["verdict"] and a["first_divergent_block"] == b["first_divergent_block"]
     assert ("block_note" in a) == ("block_note" in b)
+    assert "second_stage" in b["execution"]
     assert abs(a["metrics"]["overall"]["kl_mean"] - b["metrics"]["overall"]["kl_mean"]) <= 1e-6
 
 
@@ -171,12 +172,18 @@ def test_streamed_verify_localises_broken_conversions(refs, folders, tmp_path):
     fails each and names the same first divergent block."""
     from .test_verify import BROKEN, _break
 
+    notes = []
     for name, (case, breaker, block) in sorted(BROKEN.items()):
         _, streamed = refs(case)
         broken = _break(folders(case), tmp_path / name, breaker)
         report = verify_folder(broken, streamed, stream=True, decode_steps=4).report
         assert report["verdict"] == "fail", name
         assert report["first_divergent_block"] == block, (name, report["blocks"])
+        assert all("own_error" in b for b in report["blocks"]), name
+        notes.append(report["execution"]["second_stage"])
+    # a wrong block after correct ones: its own error started the second stage, and the
+    # blocks before it were read again for theirs
+    assert any("read again" in n for n in notes), notes
 
 
 def test_sequences_of_different_lengths(tmp_path):

@@ -17,11 +17,16 @@ computation touches is ever read. Then, block after block:
 3. the **second stage** (:func:`.onepass.own_block_errors`'s computation): every
    sequence through the block on the *reference's* input to it, with the same
    prefill and steps (and the same batches as the chained pass), compared with
-   the reference's output (the block's own error). It runs here for every block, from the same load: whether the
-   chained errors will exceed the gate is known only after the last block, and
-   reading each block a second time costs more than computing it twice. As in
-   the whole-model path, the report shows (and gates on) the own errors only
-   when a chained error exceeds the gate, so the verdict means the same;
+   the reference's output (the block's own error). Whether it is needed is
+   known only after the last block (a chained error over the gate), and it
+   costs as much as the chained pass, so it starts in the chained pass's load
+   from the first block whose chained error reaches a quarter of the gate
+   (:data:`ARM_SHARE`; chained errors grow from block to block); when the pass
+   ends over the gate, the blocks before that point are read again for theirs.
+   A conversion whose errors stay well within the gate (a correct float one)
+   runs each block once. As in the whole-model path, the report shows (and
+   gates on) the own errors only when a chained error exceeds the gate, so the
+   verdict means the same;
 4. the block's arrays are released.
 
 Last, the final norm and the head on the chained output of the last block give
@@ -66,6 +71,7 @@ class Measurement:
     dtypes: list = field(default_factory=list)
     own: object = None  # np.ndarray of squared differences, or a callable returning them
     seconds: dict = field(default_factory=dict)
+    seconds_note: str | None = None
 
 
 def streamable(model) -> str | None:
@@ -167,15 +173,64 @@ def _release(layer) -> None:
     layer.update(tree_map(lambda _: mx.zeros((0,)), layer.parameters()))
 
 
-def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress=None) -> Measurement:
-    """The chained pass, the second stage and the logits of ``model`` (a lazily loaded
-    hybridconv model: ``loading.load(lazy=True)``), one block at a time (module
-    docstring), against ``reference``; ``upcast``: hold each block's weights in
-    float32 while it runs (the float32 compute path)."""
+# The second stage starts in the chained pass's load once a block's chained error
+# reaches this share of the block gate: from there the gate is likely to be
+# crossed, and the blocks' own errors are then needed.
+ARM_SHARE = 0.25
+
+
+def _load_block(layer, upcast: bool) -> None:
     import mlx.core as mx
 
     from ..loading import upcast_model
-    from .metrics import token_stats
+
+    if upcast:
+        upcast_model(layer)
+    mx.eval(layer.parameters())
+
+
+def _own_pass(model, layer, b: int, batches, carry, reference, m: Measurement, ks) -> None:
+    """Block ``b`` on the reference's input to it (the previous block's reference
+    output; block 0 on the embeddings), as :func:`.onepass.own_block_errors` runs it:
+    its squared differences into ``m.own[b]``."""
+    import mlx.core as mx
+
+    for bi, (i, j) in enumerate(batches):
+        interrupt.check()
+        x0 = carry.get(f"x0-{bi}")
+        if b == 0:
+            inp = x0
+        else:
+            prev = np.stack([np.asarray(reference.hidden(s, b - 1), dtype=np.float32) for s in range(i, j)])
+            own = carry.get(f"own-{bi}") if f"own-{bi}" in carry.dtype else None  # (from block 0 where used)
+            inp = _block_input(model, mx.array(prev).astype(m.dtypes[b - 1]), own)
+        out = _through(model, layer, inp, x0, ks[i], True)
+        got = np.array(_block_output(model, out).astype(mx.float32), dtype=np.float64)
+        for r in range(j - i):
+            ref = np.asarray(reference.hidden(i + r, b), dtype=np.float64)
+            m.own[b] += float(((got[r] - ref) ** 2).sum())
+        carry.put(f"own-{bi}", out)
+        del out, inp, got
+
+
+def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress=None, block_gate=None,
+                     reopen=None) -> Measurement:
+    """The chained pass, the second stage and the logits of ``model`` (a lazily loaded
+    hybridconv model: ``loading.load(lazy=True)``), one block at a time (module
+    docstring), against ``reference``; ``upcast``: hold each block's weights in
+    float32 while it runs (the float32 compute path).
+
+    The second stage (each block on the reference's input) runs in the same load as
+    the chained pass from the first block whose chained error reaches
+    :data:`ARM_SHARE` of ``block_gate`` (from the first block when ``block_gate`` is
+    None or the model passes more than the residual between blocks); if the chained
+    pass ends over the gate, the blocks before that point are read again (from
+    ``reopen()``, a fresh lazily loaded model) for theirs. A verify whose chained
+    errors stay well within the gate runs every block once."""
+    import mlx.core as mx
+
+    from ..models.common import CausalLM
+    from .metrics import relative_error, token_stats
     from .onepass import decode_check
 
     why = streamable(model)
@@ -192,6 +247,11 @@ def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress
     hidden_size = reference.hidden(0, 0).shape[-1] if have_hidden else 0
     batches = _batches(seqs, decode_steps, reference.vocab_size, hidden_size)
     ks = [max(0, min(decode_steps, len(s) - 1)) for s in seqs]
+    # a block that reads the previous block's own output beside the reference's
+    # (block_input) needs the second stage from the first block on
+    chained_own = getattr(type(model), "block_input", None) is not getattr(CausalLM, "block_input", None)
+    armed = have_hidden and (block_gate is None or chained_own or reopen is None)
+    own_done: list[int] = []
     with tempfile.TemporaryDirectory(prefix="hybridconv-verify-") as tmp:
         carry = _Carry(Path(tmp))
         t = time.perf_counter()
@@ -204,9 +264,7 @@ def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress
         for b, layer in enumerate(layers):
             interrupt.check()  # a safe point: between blocks
             t = time.perf_counter()
-            if upcast:
-                upcast_model(layer)
-            mx.eval(layer.parameters())
+            _load_block(layer, upcast)
             sec["load"] += time.perf_counter() - t
             t = time.perf_counter()
             for bi, (i, j) in enumerate(batches):
@@ -223,28 +281,39 @@ def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress
                 carry.put(f"chain-{bi}", out)
                 del out
             sec["blocks"] += time.perf_counter() - t
-            if have_hidden:
+            if have_hidden and not armed:
+                armed = relative_error(m.sq_diff[b], m.sq_ref[b]) >= ARM_SHARE * block_gate
+            if armed:
                 t = time.perf_counter()
-                for bi, (i, j) in enumerate(batches):
-                    interrupt.check()
-                    x0 = carry.get(f"x0-{bi}")
-                    if b == 0:
-                        inp = x0
-                    else:
-                        prev = np.stack([np.asarray(reference.hidden(s, b - 1), dtype=np.float32) for s in range(i, j)])
-                        inp = _block_input(model, mx.array(prev).astype(m.dtypes[b - 1]), carry.get(f"own-{bi}"))
-                    out = _through(model, layer, inp, x0, ks[i], True)
-                    got = np.array(_block_output(model, out).astype(mx.float32), dtype=np.float64)
-                    for r in range(j - i):
-                        ref = np.asarray(reference.hidden(i + r, b), dtype=np.float64)
-                        m.own[b] += float(((got[r] - ref) ** 2).sum())
-                    carry.put(f"own-{bi}", out)
-                    del out, inp, got
+                _own_pass(model, layer, b, batches, carry, reference, m, ks)
+                own_done.append(b)
                 sec["second_stage"] += time.perf_counter() - t
             _release(layer)  # its arrays go with their last reference (no gc pass: 0.4 s each
             mx.clear_cache()  # with torch loaded), and MLX's buffer cache returns them
             if progress:
                 progress(f"block {b + 1}/{n}")
+        chained = [relative_error(m.sq_diff[b], m.sq_ref[b]) for b in range(n)]
+        missing = [b for b in range(n) if b not in own_done]
+        if have_hidden and missing and max(chained, default=0.0) > block_gate:
+            # the second stage is needed, and the blocks before the point where it
+            # started are read again for it
+            t = time.perf_counter()
+            again = reopen()
+            for b in missing:
+                interrupt.check()
+                if progress:
+                    progress(f"blocks on the reference's inputs: block {b + 1}/{n}")
+                layer = again.layers[b]
+                _load_block(layer, upcast)
+                _own_pass(again, layer, b, batches, carry, reference, m, ks)
+                _release(layer)
+                mx.clear_cache()
+            del again
+            sec["second_stage"] += time.perf_counter() - t
+        if have_hidden:
+            m.seconds_note = (f"second stage: {len(own_done)} of {n} blocks in the chained pass's load"
+                              + (f", {len(missing)} read again" if missing and max(chained, default=0.0) > block_gate
+                                 else ""))
         t = time.perf_counter()
         for bi, (i, j) in enumerate(batches):
             interrupt.check()
