@@ -179,8 +179,9 @@ def test_streamed_verify_localises_broken_conversions(refs, folders, tmp_path):
         report = verify_folder(broken, streamed, stream=True, decode_steps=4).report
         assert report["verdict"] == "fail", name
         assert report["first_divergent_block"] == block, (name, report["blocks"])
-        assert all("own_error" in b for b in report["blocks"]), name
-        notes.append(report["execution"]["second_stage"])
+        if report["blocks"]:  # (weights that do not fit the model fail before any block runs)
+            assert all("own_error" in b for b in report["blocks"]), name
+            notes.append(report["execution"]["second_stage"])
     # a wrong block after correct ones: its own error started the second stage, and the
     # blocks before it were read again for theirs
     assert any("read again" in n for n in notes), notes
