@@ -402,6 +402,10 @@ def _run_streamed(source, inputs, dtype, trust_remote_code, keep_hidden, progres
         interrupt.check()
         _save_logits(blocks.logits(s, ids, store), tmp / f"seq{s}-logits.npy", outputs)
     seconds["head"] = time.perf_counter() - t
+    if getattr(blocks, "forward_seconds", 0.0):
+        # of the forward time, what the model's own forward spent outside the block
+        # being run (embedding, masks, rotary tables: repeated per block and sequence)
+        seconds["outside_blocks"] = blocks.forward_seconds - blocks.block_seconds
     del blocks
     hidden_files = [[store.hidden[s, b] for b in range(len(kinds))] for s in range(len(seqs))]
     return hidden_files, label, kinds, model_type

@@ -46,6 +46,7 @@ through :class:`Plamo2Blocks`.
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,10 @@ class TransformersBlocks:
         self.label = f"transformers {type(model).__name__}" + (" (remote code)" if trust_remote_code else "")
         self._setup_loading()
         self._group_tensors()
+        # time in block forwards, and inside the blocks themselves: the difference is
+        # what running the model's own forward per block costs (embedding, masks, ...)
+        self.forward_seconds = 0.0
+        self.block_seconds = 0.0
 
     # how transformers loads (its renamings, converters, dtype plan)
     def _setup_loading(self):
@@ -382,24 +387,34 @@ class TransformersBlocks:
                 return store.get(seq, j)
             return forward
 
+        started: list = []
+
+        def pre_hook(_module, _inputs):
+            started.append(time.perf_counter())
+
         def hook(_module, _inputs, output):
+            self.block_seconds += time.perf_counter() - started[0]
             captured.append(output)
             raise _Stop
 
-        handle = None
+        handles = []
         for j in range(replayed):
             self.layers[j].forward = replay(j)
+        t0 = time.perf_counter()
         try:
             if hook_block is not None:
-                handle = self.layers[hook_block].register_forward_hook(hook)
+                handles = [self.layers[hook_block].register_forward_pre_hook(pre_hook),
+                           self.layers[hook_block].register_forward_hook(hook)]
             with torch.no_grad():
                 try:
                     out = self.model(torch.tensor(ids[None], dtype=torch.long), use_cache=False)
                 except _Stop:
                     return captured[0]
         finally:
-            if handle is not None:
-                handle.remove()
+            if handles:
+                self.forward_seconds += time.perf_counter() - t0
+            for h in handles:
+                h.remove()
             for j in range(replayed):
                 del self.layers[j].forward
         if hook_block is not None:
