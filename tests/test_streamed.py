@@ -410,3 +410,24 @@ def test_signal_during_streamed_verify_leaves_no_temporary_files(folders, tmp_pa
     assert "Traceback" not in err
     assert list(tmpdir.iterdir()) == []
     assert _digest(out) == before
+
+
+@pytest.mark.parametrize("case", ["hybrids/falcon_h1-tiny", "hybrids/qwen3_next-tiny"])
+def test_untied_head_in_vocabulary_slices(refs, monkeypatch, case):
+    """A large untied head is never held whole: read in vocabulary slices when the
+    logits are computed (forced here with a tiny slice size), with the same logits
+    (Falcon-H1 also scales its logits after the head)."""
+    from hybridconv.verify import torch_stream
+
+    monkeypatch.setattr(torch_stream, "HEAD_SLICE_BYTES", 1000)  # a few rows per slice
+    reads = []
+    real = torch_stream.read_source_tensor
+    monkeypatch.setattr(torch_stream, "read_source_tensor",
+                        lambda info, rows=None: reads.append((info.name, rows)) or real(info, rows))
+    whole, _ = refs(case)
+    src, inputs = _inputs(case)
+    sliced = compute_reference(src, inputs, stream=True)
+    head = [r for name, r in reads if name == "lm_head.weight"]
+    assert len(head) > 2 and all(r is not None for r in head), head[:3]
+    for s in range(2):
+        assert _close(whole.outputs[s]["logits"], sliced.outputs[s]["logits"])

@@ -25,7 +25,9 @@ block and sequence, which is measured in the README ("Benchmark / Verify":
 a few milliseconds, against the block's own seconds). The stored outputs are
 memory-mapped, so a replay whose value the loop never reads is never read from
 disk. The logits are the same forward with *every* block replayed: the model's
-own final norm, head, soft cap and logit multipliers. A model that calls one
+own final norm, head, soft cap and logit multipliers; an untied head larger than
+:data:`HEAD_SLICE_BYTES` is never held whole: it is computed in vocabulary
+slices, each read from the source when used. A model that calls one
 block twice in a forward (a looped model) cannot run this way; it is refused
 with that reason.
 
@@ -56,11 +58,16 @@ from ..errors import CheckpointError
 # --- the one reader of source weights -----------------------------------------------------
 
 
-def read_source_tensor(info):
-    """One source tensor (a :class:`hybridconv.safetensors_io.TensorInfo`) as a torch
-    tensor of its stored dtype. Every weight the streamed reference (and
-    hybridconv's PyTorch PLaMo-2) runs is read here: a dequantizing reader (FP8
-    block-scaled sources) plugs in at this one place."""
+# An untied head larger than this (in the reference dtype) is read in vocabulary
+# slices of this size when the logits are computed.
+HEAD_SLICE_BYTES = 256 << 20
+
+
+def read_source_tensor(info, rows: tuple[int, int] | None = None):
+    """One source tensor (a :class:`hybridconv.safetensors_io.TensorInfo`), or its rows
+    ``rows = (first, end)``, as a torch tensor of its stored dtype. Every weight the
+    streamed reference (and hybridconv's PyTorch PLaMo-2) runs is read here: a
+    dequantizing reader (FP8 block-scaled sources) plugs in at this one place."""
     import torch
 
     from ..safetensors_io import ITEMSIZE
@@ -71,17 +78,22 @@ def read_source_tensor(info):
     if info.dtype not in dtypes:
         raise CheckpointError(f"{info.file}: tensor '{info.name}' has dtype {info.dtype}, which the PyTorch reference "
                               "cannot read")
-    # a writable buffer of the tensor's bytes, viewed (not copied) as torch
-    buf = bytearray(info.nbytes)
-    with open(info.file, "rb") as f:
-        f.seek(info.begin)
-        if f.readinto(buf) != info.nbytes:
-            raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated")
     width = ITEMSIZE[info.dtype]
-    raw = torch.frombuffer(buf, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
-    if width > 1 and info.nbytes:
+    shape, begin, nbytes = list(info.shape), info.begin, info.nbytes
+    if rows is not None:
+        row = nbytes // max(1, shape[0])
+        begin, nbytes = begin + rows[0] * row, (rows[1] - rows[0]) * row
+        shape[0] = rows[1] - rows[0]
+    # a writable buffer of the tensor's bytes, viewed (not copied) as torch
+    buf = bytearray(nbytes)
+    with open(info.file, "rb") as f:
+        f.seek(begin)
+        if f.readinto(buf) != nbytes:
+            raise CheckpointError(f"{info.file}: tensor '{info.name}' is truncated")
+    raw = torch.frombuffer(buf, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+    if width > 1 and nbytes:
         raw = raw.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[width])
-    return raw.view(dtypes[info.dtype]).reshape(info.shape)
+    return raw.view(dtypes[info.dtype]).reshape(shape)
 
 
 class _Lazy:
@@ -301,14 +313,33 @@ class TransformersBlocks:
         for name in params:
             g = None if name in shared else self._group_of(name)
             self.params.setdefault(g, set()).add(name)
+        self.head = None  # (parameter name, source tensor) of a head read in vocabulary slices
+        head_param = self._head_parameter(shared)
         for key in self.index.tensors:
-            target, _ = rename_source_key(key, self._renamings, self._converters, model.base_model_prefix, meta)
+            target, pattern = rename_source_key(key, self._renamings, self._converters, model.base_model_prefix, meta)
             if target not in meta and key in meta:
-                target = key
+                target, pattern = key, None
             if target not in meta:
                 continue  # not a parameter of the model (from_pretrained ignores it too)
+            if target == head_param and pattern is None:
+                self.head = (target, self.index.tensors[key])
+                self.params[None].discard(target)
+                continue
             g = None if target in shared else self._group_of(target)
             self.groups.setdefault(g, []).append(key)
+
+    def _head_parameter(self, shared) -> str | None:
+        """The untied output projection's weight when it is large (more than
+        :data:`HEAD_SLICE_BYTES` in the reference dtype): it is read in vocabulary
+        slices when the logits are computed, never whole."""
+        out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        w = getattr(out, "weight", None)
+        if w is None or type(out).forward is not self.torch.nn.Linear.forward:
+            return None
+        name = next((n for n, p in self.model.named_parameters(remove_duplicate=False) if p is w), None)
+        if name is None or name in shared or self._group_of(name) is not None:
+            return None
+        return name if w.numel() * w.element_size() > HEAD_SLICE_BYTES else None
 
     def block_bytes(self) -> dict:
         """Source bytes per group (None: the global parameters)."""
@@ -425,7 +456,32 @@ class TransformersBlocks:
         store.put(seq, b, self._forward(ids, b, store, seq, b))
 
     def logits(self, seq: int, ids: np.ndarray, store: OutputStore):
-        return self._forward(ids, self.n, store, seq, None)
+        if self.head is None:
+            return self._forward(ids, self.n, store, seq, None)
+        out = self.model.get_output_embeddings()
+        out.forward = self._sliced_head(out)
+        try:
+            return self._forward(ids, self.n, store, seq, None)
+        finally:
+            del out.forward
+
+    def _sliced_head(self, module):
+        """``module``'s forward (a Linear head) computed in vocabulary slices whose
+        weights are read from the source one slice at a time (``HEAD_SLICE_BYTES`` each)."""
+        torch = self.torch
+        name, info = self.head
+        vocab, width = info.shape
+        rows = max(1, HEAD_SLICE_BYTES // max(1, width * 4))
+        bias = module.bias
+
+        def forward(x):
+            parts = []
+            for lo in range(0, vocab, rows):
+                w = read_source_tensor(info, rows=(lo, min(vocab, lo + rows))).to(self.tdtype)
+                parts.append(torch.nn.functional.linear(x, w, None if bias is None else bias[lo : lo + len(w)]))
+            return torch.cat(parts, dim=-1)
+
+        return forward
 
 
 class Plamo2Blocks:
