@@ -350,9 +350,21 @@ def test_cli_chooses_streamed_for_a_model_larger_than_memory(folders, monkeypatc
     assert code == 0, text
     rep = json.loads((tmp_path / "a.json").read_text())
     assert rep["reference"]["execution"]["path"] == "streamed" and rep["execution"]["path"] == "streamed"
-    assert "the whole model needs about 1000000.0 GB" in rep["execution"]["reason"]
-    assert "MLX run │ streamed (the whole model needs about" in text
+    assert "the whole model needs about 1000000.0 GB" in rep["reference"]["execution"]["reason"]
+    # the reference streamed: the MLX side keeps to its memory
+    assert rep["execution"]["reason"].startswith("the PyTorch reference ran one block at a time")
     assert "reference run │ streamed (the whole model needs about" in text
+    assert "MLX run │ streamed (the PyTorch reference ran one block at a time" in text
+    # from a file, the MLX side decides on its own estimate
+    ref = tmp_path / "ref.safetensors"
+    code, text = hc(monkeypatch, capsys, "reference", FIXTURES / case, "-o", ref, "--random-tokens", "16",
+                    "--hidden-states")
+    assert code == 0, text
+    code, text = hc(monkeypatch, capsys, "verify", folders(case), "--reference-logits", ref, "--runtime",
+                    "hybridconv", "--json", tmp_path / "b.json", "--no-report")
+    assert code == 0, text
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert rep["execution"]["path"] == "streamed" and "the whole model needs about" in rep["execution"]["reason"]
 
 
 def test_full_temporary_disk_is_exit_3(monkeypatch, tmp_path):

@@ -224,7 +224,14 @@ def plan_mlx(out, config, reference, compute: str = "auto", activation_dtype=Non
     _, upcast, entry = _arithmetic(out, reference, compute, activation_dtype)
     float32 = entry["path"] == "float32"
     whole, streamed = estimate_mlx(Path(out), config, float32, float32 and upcast == "model", reference)
-    return choose_path("the MLX model", whole, streamed, stream, max_memory, MLX_HINT)
+    # A live reference that had to run one block at a time sets the memory budget of
+    # the whole verification: the MLX side streams too (the peak stays the reference's).
+    follow = stream is None and (reference.execution or {}).get("path") == "streamed"
+    plan = choose_path("the MLX model", whole, streamed, True if follow else stream, max_memory, MLX_HINT)
+    if follow:
+        plan["reason"] = ("the PyTorch reference ran one block at a time, so does the MLX side "
+                          f"(reference: {reference.execution['reason']})")
+    return plan
 
 
 def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dtype, top_k, compute="auto",
