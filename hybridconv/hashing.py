@@ -8,8 +8,9 @@ from pathlib import Path
 from .checkpoint import INDEX_NAME, index_weights
 
 
-def weights_hash(folder: Path) -> str:
-    """``sha256:<hex>`` over the weight files (names and contents) and the index."""
+def weights_hash(folder: Path, cancelled=None) -> str | None:
+    """``sha256:<hex>`` over the weight files (names and contents) and the index.
+    ``cancelled()``, when given, is asked between 16 MB reads: True stops (None is returned)."""
     folder = Path(folder)
     files = [p for p in index_weights(folder).shards]
     if (folder / INDEX_NAME).is_file():
@@ -19,6 +20,8 @@ def weights_hash(folder: Path) -> str:
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
+                if cancelled is not None and cancelled():
+                    return None
                 h.update(block)
         total.update(f"{f.name}\0{h.hexdigest()}\n".encode())
     return "sha256:" + total.hexdigest()

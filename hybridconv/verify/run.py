@@ -121,7 +121,7 @@ def verify_folder(
             "path": str(out),
             "model_type": arch.model_type,
             "precision": precision,
-            "weights_hash": weights_hash(out),
+            "weights_hash": None,  # hashed beside the runs (below)
         },
         "reference": {
             "mode": "file" if reference.file else "live",
@@ -159,6 +159,29 @@ def verify_folder(
         )
     # whole model or one block at a time (the same decision for every runtime)
     plan = plan_mlx(out, config, reference, compute, activation_dtype, stream, max_memory)
+    # The weights' hash reads every weight file (14 GB: ~25 s on the 7B benchmark);
+    # hashlib releases the GIL, so it runs in a thread while the models run.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop = threading.Event()
+    hasher = ThreadPoolExecutor(max_workers=1)
+    hashed = hasher.submit(weights_hash, out, stop.is_set)
+    try:
+        _run_runtimes(report, out, arch, config, reference, gates, decode_steps, progress, activation_dtype, top_k,
+                      compute, runtimes, require, plan)
+    except BaseException:
+        stop.set()  # an interrupt or error: the hash stops at its next read
+        raise
+    finally:
+        hasher.shutdown(wait=True)
+    report["model"]["weights_hash"] = hashed.result()
+    return Outcome(report)
+
+
+def _run_runtimes(report, out, arch, config, reference, gates, decode_steps, progress, activation_dtype, top_k,
+                  compute, runtimes, require, plan) -> None:
+    """Every runtime's result, the verdict and the execution into ``report``."""
     if reference.execution:
         report["reference"]["execution"] = reference.execution
     results: dict = {}
@@ -194,7 +217,6 @@ def verify_folder(
     # how the MLX side ran (hybridconv's runtime: its seconds per part), and the
     # process's peak memory over the whole verification
     report["execution"] = {**(results.get("hybridconv", {}).get("execution") or plan), "peak_rss_bytes": peak_rss()}
-    return Outcome(report)
 
 
 # The keys of one runtime's result that are also written at the top level of
