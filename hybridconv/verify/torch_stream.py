@@ -441,6 +441,15 @@ class TransformersBlocks:
                     out = self.model(torch.tensor(ids[None], dtype=torch.long), use_cache=False)
                 except _Stop:
                     return captured[0]
+                except (NotImplementedError, RuntimeError) as exc:
+                    if "meta" not in str(exc):
+                        raise
+                    # the forward used a parameter that is not resident (on meta)
+                    raise CheckpointError(
+                        f"the reference model's forward uses parameters outside block {hook_block} and the global "
+                        f"ones, so it cannot run one block at a time ({type(exc).__name__}: {str(exc)[:200]})",
+                        "use --no-stream (the whole model in memory)",
+                    ) from None
         finally:
             if handles:
                 self.forward_seconds += time.perf_counter() - t0
