@@ -205,4 +205,5 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "qwen3_5_text": qwen3_next,  # Qwen3.5-MoE has experts in every layer, as mlx-lm builds it
     "qwen3_5_moe_text": qwen3_next,
     "olmo_hybrid": olmo_hybrid,
+    "lara_mini": _absent("Lara-Mini", "lara_mini"),
 }
