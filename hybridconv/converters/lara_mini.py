@@ -112,8 +112,9 @@ def normalize_config(raw: dict) -> dict:
     rope = dict(pick(raw, "rope_parameters", default={}, kind=dict))
     rope.pop("type", None)
     rope.update(rope_type="default", rope_theta=theta)
+    if "partial_rotary_factor" in cfg:  # kept in rope_parameters; the whole head rotates (module docstring)
+        rope.setdefault("partial_rotary_factor", cfg.pop("partial_rotary_factor"))
     cfg["rope_parameters"] = rope
-    cfg.pop("partial_rotary_factor", None)  # kept in rope_parameters; the whole head rotates (module docstring)
 
     cfg["layer_types"] = _layer_types(raw, n)
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
