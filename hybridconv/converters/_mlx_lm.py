@@ -206,4 +206,7 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "qwen3_5_moe_text": qwen3_next,
     "olmo_hybrid": olmo_hybrid,
     "lara_mini": _absent("Lara-Mini", "lara_mini"),
+    "minimax": lambda cfg: _cannot("mlx-lm's 'minimax' module is MiniMax-M2 (softmax attention only, no lightning "
+                                   "attention): its ModelArgs requires shared_intermediate_size and rotary_dim, "
+                                   "and no configuration makes it build lightning layers"),
 }
