@@ -19,6 +19,13 @@ Each timing is the median of ``--repeat`` runs after a warm-up; the outputs of
 the two forms are compared (max |Δ|). Prints a table; ``--json`` writes it.
 
 Usage: python scripts/bench_lightning.py [--T 2048] [--repeat 3] [--json out.json]
+
+Measured (T = 2048, median of 3; MLX 0.32.4 CPU with the system OpenBLAS,
+2-core VM shared with other jobs, load average ~6): the core chunked 0.273 s
+vs steps 3.03 s (11x), outputs 1.9e-6 apart relative; the whole lightning
+layer, chunked prefill 3.92 s vs token by token through its cache 105 s (27x).
+Without the delta rule the chunked form needs no UT transform (all matmuls),
+so it wins on the CPU too, unlike the delta-rule cores.
 """
 
 from __future__ import annotations
