@@ -186,6 +186,38 @@ def olmo_hybrid(cfg: dict) -> MlxLm:
     return _ok()
 
 
+def bailing_hybrid(cfg: dict) -> MlxLm:
+    """mlx-lm's ``bailing_moe_v3`` module (chosen by ``architectures:
+    BailingMoeV3ForCausalLM``, which the converter writes); measured in
+    tests/test_arch_bailing_hybrid.py."""
+    n, g = cfg["num_hidden_layers"], cfg["layer_group_size"]
+    theirs = ["full_attention" if (i + 1) % g == 0 or i >= n // g * g else "linear_attention" for i in range(n)]
+    why = []
+    if cfg["layer_types"] != theirs:
+        why.append(f"layer_types is not MLA at every {g}th layer and after the last whole group (mlx-lm builds its "
+                   "schedule from layer_group_size only; its loader refuses the weights)")
+    mlps = cfg["mlp_layer_types"]
+    k = cfg["first_k_dense_replace"]
+    if mlps != ["dense"] * k + ["sparse"] * (n - k):
+        why.append(f"dense and MoE layers {mlps} are not the first k dense then all MoE")
+    if cfg.get("attention_bias"):
+        why.append("attention_bias (mlx-lm's MLA has no biases)")
+    if not cfg.get("kda_safe_gate", True):
+        why.append("kda_safe_gate false (mlx-lm implements only the bounded forget gate)")
+    if cfg["linear_num_heads"] != cfg["num_attention_heads"]:
+        why.append(f"linear_num_heads {cfg['linear_num_heads']} != num_attention_heads (mlx-lm's KDA has as many "
+                   "heads as MLA)")
+    if why:
+        return _cannot("; ".join(why))
+    if not cfg.get("norm_topk_prob", True):
+        return _differs("mlx-lm always renormalises the chosen experts' weights (norm_topk_prob is false here)")
+    if cfg["rms_norm_eps"] != 1e-6:
+        return _differs(f"mlx-lm's MLA latent norms use rms_norm_eps ({cfg['rms_norm_eps']}) where transformers "
+                        "uses 1e-6")
+    return _ok("through its bailing_moe_v3 module (architectures BailingMoeV3ForCausalLM, written by the "
+               "converter); measured 1.9e-6 on bailing_hybrid-tiny")
+
+
 CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "plamo2": plamo2,
     "recurrent_gemma": recurrent_gemma,
@@ -205,4 +237,9 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "qwen3_5_text": qwen3_next,  # Qwen3.5-MoE has experts in every layer, as mlx-lm builds it
     "qwen3_5_moe_text": qwen3_next,
     "olmo_hybrid": olmo_hybrid,
+    "lara_mini": _absent("Lara-Mini", "lara_mini"),
+    "minimax": lambda cfg: _cannot("mlx-lm's 'minimax' module is MiniMax-M2 (softmax attention only, no lightning "
+                                   "attention): its ModelArgs requires shared_intermediate_size and rotary_dim, "
+                                   "and no configuration makes it build lightning layers"),
+    "bailing_hybrid": bailing_hybrid,
 }
