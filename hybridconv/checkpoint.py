@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError, UsageError
-from .safetensors_io import TensorInfo, read_header
+from .safetensors_io import FP8_DTYPES, ITEMSIZE, BlockScale, TensorInfo, read_float32, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 # Copied verbatim into the output: tokenizer files and remote-code modules.
@@ -324,3 +324,193 @@ def read_front_matter(text: str) -> dict:
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# --- quantized sources ----------------------------------------------------------------------
+
+# Names of transformers' quant_method values, for messages about sources hybridconv
+# refuses (anything but fp8).
+QUANT_METHOD_NAMES = {
+    "gptq": "GPTQ", "awq": "AWQ", "bitsandbytes": "bitsandbytes", "compressed-tensors": "compressed-tensors",
+    "modelopt": "NVIDIA ModelOpt", "mxfp4": "MXFP4", "fbgemm_fp8": "FBGEMM FP8", "hqq": "HQQ", "quark": "Quark",
+    "torchao": "torchao", "eetq": "EETQ", "higgs": "HIGGS", "aqlm": "AQLM", "quanto": "Quanto", "vptq": "VPTQ",
+    "bitnet": "BitNet", "spqr": "SpQR", "fp_quant": "FP-Quant", "gguf": "GGUF", "exl2": "EXL2",
+}
+
+
+@dataclass(frozen=True)
+class Fp8Source:
+    """A checkpoint stored in FP8 with block scales (transformers' ``quant_method:
+    fp8``): ``block`` is ``weight_block_size`` (None: one scale per tensor)."""
+
+    block: tuple[int, int] | None
+    fmt: str | None = None  # the config's "fmt" (e4m3 / e5m2), informative: each tensor's dtype decides
+    activation_scheme: str | None = None
+    scale_fmt: str | None = None
+
+    def describe(self) -> dict:
+        return {"method": "fp8", "weight_block_size": list(self.block) if self.block else None,
+                "fmt": self.fmt, "activation_scheme": self.activation_scheme, "scale_fmt": self.scale_fmt}
+
+
+def _quantization_entries(raw: dict):
+    yield raw
+    for key in ("text_config", "llm_config"):  # a wrapper may state it in its language model's config
+        if isinstance(raw.get(key), dict):
+            yield raw[key]
+
+
+def source_quantization(raw: dict, label: str) -> Fp8Source | None:
+    """What quantization the checkpoint's config declares: None (float weights), an
+    :class:`Fp8Source` (read, dequantized), or refused: an MLX/hybridconv output
+    (``quantization``), or any other method, named in the message."""
+    for cfg in _quantization_entries(raw):
+        if cfg.get("quantization"):
+            raise UsageError(
+                f"{label}: is already quantized (an MLX checkpoint: config.json has 'quantization')",
+                "start from the float checkpoint (the Hugging Face original or a float `hybridconv convert` output)",
+            )
+    for cfg in _quantization_entries(raw):
+        q = cfg.get("quantization_config")
+        if not q:
+            continue
+        if not isinstance(q, dict):
+            raise CheckpointError(f"{label}: config.json's quantization_config is not an object")
+        method = q.get("quant_method")
+        if method == "fp8":
+            block = q.get("weight_block_size")
+            if block is not None and not (
+                isinstance(block, list) and len(block) == 2
+                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+            ):
+                raise CheckpointError(
+                    f"{label}: quantization_config.weight_block_size is {block!r}; expected [rows, cols] (or null)"
+                )
+            return Fp8Source(tuple(block) if block else None, q.get("fmt"), q.get("activation_scheme"),
+                             q.get("scale_fmt"))
+        detail = q.get("quant_algo") or q.get("format") or (
+            "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else None)
+        name = QUANT_METHOD_NAMES.get(method, repr(method))
+        raise UsageError(
+            f"{label}: is quantized with {name}{f' ({detail})' if detail else ''} "
+            f"(config.json: quantization_config.quant_method = {method!r}); hybridconv reads float checkpoints "
+            "and FP8 block-scaled ones (quant_method 'fp8') only",
+            "start from the float (bf16 / fp16 / fp32) or FP8 release of the model",
+        )
+    return None
+
+
+SCALE_SUFFIX = "_scale_inv"
+ACTIVATION_SCALES = (".activation_scale", ".input_scale")
+
+
+def scale_owner(name: str) -> str | None:
+    """The weight a scale tensor belongs to: ``X.weight_scale_inv`` -> ``X.weight``,
+    ``X.gate_up_proj_scale_inv`` -> ``X.gate_up_proj`` (transformers' names); None
+    for other tensors."""
+    return name[: -len(SCALE_SUFFIX)] if name.endswith(SCALE_SUFFIX) else None
+
+
+@dataclass
+class Fp8Pairs:
+    """The FP8 weights of a checkpoint and what goes with them: ``scales``
+    (scale tensor -> its weight) and ``activation_scales`` (per-layer input
+    scales of FP8 matmuls, unused once the weights are dequantized)."""
+
+    scales: dict[str, str] = field(default_factory=dict)
+    activation_scales: list[str] = field(default_factory=list)
+
+    @property
+    def weights(self) -> list[str]:
+        return list(self.scales.values())
+
+
+def attach_scales(index: WeightIndex, fp8: Fp8Source, label: str = "") -> tuple[WeightIndex, Fp8Pairs]:
+    """``index`` with every FP8 weight's :class:`~hybridconv.safetensors_io.BlockScale`
+    attached (its data is then read dequantized), checked from the headers alone:
+    every FP8 tensor has its scales, every scale tensor an FP8 weight, and the
+    scales tile the weight in blocks of ``fp8.block`` (partial blocks at the
+    edges). Fails naming the tensor otherwise."""
+    pairs = Fp8Pairs()
+    tensors = dict(index.tensors)
+    for name, t in index.tensors.items():
+        owner = scale_owner(name)
+        if owner is None:
+            if name.endswith(ACTIVATION_SCALES):
+                pairs.activation_scales.append(name)
+            continue
+        w = index.tensors.get(owner)
+        if w is None or w.dtype not in FP8_DTYPES:
+            found = "no such tensor" if w is None else f"it is {w.dtype}"
+            raise CheckpointError(
+                f"{label}: tensor '{name}' holds FP8 scales for '{owner}', but {found}",
+                "the checkpoint is incomplete or not an FP8 block-scaled one; fetch it again",
+            )
+        if len(w.shape) < 1 or not w.numel:
+            raise CheckpointError(f"{label}: FP8 tensor '{owner}' has shape {list(w.shape)}; expected a matrix")
+        if t.dtype not in ("F32", "BF16", "F16", "F8_E8M0"):
+            raise CheckpointError(f"{label}: scales '{name}' are {t.dtype}; expected a float dtype")
+        cols = w.shape[-1]
+        if t.numel == 1:  # one scale for the whole tensor: one block over its [rows, cols] view
+            view = (w.numel // cols, cols)
+            scale = BlockScale(t, view, view, w.begin)
+        else:
+            block = fp8.block or (w.shape[-2] if len(w.shape) > 1 else 1, cols)
+            rows = w.shape[-2] if len(w.shape) > 1 else 1
+            want = (*w.shape[:-2], -(-rows // block[0]), -(-cols // block[1]))
+            if len(w.shape) == 1:
+                want = (-(-cols // block[1]),)
+            if tuple(t.shape) != want:
+                raise CheckpointError(
+                    f"{label}: scales '{name}' have shape {list(t.shape)}; FP8 weight '{owner}' {list(w.shape)} "
+                    f"in blocks of {list(block)} needs {list(want)}",
+                    "config.json's quantization_config.weight_block_size does not match the checkpoint",
+                )
+            scale = BlockScale(t, tuple(block), tuple(w.shape), w.begin)
+        tensors[owner] = _replace_info(w, scale=scale)
+        pairs.scales[name] = owner
+    scaled = set(pairs.scales.values())
+    unscaled = [n for n, t in index.tensors.items() if t.dtype in FP8_DTYPES and n not in scaled]
+    if unscaled:
+        raise CheckpointError(
+            f"{label}: {len(unscaled)} FP8 tensor(s) without scales ('<name>{SCALE_SUFFIX}'): "
+            + ", ".join(f"'{n}'" for n in unscaled[:6]) + (" ..." if len(unscaled) > 6 else ""),
+            "the checkpoint is incomplete or uses an FP8 layout hybridconv does not read",
+        )
+    return WeightIndex(shards=index.shards, tensors=tensors, metadata=index.metadata), pairs
+
+
+def _replace_info(info: TensorInfo, **kw) -> TensorInfo:
+    from dataclasses import replace
+
+    return replace(info, **kw)
+
+
+def model_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """The checkpoint's tensors as a model reads them: for an FP8 block-scaled
+    checkpoint (:func:`source_quantization`), the FP8 weights with their scales
+    attached (read them with :func:`hybridconv.safetensors_io.read_float32`:
+    dequantized, float32) and the scale and activation-scale tensors left out;
+    otherwise every tensor as stored. The seam a PyTorch reference loads its
+    weights through, tensor by tensor or block by block."""
+    from .config import read_config
+
+    folder = Path(folder)
+    raw = read_config(folder)
+    index = index_weights(folder)
+    fp8 = source_quantization(raw, str(folder))
+    if fp8 is None:
+        return dict(index.tensors)
+    index, pairs = attach_scales(index, fp8, str(folder))
+    skip = set(pairs.scales) | set(pairs.activation_scales)
+    return {n: t for n, t in index.tensors.items() if n not in skip}
+
+
+def read_model_tensor(info: TensorInfo):
+    """One tensor of :func:`model_tensors` as numpy: float32 for an FP8 weight
+    (dequantized) and float32 for other floats; other dtypes as stored."""
+    from .safetensors_io import FLOAT_DTYPES, read_tensor
+
+    if info.scale is not None or info.dtype in FLOAT_DTYPES:
+        return read_float32(info)
+    return read_tensor(info)

@@ -56,19 +56,22 @@ def describe(p: Plan) -> dict:
     dropped tensors, size estimates, what mlx-lm does with the output)."""
     schedule = p.arch.schedule(p.config)
     rules = []
-    for rule in p.arch.rules(p.config):
-        touched = [s for s in p.steps if rule.matches(s.source)]
-        changed = [s for s in touched if rule.name in s.applied]
+    # What each rule did to the tensors that reached it (under the name the rules
+    # before it left), each source tensor once: a dropped tensor reaches no later
+    # rule, a split one counts once.
+    for i, rule in enumerate(p.rules):
+        touched = list(dict.fromkeys(s.source for s in p.steps if i in s.matched))
+        changed = sum(1 for _ in dict.fromkeys(s.source for s in p.steps if i in s.changed))
         rules.append(
             {
                 "rule": rule.name,
                 "description": rule.describe(),
                 "matches": len(touched),
-                "tensors": [s.source for s in touched],
-                "changes": len(changed),
+                "tensors": touched,
+                "changes": changed,
             }
         )
-    casts = [s.source for s in p.steps if "cast" in s.applied]
+    casts = list(dict.fromkeys(s.source for s in p.steps if "cast" in s.applied))
     rules.append(
         {
             "rule": "cast",
@@ -99,6 +102,9 @@ def describe(p: Plan) -> dict:
         "output_dtype": DTYPE_LABELS[p.dtype],
         "rules": rules,
         "dropped": [{"tensor": s.source, "reason": s.dropped_because} for s in p.dropped],
+        "wrapper": ({"model_type": p.arch.wrapper.model_type, "title": p.arch.wrapper.title}
+                    if p.arch.wrapper is not None else None),
+        "source_quantization": ({**p.fp8.describe(), "dequantized": len(p.dequantized)} if p.fp8 else None),
         "estimated_output_bytes": size_estimates(p),
         "estimate_note": f"N-bit: what `hybridconv quantize --bits N` writes (affine, group size {QUANT_GROUP}; "
         f"scales and unquantized tensors in {DTYPE_LABELS[p.dtype]}, protected tensors in float32); "

@@ -126,7 +126,8 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
         return run, label, kinds, model_type
 
     import transformers
-    from transformers import AutoModelForCausalLM
+
+    from .torch_source import decoder_layers, reference_loader
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -136,12 +137,16 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
             f"{source.label}: --trust-remote-code given, but config.json has no auto_map naming modeling code"
         )
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    # A multimodal wrapper runs as its image-text-to-text class; an FP8 source on its
+    # dequantized weights (torch_source.py: the seam a block-wise reference shares).
+    cls, where, extra = reference_loader(source.path, raw, trust_remote_code)
+    kwargs.update(extra)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=tdtype, **kwargs)
+        model = cls.from_pretrained(where, dtype=tdtype, **kwargs)
     except TypeError:  # transformers 4 spells it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), torch_dtype=tdtype, **kwargs)
+        model = cls.from_pretrained(where, torch_dtype=tdtype, **kwargs)
     model.eval()
-    layers = _decoder_layers(model, n)
+    layers = decoder_layers(model, n)
     label = f"transformers {type(model).__name__}" + (" (remote code)" if trust_remote_code else "")
     captured: list = []
 
