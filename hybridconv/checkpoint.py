@@ -1,9 +1,15 @@
 """Locating a checkpoint (local folder or Hub repo id) and indexing its weights.
 
 A Hub repo id is fetched with ``huggingface_hub.snapshot_download`` into the
-standard Hugging Face cache, limited to the files a conversion needs
-(:data:`HUB_PATTERNS`). With ``HF_HUB_OFFLINE=1`` an already cached snapshot is
-used without any network access.
+standard Hugging Face cache, limited to the files a conversion reads
+(:func:`download_plan`): the weight files the safetensors index names (or the
+``model*.safetensors`` files when there is no index), config.json, the index,
+and the small files carried into the output or read for the model card
+(tokenizer files, generation config, remote-code ``.py``, README, LICENSE).
+Any other weight file is never fetched — e.g. the Mistral-format
+``consolidated.safetensors`` that Mamba-Codestral ships beside its
+transformers shards (14.6 GB). With ``HF_HUB_OFFLINE=1`` an already cached
+snapshot is used without any network access.
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ CARRY_PATTERNS = [
     "generation_config.json",
     "*.py",
 ]
-# Files a conversion reads or carries over; weights in pickle formats are not fetched.
-HUB_PATTERNS = ["config.json", "*.safetensors", INDEX_NAME, "README.md", "LICENSE*", *CARRY_PATTERNS]
+# Files a conversion reads or carries over, besides the weights (download_plan);
+# weights in pickle formats are not fetched.
+METADATA_PATTERNS = ["config.json", INDEX_NAME, "README.md", "LICENSE*", *CARRY_PATTERNS]
+HUB_PATTERNS = [*METADATA_PATTERNS, "model*.safetensors"]  # offline: what a cached snapshot is checked for
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -107,12 +115,82 @@ def _hub_errors(repo_id: str, revision: str | None):
         raise
 
 
-def _download(repo_id: str, revision: str | None, allow_pickle: bool = False, **kwargs) -> Source:
-    from huggingface_hub import snapshot_download
+@dataclass
+class DownloadPlan:
+    """What :func:`_download` fetches from a Hub repo: ``files`` ``{name: bytes}``,
+    why these weights (``note``), and the repo's other weight files, not fetched."""
 
-    patterns = HUB_PATTERNS + (["*.bin", "pytorch_model.bin.index.json"] if allow_pickle else [])
+    commit: str | None
+    files: dict[str, int]
+    note: str
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.files.values())
+
+    def describe(self) -> dict:
+        return {"commit": self.commit, "files": [{"name": n, "bytes": b} for n, b in sorted(self.files.items())],
+                "bytes": self.bytes, "note": self.note,
+                "not_fetched": [{"name": n, "bytes": b} for n, b in sorted(self.skipped.items())]}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".npz", ".msgpack", ".h5")
+
+
+def download_plan(repo_id: str, revision: str | None = None, allow_pickle: bool = False) -> DownloadPlan:
+    """The files a conversion of ``repo_id`` downloads, with their sizes (module
+    docstring), from the repo's file list and its index (fetched first: it is
+    what names the weights). Pickle weights only with ``allow_pickle`` and no
+    safetensors."""
+    import fnmatch
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    sizes = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
+    top = {n: b for n, b in sizes.items() if "/" not in n}
+    rev = info.sha or revision
+    if INDEX_NAME in top:
+        index = json.loads(Path(hf_hub_download(repo_id, INDEX_NAME, revision=rev)).read_text(encoding="utf-8"))
+        named = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(named, dict):
+            raise CheckpointError(f"{repo_id}: {INDEX_NAME} is not a valid index (no 'weight_map' object)")
+        weights = {n: sizes.get(n, 0) for n in dict.fromkeys(named.values()) if isinstance(n, str)}
+        note = f"the {len(weights)} weight file(s) {INDEX_NAME} names"
+    else:
+        weights = {n: b for n, b in top.items() if fnmatch.fnmatch(n, "model*.safetensors")}
+        note = "model*.safetensors (no index)"
+    if not weights and allow_pickle:
+        pickle_index = "pytorch_model.bin.index.json"
+        if pickle_index in top:
+            named = json.loads(Path(hf_hub_download(repo_id, pickle_index, revision=rev)).read_text())["weight_map"]
+            weights = {n: sizes.get(n, 0) for n in dict.fromkeys(named.values())}
+            weights[pickle_index] = top[pickle_index]
+        else:
+            weights = {n: b for n, b in top.items() if n.endswith(PICKLE_SUFFIXES)}
+        note = "pickle weights (--allow-pickle; no safetensors)"
+    files = dict(weights)
+    for n, b in top.items():
+        if not n.endswith(WEIGHT_SUFFIXES) and any(fnmatch.fnmatch(n, pat) for pat in METADATA_PATTERNS):
+            files[n] = b
+    skipped = {n: b for n, b in sizes.items() if n.endswith(WEIGHT_SUFFIXES) and n not in files}
+    return DownloadPlan(rev, files, note, skipped)
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool = False, **kwargs) -> Source:
+    from huggingface_hub import constants, snapshot_download
+
     with _hub_errors(repo_id, revision):
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **kwargs)
+        if kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE:
+            patterns = HUB_PATTERNS + (["*.bin", "pytorch_model.bin.index.json"] if allow_pickle else [])
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **kwargs)
+        else:
+            _quiet_hub_logs()
+            plan = download_plan(repo_id, revision, allow_pickle)
+            # exact names: fnmatch patterns, so [ and ] are escaped
+            names = [re.sub(r"([\[\]*?])", r"[\1]", n) for n in plan.files]
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=names, **kwargs)
     path = Path(folder)
     commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision
     return Source(path=path, repo_id=repo_id, revision=commit)
@@ -126,25 +204,26 @@ def _quiet_hub_logs() -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
-def remote_headers(repo_id: str, revision: str | None) -> tuple[Source, "WeightIndex"]:
+def remote_headers(repo_id: str, revision: str | None) -> tuple[Source, "WeightIndex", DownloadPlan | None]:
     """config.json and the safetensors headers of a Hub repo, without the weights:
-    the headers come through HTTP range requests (``get_safetensors_metadata``).
-    A snapshot already in the local cache is used as is."""
+    the headers come through HTTP range requests (``get_safetensors_metadata``),
+    with what a conversion would download (:func:`download_plan`). A snapshot
+    already in the local cache is used as is (nothing to download: None)."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import NotASafetensorsRepoError
 
     try:
-        return (src := _download(repo_id, revision, local_files_only=True)), index_weights(src.path)
+        return (src := _download(repo_id, revision, local_files_only=True)), index_weights(src.path), None
     except CheckpointError:
         pass  # not (completely) cached: ask the Hub for headers only
     with _hub_errors(repo_id, revision):
-        # One plain request first, as snapshot_download makes: it fails at once when the
-        # Hub is unreachable, where the file requests below retry with back-off.
+        # One plain request first (the file list): it fails at once when the Hub is
+        # unreachable, where the file requests below retry with back-off.
         _quiet_hub_logs()
-        HfApi().repo_info(repo_id, revision=revision)
+        download = download_plan(repo_id, revision)
         try:
-            config = Path(hf_hub_download(repo_id, "config.json", revision=revision))
-            meta = HfApi().get_safetensors_metadata(repo_id, revision=revision)
+            config = Path(hf_hub_download(repo_id, "config.json", revision=download.commit or revision))
+            meta = HfApi().get_safetensors_metadata(repo_id, revision=download.commit or revision)
         except NotASafetensorsRepoError:
             raise CheckpointError(f"{repo_id}: no safetensors weights (model.safetensors or its index)") from None
     index = WeightIndex(shards=[])
@@ -155,7 +234,7 @@ def remote_headers(repo_id: str, revision: str | None) -> tuple[Source, "WeightI
             begin, end = t.data_offsets
             index.tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), shard, begin, end)
     commit = config.parent.name if re.fullmatch(r"[0-9a-f]{40}", config.parent.name) else revision
-    return Source(path=config.parent, repo_id=repo_id, revision=commit), index
+    return Source(path=config.parent, repo_id=repo_id, revision=commit), index, download
 
 
 @dataclass

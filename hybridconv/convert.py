@@ -92,6 +92,7 @@ class Plan:
     # decided from the tensor names), then the architecture's own.
     rules: list = field(default_factory=list)
     fp8: Fp8Source | None = None  # an FP8 block-scaled source (its weights are dequantized)
+    download: dict | None = None  # inspect on a Hub repo not cached: what convert would download
 
     @property
     def kept(self) -> list[Step]:

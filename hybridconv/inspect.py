@@ -22,8 +22,10 @@ def inspect_plan(source: str, revision: str | None = None, dtype: str | None = N
             return plan(src, dtype)
     if Path(source).expanduser().exists() or not REPO_ID.match(source):
         return plan(resolve(source, revision), dtype)
-    src, index = remote_headers(source, revision)
-    return plan(src, dtype, index)
+    src, index, download = remote_headers(source, revision)
+    p = plan(src, dtype, index)
+    p.download = download.describe() if download is not None else None
+    return p
 
 
 def size_estimates(p: Plan) -> dict:
@@ -102,6 +104,7 @@ def describe(p: Plan) -> dict:
         "output_dtype": DTYPE_LABELS[p.dtype],
         "rules": rules,
         "dropped": [{"tensor": s.source, "reason": s.dropped_because} for s in p.dropped],
+        "download": p.download,  # a Hub repo not in the cache: what convert would fetch, in bytes
         "wrapper": ({"model_type": p.arch.wrapper.model_type, "title": p.arch.wrapper.title}
                     if p.arch.wrapper is not None else None),
         "source_quantization": ({**p.fp8.describe(), "dequantized": len(p.dequantized)} if p.fp8 else None),

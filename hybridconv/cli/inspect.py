@@ -70,6 +70,20 @@ def inspect_cmd(
         if info["mlx_lm"].get("measured_with") else ""))
     head.add_row("source", f"{info['source_tensors']} tensors, {human_bytes(info['source_bytes'])}, "
                  f"{len(info['source_shards'])} shard(s)")
+    if info.get("wrapper"):
+        head.add_row("wrapper", f"{info['wrapper']['title']} ({info['wrapper']['model_type']}): its language model "
+                     f"is converted; {len(info['dropped'])} tensors dropped (see the rules)")
+    q = info.get("source_quantization")
+    if q:
+        block = "x".join(map(str, q["weight_block_size"])) if q["weight_block_size"] else "per tensor"
+        head.add_row("source quantization", f"FP8 block-scaled ({q.get('fmt') or 'e4m3'}, blocks {block}): "
+                     f"{q['dequantized']} weights dequantized in float32, then {info['output_dtype']}")
+    if info.get("download"):
+        d = info["download"]
+        skipped = d["not_fetched"]
+        head.add_row("download", f"{len(d['files'])} files, {human_bytes(d['bytes'])} ({d['note']})" + (
+            f"; not fetched: {', '.join(f['name'] for f in skipped[:4])}{' …' if len(skipped) > 4 else ''} "
+            f"({human_bytes(sum(f['bytes'] for f in skipped))})" if skipped else ""))
     console.print(head)
 
     layers = Table(title="layer schedule")
