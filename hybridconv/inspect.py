@@ -74,6 +74,7 @@ def describe(p: Plan) -> dict:
             }
         )
     casts = list(dict.fromkeys(s.source for s in p.steps if "cast" in s.applied))
+    consumed = {s.source for s in p.steps if "consume" in s.applied}
     rules.append(
         {
             "rule": "cast",
@@ -98,6 +99,9 @@ def describe(p: Plan) -> dict:
         ],
         "mlx_lm": mlx_lm_support(p.arch, p.config),
         "parameters": p.parameter_count,
+        # Every weight the checkpoint holds (a wrapper's vision tower and mtp.* included,
+        # FP8 scales not): what a model card counts; "parameters" is the converted model.
+        "source_parameters": sum(t.numel for n, t in p.index.tensors.items() if n not in consumed),
         "source_tensors": len(p.index.tensors),
         "source_bytes": p.index.total_bytes,
         "source_shards": [s.name for s in p.index.shards],

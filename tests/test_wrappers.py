@@ -233,3 +233,7 @@ def test_inspect_counts_each_tensor_once(tmp_path):
             assert not dropped & set(r["tensors"]), r["description"]
     assert sum(len(r["tensors"]) for r in info["rules"] if r["rule"] == "drop") == len(info["dropped"])
     assert len(by) == len(info["rules"])
+    # what a model card counts (the vision tower too) beside the converted language model
+    vision = sum(t.numel for n, t in plan(resolve(str(hybrid_case("wave3/minicpmv4_6-tiny")))).index.tensors.items()
+                 if not n.startswith(("model.language_model.", "lm_head.")))
+    assert info["source_parameters"] == info["parameters"] + vision

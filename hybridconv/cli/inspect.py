@@ -62,7 +62,9 @@ def inspect_cmd(
     head.add_column(style="bold")
     head.add_column()
     head.add_row("model_type", info["model_type"])
-    head.add_row("parameters", f"{info['parameters']:,}")
+    head.add_row("parameters", f"{info['parameters']:,}" + (
+        f" (the checkpoint holds {info['source_parameters']:,}: what it holds beyond the converted model is dropped)"
+        if info.get("source_parameters", info["parameters"]) != info["parameters"] else ""))
     head.add_row("hidden / vocab", f"{info['hidden_size']} / {info['vocab_size']}")
     head.add_row("tied embeddings", str(info["tie_word_embeddings"]))
     head.add_row("mlx-lm", escape(info["mlx_lm"]["line"]) + (
