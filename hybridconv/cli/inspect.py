@@ -25,7 +25,7 @@ def inspect_cmd(
     """Show what a conversion would do, reading only config.json and safetensors headers.
 
     For a Hub repo id that is not in the local cache, the headers are fetched with HTTP
-    range requests: no weights are downloaded.
+    range requests: no weights are downloaded; it says what convert would download, in bytes.
 
     Architecture, layer schedule (index -> mamba / attention / recurrent, with attention
     windows), parameter count, what each rule does to which tensors, and the estimated output
