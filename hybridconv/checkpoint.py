@@ -181,19 +181,39 @@ def download_plan(repo_id: str, revision: str | None = None, allow_pickle: bool 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool = False, **kwargs) -> Source:
     from huggingface_hub import constants, snapshot_download
 
+    cached = HUB_PATTERNS + (["*.bin", "pytorch_model.bin.index.json"] if allow_pickle else [])
     with _hub_errors(repo_id, revision):
         if kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE:
-            patterns = HUB_PATTERNS + (["*.bin", "pytorch_model.bin.index.json"] if allow_pickle else [])
-            folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, **kwargs)
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=cached, **kwargs)
         else:
             _quiet_hub_logs()
-            plan = download_plan(repo_id, revision, allow_pickle)
-            # exact names: fnmatch patterns, so [ and ] are escaped
-            names = [re.sub(r"([\[\]*?])", r"[\1]", n) for n in plan.files]
-            folder = snapshot_download(repo_id, revision=revision, allow_patterns=names, **kwargs)
+            try:
+                plan = download_plan(repo_id, revision, allow_pickle)
+            except Exception as exc:
+                if not _unreachable(exc):
+                    raise
+                # No network: a cached snapshot serves, as snapshot_download would fall back to it.
+                folder = snapshot_download(repo_id, revision=revision, allow_patterns=cached, local_files_only=True)
+            else:
+                # exact names: fnmatch patterns, so [ and ] are escaped
+                names = [re.sub(r"([\[\]*?])", r"[\1]", n) for n in plan.files]
+                folder = snapshot_download(repo_id, revision=revision, allow_patterns=names, **kwargs)
     path = Path(folder)
     commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else revision
     return Source(path=path, repo_id=repo_id, revision=commit)
+
+
+def _unreachable(exc: Exception) -> bool:
+    """Whether ``exc`` says the Hub could not be reached (not that it answered no)."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(exc, OfflineModeIsEnabled):
+        return True
+    if isinstance(exc, HfHubHTTPError):  # it answered: 404, 401, gated, ... (5xx: down)
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        return status is not None and status >= 500
+    name = type(exc).__name__.lower()
+    return isinstance(exc, (ConnectionError, TimeoutError)) or "connect" in name or "timeout" in name
 
 
 def _quiet_hub_logs() -> None:

@@ -116,3 +116,18 @@ def test_cached_snapshot_is_used_offline(hub, tmp_path, monkeypatch):
     convert("mistralai/codestral-tiny", tmp_path / "b", dtype="float32")
     assert len(hub.requests) == n  # nothing asked of the Hub
     assert describe(inspect_plan("mistralai/codestral-tiny"))["download"] is None  # cached: nothing to fetch
+
+
+def test_cached_snapshot_serves_when_the_hub_is_unreachable(hub, tmp_path, monkeypatch):
+    """No network (and no HF_HUB_OFFLINE): the cached snapshot is used, as
+    snapshot_download itself falls back to it."""
+    import huggingface_hub.constants as hc
+
+    repo, _ = _codestral_like(tmp_path)
+    hub.add_model("mistralai/codestral-tiny", repo)
+    convert("mistralai/codestral-tiny", tmp_path / "a", dtype="float32")
+    dead = "http://127.0.0.1:9"  # nothing listens on the discard port
+    monkeypatch.setattr(hc, "ENDPOINT", dead)
+    monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    convert("mistralai/codestral-tiny", tmp_path / "b", dtype="float32")
+    assert (tmp_path / "b" / "conversion.json").is_file()
