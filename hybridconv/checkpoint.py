@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError, UsageError
-from .safetensors_io import FP8_DTYPES, ITEMSIZE, BlockScale, TensorInfo, read_float32, read_header
+from .safetensors_io import FP8_DTYPES, BlockScale, TensorInfo, read_float32, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 # Copied verbatim into the output: tokenizer files and remote-code modules.

@@ -27,7 +27,7 @@ from hybridconv.convert import convert, plan
 from hybridconv.errors import HybridconvError, LedgerError
 
 from . import arch_checks
-from .conftest import assert_logits_close, decode_logits, hybrid_case, oracle_logits, torch_logits
+from .conftest import assert_logits_close, decode_logits, hybrid_case, oracle_logits
 
 CASES = {  # wave3 case -> (written model_type, block kinds, language-model prefix in the source, head tied)
     "wave3/lfm2_vl-tiny": ("lfm2", ["conv", "attention", "conv", "attention"], "model.language_model.", True),

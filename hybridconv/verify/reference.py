@@ -81,16 +81,6 @@ def _remote_code_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.py"))
 
 
-def _decoder_layers(model, n_layers: int):
-    """The ModuleList holding the decoder blocks (found by its length)."""
-    import torch.nn as nn
-
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise CheckpointError(f"cannot find the {n_layers} decoder blocks in the reference model")
-
-
 def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     """(callable ids -> logits with block hooks, implementation label, block kinds)."""
     import torch
