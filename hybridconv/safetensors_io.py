@@ -170,8 +170,8 @@ def _fp8_table(dtype: str) -> np.ndarray:
         return table
     codes = np.arange(256)
     if dtype == "F8_E8M0":
-        table = np.ldexp(np.float32(1.0), codes - 127).astype(np.float32)
-        table[255] = np.nan
+        table = np.full(256, np.nan, dtype=np.float32)  # 255: NaN
+        table[:255] = np.ldexp(1.0, codes[:255] - 127)
     else:
         ebits, mbits, bias = (4, 3, 7) if dtype == "F8_E4M3" else (5, 2, 15)
         sign = np.where(codes >> 7, -1.0, 1.0)

@@ -284,3 +284,33 @@ def test_other_quantized_sources_are_refused_naming_the_method(tmp_path, qc, nee
     with pytest.raises(UsageError, match=needle.replace("(", r"\(").replace(")", r"\)")) as err:
         plan(resolve(str(src)))
     assert "quant_method 'fp8'" in str(err.value)
+
+
+def test_dequantize_any_window_and_scale_dtypes(tmp_path):
+    """safetensors_io.dequantize on arbitrary element windows of a 3-D FP8 weight
+    (partial rows, whole rows, across the leading axis) with float32, bf16 and
+    e8m0 scales equals the format's definition."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hybridconv.safetensors_io import BlockScale, dequantize, read_header
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 70, 50, generator=g)
+    q, s = fp8_blocks(w)
+    e8m0 = torch.randint(120, 134, s.shape, generator=g, dtype=torch.uint8)
+    cases = {"f32": s, "bf16": s.to(torch.bfloat16), "e8m0": e8m0.view(torch.float8_e8m0fnu)}
+    for kind, scale in cases.items():
+        path = tmp_path / f"{kind}.safetensors"
+        save_file({"w": q, "w_scale_inv": scale}, str(path))
+        infos, _ = read_header(path)
+        bs = BlockScale(infos["w_scale_inv"], BLOCK, tuple(q.shape), infos["w"].begin)
+        sf = (2.0 ** (e8m0.float() - 127)) if kind == "e8m0" else scale.float()
+        want = dequant_reference(q, sf).reshape(-1).numpy()
+        raw = q.view(torch.uint8).reshape(-1).numpy()
+        rng = np.random.default_rng(1)
+        for first, n in [(0, raw.size), (0, 50), (17, 33), (49, 2), (3450, 200), (123, 5000)] + [
+                tuple(sorted(rng.integers(0, raw.size, 2))) for _ in range(10)]:
+            n = max(1, min(n, raw.size - first)) if (first, n) != (0, raw.size) else n
+            got = dequantize(raw[first:first + n], "F8_E4M3", bs, first)
+            assert np.array_equal(got, want[first:first + n]), (kind, first, n)
