@@ -190,12 +190,12 @@ def fp8_rules(fp8: Fp8Source, pairs: Fp8Pairs) -> list:
     out = [
         Dequantize(frozenset(pairs.weights), fp8.block),
         Consume(dict(pairs.scales), "FP8 block scales of '{owner}': multiplied into it (dequantized)",
-                "FP8 block scales *_scale_inv"),
+                "FP8 block scales *_scale_inv", "multiplied into their weights as they are dequantized"),
     ]
     if pairs.activation_scales:
         out.append(Consume({n: n.rsplit(".", 1)[0] for n in pairs.activation_scales},
                            "FP8 activation scale of '{owner}': only FP8 matmuls use it; the weights are dequantized",
-                           "FP8 activation scales"))
+                           "FP8 activation scales", "not needed: only FP8 matmuls use them"))
     return out
 
 

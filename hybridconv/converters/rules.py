@@ -141,6 +141,7 @@ class Consume(Rule):
     owners: dict  # tensor -> the tensor it belongs to
     reason: str
     what: str
+    summary: str = ""  # what happens to them, for the rule table
     name = "consume"
 
     def matches(self, name: str) -> bool:
@@ -154,7 +155,7 @@ class Consume(Rule):
         return meta
 
     def describe(self) -> str:
-        return f"{self.what} ({len(self.owners)}): {self.reason.format(owner='the weight')}"
+        return f"{self.what} ({len(self.owners)}): {self.summary or self.reason.format(owner='their tensor')}"
 
 
 @dataclass
