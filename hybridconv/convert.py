@@ -30,14 +30,29 @@ from . import __version__, interrupt
 from .checkpoint import (
     CARRY_PATTERNS,
     INDEX_NAME,
+    Fp8Pairs,
+    Fp8Source,
     Source,
     WeightIndex,
+    attach_scales,
     index_weights,
     source_folder,
+    source_quantization,
 )
 from .config import read_config
 from .converters import Architecture, layer_of, lookup
-from .converters.rules import Meta, Step, apply_whole, merge_regroups, merge_stacks, plan_tensors, scale_rows
+from .converters._wrappers import text_roots, layout_rules
+from .converters.rules import (
+    Consume,
+    Dequantize,
+    Meta,
+    Step,
+    apply_whole,
+    merge_regroups,
+    merge_stacks,
+    plan_tensors,
+    scale_rows,
+)
 from .errors import CheckpointError, LedgerError, OutputError, UsageError
 from .safetensors_io import (
     DTYPE_NAMES,
@@ -49,8 +64,10 @@ from .safetensors_io import (
     copy_bytes,
     has_nonfinite,
     header_bytes,
+    iter_float_chunks,
     iter_raw_chunks,
     read_tensor,
+    rows_float32,
     scan_nonfinite,
     to_float32,
     write_all,
@@ -71,6 +88,11 @@ class Plan:
     steps: list[Step] = field(default_factory=list)  # one per source tensor (per part of a split one)
     expected: dict[str, tuple[int, ...]] = field(default_factory=dict)
     outputs: list[Step] | None = None  # the written tensors, stacked experts merged (merge_stacks)
+    # The rules, in order: where the language model lies (converters._wrappers,
+    # decided from the tensor names), then the architecture's own.
+    rules: list = field(default_factory=list)
+    fp8: Fp8Source | None = None  # an FP8 block-scaled source (its weights are dequantized)
+    download: dict | None = None  # inspect on a Hub repo not cached: what convert would download
 
     @property
     def kept(self) -> list[Step]:
@@ -93,6 +115,11 @@ class Plan:
             total += n
         return total
 
+    @property
+    def dequantized(self) -> list[str]:
+        """The source tensors read dequantized from FP8 (in source order)."""
+        return list(dict.fromkeys(s.source for s in self.steps if s.dequantized))
+
     def output_bytes(self) -> int:
         return sum(_nbytes(s.dtype, s.shape) for s in self.kept)
 
@@ -104,12 +131,16 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return n
 
 
-def default_dtype(raw_config: dict, index: WeightIndex) -> str:
-    """The checkpoint's own dtype: config's dtype/torch_dtype, else the commonest float."""
+def default_dtype(raw_config: dict, index: WeightIndex, fp8: bool = False) -> str:
+    """The checkpoint's own dtype: config's dtype/torch_dtype, else the commonest float;
+    for an FP8 source (whose weights are no float dtype of ours) the config's, else
+    bfloat16."""
     for key in ("dtype", "torch_dtype"):
         value = raw_config.get(key)
         if isinstance(value, str) and value in DTYPE_NAMES:
             return DTYPE_NAMES[value]
+    if fp8:
+        return "BF16"
     counts = Counter(t.dtype for t in index.tensors.values() if t.dtype in FLOAT_DTYPES)
     code = counts.most_common(1)[0][0] if counts else "F32"
     return code if code in DTYPE_LABELS else "F32"
@@ -132,18 +163,18 @@ def plan(source: Source | str | Path, dtype: str | None = None, index: WeightInd
         source = resolve(str(source))
     raw = read_config(source.path)
     arch = lookup(raw)
-    if raw.get("quantization") or raw.get("quantization_config"):
-        raise UsageError(
-            f"{source.label}: is already quantized",
-            "start from the float checkpoint (the Hugging Face original or a float `hybridconv convert` output)",
-        )
+    fp8 = source_quantization(raw, source.label)  # other quantized sources are refused, naming the method
     config = arch.normalize_config(raw)
     index = index if index is not None else index_weights(source.path)
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
-    code = DTYPE_NAMES[dtype] if dtype else default_dtype(raw, index)
-    p = Plan(source, arch, raw, config, index, code)
-    rules = arch.rules(config)
+    quant_rules = []
+    if fp8 is not None:
+        index, pairs = attach_scales(index, fp8, source.label)
+        quant_rules = fp8_rules(fp8, pairs)
+    code = DTYPE_NAMES[dtype] if dtype else default_dtype(raw, index, fp8 is not None)
+    p = Plan(source, arch, raw, config, index, code, fp8=fp8)
+    rules = p.rules = quant_rules + layout_rules(index.tensors, arch) + arch.rules(config)
     p.steps = [
         s for t in index.tensors.values() for s in plan_tensors(Meta(t.name, t.dtype, t.shape), rules, code)
     ]
@@ -151,6 +182,21 @@ def plan(source: Source | str | Path, dtype: str | None = None, index: WeightInd
     p.expected = expected_parameters(arch, config)
     check_ledger(p)
     return p
+
+
+def fp8_rules(fp8: Fp8Source, pairs: Fp8Pairs) -> list:
+    """The rules of an FP8 block-scaled source, first in the plan: dequantize the
+    FP8 weights, consume their scales, leave out the activation scales."""
+    out = [
+        Dequantize(frozenset(pairs.weights), fp8.block),
+        Consume(dict(pairs.scales), "FP8 block scales of '{owner}': multiplied into it (dequantized)",
+                "FP8 block scales *_scale_inv", "multiplied into their weights as they are dequantized"),
+    ]
+    if pairs.activation_scales:
+        out.append(Consume({n: n.rsplit(".", 1)[0] for n in pairs.activation_scales},
+                           "FP8 activation scale of '{owner}': only FP8 matmuls use it; the weights are dequantized",
+                           "FP8 activation scales", "not needed: only FP8 matmuls use them"))
+    return out
 
 
 def check_ledger(p: Plan) -> None:
@@ -176,7 +222,7 @@ def check_ledger(p: Plan) -> None:
             f"{len(unexpected)} source tensor(s) match no parameter of {p.arch.title}: "
             + ", ".join(f"'{targets[n].source}'" for n in unexpected[:8])
             + (" ..." if len(unexpected) > 8 else ""),
-            "the checkpoint does not match its config (or holds extra tensors); check config.json",
+            _unexpected_hint(p, unexpected),
         )
     missing = sorted(set(p.expected) - set(targets))
     if missing:
@@ -200,6 +246,21 @@ def check_ledger(p: Plan) -> None:
                 f"implies {list(want)}{_implied_by(p.raw_config, tuple(step.shape), want)}",
                 "config.json and the weights disagree; check the sizes in config.json",
             )
+
+
+def _unexpected_hint(p: Plan, unexpected: list[str]) -> str:
+    """Blame config.json only where the names fit the model and the config does not:
+    tensors outside the model's own roots are a layout (or extra tensors), not a
+    config error."""
+    trunk, _ = text_roots(p.arch)
+    roots = {trunk, "lm_head"}
+    outside = sorted({n.split(".")[0] for n in unexpected if n.split(".")[0] not in roots})
+    if outside:
+        return (f"names under {', '.join(repr(r + '.') for r in outside)} are not part of this model, whose tensors "
+                f"are named '{trunk}.*' and 'lm_head.weight' (with or without a wrapper's prefix); the checkpoint "
+                "holds extra tensors or a layout hybridconv does not know")
+    return ("the tensors are named as this model's, but config.json describes other modules "
+            "(e.g. another layer kind at those indices); check config.json")
 
 
 def _implied_by(raw: dict, got: tuple[int, ...], want: tuple[int, ...]) -> str:
@@ -237,6 +298,9 @@ def output_config(p: Plan) -> dict:
     # Keys starting with "_" are the converter's notes for planning (e.g. that
     # this conversion folds a norm offset), not part of the written config.
     cfg = {k: v for k, v in p.config.items() if not k.startswith("_")}
+    # The source's quantization (FP8, dequantized here) does not describe the output;
+    # quantize writes its own.
+    cfg.pop("quantization_config", None)
     label = DTYPE_LABELS[p.dtype]
     cfg["torch_dtype"] = label
     cfg["dtype"] = label
@@ -462,25 +526,25 @@ def _write_shards(p, tmp, progress, names, groups, weight_map, buf, nonfinite, s
                         nonfinite.append(info.name)
                 elif s.transpose or s.add is not None or isinstance(s.scale, tuple):
                     # conv kernels, offset norms, per-row scales: small, transformed whole
-                    raw = read_tensor(info, src)
-                    if has_nonfinite(raw, info.dtype):
+                    raw, raw_dtype = read_tensor(info, src), info.dtype
+                    if info.scale is not None:  # FP8: dequantized first
+                        raw, raw_dtype = rows_float32(info, raw).reshape(info.shape), "F32"
+                    if has_nonfinite(raw, raw_dtype):
                         nonfinite.append(info.name)
-                    raw, raw_dtype = apply_whole(raw, s, info.dtype)
+                    raw, raw_dtype = apply_whole(raw, s, raw_dtype)
                     write_all(dst, np.ascontiguousarray(convert_raw(raw, raw_dtype, s.dtype)))
                     if progress:
                         progress(info.nbytes, s.source)
                 else:  # cast in bounded chunks
                     bad = False
-                    for chunk in iter_raw_chunks(info, src, buf):
+                    for chunk, chunk_dtype, nbytes in iter_float_chunks(info, src, buf):  # FP8: dequantized
                         interrupt.check()
-                        bad = bad or has_nonfinite(chunk, info.dtype)
+                        bad = bad or has_nonfinite(chunk, chunk_dtype)
                         if s.scale is not None:  # a folded constant: float32, then one cast
-                            chunk, chunk_dtype = scale_rows(to_float32(chunk, info.dtype), s.scale), "F32"
-                        else:
-                            chunk_dtype = info.dtype
+                            chunk, chunk_dtype = scale_rows(to_float32(chunk, chunk_dtype), s.scale), "F32"
                         write_all(dst, convert_raw(chunk, chunk_dtype, s.dtype))
                         if progress:
-                            progress(chunk.nbytes, s.source)
+                            progress(nbytes, s.source)
                     if bad:
                         nonfinite.append(info.name)
         for name_, dtype, shape in entries:
@@ -570,12 +634,12 @@ def _write_ranges(p: Plan, it: WriteItem, src, shard, dst, buf, progress) -> lis
             return it.quantizer.write_quantized_ranges(ranges, it, open_file, dst, progress)
         bad: list[str] = []
         for r in ranges:
-            for chunk in iter_raw_chunks(r, open_file(r.file), buf):
-                if r.name not in bad and has_nonfinite(chunk, r.dtype):
+            for chunk, chunk_dtype, nbytes in iter_float_chunks(r, open_file(r.file), buf):  # FP8: dequantized
+                if r.name not in bad and has_nonfinite(chunk, chunk_dtype):
                     bad.append(r.name)
-                write_all(dst, convert_raw(chunk, r.dtype, s.dtype))
+                write_all(dst, convert_raw(chunk, chunk_dtype, s.dtype))
                 if progress:
-                    progress(chunk.nbytes, s.source)
+                    progress(nbytes, s.source)
         return bad
     finally:
         for path, f in files.items():
@@ -620,7 +684,8 @@ def ledger_record(p: Plan) -> dict:
         "source_revision": p.source.revision,
         "model_type": p.arch.model_type,
         "dtype": DTYPE_LABELS[p.dtype],
-        "rules": [r.describe() for r in p.arch.rules(p.config)],
+        "rules": [r.describe() for r in p.rules],
+        **({"source_quantization": {**p.fp8.describe(), "dequantized": p.dequantized}} if p.fp8 else {}),
         "tensors": [
             {
                 "source": s.source,

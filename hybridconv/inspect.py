@@ -22,8 +22,10 @@ def inspect_plan(source: str, revision: str | None = None, dtype: str | None = N
             return plan(src, dtype)
     if Path(source).expanduser().exists() or not REPO_ID.match(source):
         return plan(resolve(source, revision), dtype)
-    src, index = remote_headers(source, revision)
-    return plan(src, dtype, index)
+    src, index, download = remote_headers(source, revision)
+    p = plan(src, dtype, index)
+    p.download = download.describe() if download is not None else None
+    return p
 
 
 def size_estimates(p: Plan) -> dict:
@@ -56,19 +58,23 @@ def describe(p: Plan) -> dict:
     dropped tensors, size estimates, what mlx-lm does with the output)."""
     schedule = p.arch.schedule(p.config)
     rules = []
-    for rule in p.arch.rules(p.config):
-        touched = [s for s in p.steps if rule.matches(s.source)]
-        changed = [s for s in touched if rule.name in s.applied]
+    # What each rule did to the tensors that reached it (under the name the rules
+    # before it left), each source tensor once: a dropped tensor reaches no later
+    # rule, a split one counts once.
+    for i, rule in enumerate(p.rules):
+        touched = list(dict.fromkeys(s.source for s in p.steps if i in s.matched))
+        changed = sum(1 for _ in dict.fromkeys(s.source for s in p.steps if i in s.changed))
         rules.append(
             {
                 "rule": rule.name,
                 "description": rule.describe(),
                 "matches": len(touched),
-                "tensors": [s.source for s in touched],
-                "changes": len(changed),
+                "tensors": touched,
+                "changes": changed,
             }
         )
-    casts = [s.source for s in p.steps if "cast" in s.applied]
+    casts = list(dict.fromkeys(s.source for s in p.steps if "cast" in s.applied))
+    consumed = {s.source for s in p.steps if "consume" in s.applied}
     rules.append(
         {
             "rule": "cast",
@@ -93,12 +99,19 @@ def describe(p: Plan) -> dict:
         ],
         "mlx_lm": mlx_lm_support(p.arch, p.config),
         "parameters": p.parameter_count,
+        # Every weight the checkpoint holds (a wrapper's vision tower and mtp.* included,
+        # FP8 scales not): what a model card counts; "parameters" is the converted model.
+        "source_parameters": sum(t.numel for n, t in p.index.tensors.items() if n not in consumed),
         "source_tensors": len(p.index.tensors),
         "source_bytes": p.index.total_bytes,
         "source_shards": [s.name for s in p.index.shards],
         "output_dtype": DTYPE_LABELS[p.dtype],
         "rules": rules,
         "dropped": [{"tensor": s.source, "reason": s.dropped_because} for s in p.dropped],
+        "download": p.download,  # a Hub repo not in the cache: what convert would fetch, in bytes
+        "wrapper": ({"model_type": p.arch.wrapper.model_type, "title": p.arch.wrapper.title}
+                    if p.arch.wrapper is not None else None),
+        "source_quantization": ({**p.fp8.describe(), "dequantized": len(p.dequantized)} if p.fp8 else None),
         "estimated_output_bytes": size_estimates(p),
         "estimate_note": f"N-bit: what `hybridconv quantize --bits N` writes (affine, group size {QUANT_GROUP}; "
         f"scales and unquantized tensors in {DTYPE_LABELS[p.dtype]}, protected tensors in float32); "

@@ -48,6 +48,10 @@ def convert_cmd(
     Streams tensor by tensor (peak memory: a 64 MB chunk, not the model), accounts for every
     tensor (kept, transformed or dropped with a reason) and every model parameter, and writes
     into a temporary folder that is renamed to OUT only when complete.
+
+    A multimodal release converts its language model (vision tensors dropped, listed in the
+    ledger); an FP8 block-scaled source (quant_method fp8) is dequantized exactly, bfloat16
+    by default.
     """
     if not quantize:
         refuse_unused(ctx, ("bits", "group_size", "mode", "recipe"), "quantization options need --quantize (-q)",

@@ -25,7 +25,7 @@ def inspect_cmd(
     """Show what a conversion would do, reading only config.json and safetensors headers.
 
     For a Hub repo id that is not in the local cache, the headers are fetched with HTTP
-    range requests: no weights are downloaded.
+    range requests: no weights are downloaded; it says what convert would download, in bytes.
 
     Architecture, layer schedule (index -> mamba / attention / recurrent, with attention
     windows), parameter count, what each rule does to which tensors, and the estimated output
@@ -62,7 +62,9 @@ def inspect_cmd(
     head.add_column(style="bold")
     head.add_column()
     head.add_row("model_type", info["model_type"])
-    head.add_row("parameters", f"{info['parameters']:,}")
+    head.add_row("parameters", f"{info['parameters']:,}" + (
+        f" (the checkpoint holds {info['source_parameters']:,}: what it holds beyond the converted model is dropped)"
+        if info.get("source_parameters", info["parameters"]) != info["parameters"] else ""))
     head.add_row("hidden / vocab", f"{info['hidden_size']} / {info['vocab_size']}")
     head.add_row("tied embeddings", str(info["tie_word_embeddings"]))
     head.add_row("mlx-lm", escape(info["mlx_lm"]["line"]) + (
@@ -70,6 +72,20 @@ def inspect_cmd(
         if info["mlx_lm"].get("measured_with") else ""))
     head.add_row("source", f"{info['source_tensors']} tensors, {human_bytes(info['source_bytes'])}, "
                  f"{len(info['source_shards'])} shard(s)")
+    if info.get("wrapper"):
+        head.add_row("wrapper", f"{info['wrapper']['title']} ({info['wrapper']['model_type']}): its language model "
+                     f"is converted; {len(info['dropped'])} tensors dropped (see the rules)")
+    q = info.get("source_quantization")
+    if q:
+        block = "x".join(map(str, q["weight_block_size"])) if q["weight_block_size"] else "per tensor"
+        head.add_row("source quantization", f"FP8 block-scaled ({q.get('fmt') or 'e4m3'}, blocks {block}): "
+                     f"{q['dequantized']} weights dequantized in float32, then {info['output_dtype']}")
+    if info.get("download"):
+        d = info["download"]
+        skipped = d["not_fetched"]
+        head.add_row("download", f"{len(d['files'])} files, {human_bytes(d['bytes'])} ({d['note']})" + (
+            f"; not fetched: {', '.join(f['name'] for f in skipped[:4])}{' …' if len(skipped) > 4 else ''} "
+            f"({human_bytes(sum(f['bytes'] for f in skipped))})" if skipped else ""))
     console.print(head)
 
     layers = Table(title="layer schedule")

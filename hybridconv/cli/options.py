@@ -19,7 +19,7 @@ SourceArg = Annotated[
     str,
     typer.Argument(
         help="A local Hugging Face checkpoint folder, or a Hub repo id (ORG/NAME) to download "
-        "into the Hugging Face cache.",
+        "into the Hugging Face cache (only the weight files its index names, config and tokenizer files).",
         show_default=False,
     ),
 ]

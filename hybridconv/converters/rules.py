@@ -60,6 +60,11 @@ class Step:
     # rows [a, b) along axis 0 of the concatenation of ``parts``.
     regroup: tuple[str, int] | None = None
     rows: tuple[int, int] | None = None
+    dequantized: bool = False  # read from an FP8 block-scaled source (Dequantize)
+    # Indices (in the plan's rule list) of the rules this tensor reached and matched,
+    # and of those that changed it: what ``inspect`` counts, once per tensor.
+    matched: list[int] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)
 
 
 class Rule:
@@ -95,6 +100,62 @@ class Drop(Rule):
 
     def describe(self) -> str:
         return f"drop {self.what or '/' + self.regex + '/'}: {self.reason}"
+
+
+@dataclass
+class Dequantize(Rule):
+    """FP8 block-scaled weights (``names``, the source's, paired with their
+    ``weight_scale_inv`` by :func:`hybridconv.checkpoint.attach_scales`) are
+    read dequantized — each block's codes times its scale, in float32 — and
+    then cast to the output dtype like any float tensor. Matched by exact name
+    (first in the rules, on the source names); an output holds no FP8 tensor,
+    so converting it again finds none."""
+
+    names: frozenset
+    block: tuple[int, int] | None
+    name = "dequantize-fp8"
+
+    def matches(self, name: str) -> bool:
+        return name in self.names
+
+    def plan(self, step: Step, meta: Meta) -> Meta:
+        kind = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}.get(meta.dtype, meta.dtype)
+        blocks = f"{self.block[0]}x{self.block[1]} blocks" if self.block else "one scale per tensor"
+        step.dequantized = True
+        step.actions.append(f"dequantize {kind} ({blocks}, scales '{meta.name}_scale_inv') -> float32")
+        step.applied.append(self.name)
+        return Meta(meta.name, "F32", meta.shape)
+
+    def describe(self) -> str:
+        blocks = f"{self.block[0]}x{self.block[1]} blocks" if self.block else "one scale per tensor"
+        return f"dequantize the {len(self.names)} FP8 weights ({blocks}, their *_scale_inv) in float32"
+
+
+@dataclass
+class Consume(Rule):
+    """Tensors used up by another rule (FP8 block scales, multiplied into their
+    weight by :class:`Dequantize`) or not needed once it has run (FP8
+    activation scales): not written, with ``reason`` (a format string with
+    ``{owner}``: the tensor it belongs to) in the ledger."""
+
+    owners: dict  # tensor -> the tensor it belongs to
+    reason: str
+    what: str
+    summary: str = ""  # what happens to them, for the rule table
+    name = "consume"
+
+    def matches(self, name: str) -> bool:
+        return name in self.owners
+
+    def plan(self, step: Step, meta: Meta) -> Meta:
+        step.target = None
+        step.dropped_because = self.reason.format(owner=self.owners[meta.name])
+        step.actions.append(f"consumed: {step.dropped_because}")
+        step.applied.append(self.name)
+        return meta
+
+    def describe(self) -> str:
+        return f"{self.what} ({len(self.owners)}): {self.summary or self.reason.format(owner='their tensor')}"
 
 
 @dataclass
@@ -353,7 +414,7 @@ def merge_regroups(steps: list[Step], rules: list[Rule]) -> list[Step]:
                 source=first.source, target=target, dtype=first.dtype, shape=(n, *first.shape[1:]),
                 actions=[f"rows {a}..{a + n} of the concatenation of " + ", ".join(p.source for p in pieces)],
                 applied=list(dict.fromkeys(first.applied)), keep_float32=first.keep_float32,
-                parts=tuple(p.source for p in pieces), rows=(a, a + n),
+                parts=tuple(p.source for p in pieces), rows=(a, a + n), dequantized=first.dequantized,
             ))
             a += n
     return out
@@ -460,7 +521,8 @@ def plan_tensors(meta: Meta, rules: list[Rule], dtype: str | None) -> list[Step]
         shape = list(step.shape)
         shape[axis] = b - a
         out.append(Step(step.source, target, step.dtype, tuple(shape), list(step.actions), list(step.applied),
-                        keep_float32=step.keep_float32, select=(axis, a, b)))
+                        keep_float32=step.keep_float32, select=(axis, a, b), dequantized=step.dequantized,
+                        matched=step.matched, changed=step.changed))
     return out
 
 
@@ -518,16 +580,22 @@ def merge_stacks(steps: list[Step]) -> list[Step]:
             applied=list(dict.fromkeys(first.applied)),
             keep_float32=first.keep_float32,
             parts=tuple(p.source for p in pieces),
+            dequantized=first.dequantized,
         )
     return out
 
 
 def plan_tensor(meta: Meta, rules: list[Rule], dtype: str | None) -> Step:
-    """Run ``meta`` through the matching rules, then cast floats to ``dtype``."""
+    """Run ``meta`` through the matching rules (each sees the name the rules
+    before it left), then cast floats to ``dtype``."""
     step = Step(source=meta.name, target=meta.name)
-    for rule in rules:
+    for i, rule in enumerate(rules):
         if rule.matches(meta.name):
+            before = len(step.applied)
             meta = rule.plan(step, meta)
+            step.matched.append(i)
+            if len(step.applied) > before:
+                step.changed.append(i)
             if step.target is None:
                 return step
     if dtype and meta.dtype in FLOAT_DTYPES and not step.keep_float32 and meta.dtype != dtype:

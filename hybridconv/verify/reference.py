@@ -81,16 +81,6 @@ def _remote_code_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.py"))
 
 
-def _decoder_layers(model, n_layers: int):
-    """The ModuleList holding the decoder blocks (found by its length)."""
-    import torch.nn as nn
-
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise CheckpointError(f"cannot find the {n_layers} decoder blocks in the reference model")
-
-
 def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     """(callable ids -> logits with block hooks, implementation label, block kinds)."""
     import torch
@@ -126,7 +116,8 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
         return run, label, kinds, model_type
 
     import transformers
-    from transformers import AutoModelForCausalLM
+
+    from .torch_source import decoder_layers, reference_loader
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -136,12 +127,16 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
             f"{source.label}: --trust-remote-code given, but config.json has no auto_map naming modeling code"
         )
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    # A multimodal wrapper runs as its image-text-to-text class; an FP8 source on its
+    # dequantized weights (torch_source.py: the seam a block-wise reference shares).
+    cls, where, extra = reference_loader(source.path, raw, trust_remote_code)
+    kwargs.update(extra)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=tdtype, **kwargs)
+        model = cls.from_pretrained(where, dtype=tdtype, **kwargs)
     except TypeError:  # transformers 4 spells it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), torch_dtype=tdtype, **kwargs)
+        model = cls.from_pretrained(where, torch_dtype=tdtype, **kwargs)
     model.eval()
-    layers = _decoder_layers(model, n)
+    layers = decoder_layers(model, n)
     label = f"transformers {type(model).__name__}" + (" (remote code)" if trust_remote_code else "")
     captured: list = []
 
