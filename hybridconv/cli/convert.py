@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..convert import DTYPE_LABELS, convert
-from . import app, console
+from . import app, console, err_console
 from .options import (
     AllowNonfiniteOpt,
     AllowPickleOpt,
@@ -24,7 +24,7 @@ from .options import (
     SourceArg,
     refuse_unused,
 )
-from .render import byte_progress, human_bytes
+from .render import byte_progress, human_bytes, output_notes
 
 
 @app.command("convert")
@@ -62,6 +62,7 @@ def convert_cmd(
                                on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
         print_plan(res.plan, False)
         console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
+        output_notes(err_console, res.result)
         return
     with byte_progress(console, "converting") as (on_plan, progress):
         result = convert(
@@ -89,6 +90,7 @@ def convert_cmd(
     table.add_row("size", f"{human_bytes(p.index.total_bytes)} -> {human_bytes(result.bytes_written)}")
     table.add_row("files", ", ".join(result.files))
     console.print(table)
+    output_notes(err_console, result)
 
 
 def _rule_counts(p) -> dict[str, int]:
