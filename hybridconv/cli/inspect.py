@@ -46,8 +46,14 @@ def inspect_cmd(
                   + (f" ({done['layers_with_own_settings']} layers with their own settings)" if done["layers_with_own_settings"] else ""))
         t.add_row("weights", human_bytes(done["bytes"]))
         v = done["verification"]
-        t.add_row("verification", "never verified" if not v else f"{v['verdict']} ({v['precision']}, KL mean {v['kl_mean']:.3g})"
-                  if v.get("kl_mean") is not None else f"{v['verdict']}")
+        if not v:
+            verdict = "never verified"
+        elif not v.get("current", True):  # what upload will say: the report is not of these weights
+            verdict = f"[red]stale[/]: {escape(v['note'])} (the report said {v['verdict']})"
+        else:
+            verdict = (f"{v['verdict']} ({v['precision']}, KL mean {v['kl_mean']:.3g})"
+                       if v.get("kl_mean") is not None else f"{v['verdict']}")
+        t.add_row("verification", verdict)
         measured = (v or {}).get("runtimes", {}).get("mlx-lm")
         if done.get("mlx_lm") or measured:
             t.add_row("mlx-lm", (f"verified: {measured}; " if measured else "") + (done["mlx_lm"] or {}).get("line", ""))

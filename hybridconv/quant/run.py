@@ -21,7 +21,7 @@ from ..checkpoint import resolve, source_folder
 from ..convert import Result, WriteItem, check_output_path, plan, prepare_output, write_output
 from ..errors import UsageError
 from .modes import QuantSpec, validate
-from .plan import QuantPlan, build_plan, is_mixed
+from .plan import QuantPlan, build_plan, is_mixed, recipe_widths
 
 # Candidate plans for --target-kl, from small to large (affine mode).
 SEARCH_UNIFORM = (2, 3, 4, 5, 6, 8)
@@ -89,12 +89,15 @@ def quantize(
 ) -> QuantResult:
     """`hybridconv quantize`: convert and quantize ``source`` into ``out`` in one streamed
     pass (``bits`` defaults to the mode's width: 4, or 8 for mxfp8). ``recipe``:
-    "uniform" or "mixed-L-H"; ``bits_for``: ["PATTERN=BITS", ...]; ``keep``: [PATTERN, ...].
+    "uniform" or "mixed-L-H" (it sets the widths: ``bits`` then is L or None);
+    ``bits_for``: ["PATTERN=BITS", ...]; ``keep``: [PATTERN, ...].
     With ``dry_run`` nothing is written. Returns a :class:`QuantResult`."""
-    if bits is not None and is_mixed(recipe):
+    spec = validate(bits, group_size, mode)
+    if bits is not None and is_mixed(recipe) and bits != recipe_widths(recipe, spec)[0]:
+        # the recipe sets the widths (the CLI and release plans refuse bits with it; here
+        # a bits equal to its L, the plan's default width, is accepted as redundant)
         raise UsageError(f"--bits {bits}: --recipe {recipe} sets the widths itself (its L and H bits)",
                          "drop --bits, or use --recipe uniform")
-    spec = validate(bits, group_size, mode)
     with source_folder(source, revision, allow_pickle) as src:
         qp = _plan_for(src, spec, recipe, bits_for, keep, dtype)
         if on_plan:
