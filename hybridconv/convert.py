@@ -387,7 +387,18 @@ def prepare_output(out: Path, force: bool, source: Source | None = None) -> Path
         _remove_stale(parent, out.name)
     if not os.access(existing, os.W_OK):
         raise OutputError(f"{existing}: not writable")
-    return parent / f".{out.name}.partial-{os.getpid()}"
+    return _own_sibling(parent, out.name, "partial")
+
+
+def _own_sibling(parent: Path, name: str, kind: str) -> Path:
+    """``.NAME.KIND-PID`` beside OUT (``-PID-N`` when this process already has one
+    there: another run of the same process, e.g. a library user's thread)."""
+    path = parent / f".{name}.{kind}-{os.getpid()}"
+    n = 0
+    while os.path.lexists(path):
+        n += 1
+        path = parent / f".{name}.{kind}-{os.getpid()}-{n}"
+    return path
 
 
 def make_parents(folder: Path) -> list[Path]:
@@ -437,7 +448,7 @@ def _remove_stale(parent: Path, name: str) -> None:
     their process is gone, so they can only be debris."""
     for stale in list(parent.glob(f".{name}.partial-*")) + list(parent.glob(f".{name}.old-*")):
         try:
-            pid = int(stale.name.rsplit("-", 1)[1])
+            pid = int(stale.name.split(".partial-" if ".partial-" in stale.name else ".old-", 1)[1].split("-")[0])
             os.kill(pid, 0)
             continue  # that process still runs: leave its work alone
         except ProcessLookupError:
@@ -902,7 +913,7 @@ def place_output(tmp: Path, out: Path, force: bool = False) -> list[str]:
             )
         # Move whatever is there now aside, atomically: from here on it is ours alone,
         # and the rules are checked on exactly what would be deleted.
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = _own_sibling(out.parent, out.name, "old")
         try:
             os.rename(out, old)
         except FileNotFoundError:
