@@ -810,11 +810,11 @@ def output_error(path: Path, exc: OSError, needed: int | None = None, temporary:
             free = shutil.disk_usage(probe).free
         except OSError:
             free = None
-        parts = [f"{path}: writing failed: no space left on the device ({probe})"]
+        parts = [f"{path}: writing failed ({reason})"]
         if needed:
             parts.append(f"it needs about {_human(needed)}")
         if free is not None:
-            parts.append(f"{_human(free)} free there")
+            parts.append(f"{_human(free)} free there ({probe})")
         return OutputError(
             "; ".join(parts),
             "free some space or choose an output on a larger filesystem; nothing was left at the output path",

@@ -369,7 +369,7 @@ def test_reference_on_a_full_disk_is_exit_3_naming_path_and_space(fixtures_dir, 
     target = tmp_path / "ref.safetensors"
     code, text = hc(monkeypatch, capsys, "reference", fixtures_dir / PLAMO, "-o", target, "--random-tokens", "8")
     assert code == EXIT_OUTPUT, text
-    assert str(target) in text and "no space left" in text and "needs about" in text and "free there" in text
+    assert str(target) in text and "No space left on device" in text and "needs about" in text and "free there" in text
     assert "internal error" not in text and not target.exists() and list(tmp_path.iterdir()) == []
 
 

@@ -166,11 +166,12 @@ def main() -> None:
         # A signal that came after the last safe point: the work finished (outputs are
         # written atomically), but the caller asked us to stop, so say so in the code.
         signum = interrupt.pending()
-        if signum is not None:
+        if signum is not None and not interrupt.acted():
             name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
             err_console.print(f"[red]{'interrupted' if signum == signal.SIGINT else 'terminated'}[/] ({name}) after "
                               "the work had finished: its output is complete and was kept", highlight=False)
             sys.exit(EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED)
+        interrupt.check()  # stopped at a safe point (typer turns KeyboardInterrupt into exit 130): say so
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except HybridconvError as exc:

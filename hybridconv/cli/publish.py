@@ -84,7 +84,7 @@ def release_cmd(
     to_stdout = json_path is not None and str(json_path) == "-"
     screen = err_console if to_stdout else console  # stdout carries the JSON alone
     rp = load_plan(plan)
-    summary = run_release(rp, workdir, dry_run=dry_run, upload=not no_upload, log=lambda m: screen.print(escape(m)))
+    summary = run_release(rp, workdir, dry_run=dry_run, upload=not no_upload, log=lambda m: screen.print(escape(m), soft_wrap=True))
     if to_stdout:
         import sys
 

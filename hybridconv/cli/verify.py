@@ -154,7 +154,9 @@ def verify_cmd(
     if not out.is_dir():
         raise UsageError(f"{out}: not a folder", "pass the folder written by `hybridconv convert`")
     from ..convert import is_hybridconv_output
+    from ..loading import load_config
 
+    load_config(out)  # a malformed or unsupported config is reported as such first
     if not is_hybridconv_output(out):
         # verify writes its report into OUT: never into a folder hybridconv did not write
         # (a Hugging Face source given as OUT would get a verification.json)

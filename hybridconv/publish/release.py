@@ -379,30 +379,47 @@ def _workdir_lock(workdir: Path):
     """One release run per WORKDIR at a time: a second one (same plan or not) would
     build into, verify and replace the same variant folders while the first uses
     them. The lock is ``flock`` on ``WORKDIR/.release.lock``, released by the kernel
-    when the process ends however it ends (no stale lock after a crash)."""
+    when the process ends however it ends (no stale lock after a crash); the file
+    is removed when the run ends (while still locked, and a run that locked a file
+    since removed tries again, so two runs never hold two different files)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no lock
         yield
         return
     path = workdir / ".release.lock"
-    f = open(path, "a+")
-    try:
+    for _ in range(5):
+        f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             holder = f.read().strip() or "another process"
+            f.close()
             raise UsageError(
                 f"{workdir}: another release run is using this work folder ({holder}); nothing was done",
                 "wait for it to finish, or pass another --workdir",
             ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # removed by the run that just ended: lock the new file instead
+    else:  # pragma: no cover - only if other runs keep starting and ending in between
+        raise UsageError(f"{workdir}: other release runs keep using this work folder", "try again")
+    try:
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}\n")
         f.flush()
         yield
     finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
         f.close()
 
 
