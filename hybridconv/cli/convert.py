@@ -47,7 +47,12 @@ def convert_cmd(
 
     Streams tensor by tensor (peak memory: a 64 MB chunk, not the model), accounts for every
     tensor (kept, transformed or dropped with a reason) and every model parameter, and writes
-    into a temporary folder that is renamed to OUT only when complete.
+    into a temporary folder that is renamed to OUT only when complete, under the rules for an
+    existing OUT checked again at that moment (another run may have written it meanwhile).
+
+    Exit codes: 0 written; 2 bad usage or input (also an existing OUT without --force, or one
+    another run wrote meanwhile); 3 OUT could not be written (disk full: path and space named);
+    130/143 interrupted (temporary output removed).
     """
     if not quantize:
         refuse_unused(ctx, ("bits", "group_size", "mode", "recipe"), "quantization options need --quantize (-q)",

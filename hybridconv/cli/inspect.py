@@ -30,7 +30,11 @@ def inspect_cmd(
     Architecture, layer schedule (index -> mamba / attention / recurrent, with attention
     windows), parameter count, what each rule does to which tensors, and the estimated output
     size per dtype and quantization width. Fails like convert would (exit 2) when the ledger
-    does not balance.
+    does not balance. Rules name tensors in words (* any text, N a number, {a,b} one of, … the
+    source name's own prefix kept).
+
+    A quantized hybridconv output is shown for what it is, its verification included: "stale"
+    when its weights changed since (what upload will say; this reads the weight files).
     """
     done = describe_output(Path(source)) if Path(source).is_dir() else None
     if done is not None:  # a quantized output: say what it is, it cannot be planned again

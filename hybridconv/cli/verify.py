@@ -321,7 +321,7 @@ def render_runtimes(report: dict, console=console) -> None:
 @app.command("reference")
 def reference_cmd(
     source: SourceArg,
-    out: Annotated[Path, typer.Option("-o", "--out", help="The reference-logits file to write (.safetensors).", show_default=False)],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The reference-logits file to write (.safetensors); missing parent folders are created (and named).", show_default=False)],
     revision: RevisionOpt = None,
     ref_dtype: RefDtypeOpt = "float32",
     trust_remote_code: TrustOpt = False,
@@ -340,6 +340,9 @@ def reference_cmd(
 
     Writes input_ids int32 [B, T] and logits float32 [B, T, V] (the fixtures' format), or the
     top-k form with --top-k; --hidden-states adds every block's output.
+
+    Exit codes: 0 written; 2 bad usage or input; 3 the file could not be written (a full disk:
+    the path, the space needed and the space free are named); 130/143 interrupted.
     """
     from ..verify.reference import write_reference_file
 
