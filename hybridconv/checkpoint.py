@@ -65,6 +65,12 @@ def resolve(source: str, revision: str | None = None, allow_pickle: bool = False
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"{source}: is a file; SOURCE must be a checkpoint folder or a Hub repo id")
+        if revision is not None:
+            # a local folder has no revisions: never read one while the user asked for another
+            raise UsageError(
+                f"--revision {revision}: {source} is a local folder, and --revision applies only to Hub repo ids",
+                "drop --revision, or pass the Hub repo id (ORG/NAME) to download that revision",
+            )
         return Source(path=path.resolve())
     if not REPO_ID.match(source):
         raise UsageError(
@@ -72,6 +78,24 @@ def resolve(source: str, revision: str | None = None, allow_pickle: bool = False
             "pass the path of a local checkpoint folder or a repo id such as google/recurrentgemma-2b",
         )
     return _download(source, revision, allow_pickle)
+
+
+def _offline_variable() -> str | None:
+    """The variable that puts huggingface_hub in offline mode (HF_HUB_OFFLINE or
+    TRANSFORMERS_OFFLINE), when one does; None otherwise."""
+    import os
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return name
+    try:
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():
+            return "HF_HUB_OFFLINE"
+    except (ImportError, AttributeError):
+        pass
+    return None
 
 
 @contextlib.contextmanager
@@ -83,6 +107,8 @@ def _hub_errors(repo_id: str, revision: str | None):
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    from .errors import is_network_error
 
     local = f"no local folder named '{repo_id}' exists either; "
     try:
@@ -100,19 +126,25 @@ def _hub_errors(repo_id: str, revision: str | None):
     except RevisionNotFoundError:
         raise CheckpointError(f"{repo_id}: revision {revision!r} not found") from None
     except LocalEntryNotFoundError:
+        offline = _offline_variable()
+        if offline:
+            raise CheckpointError(
+                f"{repo_id}: not in the local Hugging Face cache, and {offline} is set: nothing is downloaded",
+                f"{local}check the path, or unset {offline} to download it",
+            ) from None
         raise CheckpointError(
             f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached",
-            f"{local}check the path, the network, or unset HF_HUB_OFFLINE",
+            f"{local}check the path or the network",
         ) from None
-    except OSError as exc:  # network errors surface as OSError subclasses
-        raise CheckpointError(f"{repo_id}: download failed ({exc})", f"{local}check the path or the network") from None
-    except Exception as exc:  # httpx/requests connection errors are not OSErrors
-        if "connect" in type(exc).__name__.lower() or "timeout" in type(exc).__name__.lower():
+    except Exception as exc:  # network errors: OSErrors, or the HTTP client's own classes
+        if not (isinstance(exc, OSError) or is_network_error(exc)):
+            raise
+        if is_network_error(exc):
             raise CheckpointError(
-                f"{repo_id}: the Hub cannot be reached ({type(exc).__name__})",
-                f"{local}check the path, the network, or unset HF_HUB_OFFLINE",
+                f"{repo_id}: the Hub cannot be reached ({type(exc).__name__}: {exc})",
+                f"{local}check the path or the network (and HF_ENDPOINT, if set)",
             ) from None
-        raise
+        raise CheckpointError(f"{repo_id}: download failed ({exc})", f"{local}check the path or the network") from None
 
 
 @dataclass

@@ -53,7 +53,7 @@ from .converters.rules import (
     plan_tensors,
     scale_rows,
 )
-from .errors import CheckpointError, LedgerError, OutputError, UsageError
+from .errors import CheckpointError, ConfigError, LedgerError, OutputError, UsageError
 from .safetensors_io import (
     DTYPE_NAMES,
     FLOAT_DTYPES,
@@ -134,11 +134,18 @@ def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
 def default_dtype(raw_config: dict, index: WeightIndex, fp8: bool = False) -> str:
     """The checkpoint's own dtype: config's dtype/torch_dtype, else the commonest float;
     for an FP8 source (whose weights are no float dtype of ours) the config's, else
-    bfloat16."""
+    bfloat16. A dtype the output cannot have (``int8``, ``float64``, a typo) is refused
+    naming it, rather than silently replaced: ``--dtype`` chooses the output dtype then."""
     for key in ("dtype", "torch_dtype"):
         value = raw_config.get(key)
+        if value is None or value == "auto":  # "auto": transformers' "as stored"
+            continue
         if isinstance(value, str) and value in DTYPE_NAMES:
             return DTYPE_NAMES[value]
+        raise ConfigError(
+            f"config.json: '{key}' = {value!r} is not a dtype hybridconv writes ({', '.join(DTYPE_NAMES)})",
+            "pass --dtype float32, float16 or bfloat16 to choose the output dtype (or fix config.json)",
+        )
     if fp8:
         return "BF16"
     counts = Counter(t.dtype for t in index.tensors.values() if t.dtype in FLOAT_DTYPES)
@@ -243,7 +250,7 @@ def check_ledger(p: Plan) -> None:
         if tuple(step.shape) != want:
             raise LedgerError(
                 f"tensor '{step.source}': shape {list(step.shape)} after the rules, but the config "
-                f"implies {list(want)}{_implied_by(p.raw_config, tuple(step.shape), want)}",
+                f"implies {list(want)}{_implied_by(p.raw_config, tuple(step.shape), want, p.config)}",
                 "config.json and the weights disagree; check the sizes in config.json",
             )
 
@@ -263,20 +270,32 @@ def _unexpected_hint(p: Plan, unexpected: list[str]) -> str:
             "(e.g. another layer kind at those indices); check config.json")
 
 
-def _implied_by(raw: dict, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+def _implied_by(raw: dict, got: tuple[int, ...], want: tuple[int, ...], normalised: dict | None = None) -> str:
     """Which config.json keys hold the sizes that disagree with the weights, so the
-    user knows what to fix: `` (hidden_size = 96)``; empty when none holds them."""
+    user knows what to fix: `` (hidden_size = 96)``; a size config.json leaves null
+    or out, for which the converter used a default, is named too (``state_size =
+    16: null in config.json, so the default was used``); empty when none holds them."""
     if len(got) != len(want):
         return ""
     sizes = {k: v for k, v in raw.items() if isinstance(v, int) and not isinstance(v, bool)}
     for sub in ("text_config", "linear_attn_config"):
         if isinstance(raw.get(sub), dict):
             sizes.update({f"{sub}.{k}": v for k, v in raw[sub].items() if isinstance(v, int) and not isinstance(v, bool)})
+    defaulted = {k: v for k, v in (normalised or {}).items()
+                 if isinstance(v, int) and not isinstance(v, bool) and raw.get(k) is None and not k.startswith("_")}
     named = []
     for g, w in zip(got, want):
         if g != w:
             keys = [k for k, v in sizes.items() if v == w]
-            named.append(" or ".join(f"{k} = {w}" for k in keys[:3]) if keys else f"{w} (derived from several sizes)")
+            nulls = [k for k, v in defaulted.items() if v == w]
+            if keys:
+                named.append(" or ".join(f"{k} = {w}" for k in keys[:3]))
+            elif nulls:
+                named.append(" or ".join(
+                    f"{k} = {w}: {'null in config.json' if k in raw else 'not in config.json'}, so the default was used"
+                    for k in nulls[:3]))
+            else:
+                named.append(f"{w} (derived from several sizes)")
     return f" ({'; '.join(named)}; the weights have {', '.join(str(g) for g, w in zip(got, want) if g != w)})" if named else ""
 
 
@@ -289,6 +308,11 @@ class Result:
     out: Path
     files: list[str]
     bytes_written: int
+    # With --force: files of the replaced output that the new one does not hold
+    # (a model card, a verification report), removed with it; named to the user.
+    replaced: list[str] = field(default_factory=list)
+    # Parent folders of OUT that did not exist and were created (named to the user).
+    created: list[str] = field(default_factory=list)
 
 
 Progress = Callable[[int, str], None]  # (bytes just processed, tensor name)
@@ -351,7 +375,9 @@ def is_hybridconv_output(out: Path) -> bool:
 def check_output_path(out: Path, force: bool, source: Source | None = None) -> None:
     """Refuse an OUT that would lose data: the source itself, a folder inside it or
     holding it, the current folder, or (with ``--force``) an existing folder that
-    is not a previous hybridconv output. Nothing is written here."""
+    is not a previous hybridconv output. Nothing is written here. The same rules
+    are applied again at the moment the new output is renamed into place
+    (:func:`place_output`): another run may have written OUT meanwhile."""
     target = Path(out).expanduser().resolve()
     origins = []
     if source is not None:
@@ -374,44 +400,97 @@ def check_output_path(out: Path, force: bool, source: Source | None = None) -> N
             f"{out}: is the current folder (or holds it); it cannot be replaced while in use",
             "name a new folder for the output, e.g. -o ./model-mlx",
         )
-    if not target.exists():
+    if not os.path.lexists(target):
         return
     if not force:
         raise UsageError(
             f"{out}: already exists",
             "choose another -o, or pass --force to replace it (the old one is kept until the new one is complete)",
         )
-    if not target.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder")
-    entries = sorted(p.name for p in target.iterdir())
+    why = replace_refusal(target, out)
+    if why:
+        raise UsageError(why, "choose another -o, or move those files away first; nothing was changed")
+
+
+def replace_refusal(folder: Path, shown: Path | str | None = None) -> str | None:
+    """Why ``--force`` may not replace the existing ``folder`` (None: it may): only an
+    empty folder or a previous hybridconv output (its ``conversion.json``) holding
+    nothing else is replaced. ``shown``: the path to name in the message."""
+    shown = folder if shown is None else shown
+    if not folder.is_dir():
+        return f"{shown}: exists and is not a folder"
+    entries = sorted(p.name for p in folder.iterdir())
     if not entries:
-        return  # an empty folder: nothing to lose
-    foreign = _foreign_entries(target)
-    if not is_hybridconv_output(target) or foreign:
-        shown = ", ".join((foreign or entries)[:8]) + (" …" if len(foreign or entries) > 8 else "")
-        what = "holds files a hybridconv output does not" if is_hybridconv_output(target) else (
-            "is not a hybridconv output (no conversion.json written by hybridconv)"
-        )
-        raise UsageError(
-            f"{out}: --force replaces only a previous hybridconv output, and this folder {what}: {shown}",
-            "choose another -o, or move those files away first; nothing was changed",
-        )
+        return None  # an empty folder: nothing to lose
+    foreign = _foreign_entries(folder)
+    ours = is_hybridconv_output(folder)
+    if ours and not foreign:
+        return None
+    listed = foreign or entries
+    shown_entries = ", ".join(listed[:8]) + (" …" if len(listed) > 8 else "")
+    what = "holds files a hybridconv output does not" if ours else (
+        "is not a hybridconv output (no conversion.json written by hybridconv)"
+    )
+    return f"{shown}: --force replaces only a previous hybridconv output, and this folder {what}: {shown_entries}"
 
 
 def prepare_output(out: Path, force: bool, source: Source | None = None) -> Path:
     """Check OUT can be written (:func:`check_output_path`); return the temporary
-    sibling to write into."""
+    sibling to write into. Missing parent folders are created only when the
+    output is written (:func:`write_output`), and removed again if it fails."""
     check_output_path(out, force, source)
     out = Path(out).expanduser()
     parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{parent}: cannot create the output's parent folder ({exc.strerror or exc})") from None
-    _remove_stale(parent, out.name)
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{parent}: not writable")
-    return parent / f".{out.name}.partial-{os.getpid()}"
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{existing}: is not a folder; the output {out} cannot be created under it")
+    if existing == parent:
+        _remove_stale(parent, out.name)
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"{existing}: not writable")
+    return _own_sibling(parent, out.name, "partial")
+
+
+def _own_sibling(parent: Path, name: str, kind: str) -> Path:
+    """``.NAME.KIND-PID`` beside OUT (``-PID-N`` when this process already has one
+    there: another run of the same process, e.g. a library user's thread)."""
+    path = parent / f".{name}.{kind}-{os.getpid()}"
+    n = 0
+    while os.path.lexists(path):
+        n += 1
+        path = parent / f".{name}.{kind}-{os.getpid()}-{n}"
+    return path
+
+
+def make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, outermost first."""
+    missing = []
+    f = folder
+    while not f.exists() and f != f.parent:
+        missing.append(f)
+        f = f.parent
+    created: list[Path] = []
+    for f in reversed(missing):
+        try:
+            f.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            remove_parents(created)
+            raise OutputError(f"{f}: cannot create the output's parent folder ({exc.strerror or exc})") from None
+        created.append(f)
+    return created
+
+
+def remove_parents(created: list[Path]) -> None:
+    """Remove the parent folders a failed run created (innermost first), if empty."""
+    for f in reversed(created):
+        try:
+            f.rmdir()
+        except OSError:
+            break
 
 
 @dataclass
@@ -432,12 +511,15 @@ def _remove_stale(parent: Path, name: str) -> None:
     their process is gone, so they can only be debris."""
     for stale in list(parent.glob(f".{name}.partial-*")) + list(parent.glob(f".{name}.old-*")):
         try:
-            pid = int(stale.name.rsplit("-", 1)[1])
+            pid = int(stale.name.split(".partial-" if ".partial-" in stale.name else ".old-", 1)[1].split("-")[0])
             os.kill(pid, 0)
             continue  # that process still runs: leave its work alone
         except ProcessLookupError:
             pass
         except (ValueError, PermissionError):
+            continue
+        if ".old-" in stale.name and replace_refusal(stale) is not None:
+            # a folder moved aside and not (yet) put back: not ours to delete
             continue
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -720,7 +802,7 @@ def convert(
         p = plan(src, dtype)
         if on_plan:
             on_plan(p)
-        return write_output(p, Path(out), tmp, progress, allow_nonfinite=allow_nonfinite)
+        return write_output(p, Path(out), tmp, progress, allow_nonfinite=allow_nonfinite, force=force)
 
 
 def write_output(
@@ -732,10 +814,16 @@ def write_output(
     config_extra: dict | None = None,
     record_extra: dict | None = None,
     allow_nonfinite: bool = False,
+    force: bool = False,
 ) -> Result:
     """Write weights, index, config, carried files and the ledger into ``tmp``,
-    then rename it to ``out``; on any failure or interruption remove ``tmp``."""
+    then rename it to ``out`` (:func:`place_output`: the rules for an existing
+    ``out`` hold at that moment, ``force`` or not); on any failure or interruption
+    remove ``tmp`` and the parent folders this call created."""
+    out = Path(out)
+    created: list[Path] = []
     try:
+        created = make_parents(tmp.parent)
         tmp.mkdir()
         files = write_weights(p, tmp, progress, items, allow_nonfinite)
         cfg = output_config(p)
@@ -752,25 +840,162 @@ def write_output(
         written = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
         interrupt.check()
         with interrupt.critical():  # never half-renamed
-            _swap_into_place(tmp, out)
+            replaced = place_output(tmp, out, force)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(
-            f"{out}: writing failed ({exc.strerror or exc})",
-            "check free space and permissions; nothing was left at the output path",
-        ) from None
+        remove_parents(created)
+        raise output_error(out, exc, needed=_planned_bytes(p, items), temporary=tmp) from None
     except BaseException:
         with interrupt.critical():  # clean-up runs to its end
             shutil.rmtree(tmp, ignore_errors=True)
+            remove_parents(created)
         raise
-    return Result(p, out, files, written)
+    return Result(p, out, files, written, replaced, [str(c) for c in created])
+
+
+def _planned_bytes(p: Plan, items: list[WriteItem] | None) -> int:
+    if items is None:
+        return p.output_bytes()
+    return sum(_nbytes(d, s) for it in items for _, d, s in it.entries)
+
+
+def output_error(path: Path, exc: OSError, needed: int | None = None, temporary: Path | None = None) -> OutputError:
+    """An :class:`OutputError` (exit 3) for a failed write of ``path``: the system's
+    reason and, for a full disk, the space needed and the space free there."""
+    import errno
+
+    reason = exc.strerror or str(exc)
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        where = Path(path)
+        probe = where if where.exists() else where.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError:
+            free = None
+        parts = [f"{path}: writing failed ({reason})"]
+        if needed:
+            parts.append(f"it needs about {_human(needed)}")
+        if free is not None:
+            parts.append(f"{_human(free)} free there ({probe})")
+        return OutputError(
+            "; ".join(parts),
+            "free some space or choose an output on a larger filesystem; nothing was left at the output path",
+        )
+    what = f"{path}: writing failed ({reason})"
+    return OutputError(what, "check free space and permissions; nothing was left at the output path")
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` only if nothing is at ``dst``: True if renamed, False
+    if ``dst`` exists. Atomic on Linux (``renameat2(RENAME_NOREPLACE)``); elsewhere
+    a check then ``rename`` (which still never replaces a folder that holds files)."""
+    import errno
+
+    fn = _renameat2()
+    if fn is not None:
+        import ctypes
+
+        if fn(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # the filesystem may not support the flag
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        return False
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
+
+
+_RENAMEAT2: list = []
+
+
+def _renameat2():
+    if not _RENAMEAT2:
+        fn = None
+        try:
+            import ctypes
+            import sys
+
+            if sys.platform.startswith("linux"):
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _RENAMEAT2.append(fn)
+    return _RENAMEAT2[0]
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+    """Rename the complete ``tmp`` to ``out``, never over anything (FileExistsError
+    when something is at ``out``)."""
+    if not _rename_noreplace(tmp, out):
+        raise FileExistsError(f"{out} exists")
+
+
+def _discard(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink(missing_ok=True)  # a link to a previous output: only the link goes
     else:
-        os.replace(tmp, out)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def place_output(tmp: Path, out: Path, force: bool = False) -> list[str]:
+    """Put the complete output ``tmp`` at ``out`` under the rules of this moment
+    (another run may have written ``out`` since the checks at the start): without
+    ``force`` only where nothing is (else exit 2, nothing touched); with ``force``
+    an existing ``out`` is replaced only if it is empty or a hybridconv output
+    holding nothing else (:func:`replace_refusal`), else it is left as it was.
+    Returns the names of files the replaced output held and the new one does not."""
+    for _ in range(3):
+        try:
+            _swap_into_place(tmp, out)
+            return []
+        except FileExistsError:
+            pass
+        if not force:
+            raise UsageError(
+                f"{out}: already exists: it was created while this run worked (another run?); "
+                "it was not touched, and this run's output was discarded",
+                "choose another -o, or pass --force to replace a previous hybridconv output",
+            )
+        # Move whatever is there now aside, atomically: from here on it is ours alone,
+        # and the rules are checked on exactly what would be deleted.
+        old = _own_sibling(out.parent, out.name, "old")
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:
+            continue  # gone meanwhile: try again
+        why = replace_refusal(old, out)
+        if why:
+            if _rename_noreplace(old, out):
+                raise UsageError(why, "move those files away first, or choose another -o; nothing was changed")
+            raise UsageError(f"{why}; another run wrote {out} meanwhile, so the folder was left at {old}",
+                             f"move {old} back yourself once the other run is done")
+        try:
+            _swap_into_place(tmp, out)
+        except FileExistsError:
+            _discard(old)  # a previous output --force may replace
+            continue
+        kept = {f.name for f in out.iterdir()}
+        gone = sorted(f.name + ("/" if f.is_dir() else "") for f in old.iterdir() if f.name not in kept)
+        _discard(old)
+        return gone
+    raise UsageError(f"{out}: other runs keep writing it; this run's output was discarded",
+                     "run one conversion per output folder at a time")

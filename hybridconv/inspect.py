@@ -126,6 +126,24 @@ def mlx_lm_support(arch, config: dict) -> dict:
     return {"status": s.status, "reason": s.reason, "line": s.line(), "measured_with": s.measured_with}
 
 
+def _current(folder: Path, recorded: str | None) -> dict:
+    """Whether a verification report still vouches for the folder's weights, as
+    upload checks it (the weights hash; this reads the weight files): ``{"current":
+    bool, "note": ...}``, the note saying what upload will say when not."""
+    from .errors import HybridconvError
+    from .hashing import weights_hash
+
+    try:
+        now = weights_hash(folder)
+    except (OSError, HybridconvError) as exc:
+        return {"current": False, "note": f"the weights cannot be read ({getattr(exc, 'message', exc)})"}
+    if recorded == now:
+        return {"current": True}
+    return {"current": False,
+            "note": f"the weights changed after verification (verified {str(recorded)[:19]}…, now {now[:19]}…): "
+                    "upload refuses them; verify again"}
+
+
 def describe_output(folder: Path) -> dict | None:
     """What a quantized hybridconv output is (it cannot be planned again: its
     weights are packed): architecture, quantization, size and verification, from
@@ -148,7 +166,8 @@ def describe_output(folder: Path) -> dict | None:
         verification = {"verdict": rep.get("verdict"), "precision": (rep.get("model") or {}).get("precision"),
                         "kl_mean": ((rep.get("metrics") or {}).get("overall") or {}).get("kl_mean"),
                         "runtimes": {n: r.get("verdict") for n, r in (rep.get("runtimes") or {}).items()}}
-    except (OSError, ValueError):
+        verification.update(_current(folder, (rep.get("model") or {}).get("weights_hash")))
+    except (OSError, ValueError, AttributeError):
         pass
     weights = sorted(folder.glob("model*.safetensors"))
 

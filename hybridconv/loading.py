@@ -272,6 +272,9 @@ def load(path, lazy: bool = False, activation_dtype: str | None = None, compute:
     the float32 model's memory, faster products)."""
     import mlx.core as mx
 
+    from .blas import warn_if_slow
+
+    warn_if_slow()  # once per process: MLX on the bundled reference BLAS, and the fix
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder")

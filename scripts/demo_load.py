@@ -5,10 +5,9 @@ tokens and print how far apart their logits are (part of `make demo`)."""
 import sys
 from pathlib import Path
 
+import hybridconv  # first: loads the optimised BLAS before MLX (README, "Speed on Linux")
 import mlx.core as mx
 from mlx_lm.utils import load_model
-
-import hybridconv
 
 for folder in sys.argv[1:]:
     ids = mx.array([[2, 17, 42, 99, 5, 8, 13, 21]], dtype=mx.int32)

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..convert import DTYPE_LABELS, convert
-from . import app, console
+from . import app, console, err_console
 from .options import (
     AllowNonfiniteOpt,
     AllowPickleOpt,
@@ -24,7 +24,7 @@ from .options import (
     SourceArg,
     refuse_unused,
 )
-from .render import byte_progress, human_bytes
+from .render import byte_progress, human_bytes, output_notes
 
 
 @app.command("convert")
@@ -47,11 +47,16 @@ def convert_cmd(
 
     Streams tensor by tensor (peak memory: a 64 MB chunk, not the model), accounts for every
     tensor (kept, transformed or dropped with a reason) and every model parameter, and writes
-    into a temporary folder that is renamed to OUT only when complete.
+    into a temporary folder that is renamed to OUT only when complete, under the rules for an
+    existing OUT checked again at that moment (another run may have written it meanwhile).
 
     A multimodal release converts its language model (vision tensors dropped, listed in the
     ledger); an FP8 block-scaled source (quant_method fp8) is dequantized exactly, bfloat16
     by default.
+
+    Exit codes: 0 written; 2 bad usage or input (also an existing OUT without --force, or one
+    another run wrote meanwhile); 3 OUT could not be written (disk full: path and space named);
+    130/143 interrupted (temporary output removed).
     """
     if not quantize:
         refuse_unused(ctx, ("bits", "group_size", "mode", "recipe"), "quantization options need --quantize (-q)",
@@ -66,6 +71,7 @@ def convert_cmd(
                                on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
         print_plan(res.plan, False)
         console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
+        output_notes(err_console, res.result)
         return
     with byte_progress(console, "converting") as (on_plan, progress):
         result = convert(
@@ -93,6 +99,7 @@ def convert_cmd(
     table.add_row("size", f"{human_bytes(p.index.total_bytes)} -> {human_bytes(result.bytes_written)}")
     table.add_row("files", ", ".join(result.files))
     console.print(table)
+    output_notes(err_console, result)
 
 
 def _rule_counts(p) -> dict[str, int]:

@@ -30,7 +30,11 @@ def inspect_cmd(
     Architecture, layer schedule (index -> mamba / attention / recurrent, with attention
     windows), parameter count, what each rule does to which tensors, and the estimated output
     size per dtype and quantization width. Fails like convert would (exit 2) when the ledger
-    does not balance.
+    does not balance. Rules name tensors in words (* any text, N a number, {a,b} one of, … the
+    source name's own prefix kept).
+
+    A quantized hybridconv output is shown for what it is, its verification included: "stale"
+    when its weights changed since (what upload will say; this reads the weight files).
     """
     done = describe_output(Path(source)) if Path(source).is_dir() else None
     if done is not None:  # a quantized output: say what it is, it cannot be planned again
@@ -46,8 +50,14 @@ def inspect_cmd(
                   + (f" ({done['layers_with_own_settings']} layers with their own settings)" if done["layers_with_own_settings"] else ""))
         t.add_row("weights", human_bytes(done["bytes"]))
         v = done["verification"]
-        t.add_row("verification", "never verified" if not v else f"{v['verdict']} ({v['precision']}, KL mean {v['kl_mean']:.3g})"
-                  if v.get("kl_mean") is not None else f"{v['verdict']}")
+        if not v:
+            verdict = "never verified"
+        elif not v.get("current", True):  # what upload will say: the report is not of these weights
+            verdict = f"[red]stale[/]: {escape(v['note'])} (the report said {v['verdict']})"
+        else:
+            verdict = (f"{v['verdict']} ({v['precision']}, KL mean {v['kl_mean']:.3g})"
+                       if v.get("kl_mean") is not None else f"{v['verdict']}")
+        t.add_row("verification", verdict)
         measured = (v or {}).get("runtimes", {}).get("mlx-lm")
         if done.get("mlx_lm") or measured:
             t.add_row("mlx-lm", (f"verified: {measured}; " if measured else "") + (done["mlx_lm"] or {}).get("line", ""))

@@ -51,6 +51,8 @@ def register_text_model(model_type: str, mlx_type: str, causal_lm: str, moe_laye
             model_module=model_module,
             roles=ROLES,
             protected=PROTECTED,
+            # the wrapper's model_type and the one written for mlx-lm
+            model_types=(mlx_type,),
         )
     )
 

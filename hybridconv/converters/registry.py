@@ -88,6 +88,10 @@ class Architecture:
     # Set on the architecture :func:`lookup` returns for a multimodal wrapper's
     # config: the :class:`Wrapper` whose language model this is.
     wrapper: "Wrapper | None" = None
+    # Other ``model_type`` spellings of this architecture's configs (a multimodal
+    # wrapper's type, the one written for mlx-lm when it differs): a config with one
+    # of these and this architecture's class is consistent (see :func:`lookup`).
+    model_types: tuple[str, ...] = ()
 
     def mlx_lm_support(self, config: dict) -> MlxLm:
         """mlx-lm's verdict on the output of the normalised ``config``, from the config alone."""
@@ -270,24 +274,50 @@ def supported_list() -> str:
 
 
 def lookup(config: dict) -> Architecture:
-    """The architecture of ``config``: by ``model_type``, else by ``architectures``;
-    a registered multimodal wrapper gives its language model's architecture,
-    reading the wrapper's config (:class:`Wrapper`)."""
+    """The architecture of a config, from ``model_type`` and ``architectures``; a
+    registered multimodal wrapper gives its language model's architecture, reading
+    the wrapper's config (:class:`Wrapper`).
+
+    When both are given they must name the same architecture: a config whose
+    ``model_type`` is one registered architecture and whose ``architectures``
+    class is another's, or whose unregistered ``model_type`` is not a known
+    spelling of the architecture its class names (:attr:`Architecture.model_types`,
+    or the ``model_type`` of its ``text_config`` for a multimodal wrapper), is
+    refused naming both fields: converting it would silently rewrite one of them."""
     model_type = config.get("model_type")
+    names = config.get("architectures") or []
+    by_class = wrapper_by_class = None
+    if isinstance(names, list):
+        by_class = next((a for a in _REGISTRY.values() if any(n in a.architectures for n in names)), None)
+        wrapper_by_class = next((w for w in _WRAPPERS.values() if any(n in w.architectures for n in names)), None)
     if isinstance(model_type, str) and model_type in _REGISTRY:
-        return _REGISTRY[model_type]
+        arch = _REGISTRY[model_type]
+        if by_class is not None and by_class is not arch and not any(n in arch.architectures for n in names):
+            raise _conflict(model_type, names, f"model_type {model_type!r} is {arch.title}, "
+                            f"but architectures {names!r} is {by_class.title}")
+        return arch
     if isinstance(model_type, str) and model_type in _WRAPPERS:
         return _wrapped(_WRAPPERS[model_type])
-    names = config.get("architectures") or []
-    if isinstance(names, list):
-        for arch in _REGISTRY.values():
-            if any(n in arch.architectures for n in names):
-                return arch
-        for wrapper in _WRAPPERS.values():
-            if any(n in wrapper.architectures for n in names):
-                return _wrapped(wrapper)
+    if by_class is not None:
+        text = config.get("text_config")
+        text_type = text.get("model_type") if isinstance(text, dict) else None
+        known = {by_class.model_type, *by_class.model_types}
+        if isinstance(model_type, str) and model_type and model_type not in known and text_type not in known:
+            raise _conflict(model_type, names, f"architectures {names!r} is {by_class.title} "
+                            f"(model_type {by_class.model_type!r}), but model_type is {model_type!r}")
+        return by_class
+    if wrapper_by_class is not None:
+        return _wrapped(wrapper_by_class)
     found = f"model_type={model_type!r}, architectures={names!r}"
     raise UnsupportedArchitectureError(
         f"config.json: unsupported architecture ({found}); supported: {supported_list()}",
         "hybridconv converts only the hybrid architectures listed; other models are served by mlx_lm.convert",
+    )
+
+
+def _conflict(model_type, names, what: str) -> ConfigError:
+    return ConfigError(
+        f"config.json: 'model_type' and 'architectures' disagree: {what}",
+        "fix one of the two fields in config.json so that both name the checkpoint's architecture "
+        "(compare with the published config); nothing is guessed",
     )

@@ -25,6 +25,80 @@ from ..errors import LedgerError
 from ..safetensors_io import FLOAT_DTYPES, to_float32
 
 
+# --- rule texts in words (inspect, conversion.json) -----------------------------------
+#
+# Rules are written with regular expressions and re.sub templates; what inspect
+# shows a user is the tensor names they mean: ``*.feed_forward.experts.down_proj``
+# rather than ``/^(?P<pre>.*\.feed_forward)\.experts\.down_proj$/``, and
+# ``….switch_mlp.down_proj.weight`` (the source's own prefix kept) rather than
+# ``\g<pre>.switch_mlp.down_proj.weight``.
+
+
+def readable_target(template: str, regex: str | None = None) -> str:
+    r"""A ``re.sub`` template as a tensor name: ``\g<pre>`` (the source name's prefix,
+    kept) becomes ``…``, another named group ``{name}``, a numbered group what it
+    matches (``{q,k,v}``). With the rule's ``regex``: where it matches only part of
+    a name, the parts kept before and after are shown as ``…`` too."""
+    groups = _groups(regex) if regex else []
+    out = re.sub(r"\\g<pre>", "…", template)
+    out = re.sub(r"\\g<(\w+)>", r"{\1}", out)
+    out = re.sub(r"\\(\d+)", lambda m: groups[int(m.group(1)) - 1] if int(m.group(1)) <= len(groups)
+                 else "{" + m.group(1) + "}", out)
+    if regex is not None:
+        if not regex.startswith("^") and not template.startswith("\\g<"):
+            out = "…" + out
+        if not regex.endswith("$"):
+            out += "…"
+    return out
+
+
+def _groups(regex: str) -> list[str]:
+    """The numbered (capturing) groups of ``regex``, in order, in words."""
+    out, starts, i = [], [], 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "(":
+            starts.append((i, regex.startswith("(?", i) and not regex.startswith("(?P<", i)))
+        elif c == ")" and starts:
+            start, plain = starts.pop()
+            if not plain:
+                body = regex[start + 1 : i]
+                body = re.sub(r"^\?P<\w+>", "", body)
+                if re.fullmatch(r"(?:\w|\\\.)+(?:\|(?:\w|\\\.)+)+", body):  # a|b|c: one of these words
+                    out.append((start, _alternatives(body.replace("\\.", "."))))
+                else:
+                    out.append((start, readable_pattern("^" + body + "$")))
+        i += 1
+    return [text if not text.startswith("/") else "{…}" for _, text in sorted(out)]
+
+
+def readable_pattern(regex: str) -> str:
+    """A tensor-name regular expression as a glob-like pattern (``*`` any text, ``N``
+    a number, ``{name}`` a captured part, ``{a,b}`` alternatives) where it is that
+    simple; otherwise the expression itself between slashes."""
+    text = regex[1:] if regex.startswith("^") else "*" + regex
+    text = text[:-1] if text.endswith("$") and not text.endswith("\\$") else text + "*"
+    text = re.sub(r"\(\?P<(\w+)>\\d\+\)", r"{\1}", text)
+    for _ in range(3):  # named and plain groups around simple text: their content
+        text = re.sub(r"\(\?P<\w+>([^()]*)\)", r"\1", text)
+        text = re.sub(r"\(\?:([^()]*)\)|\(([^()?][^()]*)\)",
+                      lambda m: _alternatives(m.group(1) if m.group(1) is not None else m.group(2)), text)
+    text = text.replace(r"\.", "\0")
+    text = re.sub(r"\.[*+]", "*", text).replace(r"\d+", "N")
+    text = re.sub(r"\*+", "*", text)
+    if re.search(r"[.^$()\[\]?+|\\]", text):
+        return f"/{regex}/"
+    return text.replace("\0", ".")
+
+
+def _alternatives(body: str) -> str:
+    parts = body.split("|")
+    return "{" + ",".join(parts) + "}" if len(parts) > 1 else body
+
+
 @dataclass(frozen=True)
 class Meta:
     name: str
@@ -99,7 +173,7 @@ class Drop(Rule):
         return meta
 
     def describe(self) -> str:
-        return f"drop {self.what or '/' + self.regex + '/'}: {self.reason}"
+        return f"drop {self.what or readable_pattern(self.regex)}: {self.reason}"
 
 
 @dataclass
@@ -175,7 +249,7 @@ class Rename(Rule):
         return Meta(new, meta.dtype, meta.shape)
 
     def describe(self) -> str:
-        return f"rename /{self.regex}/ -> {self.replacement}"
+        return f"rename {readable_pattern(self.regex)} -> {readable_target(self.replacement, self.regex)}"
 
 
 @dataclass
@@ -231,7 +305,7 @@ class KeepFloat32(Rule):
         return Meta(meta.name, "F32", meta.shape)
 
     def describe(self) -> str:
-        return f"{self.what or '/' + self.regex + '/'} stay float32: {self.reason}"
+        return f"{self.what or readable_pattern(self.regex)} stay float32: {self.reason}"
 
 
 @dataclass
@@ -259,7 +333,7 @@ class AddOffset(Rule):
         return meta
 
     def describe(self) -> str:
-        return f"{self.what or '/' + self.regex + '/'}: add {self.offset:g} (stored as scale - {self.offset:g})"
+        return f"{self.what or readable_pattern(self.regex)}: add {self.offset:g} (stored as scale - {self.offset:g})"
 
 
 @dataclass
@@ -303,7 +377,7 @@ class Scale(Rule):
     def describe(self) -> str:
         f = self.factor
         shown = f"{f:g}" if not isinstance(f, tuple) else f"per row ({len(f)} factors)"
-        return f"{self.what or '/' + self.regex + '/'}: times {shown}"
+        return f"{self.what or readable_pattern(self.regex)}: times {shown}"
 
 
 def scale_rows(x: np.ndarray, scale, r0: int = 0) -> np.ndarray:
@@ -364,8 +438,8 @@ class Regroup(Rule):
         return Meta(key, meta.dtype, (shape[0], k, 1) if k is not None else shape)
 
     def describe(self) -> str:
-        return (f"{self.what or '/' + self.regex + '/'}: concatenate {', '.join(self.order)} along axis 0, "
-                "cut into " + ", ".join(f"{r} ({n})" for r, n in self.parts))
+        return (f"{self.what or readable_pattern(self.regex)}: concatenate {', '.join(self.order)} along axis 0, "
+                "cut into " + ", ".join(f"{readable_target(r, self.regex)} ({n})" for r, n in self.parts))
 
 
 def merge_regroups(steps: list[Step], rules: list[Rule]) -> list[Step]:
@@ -463,7 +537,7 @@ class StackExperts(Rule):
         return Meta(target, meta.dtype, meta.shape)
 
     def describe(self) -> str:
-        return f"stack {self.what or '/' + self.regex + '/'} of {self.num_experts} experts -> [E, ...] ({self.target})"
+        return f"stack {self.what or readable_pattern(self.regex)} of {self.num_experts} experts -> [E, ...] ({readable_target(self.target, self.regex)})"
 
 
 @dataclass
@@ -503,8 +577,8 @@ class Split(Rule):
         return meta
 
     def describe(self) -> str:
-        return f"split {self.what or '/' + self.regex + '/'} along axis {self.axis} into " + ", ".join(
-            f"{r} ({s})" for r, s in self.parts
+        return f"split {self.what or readable_pattern(self.regex)} along axis {self.axis} into " + ", ".join(
+            f"{readable_target(r, self.regex)} ({s})" for r, s in self.parts
         )
 
 

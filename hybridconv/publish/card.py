@@ -67,6 +67,14 @@ def _runtimes(report: dict | None) -> dict:
                            "version": (report.get("tool") or {}).get("version")}}
 
 
+def _widths(quant: dict) -> list[int]:
+    """The widths the quantized weights are stored at, narrowest first, from the
+    conversion record (its plan rows; the base width for older records)."""
+    rows = [r.get("bits") for r in quant.get("plan", []) if r.get("decision") == "quantize"]
+    widths = sorted({b for b in rows if isinstance(b, int)} | set(quant.get("widths") or []))
+    return widths or [quant["base"]["bits"]]
+
+
 def runtimes_section(report: dict | None, repo_id: str) -> tuple[str, str]:
     """(the Runtimes table, the mlx-lm section: its usage snippet if mlx-lm passed, else a warning)."""
     runs = _runtimes(report)
@@ -118,8 +126,12 @@ def render_card(out: Path, repo_id: str | None, template: Path | None = None, un
         if quant:
             front["base_model_relation"] = "quantized"
     tags = ["mlx", model_type, "hybridconv"]
+    widths = _widths(quant) if quant else []
     if quant:
-        tags.append(f"{quant['base']['bits']}-bit" if quant["base"]["mode"] == "affine" else quant["base"]["mode"])
+        if quant.get("recipe", "uniform") != "uniform":
+            tags.append(quant["recipe"])
+        # the width tag (last): the narrowest width the weights are stored at
+        tags.append(f"{widths[0]}-bit" if quant["base"]["mode"] == "affine" else quant["base"]["mode"])
     if unverified:
         tags.append("unverified")
     front["tags"] = tags
@@ -132,7 +144,7 @@ def render_card(out: Path, repo_id: str | None, template: Path | None = None, un
     if quant:
         base = quant["base"]
         conv += [
-            ("quantization", f"{base['mode']}, {base['bits']} bits, group size {base['group_size']}"),
+            ("quantization", f"{base['mode']}, {'/'.join(map(str, widths))} bits, group size {base['group_size']}"),
             ("recipe", quant.get("recipe", "uniform")),
             ("bits per weight", f"{quant['bits_per_weight']:.3f}"),
         ]
@@ -176,7 +188,10 @@ def render_card(out: Path, repo_id: str | None, template: Path | None = None, un
     versions_text = ", ".join([f"hybridconv {__version__}"] + [f"{k} {v}" for k, v in versions.items()])
     if quant:
         b = quant["base"]
-        variant = f"{b['mode']} {b['bits']}-bit quantized" if b["mode"] == "affine" else f"{b['mode']} quantized"
+        variant = (f"{b['mode']} {'/'.join(map(str, widths))}-bit quantized" if b["mode"] == "affine"
+                   else f"{b['mode']} quantized")
+        if quant.get("recipe", "uniform") != "uniform":
+            variant += f" ({quant['recipe']}: the sensitive roles at {widths[-1]} bits)"
     else:
         variant = f"in {record.get('dtype', 'float')}"
     runtimes_table, mlx_lm_section = runtimes_section(report, repo_id or out.name)

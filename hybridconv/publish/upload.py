@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HubError, UnverifiedError, UsageError
+from ..errors import HubError, UnverifiedError, UsageError, is_network_error
 from ..hashing import weights_hash
 from .card import render_card
 
@@ -150,6 +150,14 @@ def upload(
             result.commit_url = getattr(info, "commit_url", None)
     except HfHubHTTPError as exc:
         raise HubError(scrub(f"{repo_id}: the Hub refused the upload ({exc})", secret)) from None
-    except (OSError, ValueError) as exc:  # network errors; answers the client cannot use
-        raise HubError(scrub(f"{repo_id}: upload failed ({exc})", secret)) from None
+    except Exception as exc:  # noqa: BLE001  (sorted below: network, bad answers, or a bug)
+        if is_network_error(exc):
+            raise HubError(
+                scrub(f"{repo_id}: the Hub could not be reached at {api.endpoint} "
+                      f"({type(exc).__name__}: {exc}); nothing was uploaded", secret),
+                "check the network (and HF_ENDPOINT, if set), then run the same command again",
+            ) from None
+        if isinstance(exc, (OSError, ValueError)):  # answers the client cannot use
+            raise HubError(scrub(f"{repo_id}: upload failed ({exc})", secret)) from None
+        raise
     return result

@@ -69,18 +69,45 @@ GATES: dict[str, Gates] = {
 
 
 def precision_of(folder: Path) -> str:
-    """The precision class of a converted folder: its quantization bits, else the
-    commonest floating dtype of its weights."""
+    """The precision class of a converted folder: the narrowest width its quantized
+    weights are stored at (the default ``bits`` of its ``quantization`` config and
+    every per-layer entry: a mixed-4-6 folder is 4-bit, a 4-bit folder with one
+    layer at 2 bits is 2-bit), else the commonest floating dtype of its weights."""
     cfg = json.loads((Path(folder) / "config.json").read_text())
     quant = cfg.get("quantization") or cfg.get("quantization_config")
     if isinstance(quant, dict) and isinstance(quant.get("bits"), int):
-        return f"{quant['bits']}bit"
+        widths = [quant["bits"]] + [v["bits"] for v in quant.values()
+                                    if isinstance(v, dict) and isinstance(v.get("bits"), int)]
+        return f"{min(widths)}bit"
     index = index_weights(Path(folder))
     counts = Counter(
         t.dtype for t in index.tensors.values() if t.dtype in FLOAT_DTYPES
     )
     code = counts.most_common(1)[0][0] if counts else "F32"
     return {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}[code]
+
+
+def check_overrides(overrides: dict, name=lambda key: "--" + key.replace("_", "-")) -> dict:
+    """Refuse (UsageError, exit 2) gate overrides no gate can mean: a NaN or infinite
+    value, a negative KL or block error, an agreement outside [0, 1] (``min_top1 2``
+    would fail every model, ``max_kl_mean -1`` too). ``name(key)`` names the option
+    (``--max-kl-mean``; a release plan names its key). Returns ``overrides``."""
+    import math
+
+    from ..errors import UsageError
+
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in GATES["float32"].to_dict():
+            raise UsageError(f"{name(key)}: unknown gate; gates: {', '.join(GATES['float32'].to_dict())}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UsageError(f"{name(key)} {value!r}: must be a finite number")
+        if key.startswith("min_") and not 0 <= value <= 1:
+            raise UsageError(f"{name(key)} {value!r}: an agreement, between 0 and 1")
+        if key.startswith("max_") and value < 0:
+            raise UsageError(f"{name(key)} {value!r}: must not be negative (a KL or a relative error)")
+    return overrides
 
 
 def gates_for(precision: str, **overrides) -> Gates:

@@ -27,8 +27,10 @@ implementation, dtype.
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,10 +209,15 @@ def compute_reference(
             if progress:
                 progress(s + 1)
         interrupt.check()
-    except BaseException:
+    except BaseException as exc:
         outputs.clear()  # drop the memory maps before their files go
         with interrupt.critical():
             tmp.cleanup()
+        if _full_disk(exc):  # the temporary outputs (TMPDIR) filled the disk
+            from ..convert import output_error
+
+            raise output_error(Path(tmp.name), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                               needed=_outputs_bytes(source, inputs, keep_hidden)) from None
         raise
     del run
     gc.collect()  # free the torch model before anything MLX is loaded
@@ -226,6 +233,26 @@ def compute_reference(
         hidden_files=hidden_files if keep_hidden else None,
         _tmp=tmp,
     )
+
+
+def _full_disk(exc: BaseException) -> bool:
+    """A write that failed for lack of space (numpy's short write says only
+    "N requested and M written": then the disk is full too)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and "requested and" in str(exc))
+    return False
+
+
+def _outputs_bytes(source: Source, inputs: Inputs, keep_hidden: bool) -> int | None:
+    """What the temporary outputs need on disk: float32 logits, and block outputs
+    with ``keep_hidden``, for every token of the inputs."""
+    try:
+        raw = read_config(source.path)
+        cfg = lookup(raw).normalize_config(raw)
+        width = cfg["vocab_size"] + (cfg["hidden_size"] * cfg["num_hidden_layers"] if keep_hidden else 0)
+    except Exception:  # noqa: BLE001  (only an estimate for a message)
+        return None
+    return 4 * width * sum(len(s) for s in inputs.sequences)
 
 
 # --- reference-logits files ------------------------------------------------------------
@@ -292,8 +319,35 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)
+    except Exception as exc:  # noqa: BLE001  (safetensors reports I/O failures as SafetensorError)
+        failure = _io_failure(exc)
+        if failure is None:
+            raise
+        from ..convert import output_error
+
+        raise output_error(path, failure, needed=sum(t.nbytes for t in tensors.values())) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _io_failure(exc: BaseException) -> OSError | None:
+    """``exc`` as the OSError it reports (an OSError, or safetensors' SafetensorError
+    "I/O error: … (os error N)"), or None when it is not an I/O failure."""
+    import errno
+    import re
+
+    if isinstance(exc, OSError):
+        return exc
+    if type(exc).__name__ != "SafetensorError":
+        return None
+    text = str(exc)
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    if "No space left" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, text) if "I/O error" in text else None
 
 
 def read_reference_file(path: Path) -> Reference:

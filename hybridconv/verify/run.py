@@ -313,6 +313,7 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
     sq_diff = np.zeros(n_blocks)
     sq_ref = np.zeros(n_blocks)
     stats, per_seq, decode_rows = [], [], []
+    steps_run: list[int] = []  # the decode steps each sequence ran (at most its length - 1)
     # one MLX pass per sequence; sequences of one length batched (hybridconv's models)
     runs = run_sequences(model, reference.sequences, decode_steps, have_hidden, reference.vocab_size,
                          reference.hidden(0, 0).shape[-1] if have_hidden else 0, n_blocks, batch=kinds is not None)
@@ -334,6 +335,7 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
         per_seq.append({"sequence": s, **summarise([st])})
         if k > 0:
             decode_rows.append(decode_check(got, ids, k, reference.outputs[s]))
+            steps_run.append(k)
     overall = summarise(stats)
     report["metrics"] = {"overall": overall, "per_sequence": per_seq}
 
@@ -406,7 +408,9 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
     if decode_rows:
         worst_kl = max(r["kl_max"] for r in decode_rows)
         report["decode"] = {
-            "steps_per_sequence": decode_steps,
+            # what ran: a sequence of T tokens has at most T - 1 steps after its prefill
+            "steps_per_sequence": max(steps_run),
+            **({"requested_steps": decode_steps} if max(steps_run) != decode_steps else {}),
             "method": "each sequence's last steps run one token at a time through the caches after a cached prefill "
                       "of the rest: the same MLX pass gives the metrics' logits (one pass per sequence; sequences "
                       "of one length run as a batch)",
