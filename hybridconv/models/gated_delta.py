@@ -45,7 +45,10 @@ Everything except the ``S0`` terms is computed for groups of 32 chunks at
 once (bounding memory for long prompts); only the carry of ``S`` from chunk to
 chunk is a Python loop (``T / C`` iterations).
 The pairwise decays are formed as ``exp(G_i − G_j)`` masked to ``j ≤ i`` (never
-as ``exp(G_i)·exp(−G_j)``, which overflows in float32 for strong decays). For
+as ``exp(G_i)·exp(−G_j)``, which overflows in float32 for strong decays;
+the cutting into chunks and these pairwise log-decays are
+:mod:`hybridconv.models.linear_attention`'s ``to_chunks`` and
+``causal_log_decays``, shared with the mLSTM / WKV core). For
 the per-channel (KDA) form they are per key channel: formed directly within
 sub-blocks of 16 steps and factored through the previous sub-block's end
 between sub-blocks (:func:`_decayed_products`), one chunk at a time inside the
@@ -79,6 +82,8 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .linear_attention import causal_log_decays, to_chunks
 
 
 def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
@@ -206,7 +211,6 @@ def _intra_chunk(q, k, v, g, beta, per_channel):
     ``T(βk⊙Γ)``, keys decayed to the chunk end, and the whole-chunk decay."""
     C = q.shape[-2]
     idx = mx.arange(C)
-    causal = idx[:, None] >= idx[None, :]  # j ≤ i
     strict = idx[:, None] > idx[None, :]  # j < i
     G = mx.cumsum(g, axis=3)
     k_beta = k * beta[..., None]
@@ -216,7 +220,7 @@ def _intra_chunk(q, k, v, g, beta, per_channel):
         to_end = mx.exp(G[..., -1:, :] - G)
         chunk_decay = mx.exp(G[..., -1, :])[..., None]  # [.., Dk, 1]: scales rows of S
     else:
-        pair = mx.exp(mx.where(causal, G[..., :, None] - G[..., None, :], -mx.inf))
+        pair = mx.exp(causal_log_decays(G))
         A = (k_beta @ k.swapaxes(-1, -2)) * pair
         qk = (q @ k.swapaxes(-1, -2)) * pair
         gamma = mx.exp(G)[..., None]
@@ -252,15 +256,9 @@ def gated_delta_chunked(
     dv = v.shape[-1]
     per_channel = g.ndim == 4
     C = chunk_size
-    pad = (-T) % C
-    n = (T + pad) // C
-
-    def chunks(x):  # [b, T, H, ...] -> [b, H, n, C, ...], zero-padded at the end
-        x = mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(b, n, C, H, *x.shape[3:])
-        return mx.moveaxis(x, 3, 1)
-
-    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
+    n = (T + (-T) % C) // C
+    # [b, T, H, ...] -> [b, H, n, C, ...], zero-padded at the end
+    q, k, v, g, beta = (to_chunks(x, C) for x in (q, k, v, g, beta))
     # State-independent terms for a group of chunks at once (one chunk for the
     # per-channel form): vectorised, with memory bounded whatever T is.
     group = 1 if per_channel else INTRA_GROUP
