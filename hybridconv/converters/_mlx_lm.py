@@ -205,4 +205,8 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "qwen3_5_text": qwen3_next,  # Qwen3.5-MoE has experts in every layer, as mlx-lm builds it
     "qwen3_5_moe_text": qwen3_next,
     "olmo_hybrid": olmo_hybrid,
+    "zamba": _absent("Zamba", "zamba"),
+    "rwkv": lambda cfg: _cannot("mlx-lm has no RWKV-4 model (model_type 'rwkv' not supported; its rwkv7 module is "
+                                "RWKV-7, another recurrence and other weights)"),
+    "xlstm": _absent("xLSTM", "xlstm"),
 }
