@@ -79,7 +79,7 @@ import mlx.nn as nn
 from .common import BaseModelArgs, CausalLM, StateCache
 from .linear_attention import NO_STATE, exp_gated
 
-WKV_CHUNK = 32  # steps per chunk of the WKV prefill (scripts/bench_linear_recurrences.py)
+WKV_CHUNK = 8  # steps per chunk of the WKV prefill: the fastest on the CPU (scripts/bench_linear_recurrences.py)
 
 
 @dataclass
