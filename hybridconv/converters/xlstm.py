@@ -73,6 +73,8 @@ the tiny model and 0.02 at 7B shapes.
 
 from __future__ import annotations
 
+import re
+
 from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import xlstm as model_module
@@ -148,19 +150,21 @@ def rules(cfg: dict) -> list[Rule]:
     qk, v = int(cfg["hidden_size"] * cfg["qk_dim_factor"]), int(cfg["hidden_size"] * cfg["v_dim_factor"])
     heads = cfg["num_heads"]
     ffn = model_module.round_up(cfg["hidden_size"] * cfg["ffn_proj_factor"], cfg["ffn_round_up_to_multiple_of"])
-    return [
-        Rename(r"^backbone\.blocks\.(\d+)\.", r"backbone.layers.\1."),
-        Split(r"\.mlstm_layer\.qkv_opreact\.(weight|bias)$", 0,
-              [(r".mlstm_layer.q.\1", qk), (r".mlstm_layer.k.\1", qk), (r".mlstm_layer.v.\1", v),
-               (r".mlstm_layer.ogate_preact.\1", v)], "fused q/k/v/output-gate projection"),
-        Split(r"\.mlstm_layer\.ifgate_preact\.(weight|bias)$", 0,
-              [(r".mlstm_layer.igate_preact.\1", heads), (r".mlstm_layer.fgate_preact.\1", heads)],
-              "fused input/forget gate projection"),
-        Split(r"\.ffn\.proj_up_gate_z\.(weight|bias)$", 0,
-              [(r".ffn.proj_up_gate.\1", ffn), (r".ffn.proj_up.\1", ffn)], "fused FFN up/gate projection"),
-        KeepFloat32(GATE_BIASES, "gate biases: log f = logsigmoid(.) compounds over every step",
-                    "igate_preact.bias, fgate_preact.bias"),
+    fused = [
+        ("mlstm_layer.qkv_opreact", [("mlstm_layer.q", qk), ("mlstm_layer.k", qk), ("mlstm_layer.v", v),
+                                     ("mlstm_layer.ogate_preact", v)], "fused q/k/v/output-gate projection"),
+        ("mlstm_layer.ifgate_preact", [("mlstm_layer.igate_preact", heads), ("mlstm_layer.fgate_preact", heads)],
+         "fused input/forget gate projection"),
+        ("ffn.proj_up_gate_z", [("ffn.proj_up_gate", ffn), ("ffn.proj_up", ffn)], "fused FFN gate/up projection"),
     ]
+    out: list[Rule] = [Rename(r"^backbone\.blocks\.(\d+)\.", r"backbone.layers.\1.")]
+    for src, parts, what in fused:
+        for kind in ("weight", "bias"):
+            out.append(Split(rf"\.{re.escape(src)}\.{kind}$", 0,
+                             [(f".{dst}.{kind}", n) for dst, n in parts], f"{what} ({kind})"))
+    out.append(KeepFloat32(GATE_BIASES, "gate biases: log f = logsigmoid(.) compounds over every step",
+                           "igate_preact.bias, fgate_preact.bias"))
+    return out
 
 
 PROTECTED = (
