@@ -165,3 +165,20 @@ def test_shared_chunking_helpers():
     assert d[0, 2, 0] == -3.0 and d[0, 1, 1] == 0.0 and d[0, 0, 1] == -np.inf
     s = np.array(causal_log_decays(G, G + 1.0, strict=True))
     assert s[0, 1, 1] == -np.inf and s[0, 2, 1] == -1.0
+
+
+@pytest.mark.parametrize("elements", [1, 300])
+def test_groups_of_chunks(monkeypatch, elements):
+    """Long prompts are formed a group of chunks at a time (GROUP_ELEMENTS): the
+    same results with one chunk per group and with a few."""
+    import hybridconv.models.linear_attention as la
+
+    q, k, v, ig, fg = _ours(*_mlstm_inputs(seed=4, T=45))
+    whole = exp_gated_chunked(q, k, v, fg, ig, chunk_size=4)
+    td, tf, key, value = _wkv_inputs(seed=5, T=45)
+    wkv_whole, _ = _wkv(td, tf, key, value, chunk=4)
+    monkeypatch.setattr(la, "GROUP_ELEMENTS", elements)
+    grouped = exp_gated_chunked(q, k, v, fg, ig, chunk_size=4)
+    for a, b in zip(grouped[:3], whole[:3]):
+        _close(np.array(a), np.array(b), 1e-6)
+    _close(_wkv(td, tf, key, value, chunk=4)[0], wkv_whole, 1e-6)

@@ -72,7 +72,7 @@ cumulative ``f̃`` inside the chunk and ``L_ts = G_t − G_s + ĩ_s`` for ``s �
 
 Everything but the carry of ``(C', m)`` from chunk to chunk is computed for
 groups of chunks at once (:data:`GROUP_ELEMENTS` bounds the ``[Q, Q]``
-matrices of a group); the carry is a Python loop over chunks (``T / Q``
+weights and ``[Dk, Dv+1]`` chunk states of a group); the carry is a Python loop over chunks (``T / Q``
 iterations), the outputs are then formed for the whole group from the chunks'
 starting states. :func:`exp_gated_step` is the recurrence itself, one step at
 a time, for decoding; the tests check both against each other and against
@@ -100,10 +100,12 @@ from typing import Optional
 
 import mlx.core as mx
 
-# Elements of one [b, H, chunks, Q, Q] intermediate formed at once (16 MiB in
-# float32): bounds memory for long prompts and wide per-channel heads (WKV has
-# one head per channel) while keeping whole prompts in one group for few heads.
-GROUP_ELEMENTS = 1 << 22
+# Elements of one intermediate of a group of chunks ([b, H, chunks, Q, Q]
+# weights, [b, H, chunks, Dk, Dv+1] chunk states; 32 MiB in float32): bounds
+# memory for long prompts, wide per-channel heads (WKV: one head per channel)
+# and large heads (xLSTM-7B: 256 x 512), while short prompts of few heads form
+# one group.
+GROUP_ELEMENTS = 1 << 23
 
 
 def to_chunks(x: mx.array, size: int, fill: float = 0.0) -> mx.array:
@@ -220,7 +222,8 @@ def exp_gated_chunked(
     if k is not None:
         qc, kc = to_chunks(q, Q), to_chunks(k, Q)
     n = lf.shape[2]
-    group = max(1, GROUP_ELEMENTS // (b * H * Q * Q))
+    dk = 1 if k is None else k.shape[-1]
+    group = max(1, GROUP_ELEMENTS // (b * H * max(Q * Q, dk * Dv1, Q * Dv1)))
     eye = mx.eye(Q, dtype=mx.bool_)
     nums, ms = [], []
     for g0 in range(0, n, group):
