@@ -19,7 +19,8 @@ gate decayed by the forget gates (Katharopoulos et al. 2020; Yang et al. 2023,
 * **mLSTM** (Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory",
   arXiv:2405.04517, eqs. 19–27; xLSTM-7B: Beck et al. 2025, arXiv:2503.13427):
   ``f̃ = logsigmoid(f_preact)``, ``ĩ = i_preact``, ``q`` scaled by
-  ``Dk^-1/2``, and ``h_t = num_t / max(|den_t|, 1)``.
+  ``Dk^-1/2``, and ``h_t = num_t / max(|den_t|, 1)`` (up to ``eps``: see
+  the stabiliser).
 * **WKV** (RWKV-4: Peng et al. 2023, "RWKV: Reinventing RNNs for the
   Transformer Era", arXiv:2305.13048, eq. 14): one head per channel with
   ``Dk = Dv = 1`` and no query or key vectors (every ``q·k`` is 1: "scalar
@@ -72,9 +73,9 @@ cumulative ``f̃`` inside the chunk and ``L_ts = G_t − G_s + ĩ_s`` for ``s �
 
 Everything but the carry of ``(C', m)`` from chunk to chunk is computed for
 groups of chunks at once (:data:`GROUP_ELEMENTS` bounds the ``[Q, Q]``
-weights and ``[Dk, Dv+1]`` chunk states of a group); the carry is a Python loop over chunks (``T / Q``
-iterations), the outputs are then formed for the whole group from the chunks'
-starting states. :func:`exp_gated_step` is the recurrence itself, one step at
+weights and ``[Dk, Dv+1]`` chunk states of a group); the carry is a Python
+loop over chunks (``T / Q`` iterations), the outputs are then formed for the
+whole group from the chunks' starting states. :func:`exp_gated_step` is the recurrence itself, one step at
 a time, for decoding; the tests check both against each other and against
 transformers' kernels.
 
