@@ -24,6 +24,12 @@ the chunked and step outputs are compared (max |Δ| relative to the largest
 output). ``--wkv-chunks 16 32 64`` also times the WKV core at other chunk sizes.
 
 Usage: python scripts/bench_linear_recurrences.py [--T 2048] [--repeat 3] [--wkv-chunks ...] [--json out.json]
+
+Measured (T = 2048, median of 3, MLX 0.32.4 CPU with the system OpenBLAS, 2-core
+VM at load average 10–13 from other jobs): WKV core chunks of 8 2.49 s vs steps
+2.70 s (16: 2.86 s, 32: 4.81 s); RWKV-4 time-mix layer prefill 2.64 s vs token
+by token 21.8 s; mLSTM core 0.75 s vs 20.7 s; mLSTM layer 5.72 s vs 139 s (README,
+"Exp-gated recurrences").
 """
 
 from __future__ import annotations
