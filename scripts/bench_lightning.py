@@ -3,14 +3,14 @@
 
 Lightning attention (MiniMax-Text-01) is the gated linear recurrence without
 the delta rule, ``S_t = exp(-slope_h) S_{t-1} + k_t v_tᵀ``, evaluated by the
-shared chunked core (:func:`hybridconv.models.gated_delta.linear_attention_chunked`,
+shared chunked core (:func:`hybridconv.models.gated_delta.gated_linear_attention_chunked`,
 chunks of 64, loop over chunks only). One MiniMax lightning layer (hidden
 2048, 16 heads of 128 — a quarter of the released 6144 / 64 heads, same head
 size) with random weights turns a random hidden sequence into q, k, v; then,
 in MLX (float32):
 
-* ``chunked`` — ``linear_attention_chunked`` over all T steps: what prefill runs;
-* ``steps``   — ``linear_attention_step`` over all T steps in one graph (the
+* ``chunked`` — ``gated_linear_attention_chunked`` over all T steps: what prefill runs;
+* ``steps``   — ``gated_linear_attention_step`` over all T steps in one graph (the
   recurrence as transformers' one-token decode path computes it);
 * ``decode``  — the whole layer driven one token at a time through its cache,
   each step evaluated, timed against the layer's own chunked prefill.
@@ -48,7 +48,7 @@ import mlx.nn as nn  # noqa: E402
 from hybridconv import blas  # noqa: E402
 from hybridconv.models import minimax  # noqa: E402
 from hybridconv.models.common import StateCache  # noqa: E402
-from hybridconv.models.gated_delta import linear_attention_chunked, linear_attention_step  # noqa: E402
+from hybridconv.models.gated_delta import gated_linear_attention_chunked, gated_linear_attention_step  # noqa: E402
 
 
 def timed(fn, repeat: int) -> tuple[float, object]:
@@ -84,8 +84,8 @@ def main() -> None:
     g = mx.broadcast_to(-layer.slope_rate.reshape(H), (1, T, H))
     mx.eval(q, k, v, g)
     rows = []
-    tc, (oc, sc) = timed(lambda: linear_attention_chunked(q, k, v, g, None, 64, scale=1.0), args.repeat)
-    ts, (os_, ss) = timed(lambda: linear_attention_step(q, k, v, g, None, scale=1.0), args.repeat)
+    tc, (oc, sc) = timed(lambda: gated_linear_attention_chunked(q, k, v, g, None, 64, scale=1.0), args.repeat)
+    ts, (os_, ss) = timed(lambda: gated_linear_attention_step(q, k, v, g, None, scale=1.0), args.repeat)
     diff = max(float(mx.abs(oc - os_).max() / mx.abs(os_).max()), float(mx.abs(sc - ss).max() / mx.abs(ss).max()))
     rows.append({"case": f"lightning core (per-head fixed decay, {H} heads x {D})", "T": T, "chunked_s": tc,
                  "steps_s": ts, "speedup": ts / tc, "max_rel_diff": diff})

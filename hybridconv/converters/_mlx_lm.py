@@ -242,4 +242,8 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
                                    "attention): its ModelArgs requires shared_intermediate_size and rotary_dim, "
                                    "and no configuration makes it build lightning layers"),
     "bailing_hybrid": bailing_hybrid,
+    "zamba": _absent("Zamba", "zamba"),
+    "rwkv": lambda cfg: _cannot("mlx-lm has no RWKV-4 model (model_type 'rwkv' not supported; its rwkv7 module is "
+                                "RWKV-7, another recurrence and other weights)"),
+    "xlstm": _absent("xLSTM", "xlstm"),
 }

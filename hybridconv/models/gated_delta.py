@@ -45,7 +45,10 @@ Everything except the ``S0`` terms is computed for groups of 32 chunks at
 once (bounding memory for long prompts); only the carry of ``S`` from chunk to
 chunk is a Python loop (``T / C`` iterations).
 The pairwise decays are formed as ``exp(G_i − G_j)`` masked to ``j ≤ i`` (never
-as ``exp(G_i)·exp(−G_j)``, which overflows in float32 for strong decays). For
+as ``exp(G_i)·exp(−G_j)``, which overflows in float32 for strong decays;
+the cutting into chunks and these pairwise log-decays are
+:mod:`hybridconv.models.linear_attention`'s ``to_chunks`` and
+``causal_log_decays``, shared with the mLSTM / WKV core). For
 the per-channel (KDA) form they are per key channel: formed directly within
 sub-blocks of 16 steps and factored through the previous sub-block's end
 between sub-blocks (:func:`_decayed_products`), one chunk at a time inside the
@@ -72,8 +75,8 @@ data-dependent decay). There the corrections are the values themselves —
     o_i   = (scale·q_i ⊙ Γ_i)ᵀ S0 + Σ_{j≤i} (scale·q_i)ᵀ (k_j ⊙ exp(G_i − G_j)) v_j
     S_end = diag(Γ_C) S0 + Σ_j (k_j ⊙ exp(G_C − G_j)) v_jᵀ
 
-(:func:`linear_attention_chunked`, :func:`linear_attention_step`,
-:func:`linear_attention`). With a per-head decay the chunk size is then any
+(:func:`gated_linear_attention_chunked`, :func:`gated_linear_attention_step`,
+:func:`gated_linear_attention`). With a per-head decay the chunk size is then any
 positive integer (no block inversion); the result does not depend on it beyond
 float rounding, so a model's own block length (MiniMax's ``block_size``) need
 not be followed.
@@ -100,6 +103,8 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .linear_attention import causal_log_decays, to_chunks
 
 
 def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
@@ -230,7 +235,6 @@ def _intra_chunk(q, k, v, g, beta, per_channel):
     ``beta=None`` (no delta rule): ``v`` and ``None`` in place of the two ``T`` terms."""
     C = q.shape[-2]
     idx = mx.arange(C)
-    causal = idx[:, None] >= idx[None, :]  # j ≤ i
     strict = idx[:, None] > idx[None, :]  # j < i
     G = mx.cumsum(g, axis=3)
     delta = beta is not None
@@ -244,7 +248,7 @@ def _intra_chunk(q, k, v, g, beta, per_channel):
         to_end = mx.exp(G[..., -1:, :] - G)
         chunk_decay = mx.exp(G[..., -1, :])[..., None]  # [.., Dk, 1]: scales rows of S
     else:
-        pair = mx.exp(mx.where(causal, G[..., :, None] - G[..., None, :], -mx.inf))
+        pair = mx.exp(causal_log_decays(G))
         A = (k_beta @ k.swapaxes(-1, -2)) * pair if delta else None
         qk = (q @ k.swapaxes(-1, -2)) * pair
         gamma = mx.exp(G)[..., None]
@@ -283,21 +287,13 @@ def gated_delta_chunked(
 
 def _chunked(q, k, v, g, beta, S, C):
     """The chunk loop of :func:`gated_delta_chunked` (``beta=None``: of
-    :func:`linear_attention_chunked`) on prepared float32 inputs."""
+    :func:`gated_linear_attention_chunked`) on prepared float32 inputs."""
     b, T, H, dk = q.shape
     dv = v.shape[-1]
     per_channel = g.ndim == 4
-    pad = (-T) % C
-    n = (T + pad) // C
-
-    def chunks(x):  # [b, T, H, ...] -> [b, H, n, C, ...], zero-padded at the end
-        if x is None:
-            return None
-        x = mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(b, n, C, H, *x.shape[3:])
-        return mx.moveaxis(x, 3, 1)
-
-    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
+    n = (T + (-T) % C) // C
+    # [b, T, H, ...] -> [b, H, n, C, ...], zero-padded at the end (beta None: no delta rule)
+    q, k, v, g, beta = (None if x is None else to_chunks(x, C) for x in (q, k, v, g, beta))
     # State-independent terms for a group of chunks at once (one chunk for the
     # per-channel form): vectorised, with memory bounded whatever T is.
     group = 1 if per_channel else INTRA_GROUP
@@ -332,7 +328,7 @@ def gated_delta(
     return gated_delta_chunked(q, k, v, g, beta, state, chunk_size, scale=scale)
 
 
-def linear_attention_step(
+def gated_linear_attention_step(
     q: mx.array,
     k: mx.array,
     v: mx.array,
@@ -344,7 +340,7 @@ def linear_attention_step(
     """The gated linear recurrence ``S_t = diag(exp(g_t)) S_{t−1} + k_t v_tᵀ``,
     ``o_t = S_tᵀ (scale·q_t)`` one step at a time (decode; loops over ``T``,
     meant for ``T = 1``). Same arguments and conventions as
-    :func:`linear_attention_chunked`."""
+    :func:`gated_linear_attention_chunked`."""
     q, k, v, g, _, S = _prepare(q, k, v, g, None, state, scale)
     per_channel = g.ndim == 4
     outs = []
@@ -356,7 +352,7 @@ def linear_attention_step(
     return mx.stack(outs, axis=1), S
 
 
-def linear_attention_chunked(
+def gated_linear_attention_chunked(
     q: mx.array,
     k: mx.array,
     v: mx.array,
@@ -377,7 +373,7 @@ def linear_attention_chunked(
     return _chunked(q, k, v, g, None, S, chunk_size)
 
 
-def linear_attention(
+def gated_linear_attention(
     q: mx.array,
     k: mx.array,
     v: mx.array,
@@ -387,11 +383,11 @@ def linear_attention(
     *,
     scale: Optional[float] = None,
 ) -> tuple[mx.array, mx.array]:
-    """Dispatch: one decode step through :func:`linear_attention_step`, anything
-    longer through :func:`linear_attention_chunked` (same results, see the tests)."""
+    """Dispatch: one decode step through :func:`gated_linear_attention_step`, anything
+    longer through :func:`gated_linear_attention_chunked` (same results, see the tests)."""
     if q.shape[1] == 1:
-        return linear_attention_step(q, k, v, g, state, scale=scale)
-    return linear_attention_chunked(q, k, v, g, state, chunk_size, scale=scale)
+        return gated_linear_attention_step(q, k, v, g, state, scale=scale)
+    return gated_linear_attention_chunked(q, k, v, g, state, chunk_size, scale=scale)
 
 
 def gdn_decay(a: mx.array, A_log: mx.array, dt_bias: mx.array) -> mx.array:

@@ -46,7 +46,7 @@ With ``H = num_attention_heads`` heads of ``D = head_dim``:
        S_t = λ_h · S_{t−1} + k_t v_tᵀ,      o_t = S_tᵀ q_t
 
    (a linear recurrence without the delta rule: :mod:`.gated_delta`'s
-   :func:`~.gated_delta.linear_attention` with ``g = −slope_h`` at every step
+   :func:`~.gated_delta.gated_linear_attention` with ``g = −slope_h`` at every step
    and scale 1: chunked for prefill — transformers' block-wise form, intra-block
    ``(q kᵀ ⊙ λ^{i−j}) v`` plus the decayed inter-block state, is the same
    chunked algebra — one step at a time for decode);
@@ -97,7 +97,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .common import Attention, BaseModelArgs, CausalLM, KVCache, StateCache, WindowKVCache
-from .gated_delta import linear_attention
+from .gated_delta import gated_linear_attention
 from .moe import MoEBlock
 
 CHUNK_SIZE = 64  # chunks of the shared linear-recurrence core (any length gives the same result)
@@ -167,7 +167,7 @@ class LightningAttention(nn.Module):
         qkv = nn.silu(self.qkv_proj(x)).reshape(B, T, H, 3 * D)  # per head: [q | k | v]
         q, k, v = mx.split(qkv, 3, axis=-1)
         g = mx.broadcast_to(-self.slope_rate.astype(mx.float32).reshape(H), (B, T, H))
-        o, state = linear_attention(q, k, v, g, cache[1] if cache is not None else None, CHUNK_SIZE, scale=1.0)
+        o, state = gated_linear_attention(q, k, v, g, cache[1] if cache is not None else None, CHUNK_SIZE, scale=1.0)
         if cache is not None:
             cache[1] = state
         o = self.norm(o.astype(x.dtype).reshape(B, T, H * D))

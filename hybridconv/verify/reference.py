@@ -83,6 +83,36 @@ def _remote_code_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.py"))
 
 
+# Configs transformers' own classes cannot read as published, rewritten to what
+# computes the same function on the CPU. xLSTM: NX-AI/xLSTM-7b's config (the
+# xlstm package's layout) names Triton kernels, which transformers 5's strict
+# xLSTMConfig rejects without that package (and which need a GPU with it);
+# every kernel computes the same recurrence (hybridconv.models.xlstm), so the
+# reference runs the native PyTorch ones, in inference mode (train mode refuses
+# lengths that are not a multiple of chunk_size); and it states its width as
+# embedding_dim / num_blocks only, where transformers would fall back to its
+# defaults for hidden_size / num_hidden_layers.
+def _xlstm_patch(raw: dict, config: dict) -> dict:
+    return {"chunkwise_kernel": "chunkwise--native_autograd", "sequence_kernel": "native_sequence__native",
+            "step_kernel": "native", "mode": "inference", "hidden_size": config["hidden_size"],
+            "num_hidden_layers": config["num_hidden_layers"]}
+
+
+_REFERENCE_CONFIG = {"xlstm": _xlstm_patch}
+
+
+def _reference_config(model_type: str, raw: dict, config: dict):
+    """transformers' config object for the reference where config.json needs a
+    rewrite (:data:`_REFERENCE_CONFIG`), else None (read config.json as is)."""
+    fn = _REFERENCE_CONFIG.get(model_type)
+    patch = fn(raw, config) if fn is not None else {}
+    if all(raw.get(k) == v for k, v in patch.items()):
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**{**raw, **patch})
+
+
 def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     """(callable ids -> logits with block hooks, implementation label, block kinds)."""
     import torch
@@ -133,6 +163,9 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     # dequantized weights (torch_source.py: the seam a block-wise reference shares).
     cls, where, extra = reference_loader(source.path, raw, trust_remote_code)
     kwargs.update(extra)
+    ref_config = _reference_config(arch.model_type, raw, config)
+    if ref_config is not None and "config" not in kwargs:
+        kwargs["config"] = ref_config
     try:
         model = cls.from_pretrained(where, dtype=tdtype, **kwargs)
     except TypeError:  # transformers 4 spells it torch_dtype
