@@ -48,7 +48,8 @@ def readable_target(template: str, regex: str | None = None) -> str:
         if not regex.startswith("^") and not template.startswith("\\g<"):
             out = "…" + out
         if not regex.endswith("$"):
-            out += "…"
+            # a literal prefix rename keeps the rest of the name: ``*``, as the pattern shows it
+            out += "*" if "\\" not in template and not out.startswith("…") else "…"
     return out
 
 

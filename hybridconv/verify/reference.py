@@ -161,11 +161,9 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
     # A multimodal wrapper runs as its image-text-to-text class; an FP8 source on its
     # dequantized weights (torch_source.py: the seam a block-wise reference shares).
-    cls, where, extra = reference_loader(source.path, raw, trust_remote_code)
+    cls, where, extra = reference_loader(source.path, raw, trust_remote_code,
+                                         config=_reference_config(arch.model_type, raw, config))
     kwargs.update(extra)
-    ref_config = _reference_config(arch.model_type, raw, config)
-    if ref_config is not None and "config" not in kwargs:
-        kwargs["config"] = ref_config
     try:
         model = cls.from_pretrained(where, dtype=tdtype, **kwargs)
     except TypeError:  # transformers 4 spells it torch_dtype

@@ -60,20 +60,24 @@ def _concrete(auto, config):
     return cls, config
 
 
-def reference_loader(folder: Path, raw: dict, trust_remote_code: bool = False) -> tuple[object, str | None, dict]:
+def reference_loader(folder: Path, raw: dict, trust_remote_code: bool = False, config=None) -> tuple[object, str | None, dict]:
     """``(class, first argument, keyword arguments)`` to ``class.from_pretrained``
     the reference of the source in ``folder`` (raw config ``raw``): its Auto class
     and folder for a float checkpoint; for an FP8 block-scaled one the concrete
     class, no folder (the weights come as a state dict), the config without
-    quantization and the dequantizing state dict (module docstring)."""
+    quantization and the dequantizing state dict (module docstring). ``config``:
+    transformers' config object where config.json needs a rewrite to be read
+    (``reference._reference_config``), else it is read from ``folder``."""
     from transformers import AutoConfig
 
     from ..checkpoint import model_tensors, source_quantization
 
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    given = config is not None
+    if not given:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     auto = auto_class(config)
     if source_quantization(raw, str(folder)) is None:
-        return auto, str(folder), {}
+        return auto, str(folder), {"config": config} if given else {}
     cls, config = _concrete(auto, config)
     for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
         if getattr(cfg, "quantization_config", None) is not None:
