@@ -248,6 +248,31 @@ def attend(q: mx.array, k: mx.array, v: mx.array, rope, cache, window: Optional[
     return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
+class ProportionalRoPE(nn.Module):
+    """transformers' ``proportional`` RoPE (Gemma-4, LFM3's full-attention layers):
+    the first ``rotated // 2`` of the ``dims // 2`` rotation pairs ``(i, i + dims/2)``
+    turn with inverse frequency ``base^(-2i / dims) / factor`` — the exponent
+    counts the *whole* head, not the rotated part — and the remaining pairs not at
+    all (inverse frequency 0). Unlike ``nn.RoPE(rotated)``, which rotates the
+    first ``rotated`` channels as pairs ``(i, i + rotated/2)`` with
+    ``base^(-2i / rotated)``, the rotated channels here are spread over both
+    halves of the head. ``mx.fast.rope`` takes wavelengths: an infinite one is a
+    pair that never turns (mlx-lm's ``ProportionalRoPE`` does the same)."""
+
+    def __init__(self, dims: int, rotated: int, base: float = 10000.0, factor: float = 1.0):
+        super().__init__()
+        if not 0 <= rotated <= dims:
+            raise ValueError(f"rotated dims {rotated} not within 0..{dims}")
+        self.dims = dims
+        exponents = mx.arange(0, rotated, 2, dtype=mx.float32) / dims
+        self._freqs = mx.concatenate(
+            [factor * (base**exponents), mx.full(((dims - rotated) // 2,), mx.inf)]
+        )
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+
+
 class MLP(nn.Module):
     """The SwiGLU feed-forward most of these models use (Shazeer 2020, "GLU Variants
     Improve Transformer"): ``down_proj(silu(gate_proj(x)) ⊙ up_proj(x))``, with
