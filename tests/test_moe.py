@@ -77,6 +77,30 @@ def test_route_qwen3_next_softmax_topk_prob(norm):
     _check(idx, w.detach(), logits.detach().numpy(), E, 3, score="softmax", norm_topk=norm)
 
 
+def test_route_zaya_skip_expert():
+    """ZAYA1's router: softmax over E + 1 classes, top-1 by probability +
+    balancing bias, the last class a skip expert (weight 0, index 0)."""
+    from transformers import ZayaConfig
+    from transformers.models.zaya.modeling_zaya import ZayaRouter
+
+    cfg = ZayaConfig(hidden_size=H, router_hidden_size=H, num_experts=E, num_experts_per_tok=1)
+    torch.manual_seed(3)
+    r = ZayaRouter(cfg, 0)
+    with torch.no_grad():
+        for p in r.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        r.balancing_biases.copy_(torch.randn(E + 1) * 0.1)
+        r.balancing_biases[-1] = 0.3  # the skip class wins for some tokens
+    logits, w, idx, _ = r(_x(5)[None])
+    logits, w, idx = logits.detach().numpy(), w.detach().numpy(), idx.numpy()
+    skipped = (w == 0).ravel()
+    assert 0 < skipped.sum() < T  # both cases occur
+    inds, wm = route(mx.array(logits), 1, score="softmax", correction_bias=mx.array(r.balancing_biases.numpy()),
+                     skip_experts=1)
+    np.testing.assert_array_equal(np.array(inds), idx)
+    np.testing.assert_allclose(np.array(wm), w, atol=2e-6)
+
+
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
 def test_route_nemotron_h_sigmoid_correction_bias_groups(groups):
     """DeepSeek-V3-style: chosen by sigmoid + bias (within the best groups),

@@ -423,6 +423,13 @@ class CausalLM(nn.Module):
     * ``final_norm(h, dtype)``: the final norm (``dtype``: the activations'
       dtype, for models whose residual stream runs in float32); by default the
       trunk's ``norm_name`` module;
+    * ``block_output(h)`` / ``block_input(reference, own)``: for models whose
+      blocks pass more than the residual stream to the next block (ZAYA's
+      router state, carried in extra channels of ``h``): the part of a block's
+      output that the reference's decoder layer returns (what verify compares;
+      by default all of ``h``), and a block's input rebuilt from the
+      reference's output of the previous block and this model's own output of
+      it (verify's blocks on the reference's inputs; by default the reference's);
     * ``layers``: the list of blocks (by default ``trunk.layers``).
 
     It gets what the loader, verify and decoding use: ``args``,
@@ -489,6 +496,12 @@ class CausalLM(nn.Module):
     def final_norm(self, h: mx.array, dtype=None) -> mx.array:
         return getattr(self.trunk, self.norm_name)(h)
 
+    def block_output(self, h: mx.array) -> mx.array:
+        return h
+
+    def block_input(self, reference: mx.array, own: mx.array) -> mx.array:
+        return reference
+
     def embed(self, inputs: mx.array) -> mx.array:
         h = getattr(self.trunk, self.embedding_name)(inputs)
         if self.activation_dtype is not None:
@@ -511,7 +524,7 @@ class CausalLM(nn.Module):
         for layer, c in zip(self.layers, caches):
             h = self.call_layer(layer, h, c, x0)
             if hidden_states is not None:
-                hidden_states.append(h)
+                hidden_states.append(self.block_output(h))
         return self.head(h, x0.dtype)
 
     def make_cache(self) -> list:

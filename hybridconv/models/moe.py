@@ -28,6 +28,12 @@ checked against the transformers router it reproduces (tests/test_moe.py):
     load, never the mixture. ``norm_topk`` divides by ``Σ s_e + norm_eps`` over
     the chosen (``norm_eps``: 1e-6 in LFM2-MoE, 1e-20 in DeepSeek-V3 /
     Nemotron-H / Kimi-Linear, 0 for Qwen), then ``routed_scaling`` multiplies.
+``skip_experts``
+    the last ``skip_experts`` of the ``E`` scores belong to experts that
+    compute nothing (ZAYA1's "skip expert", Zyphra 2025): they are scored and
+    chosen like the others, and a token routed to one gets weight 0 there (its
+    index is replaced by 0, a real expert, so the stacked experts are never
+    indexed out of range).
 ``n_group`` / ``topk_group``
     DeepSeek-V3's node-limited routing: the experts form ``n_group`` equal
     groups, a group's score is the sum of its two best (corrected) scores, only
@@ -74,6 +80,7 @@ def route(
     n_group: int = 1,
     topk_group: int = 1,
     norm_eps: float = 0.0,
+    skip_experts: int = 0,
 ) -> tuple[mx.array, mx.array]:
     """Choose ``top_k`` experts per token from router ``logits`` ``[..., E]``.
 
@@ -112,6 +119,10 @@ def route(
         weights = weights / (weights.sum(axis=-1, keepdims=True) + norm_eps)
     if routed_scaling != 1.0:
         weights = weights * routed_scaling
+    if skip_experts:
+        skip = inds >= E - skip_experts
+        weights = mx.where(skip, mx.array(0.0, weights.dtype), weights)
+        inds = mx.where(skip, mx.array(0, inds.dtype), inds)
     return inds, weights
 
 
