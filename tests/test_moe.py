@@ -101,6 +101,31 @@ def test_route_zaya_skip_expert():
     np.testing.assert_allclose(np.array(wm), w, atol=2e-6)
 
 
+def test_route_inkling_shared_expert_sink():
+    """Inkling's router: routed experts chosen by sigmoid + correction bias, the
+    chosen and the shared experts weighted together (σ_i / Σσ), times route_scale
+    and the learned global scale."""
+    from transformers import InklingTextConfig
+    from transformers.models.inkling.modeling_inkling import InklingTopkRouter
+
+    from hybridconv.models.moe import route_sigmoid_sink
+
+    cfg = InklingTextConfig(hidden_size=H, n_routed_experts=E, n_shared_experts=2, num_experts_per_tok=3,
+                            route_scale=2.5)
+    torch.manual_seed(4)
+    r = InklingTopkRouter(cfg)
+    with torch.no_grad():
+        r.weight.copy_(torch.randn(E + 2, H))
+        r.e_score_correction_bias.copy_(torch.randn(E) * 0.3)
+        r.global_scale.fill_(0.7)
+    logits, w, idx, shared = r(_x(6))
+    full = torch.nn.functional.linear(_x(6).float(), r.weight.float()).detach().numpy()
+    inds, wm, sm = route_sigmoid_sink(mx.array(full), 3, 2, correction_bias=mx.array(r.e_score_correction_bias.numpy()),
+                                      scale=2.5)
+    np.testing.assert_allclose(_dense(np.array(inds), np.array(wm) * 0.7, E), _dense(idx, w.detach(), E), atol=2e-6)
+    np.testing.assert_allclose(np.array(sm) * 0.7, shared.detach().numpy(), atol=2e-6)
+
+
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
 def test_route_nemotron_h_sigmoid_correction_bias_groups(groups):
     """DeepSeek-V3-style: chosen by sigmoid + bias (within the best groups),

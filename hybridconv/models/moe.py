@@ -126,6 +126,40 @@ def route(
     return inds, weights
 
 
+def route_sigmoid_sink(
+    logits: mx.array,
+    top_k: int,
+    n_shared: int,
+    *,
+    correction_bias: Optional[mx.array] = None,
+    scale: float = 1.0,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Inkling's routing with a *shared-expert sink* (thinkingmachines, Inkling;
+    transformers' ``InklingTopkRouter``). ``logits`` ``[..., E + S]``: the router
+    scores the ``S`` always-on shared experts beside the ``E`` routed ones. The
+    ``top_k`` routed experts are chosen by ``σ(l_e) + correction_bias``; then the
+    chosen and the shared experts share one normalisation::
+
+        w_i = σ(l_i) / Σ_{j ∈ chosen ∪ shared} σ(l_j) · scale
+
+    (computed as a softmax of log-sigmoids, as the reference does), so the shared
+    experts act as a sink that takes weight from the routed ones. Returns
+    ``(indices [..., k], routed weights [..., k], shared weights [..., S])``,
+    float32."""
+    logits = logits.astype(mx.float32)
+    E = logits.shape[-1] - n_shared
+    if not 1 <= top_k <= E:
+        raise ValueError(f"route_sigmoid_sink: top_k {top_k} must be in 1..{E}")
+    routed, shared = logits[..., :E], logits[..., E:]
+    choice = mx.sigmoid(routed)
+    if correction_bias is not None:
+        choice = choice + correction_bias.astype(mx.float32)
+    inds = mx.stop_gradient(_topk_indices(choice, top_k))
+    chosen = mx.concatenate([mx.take_along_axis(routed, inds, axis=-1), shared], axis=-1)
+    w = mx.softmax(-mx.logaddexp(mx.array(0.0, mx.float32), -chosen), axis=-1, precise=True) * scale
+    return inds, w[..., :top_k], w[..., top_k:]
+
+
 # --- stacked experts -----------------------------------------------------------------
 
 
