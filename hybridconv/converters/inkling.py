@@ -66,11 +66,12 @@ SCONV = r"\.(k_sconv|v_sconv|attn_sconv|mlp_sconv)\.conv1d\.weight$"
 ROUTER_FLOAT32 = r"\.mlp\.gate\.(e_score_correction_bias|global_scale)$"
 
 
-def layer_types(raw: dict, n: int, default) -> list[str]:
-    """``layer_types`` as given, else ``local_layer_ids`` (Inkling), else ``default(i)``."""
+def layer_types(raw: dict, n: int, default, local_ids: bool = True) -> list[str]:
+    """``layer_types`` as given, else ``local_layer_ids`` (Inkling; ``local_ids``),
+    else ``default(i)``."""
     types = pick(raw, "layer_types", default=None, kind=list)
     if types is None:
-        local = pick(raw, "local_layer_ids", default=None, kind=list)
+        local = pick(raw, "local_layer_ids", default=None, kind=list) if local_ids else None
         if local is not None:
             for i in local:
                 if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
@@ -109,6 +110,7 @@ def normalize_attention(raw: dict, cfg: dict, defaults: dict) -> None:
     cfg["rms_norm_eps"] = pick(raw, "rms_norm_eps", default=1e-6, kind=float)
     cfg["max_position_embeddings"] = pick(raw, "max_position_embeddings", "model_max_length",
                                           default=defaults["max_position_embeddings"], kind=int)
+    cfg.pop("model_max_length", None)
     act = pick(raw, "hidden_act", default="silu", kind=str)
     if act != "silu":
         raise ConfigError(f"config.json: hidden_act {act!r} is not supported (Inkling's MLPs use 'silu')")
