@@ -36,6 +36,8 @@ CASES = {
     "zaya-tiny": lambda: hybrid_case("wave3/zaya-tiny"),
     # the finished blocks of the attention residuals pass beside the partial sum
     "inkling2-tiny": lambda: hybrid_case("wave3/inkling2-tiny"),
+    # looped layers: a block per layer run (8 for 6 layers), in the reference's hook order
+    "inkling2_loop-tiny": lambda: hybrid_case("wave3/inkling2_loop-tiny"),
 }
 
 

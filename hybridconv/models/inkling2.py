@@ -308,25 +308,28 @@ class Attention(nn.Module):
 # --- attention residuals -------------------------------------------------------------
 
 
+def attention_residual(query: mx.array, blocks: Optional[mx.array], partial: mx.array) -> mx.array:
+    """Learned ``query`` ([D] or [n, D]) over the sources ``[b_0 … b_k, p]``
+    (module docstring): ``[B, T, n, D]`` float32, one mix per query."""
+    p = partial.astype(mx.float32)[..., None, :]
+    src = p if blocks is None else mx.concatenate([blocks.astype(mx.float32), p], axis=-2)
+    n = unweighted_rms_norm(src, ATTN_RES_EPS)  # [B, T, S, D]
+    D = query.shape[-1]
+    q = query.astype(mx.float32).reshape(-1, D)
+    scores = (n @ q.T) * (D**-0.5)  # [B, T, S, n_q]
+    w = mx.softmax(scores, axis=-2, precise=True)
+    return w.swapaxes(-1, -2) @ n  # [B, T, n_q, D]
+
+
 class AttentionResidual(nn.Module):
-    """Learned queries over ``[b_0 … b_k, p]`` (module docstring); ``queries``
-    1 (``query [D]``) or more (``query [n, D]``)."""
+    """:func:`attention_residual` with the learned ``query`` ([D], or [n, D] for ``queries`` > 1)."""
 
     def __init__(self, hidden: int, queries: int = 1):
         super().__init__()
         self.query = mx.zeros((hidden,) if queries == 1 else (queries, hidden))
 
-    def __call__(self, blocks: Optional[mx.array], partial: mx.array, query: Optional[mx.array] = None) -> mx.array:
-        """``[B, T, n, D]`` float32: one mix per query (``query`` overrides the stored one)."""
-        p = partial.astype(mx.float32)[..., None, :]
-        src = p if blocks is None else mx.concatenate([blocks.astype(mx.float32), p], axis=-2)
-        n = unweighted_rms_norm(src, ATTN_RES_EPS)  # [B, T, S, D]
-        q = (self.query if query is None else query).astype(mx.float32)
-        D = q.shape[-1]
-        q = q.reshape(-1, D)
-        scores = (n @ q.T) * (D**-0.5)  # [B, T, S, n_q]
-        w = mx.softmax(scores, axis=-2, precise=True)
-        return w.swapaxes(-1, -2) @ n  # [B, T, n_q, D]
+    def __call__(self, blocks: Optional[mx.array], partial: mx.array) -> mx.array:
+        return attention_residual(self.query, blocks, partial)
 
 
 def unpack(x: mx.array):
@@ -464,11 +467,15 @@ class Model(CausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__(
             args,
-            layers=[DecoderLayer(args, i) for i in range(args.num_hidden_layers)],
+            layers=[self.build_layer(args, i) for i in range(args.num_hidden_layers)],
             norm=nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps),
         )
         self.model.embed_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.model.final_input = AttentionResidual(args.hidden_size)
+
+    @staticmethod
+    def build_layer(args: ModelArgs, layer: int) -> DecoderLayer:
+        return DecoderLayer(args, layer)
 
     def scale_embeddings(self, h: mx.array) -> mx.array:
         return self.model.embed_norm(h)
