@@ -155,7 +155,7 @@ def verify_bf16_and_4bit(src: Path, tmp: Path, sequences: int = 2, decode_steps:
     rest by KL."""
     source = resolve(str(src))
     cfg = json.loads((source.path / "config.json").read_text())
-    vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
+    vocab = cfg.get("unpadded_vocab_size") or cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
     inputs = build_inputs(source.path, vocab, random_tokens=tokens, num_sequences=sequences, seed=seed)
     ref = compute_reference(source, inputs)
     bf16 = tmp / "bf16"

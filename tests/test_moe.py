@@ -77,6 +77,55 @@ def test_route_qwen3_next_softmax_topk_prob(norm):
     _check(idx, w.detach(), logits.detach().numpy(), E, 3, score="softmax", norm_topk=norm)
 
 
+def test_route_zaya_skip_expert():
+    """ZAYA1's router: softmax over E + 1 classes, top-1 by probability +
+    balancing bias, the last class a skip expert (weight 0, index 0)."""
+    from transformers import ZayaConfig
+    from transformers.models.zaya.modeling_zaya import ZayaRouter
+
+    cfg = ZayaConfig(hidden_size=H, router_hidden_size=H, num_experts=E, num_experts_per_tok=1)
+    torch.manual_seed(3)
+    r = ZayaRouter(cfg, 0)
+    with torch.no_grad():
+        for p in r.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        r.balancing_biases.copy_(torch.randn(E + 1) * 0.1)
+        r.balancing_biases[-1] = 0.3  # the skip class wins for some tokens
+    logits, w, idx, _ = r(_x(5)[None])
+    logits, w, idx = logits.detach().numpy(), w.detach().numpy(), idx.numpy()
+    skipped = (w == 0).ravel()
+    assert 0 < skipped.sum() < T  # both cases occur
+    inds, wm = route(mx.array(logits), 1, score="softmax", correction_bias=mx.array(r.balancing_biases.numpy()),
+                     skip_experts=1)
+    np.testing.assert_array_equal(np.array(inds), idx)
+    np.testing.assert_allclose(np.array(wm), w, atol=2e-6)
+
+
+def test_route_inkling_shared_expert_sink():
+    """Inkling's router: routed experts chosen by sigmoid + correction bias, the
+    chosen and the shared experts weighted together (σ_i / Σσ), times route_scale
+    and the learned global scale."""
+    from transformers import InklingTextConfig
+    from transformers.models.inkling.modeling_inkling import InklingTopkRouter
+
+    from hybridconv.models.moe import route_sigmoid_sink
+
+    cfg = InklingTextConfig(hidden_size=H, n_routed_experts=E, n_shared_experts=2, num_experts_per_tok=3,
+                            route_scale=2.5)
+    torch.manual_seed(4)
+    r = InklingTopkRouter(cfg)
+    with torch.no_grad():
+        r.weight.copy_(torch.randn(E + 2, H))
+        r.e_score_correction_bias.copy_(torch.randn(E) * 0.3)
+        r.global_scale.fill_(0.7)
+    logits, w, idx, shared = r(_x(6))
+    full = torch.nn.functional.linear(_x(6).float(), r.weight.float()).detach().numpy()
+    inds, wm, sm = route_sigmoid_sink(mx.array(full), 3, 2, correction_bias=mx.array(r.e_score_correction_bias.numpy()),
+                                      scale=2.5)
+    np.testing.assert_allclose(_dense(np.array(inds), np.array(wm) * 0.7, E), _dense(idx, w.detach(), E), atol=2e-6)
+    np.testing.assert_allclose(np.array(sm) * 0.7, shared.detach().numpy(), atol=2e-6)
+
+
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
 def test_route_nemotron_h_sigmoid_correction_bias_groups(groups):
     """DeepSeek-V3-style: chosen by sigmoid + bias (within the best groups),

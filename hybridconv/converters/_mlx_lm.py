@@ -233,6 +233,11 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "kimi_linear": kimi_linear,
     "lfm2": lfm2,
     "lfm2_moe": lfm2,
+    "lfm3": _absent("LFM3", "lfm3"),
+    "zaya": _absent("ZAYA1", "zaya"),
+    "inkling_text": _absent("Inkling", "inkling_text"),
+    "inkling2_text": _absent("Inkling-2", "inkling2_text"),
+    "inkling2_loop_text": _absent("Inkling-2-Mini", "inkling2_loop_text"),
     "qwen3_next": qwen3_next,
     "qwen3_5_text": qwen3_next,  # Qwen3.5-MoE has experts in every layer, as mlx-lm builds it
     "qwen3_5_moe_text": qwen3_next,

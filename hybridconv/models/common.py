@@ -248,6 +248,81 @@ def attend(q: mx.array, k: mx.array, v: mx.array, rope, cache, window: Optional[
     return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
+def attend_biased(q: mx.array, k: mx.array, v: mx.array, cache, window: Optional[int], scale: float,
+                  bias=None, sinks: Optional[mx.array] = None) -> mx.array:
+    """Causal attention (within ``window``) with an additive score bias and
+    optional per-query sink logits, for attention that ``mx.fast`` cannot express
+    (Inkling's relative position bias, Inkling-2's per-token sinks). ``q``:
+    ``[B, Hq, T, d]``, ``k``/``v``: ``[B, Hkv, T, d]`` (grouped: query head ``h``
+    reads KV head ``h // (Hq / Hkv)``); no position embedding is applied here.
+
+    ``bias(q0, q1, k0, k1)`` returns the additive bias ``[B, Hq, q1 - q0, k1 - k0]``
+    for the queries at absolute positions ``q0 .. q1 - 1`` and the keys at
+    ``k0 .. k1 - 1``.
+    ``sinks`` (``[B, Hq, T]``) adds one logit per query with a zero value: it
+    only takes probability mass (``softmax([scores, sink])`` without its last
+    column). Scores are ``scale · q·k + bias``, masked, softmaxed in float32, and
+    cast to the values' dtype before the weighted sum (as transformers' eager
+    attention does). Long prefills run in query blocks of
+    ``ATTENTION_QUERY_BLOCK`` against only the keys a block can see (see
+    :func:`attend`). Returns ``[B, T, Hq·d]``."""
+    offset = cache.offset if cache is not None else 0
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    B, Hq, n_q, d = q.shape
+    Hkv, n_k = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    first_key = offset + n_q - n_k
+    parts = []
+    for start in range(0, n_q, ATTENTION_QUERY_BLOCK):
+        stop = min(start + ATTENTION_QUERY_BLOCK, n_q)
+        lo = first_key if window is None else max(first_key, offset + start - window + 1)
+        hi = offset + stop
+        keys = slice(lo - first_key, hi - first_key)
+        qb = q[:, :, start:stop].reshape(B, Hkv, g, stop - start, d)
+        kb, vb = k[:, :, keys][:, :, None], v[:, :, keys][:, :, None]  # [B, Hkv, 1, nk, d]
+        scores = (qb @ kb.swapaxes(-1, -2)).astype(mx.float32) * scale  # [B, Hkv, g, nq, nk]
+        if bias is not None:
+            b = bias(offset + start, offset + stop, lo, hi).astype(mx.float32)
+            scores = scores + b.reshape(B, Hkv, g, stop - start, hi - lo)
+        mask = attention_mask(stop - start, hi - lo, offset + start, window)
+        if mask is not None:
+            scores = mx.where(mask, scores, mx.array(-mx.inf, mx.float32))
+        if sinks is not None:
+            sink = sinks[:, :, start:stop].astype(mx.float32).reshape(B, Hkv, g, stop - start, 1)
+            p = mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+        else:
+            p = mx.softmax(scores, axis=-1)
+        parts.append((p.astype(vb.dtype) @ vb).reshape(B, Hq, stop - start, d))
+    out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+    return out.transpose(0, 2, 1, 3).reshape(B, n_q, -1)
+
+
+class ProportionalRoPE(nn.Module):
+    """transformers' ``proportional`` RoPE (Gemma-4, LFM3's full-attention layers):
+    the first ``rotated // 2`` of the ``dims // 2`` rotation pairs ``(i, i + dims/2)``
+    turn with inverse frequency ``base^(-2i / dims) / factor`` — the exponent
+    counts the *whole* head, not the rotated part — and the remaining pairs not at
+    all (inverse frequency 0). Unlike ``nn.RoPE(rotated)``, which rotates the
+    first ``rotated`` channels as pairs ``(i, i + rotated/2)`` with
+    ``base^(-2i / rotated)``, the rotated channels here are spread over both
+    halves of the head. ``mx.fast.rope`` takes wavelengths: an infinite one is a
+    pair that never turns (mlx-lm's ``ProportionalRoPE`` does the same)."""
+
+    def __init__(self, dims: int, rotated: int, base: float = 10000.0, factor: float = 1.0):
+        super().__init__()
+        if not 0 <= rotated <= dims:
+            raise ValueError(f"rotated dims {rotated} not within 0..{dims}")
+        self.dims = dims
+        exponents = mx.arange(0, rotated, 2, dtype=mx.float32) / dims
+        self._freqs = mx.concatenate(
+            [factor * (base**exponents), mx.full(((dims - rotated) // 2,), mx.inf)]
+        )
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+
+
 class MLP(nn.Module):
     """The SwiGLU feed-forward most of these models use (Shazeer 2020, "GLU Variants
     Improve Transformer"): ``down_proj(silu(gate_proj(x)) ⊙ up_proj(x))``, with
@@ -398,6 +473,13 @@ class CausalLM(nn.Module):
     * ``final_norm(h, dtype)``: the final norm (``dtype``: the activations'
       dtype, for models whose residual stream runs in float32); by default the
       trunk's ``norm_name`` module;
+    * ``block_output(h)`` / ``block_input(reference, own)``: for models whose
+      blocks pass more than the residual stream to the next block (ZAYA's
+      router state, carried in extra channels of ``h``): the part of a block's
+      output that the reference's decoder layer returns (what verify compares;
+      by default all of ``h``), and a block's input rebuilt from the
+      reference's output of the previous block and this model's own output of
+      it (verify's blocks on the reference's inputs; by default the reference's);
     * ``layers``: the list of blocks (by default ``trunk.layers``).
 
     It gets what the loader, verify and decoding use: ``args``,
@@ -464,6 +546,12 @@ class CausalLM(nn.Module):
     def final_norm(self, h: mx.array, dtype=None) -> mx.array:
         return getattr(self.trunk, self.norm_name)(h)
 
+    def block_output(self, h: mx.array) -> mx.array:
+        return h
+
+    def block_input(self, reference: mx.array, own: mx.array) -> mx.array:
+        return reference
+
     def embed(self, inputs: mx.array) -> mx.array:
         h = getattr(self.trunk, self.embedding_name)(inputs)
         if self.activation_dtype is not None:
@@ -486,7 +574,7 @@ class CausalLM(nn.Module):
         for layer, c in zip(self.layers, caches):
             h = self.call_layer(layer, h, c, x0)
             if hidden_states is not None:
-                hidden_states.append(h)
+                hidden_states.append(self.block_output(h))
         return self.head(h, x0.dtype)
 
     def make_cache(self) -> list:

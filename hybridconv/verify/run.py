@@ -140,7 +140,9 @@ def verify_folder(
             f"the reference was made from a {reference.model_type} checkpoint, {out} is {arch.model_type}",
             "pass the reference of this model's source checkpoint",
         )
-    vocab = config["vocab_size"]
+    # the logits per token: vocab_size, or fewer where the head is padded and cut
+    # (Inkling's unpadded_vocab_size)
+    vocab = config.get("unpadded_vocab_size") or config["vocab_size"]
     if reference.vocab_size not in (-1, vocab):
         raise UsageError(
             f"the reference has {reference.vocab_size} logits per token, {out} has vocab_size {vocab}",
