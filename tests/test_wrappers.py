@@ -31,6 +31,7 @@ from .conftest import assert_logits_close, decode_logits, hybrid_case, oracle_lo
 
 CASES = {  # wave3 case -> (written model_type, block kinds, language-model prefix in the source, head tied)
     "wave3/lfm2_vl-tiny": ("lfm2", ["conv", "attention", "conv", "attention"], "model.language_model.", True),
+    "wave3/lfm3_vl-tiny": ("lfm3", ["conv", "conv", "attention", "conv", "attention"], "model.language_model.", True),
     "wave3/nemotron_h_omni-tiny": ("nemotron_h", ["mamba", "moe", "attention", "mlp"], "language_model.", False),
     "wave3/minicpmv4_6-tiny": ("qwen3_5", ["delta", "delta", "delta", "attention"], "model.language_model.", False),
     "wave3/minicpmv4_7-tiny": ("qwen3_5", ["delta", "delta", "delta", "attention"], "model.language_model.", False),

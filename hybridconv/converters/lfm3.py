@@ -50,7 +50,7 @@ from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import lfm3 as model_module
 from ._common import head_rules
-from .registry import Architecture, Protected, Role, register
+from .registry import Architecture, Protected, Role, Wrapper, register, register_wrapper
 from .rules import ConvToMLX, Rename, Rule
 
 LAYER_TYPES = ("conv",) + model_module.ATTENTION_TYPES
@@ -193,3 +193,8 @@ ARCH = register(
         protected=PROTECTED,
     )
 )
+
+# LFM3-VL: LFM3 under ``model.language_model``, head tied by the wrapper's flag
+# (default true), as Lfm3VlForConditionalGeneration computes it.
+register_wrapper(Wrapper("lfm3_vl", ("Lfm3VlForConditionalGeneration",), "lfm3", "LFM3-VL",
+                         tie="wrapper", tie_default=True))
