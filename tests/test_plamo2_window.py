@@ -71,7 +71,8 @@ def test_window_cache_keeps_w_past_positions(window_case):
     model(mx.array(np.arange(3, 23, dtype=np.int32)[None]), cache=cache)
     model(mx.array([[5]], dtype=mx.int32), cache=cache)
     windowed = [c for layer, c in zip(model.layers, cache) if not layer.is_mamba and layer.mixer.window]
-    assert windowed and all(c.keys.shape[2] == 8 for c in windowed)  # W = 8 past keys
+    # mlx-lm's RotatingKVCache of W + 1 slots: the W = 8 past positions and the new one
+    assert windowed and all(c.keys.shape[2] == 9 and c.size() == 9 for c in windowed)
 
 
 def test_torch_reference_matches_window_fixture():
