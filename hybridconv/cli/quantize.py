@@ -18,6 +18,8 @@ from .options import (
     DtypeOpt,
     ForceOpt,
     GroupOpt,
+    MlxLmCode,
+    MlxLmCodeOpt,
     Mode,
     ModeOpt,
     OutOpt,
@@ -26,7 +28,7 @@ from .options import (
     SourceArg,
     refuse_unused,
 )
-from .render import byte_progress, human_bytes
+from .render import byte_progress, human_bytes, mlx_lm_line
 
 BitsForOpt = Annotated[
     Optional[list[str]],
@@ -84,6 +86,7 @@ def quantize_cmd(
     target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Search the smallest plan whose mean KL on the verify inputs is <= this, and write it.", show_default=False)] = None,
     allow_nonfinite: AllowNonfiniteOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    mlx_lm_code: MlxLmCodeOpt = MlxLmCode.auto,
 ):
     """Quantize a checkpoint for MLX, keeping what hybrid models need in float32.
 
@@ -128,7 +131,7 @@ def quantize_cmd(
         with console.status("searching"):
             res = search_target_kl(source, out, target_kl, ref, group_size, dtype.value if dtype else None,
                                    revision, force, keep, report, bits_for=bits_for, dry_run=dry_run,
-                                   allow_nonfinite=allow_nonfinite)
+                                   allow_nonfinite=allow_nonfinite, mlx_lm_code=mlx_lm_code.value)
         for r in res.search:
             rows.add_row(r["plan"], f"{r['bits_per_weight']:.3f}", f"{r['kl_mean']:.4g}", "yes" if r["meets_target"] else "no")
         console.print(rows)
@@ -149,12 +152,14 @@ def quantize_cmd(
     with byte_progress(console, "quantizing") as (on_plan, progress):
         res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
                        dtype.value if dtype else None, revision, force, dry_run, progress=progress,
-                       on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
+                       on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+                       mlx_lm_code=mlx_lm_code.value)
     print_plan(res.plan, show_plan or dry_run)
     if dry_run:
         console.print("[dim]--dry-run: nothing written[/]")
         return
     console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
+    console.print(f"mlx-lm: {mlx_lm_line(out)}")
     if verify:
         _verify(source, revision, reference_logits, out, allow_pickle)
 

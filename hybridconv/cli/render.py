@@ -51,3 +51,18 @@ def byte_progress(console, label: str):
             bar.update(task, advance=n, tensor=name)
 
         yield on_plan, progress
+
+
+def mlx_lm_line(out) -> str:
+    """What mlx-lm users run on OUT: the model file it carries (and --trust-remote-code), or mlx-lm's own."""
+    import json
+    from pathlib import Path
+
+    try:
+        code = json.loads((Path(out) / "conversion.json").read_text()).get("mlx_lm_code") or {}
+    except (OSError, ValueError):
+        return "-"
+    if code.get("carried"):
+        return (f"carries hybridconv's model ({code['file']}; {code['reason']}): "
+                "run with --trust-remote-code")
+    return f"mlx-lm's own model ({code.get('reason', '?')}); nothing carried"

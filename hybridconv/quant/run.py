@@ -51,7 +51,8 @@ def _plan_for(src, spec, recipe, bits_for, keep, dtype) -> QuantPlan:
     return build_plan(plan(src, dtype), spec, recipe, bits_for, keep)
 
 
-def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None, allow_nonfinite: bool = False) -> Result:
+def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None, allow_nonfinite: bool = False,
+                           mlx_lm_code: str = "auto") -> Result:
     from . import writer
 
     items = [WriteItem(t.step, t.entries, t.spec, writer if t.spec is not None else None) for t in qp.tensors]
@@ -63,7 +64,8 @@ def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None, a
         "hybridconv": {"recipe": qp.recipe, "bits_per_weight": summary["bits_per_weight"]},
     }
     record_extra = {"quantization": {**summary, "plan": qp.rows()}}
-    return write_output(qp.conversion, out, tmp, progress, items, config_extra, record_extra, allow_nonfinite)
+    return write_output(qp.conversion, out, tmp, progress, items, config_extra, record_extra, allow_nonfinite,
+                        mlx_lm_code)
 
 
 def quantize(
@@ -83,11 +85,17 @@ def quantize(
     on_plan: Callable[[QuantPlan], None] | None = None,
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
+    mlx_lm_code: str = "auto",
 ) -> QuantResult:
     """`hybridconv quantize`: convert and quantize ``source`` into ``out`` in one streamed
     pass (``bits`` defaults to the mode's width: 4, or 8 for mxfp8). ``recipe``:
     "uniform" or "mixed-L-H"; ``bits_for``: ["PATTERN=BITS", ...]; ``keep``: [PATTERN, ...].
-    With ``dry_run`` nothing is written. Returns a :class:`QuantResult`."""
+    ``mlx_lm_code``: whether the output carries hybridconv's model for mlx-lm
+    (``convert.carry_mlx_lm_code``). With ``dry_run`` nothing is written. Returns a
+    :class:`QuantResult`."""
+    from ..mlx_lm_code import check_policy
+
+    check_policy(mlx_lm_code)
     spec = validate(bits, group_size, mode)
     with source_folder(source, revision, allow_pickle) as src:
         qp = _plan_for(src, spec, recipe, bits_for, keep, dtype)
@@ -96,7 +104,7 @@ def quantize(
         if dry_run:
             return QuantResult(qp, None)
         tmp = prepare_output(Path(out), force, src)
-        return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, progress, allow_nonfinite))
+        return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, progress, allow_nonfinite, mlx_lm_code))
 
 
 def search_target_kl(
@@ -113,6 +121,7 @@ def search_target_kl(
     bits_for: list[str] | None = None,
     dry_run: bool = False,
     allow_nonfinite: bool = False,
+    mlx_lm_code: str = "auto",
 ) -> QuantResult:
     """The smallest candidate plan (by bits per weight) whose mean KL on the
     reference's inputs is <= ``target_kl``; every candidate tried is reported.
@@ -122,6 +131,9 @@ def search_target_kl(
     so a large model costs log2(14) ≈ 4 trial quantizations, not 14."""
     from ..verify.run import verify_folder
 
+    from ..mlx_lm_code import check_policy
+
+    check_policy(mlx_lm_code)
     if target_kl <= 0:
         raise UsageError(f"--target-kl {target_kl}: must be positive")
     src = resolve(source, revision)
@@ -184,7 +196,8 @@ def search_target_kl(
     if dry_run:
         return QuantResult(qp, None, explored)
     tmp = prepare_output(Path(out), force, src)
-    return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, allow_nonfinite=allow_nonfinite), explored)
+    return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, allow_nonfinite=allow_nonfinite,
+                                                  mlx_lm_code=mlx_lm_code), explored)
 
 
 def _plan_label(qp: QuantPlan) -> str:
