@@ -57,6 +57,7 @@ import ast
 import builtins
 import hashlib
 import io
+import json
 import sys
 import tokenize
 from dataclasses import dataclass
@@ -524,3 +525,31 @@ def decide(policy: str, support) -> tuple[bool, str]:
     if support.status == "computes":
         return False, "mlx-lm's own model computes it"
     return True, f"mlx-lm's own model {support.line()}"
+
+
+def carried_code(out: Path) -> dict | None:
+    """The model file a folder carries for mlx-lm (``config.json``'s ``model_file``),
+    if any: ``{file, sha256, recorded, matches, reason}`` (``recorded``:
+    conversion.json's sha256; ``matches``: the file is what hybridconv wrote;
+    ``reason``: why it was carried)."""
+    out = Path(out)
+    try:
+        name = json.loads((out / "config.json").read_text()).get("model_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not name:
+        return None
+    if not isinstance(name, str) or Path(name).name != name:  # not a file of this folder: never run
+        return {"file": str(name), "sha256": None, "recorded": None, "matches": False, "reason": None}
+    path = out / name
+    try:
+        record = json.loads((out / "conversion.json").read_text()).get("mlx_lm_code") or {}
+    except (OSError, ValueError, AttributeError):
+        record = {}
+    try:
+        sha = sha256_of(path.read_bytes())
+    except OSError:
+        sha = None
+    recorded = record.get("sha256") if record.get("file") == name else None
+    return {"file": name, "sha256": sha, "recorded": recorded, "matches": sha is not None and sha == recorded,
+            "reason": record.get("reason")}

@@ -33,36 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import interrupt
+from ..mlx_lm_code import carried_code
 
 WORKER = Path(__file__).with_name("mlx_lm_worker.py")
 PROCESS = ("a separate Python process in which hybridconv's model code cannot be imported "
            "(hybridconv.models, .converters, .loading blocked)")
-
-
-def carried_code(out: Path) -> dict | None:
-    """The model file OUT carries for mlx-lm, if any: ``{file, sha256, recorded,
-    matches}`` (``recorded``: conversion.json's sha256; ``matches``: the file is
-    what hybridconv wrote)."""
-    from ..mlx_lm_code import sha256_of
-
-    out = Path(out)
-    try:
-        name = json.loads((out / "config.json").read_text()).get("model_file")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not name:
-        return None
-    path = out / name
-    try:
-        record = json.loads((out / "conversion.json").read_text()).get("mlx_lm_code") or {}
-    except (OSError, ValueError, AttributeError):
-        record = {}
-    try:
-        sha = sha256_of(path.read_bytes())
-    except OSError:
-        sha = None
-    recorded = record.get("sha256") if record.get("file") == name else None
-    return {"file": name, "sha256": sha, "recorded": recorded, "matches": sha is not None and sha == recorded}
 
 
 class _Replay:
