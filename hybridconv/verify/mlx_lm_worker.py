@@ -22,7 +22,9 @@ hybridconv module that was imported. Only two hybridconv modules may be, neither
 a model: ``hybridconv`` itself (it loads an optimised BLAS for MLX's CPU
 backend) and, on the float32 compute path, ``hybridconv.float32_compute`` (the
 same float32 arithmetic as hybridconv's runtime). Without hybridconv importable
-at all, the native path still runs (the tests do this).
+at all, the native path still runs (the tests do this). torch is not imported:
+mlx-lm's models do not use it, and transformers (which mlx-lm imports) would
+otherwise load it, half of this process's start-up.
 """
 
 import json
@@ -41,6 +43,9 @@ def main(workdir: Path) -> int:
         sys.path.insert(0, request["hybridconv_path"])
     for name in BLOCKED:
         sys.modules[name] = None  # `import hybridconv.models` now raises ImportError
+    # mlx-lm's models never use torch; importing mlx_lm imports transformers, which
+    # would import torch (half of this process's start-up) unless it is absent.
+    sys.modules.setdefault("torch", None)
     result = {"ok": False}
     try:
         import hybridconv  # noqa: F401  (before mlx: the optimised BLAS, see hybridconv.blas)
