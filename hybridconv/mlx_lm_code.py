@@ -332,6 +332,16 @@ class _Edits:
     def replace(self, node: ast.AST, text: str) -> None:
         self.edits.append((node.lineno, node.col_offset, node.end_lineno, node.end_col_offset, text))
 
+    def segment(self, node: ast.AST) -> str:
+        """The source text of ``node`` (``ast.get_source_segment`` without splitting
+        the whole source again for every node)."""
+        first = self.lines[node.lineno - 1].encode("utf-8")
+        if node.lineno == node.end_lineno:
+            return first[node.col_offset: node.end_col_offset].decode("utf-8")
+        middle = [line.encode("utf-8") for line in self.lines[node.lineno: node.end_lineno - 1]]
+        last = self.lines[node.end_lineno - 1].encode("utf-8")[: node.end_col_offset]
+        return b"".join([first[node.col_offset:], *middle, last]).decode("utf-8")
+
     def replace_lines(self, first: int, last: int, text: str) -> None:
         """Lines ``first..last`` (1-based, whole lines) by ``text`` (its own lines)."""
         self.edits.append((first, 0, last, len(self.lines[last - 1].encode("utf-8")), text))
@@ -396,8 +406,7 @@ def _transform(mod: Module) -> str:
     for ann in _annotations(mod.tree):
         if isinstance(ann, ast.Constant) and isinstance(ann.value, str):
             continue  # already a string
-        text = ast.get_source_segment(mod.source, ann)
-        edits.replace(ann, repr(" ".join(text.split())))
+        edits.replace(ann, repr(" ".join(edits.segment(ann).split())))
     return edits.apply()
 
 
