@@ -26,6 +26,7 @@ import inspect as pyinspect
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -482,3 +483,171 @@ def test_mlx_lm_server_answers_a_completion(auto_outputs, shadow, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+# --- the policy, the trust record, verify, upload, inspect, the card -----------------------------
+
+
+def _record(out: Path) -> dict:
+    return json.loads((out / "conversion.json").read_text())["mlx_lm_code"]
+
+
+def test_policy_auto_always_never(tmp_path):
+    from hybridconv.errors import UsageError
+
+    mamba, bamba = hybrid_case("mamba-tiny"), hybrid_case("bamba-tiny")
+    # auto: nothing where mlx-lm's own model computes it
+    out = _convert(mamba, tmp_path / "mamba-auto", "auto")
+    cfg = json.loads((out / "config.json").read_text())
+    assert "model_file" not in cfg and not (out / CARRIED_FILE).exists()
+    assert _record(out)["carried"] is False and _record(out)["reason"] == "mlx-lm's own model computes it"
+    # always: carried anyway
+    out = _convert(mamba, tmp_path / "mamba-always", "always")
+    assert json.loads((out / "config.json").read_text())["model_file"] == CARRIED_FILE
+    # auto where mlx-lm cannot open it: carried, recorded with its sha256 and why
+    out = _convert(bamba, tmp_path / "bamba-auto", "auto")
+    rec = _record(out)
+    from hybridconv.mlx_lm_code import sha256_of
+
+    assert rec["carried"] and rec["file"] == CARRIED_FILE and rec["trust_remote_code"] is True
+    assert rec["sha256"] == sha256_of((out / CARRIED_FILE).read_bytes()) and "no Bamba model" in rec["reason"]
+    assert rec["mlx_lm_statement"]["status"] == "cannot open"
+    # never: declined, the statement kept (inspect, verify and the card say what mlx-lm's own model does)
+    out = _convert(bamba, tmp_path / "bamba-never", "never")
+    assert not (out / CARRIED_FILE).exists() and "model_file" not in json.loads((out / "config.json").read_text())
+    assert _record(out)["carried"] is False and "cannot open" in _record(out)["reason"]
+    with pytest.raises(UsageError, match="--mlx-lm-code 'sometimes'"):
+        convert(str(bamba), tmp_path / "x", dtype="float32", mlx_lm_code="sometimes")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_carrying_output_converted_again(tmp_path):
+    """A source that carries a model file (a hybridconv output) never passes it on:
+    the output carries what this conversion decides, made afresh."""
+    first = _convert(hybrid_case("zamba2-tiny"), tmp_path / "first", "auto")
+    again = _convert(first, tmp_path / "again", "auto")
+    assert (again / CARRIED_FILE).read_bytes() == (first / CARRIED_FILE).read_bytes()  # deterministic
+    (first / CARRIED_FILE).write_text("raise SystemExit('not hybridconv')\n")  # whatever the source holds
+    again = _convert(first, tmp_path / "again2", "auto")
+    assert "not hybridconv" not in (again / CARRIED_FILE).read_text()
+    declined = _convert(first, tmp_path / "never", "never")
+    assert not (declined / CARRIED_FILE).exists()
+    assert "model_file" not in json.loads((declined / "config.json").read_text())
+    q = tmp_path / "q4"
+    quantize(str(first), q, 4, mlx_lm_code="never")
+    assert not (q / CARRIED_FILE).exists() and _record(q)["policy"] == "never"
+    quantize(str(first), tmp_path / "q4-auto", 4)
+    assert _record(tmp_path / "q4-auto")["carried"] is True
+
+
+@pytest.fixture(scope="module")
+def verified_bamba(tmp_path_factory, auto_outputs) -> Path:
+    """bamba-tiny (auto: carries the file), verified by both runtimes against its oracle."""
+    from hybridconv.verify.reference import read_reference_file
+    from hybridconv.verify.run import REPORT_NAME, verify_folder, write_report
+
+    out = tmp_path_factory.mktemp("verified") / "bamba"
+    shutil.copytree(auto_outputs["bamba-tiny"][0], out)
+    ref = read_reference_file(hybrid_case("bamba-tiny") / "expected.safetensors")
+    write_report(verify_folder(out, ref, runtimes=("hybridconv", "mlx-lm"), decode_steps=4).report, out / REPORT_NAME)
+    return out
+
+
+def test_verify_runs_what_mlx_lm_users_run(verified_bamba):
+    r = json.loads((verified_bamba / "verification.json").read_text())
+    m = r["runtimes"]["mlx-lm"]
+    assert r["verdict"] == "pass" and m["verdict"] == "pass", m.get("failure_reasons")
+    assert m["trust_remote_code"] is True and m["model_code"]["source"] == "carried"
+    assert m["model_code"]["ran"] == "carried file" and m["model_code"]["matches"] is True
+    assert m["model_code"]["class"].startswith("custom_model.") and m["expected"]["status"] == "computes"
+    # the worker could not have used hybridconv's model code
+    assert all(x in ("hybridconv", "hybridconv.blas") for x in m["hybridconv_modules_in_process"])
+    assert m["metrics"]["overall"]["kl_mean"] < 1e-8 and m["decode"]["kl_max"] < 1e-6
+
+
+def test_a_changed_carried_file_fails_upload_and_is_not_run(verified_bamba, tmp_path):
+    from hybridconv.errors import UnverifiedError
+    from hybridconv.publish.upload import check_verified
+    from hybridconv.verify.reference import read_reference_file
+    from hybridconv.verify.run import verify_folder
+
+    out = tmp_path / "bamba"
+    shutil.copytree(verified_bamba, out)
+    check_verified(out)  # as verified
+    code = out / CARRIED_FILE
+    original = code.read_text()
+    code.write_text(original + "\nimport os  # changed after verify\n")
+    with pytest.raises(UnverifiedError, match="model code it carries changed after verification"):
+        check_verified(out)
+    # verify does not execute a file that is not the one hybridconv wrote
+    ref = read_reference_file(hybrid_case("bamba-tiny") / "expected.safetensors")
+    m = verify_folder(out, ref, runtimes=("mlx-lm",), decode_steps=0).report["runtimes"]["mlx-lm"]
+    assert m["verdict"] == "not run" and "not the file hybridconv wrote" in m["message"]
+    # nor does the config's pointer move unnoticed
+    code.write_text(original)
+    check_verified(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("model_file")
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnverifiedError, match="changed after verification"):
+        check_verified(out)
+
+
+def test_inspect_shows_the_carried_file(verified_bamba, monkeypatch, capsys, tmp_path):
+    from .conftest import hc
+
+    code, text = hc(monkeypatch, capsys, "inspect", verified_bamba, "--json")
+    info = json.loads(text)
+    assert code == 0 and info["mlx_lm_code"]["carried"]["matches"] is True
+    assert info["mlx_lm_code"]["carried"]["sha256"] == _record(verified_bamba)["sha256"]
+    code, text = hc(monkeypatch, capsys, "inspect", hybrid_case("bamba-tiny"))
+    assert "--mlx-lm-code auto carries hybridconv's model" in " ".join(text.split())
+    code, text = hc(monkeypatch, capsys, "inspect", hybrid_case("mamba-tiny"))
+    assert "--mlx-lm-code auto carries nothing" in " ".join(text.split())
+    changed = tmp_path / "b"
+    shutil.copytree(verified_bamba, changed)
+    (changed / CARRIED_FILE).write_text("x = 1\n")
+    code, text = hc(monkeypatch, capsys, "inspect", changed, "--json")
+    assert json.loads(text)["mlx_lm_code"]["carried"]["matches"] is False
+
+
+def test_card_says_trust_remote_code_where_mlx_lm_runs_the_carried_file(verified_bamba):
+    from hybridconv.publish.card import render_card
+
+    card = render_card(verified_bamba, "org/bamba-tiny")
+    assert "mlx_lm.generate --model org/bamba-tiny --trust-remote-code" in card
+    assert 'load("org/bamba-tiny", trust_remote_code=True)' in card
+    assert f"`{CARRIED_FILE}`" in card and _record(verified_bamba)["sha256"] in card
+    assert "Warning: not for mlx-lm" not in card
+    assert f"| {CARRIED_FILE} (carried; --trust-remote-code) |" in card
+
+
+def test_cli_and_release_plan_take_the_policy(monkeypatch, capsys, tmp_path):
+    from hybridconv.errors import UsageError
+    from hybridconv.publish.release import load_plan
+
+    from .conftest import hc
+
+    code, text = hc(monkeypatch, capsys, "convert", hybrid_case("bamba-tiny"), "-o", tmp_path / "o",
+                    "--mlx-lm-code", "never")
+    assert code == 0 and not (tmp_path / "o" / CARRIED_FILE).exists() and "nothing carried" in " ".join(text.split())
+    code, text = hc(monkeypatch, capsys, "convert", hybrid_case("bamba-tiny"), "-o", tmp_path / "p")
+    assert code == 0 and "run with --trust-remote-code" in " ".join(text.split())
+    code, _ = hc(monkeypatch, capsys, "convert", hybrid_case("bamba-tiny"), "-o", tmp_path / "q",
+                 "--mlx-lm-code", "maybe")
+    assert code == 2
+    code, text = hc(monkeypatch, capsys, "quantize", hybrid_case("bamba-tiny"), "-o", tmp_path / "r", "--bits", "4",
+                    "--mlx-lm-code", "never")
+    assert code == 0 and not (tmp_path / "r" / CARRIED_FILE).exists()
+
+    def plan(top: str, variant: str) -> Path:
+        p = tmp_path / "plan.toml"
+        p.write_text(f'{top}\n[source]\npath = "src"\n[[variants]]\nname = "a"\ndtype = "bfloat16"\n{variant}\n'
+                     '[[variants]]\nname = "b"\nbits = 4\n')
+        return p
+
+    assert [v.mlx_lm_code for v in load_plan(plan("", "")).variants] == ["auto", "auto"]
+    assert [v.mlx_lm_code for v in load_plan(plan('mlx_lm_code = "never"', 'mlx_lm_code = "always"')).variants] \
+        == ["always", "never"]
+    with pytest.raises(UsageError, match="mlx_lm_code 'no'"):
+        load_plan(plan("", 'mlx_lm_code = "no"'))
