@@ -48,7 +48,7 @@ def main(workdir: Path) -> int:
     sys.modules.setdefault("torch", None)
     result = {"ok": False}
     try:
-        import hybridconv  # noqa: F401  (before mlx: the optimised BLAS, see hybridconv.blas)
+        import hybridconv.blas  # noqa: F401  (before mlx: the package loads the optimised BLAS)
     except ImportError:
         pass
     float32 = request["compute"] == "float32"
