@@ -651,3 +651,24 @@ def test_cli_and_release_plan_take_the_policy(monkeypatch, capsys, tmp_path):
         == ["always", "never"]
     with pytest.raises(UsageError, match="mlx_lm_code 'no'"):
         load_plan(plan("", 'mlx_lm_code = "no"'))
+
+
+@pytest.mark.parametrize("case", ["bamba-tiny", "plamo2-window-tiny", "zamba2-tiny"])
+def test_mlx_lm_batches_sequences_of_different_lengths(auto_outputs, case):
+    """mlx-lm's BatchGenerator (what mlx_lm.server uses): prompts processed one at a
+    time, then decoded together with different lengths (mlx-lm's left-padded batch
+    caches, its masks, rotating windows past their size) give each sequence's own
+    greedy tokens; prompts of different lengths in one prefill batch are refused, not
+    computed wrong (their padding would enter the recurrent state)."""
+    from mlx_lm.generate import batch_generate, generate_step
+    from mlx_lm.utils import load
+
+    model, tokenizer = load(str(auto_outputs[case][0]), trust_remote_code=True)
+    prompts = [[5, 17, 42, 7, 99, 3, 8, 9, 10, 11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25]]
+    alone = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=12)] for p in prompts]
+    together = batch_generate(model, tokenizer, prompts, max_tokens=12, return_token_ids=True, prefill_batch_size=1)
+    got = [list(map(int, t)) for t in together.token_ids]
+    # batch_generate stops a sequence at an end-of-sequence token
+    assert all(g and g == a[: len(g)] for g, a in zip(got, alone)), (got, alone)
+    with pytest.raises(ValueError, match="--prompt-concurrency 1"):
+        batch_generate(model, tokenizer, prompts, max_tokens=2)
