@@ -275,9 +275,13 @@ def render_runtimes(report: dict) -> None:
         expected = (r.get("expected") or {}).get("reason")
         tail = ("[bold red]required (--require-runtime): the verification fails[/]" if name in required
                 else f"not a failure of the conversion (--require-runtime {name} makes it one)")
+        fix = ("\n  convert with --mlx-lm-code auto (the default) or always: the output then carries hybridconv's "
+               "model, which mlx-lm runs with --trust-remote-code"
+               if name == "mlx-lm" and not r.get("trust_remote_code") and r["verdict"] != "not run" else "")
         console.print(f"[bold yellow]WARNING: {name} {r['verdict']}[/]: " + escape(why)
                       + (f"\n  known: {escape(expected)}" if expected else "")
-                      + f"\n  people who load this folder with {name} do not get the reference's function; {tail}")
+                      + f"\n  people who load this folder with {name} do not get the reference's function; {tail}"
+                      + fix)
 
 
 @app.command("reference")

@@ -147,6 +147,9 @@ def runtimes_section(report: dict | None, repo_id: str, record: dict | None = No
         what += f": {why}"
     warning = (f"> **Warning: not for mlx-lm.** {what}. Load them with hybridconv (below), "
                "which computes the original model's function.")
+    if r is not None and not r.get("trust_remote_code"):
+        warning += (" (Converted with `--mlx-lm-code auto`, the default, the weights would carry "
+                    "hybridconv's model, which mlx-lm runs with `--trust-remote-code`.)")
     return table, "## mlx-lm\n\n" + warning
 
 

@@ -231,11 +231,6 @@ def _run_mlx_lm(out, arch, config, reference, gates, decode_steps, progress, top
                       activation_dtype, compare=_compare, arithmetic=_arithmetic)
 
 
-def _message(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__
-
-
 def _free() -> None:
     import gc
 
