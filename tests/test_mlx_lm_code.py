@@ -672,3 +672,27 @@ def test_mlx_lm_batches_sequences_of_different_lengths(auto_outputs, case):
     assert all(g and g == a[: len(g)] for g, a in zip(got, alone)), (got, alone)
     with pytest.raises(ValueError, match="--prompt-concurrency 1"):
         batch_generate(model, tokenizer, prompts, max_tokens=2)
+
+
+def test_trimming_the_prompt_cache(tmp_path):
+    """mlx-lm trims a prompt cache (its server reuses a cached prefix; speculative
+    decoding rewinds) when every cache can be trimmed: an all-attention PLaMo-2 with a
+    windowed layer (RotatingKVCache, before its ring fills) and full ones (KVCache).
+    Trimmed and fed again, it gives the logits of a fresh pass; state caches (SSM
+    layers) say they cannot be trimmed, and mlx-lm then does not."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    cfg = plamo2_config(mamba_enabled=False, num_hidden_layers=3, attention_window_size=8, full_attention_idx=[2])
+    save_hf_plamo2(tmp_path / "src", cfg, seed=3)
+    out = _convert(tmp_path / "src", tmp_path / "out", "auto")
+    model = hybridconv.load(out)
+    ids = mx.array(random_ids(320, 7, seed=4))
+    full = model(ids)
+    cache = model.make_cache()
+    assert [type(c).__name__ for c in cache] == ["RotatingKVCache", "RotatingKVCache", "KVCache"]
+    model(ids, cache=cache)
+    assert can_trim_prompt_cache(cache) and trim_prompt_cache(cache, 3) == 3
+    again = model(ids[:, 4:], cache=cache)
+    assert np.abs(np.array(again) - np.array(full[:, 4:])).max() <= tolerance(np.array(full))
+    ssm = hybridconv.load(_convert(hybrid_case("bamba-tiny"), tmp_path / "bamba", "auto")).make_cache()
+    assert not can_trim_prompt_cache(ssm)
