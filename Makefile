@@ -76,6 +76,11 @@ demo: install-reference
 	$(HC) verify $(DEMO_OUT)/plamo2-tiny-4bit --reference examples/checkpoints/plamo2-tiny
 	@echo "== load in hybridconv and in mlx-lm"
 	$(PY) scripts/demo_load.py $(DEMO_OUT)/plamo2-tiny $(DEMO_OUT)/recurrent_gemma-tiny $(DEMO_OUT)/plamo2-tiny-4bit
+	@echo "== Bamba and Zamba2: mlx-lm has no such models, so the outputs carry hybridconv's (hybridconv_model.py)"
+	$(HC) convert examples/checkpoints/bamba-tiny -o $(DEMO_OUT)/bamba-tiny --dtype float32
+	$(HC) convert examples/checkpoints/zamba2-tiny -o $(DEMO_OUT)/zamba2-tiny --dtype float32
+	$(PY) -m mlx_lm generate --model $(DEMO_OUT)/bamba-tiny --trust-remote-code --prompt "hello world" --max-tokens 8 --ignore-chat-template
+	$(PY) -m mlx_lm generate --model $(DEMO_OUT)/zamba2-tiny --trust-remote-code --prompt "one two three" --max-tokens 8 --ignore-chat-template
 	@echo "== upload (dry run): what would be published, and the model card"
 	$(HC) upload $(DEMO_OUT)/plamo2-tiny-4bit --repo-id demo-org/plamo2-tiny-mlx-4bit --dry-run
 	@echo "== release plan (dry run): three variants, one reference run, verify before upload"

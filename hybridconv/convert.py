@@ -325,6 +325,12 @@ def output_config(p: Plan) -> dict:
     # The source's quantization (FP8, dequantized here) does not describe the output;
     # quantize writes its own.
     cfg.pop("quantization_config", None)
+    limit = cfg.get("time_step_limit")
+    if isinstance(limit, list) and len(limit) == 2 and limit[1] is None:
+        # No upper limit: written as transformers 5 writes infinity, which its config
+        # classes accept (a JSON null fails their validation, and with it loading the
+        # output's tokenizer: mlx_lm.load, mlx_lm.generate) and mlx-lm decodes.
+        cfg["time_step_limit"] = [limit[0], {"__float__": "Infinity"}]
     label = DTYPE_LABELS[p.dtype]
     cfg["torch_dtype"] = label
     cfg["dtype"] = label
@@ -332,13 +338,44 @@ def output_config(p: Plan) -> dict:
 
 
 def _carried_files(folder: Path) -> list[Path]:
+    """The source's files copied verbatim (tokenizer, remote code), never an mlx-lm
+    model file it carries (``config.json``'s ``model_file``, or hybridconv's own
+    from a previous conversion): an output carries only the model file this
+    conversion decides on (:func:`carry_mlx_lm_code`)."""
+    from .mlx_lm_code import CARRIED_FILE
+
+    try:
+        model_file = json.loads((folder / "config.json").read_text()).get("model_file")
+    except (OSError, ValueError, AttributeError):
+        model_file = None
     out = []
     for f in sorted(folder.iterdir()):
-        if f.is_file() and f.name != "config.json" and any(
+        if f.is_file() and f.name not in ("config.json", CARRIED_FILE, model_file) and any(
             fnmatch.fnmatch(f.name, pat) for pat in CARRY_PATTERNS
         ):
             out.append(f)
     return out
+
+
+def carry_mlx_lm_code(p: Plan, policy: str, tmp: Path | None = None) -> tuple[dict, dict]:
+    """``--mlx-lm-code POLICY``: whether the output carries hybridconv's model as an
+    mlx-lm model file (:mod:`hybridconv.mlx_lm_code`), written into ``tmp`` when
+    given. Returns (config entries, the ``mlx_lm_code`` record of conversion.json)."""
+    from .mlx_lm_code import CARRIED_FILE, decide, generate, sha256_of
+
+    support = p.arch.mlx_lm_support(p.config)
+    carry, why = decide(policy, support)
+    record = {"policy": policy, "carried": carry, "reason": why,
+              "mlx_lm_statement": {"status": support.status, "reason": support.reason,
+                                   "measured_with": support.measured_with}}
+    if not carry:
+        return {}, record
+    text = generate(p.arch)
+    if tmp is not None:
+        (tmp / CARRIED_FILE).write_text(text, encoding="utf-8")
+    record.update({"file": CARRIED_FILE, "sha256": sha256_of(text), "trust_remote_code": True,
+                   "hybridconv_version": __version__})
+    return {"model_file": CARRIED_FILE}, record
 
 
 # What a hybridconv output folder may hold: what convert/quantize write, the files
@@ -792,17 +829,23 @@ def convert(
     on_plan: Callable[[Plan], None] | None = None,
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
+    mlx_lm_code: str = "auto",
 ) -> Result:
     """`hybridconv convert`: plan ``source`` (a folder or Hub repo id), check the ledger,
     stream the weights into a temporary sibling of ``out`` and rename it into place.
     ``dtype``: "float32" | "float16" | "bfloat16" (default: the checkpoint's own).
+    ``mlx_lm_code``: "auto" | "always" | "never" (:func:`carry_mlx_lm_code`).
     Returns a :class:`Result` (the plan, the files written, their bytes)."""
+    from .mlx_lm_code import check_policy
+
+    check_policy(mlx_lm_code)  # a bad policy fails before any work
     with source_folder(source, revision, allow_pickle) as src:
         tmp = prepare_output(Path(out), force, src)
         p = plan(src, dtype)
         if on_plan:
             on_plan(p)
-        return write_output(p, Path(out), tmp, progress, allow_nonfinite=allow_nonfinite, force=force)
+        return write_output(p, Path(out), tmp, progress, allow_nonfinite=allow_nonfinite, force=force,
+                            mlx_lm_code=mlx_lm_code)
 
 
 def write_output(
@@ -815,8 +858,10 @@ def write_output(
     record_extra: dict | None = None,
     allow_nonfinite: bool = False,
     force: bool = False,
+    mlx_lm_code: str = "auto",
 ) -> Result:
-    """Write weights, index, config, carried files and the ledger into ``tmp``,
+    """Write weights, index, config, carried files, the mlx-lm model file
+    (``mlx_lm_code``: :func:`carry_mlx_lm_code`) and the ledger into ``tmp``,
     then rename it to ``out`` (:func:`place_output`: the rules for an existing
     ``out`` hold at that moment, ``force`` or not); on any failure or interruption
     remove ``tmp`` and the parent folders this call created."""
@@ -826,14 +871,20 @@ def write_output(
         created = make_parents(tmp.parent)
         tmp.mkdir()
         files = write_weights(p, tmp, progress, items, allow_nonfinite)
+        code_config, code_record = carry_mlx_lm_code(p, mlx_lm_code, tmp)
+        if code_config:
+            files.append(code_config["model_file"])
         cfg = output_config(p)
+        cfg.pop("model_file", None)  # only the file this conversion writes
         cfg.update(config_extra or {})
+        cfg.update(code_config)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         files.append("config.json")
         for f in _carried_files(p.source.path):
             shutil.copyfile(f, tmp / f.name)  # follows the HF cache's symlinks
             files.append(f.name)
         record = ledger_record(p)
+        record["mlx_lm_code"] = code_record
         record.update(record_extra or {})
         (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         files.append(CONVERSION_RECORD)

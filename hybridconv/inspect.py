@@ -98,6 +98,7 @@ def describe(p: Plan) -> dict:
             for i, (kind, window) in enumerate(schedule)
         ],
         "mlx_lm": mlx_lm_support(p.arch, p.config),
+        "mlx_lm_code": mlx_lm_code(p.arch, p.config, p.source.path),
         "parameters": p.parameter_count,
         # Every weight the checkpoint holds (a wrapper's vision tower and mtp.* included,
         # FP8 scales not): what a model card counts; "parameters" is the converted model.
@@ -144,6 +145,36 @@ def _current(folder: Path, recorded: str | None) -> dict:
                     "upload refuses them; verify again"}
 
 
+def mlx_lm_code(arch, config: dict, folder: Path | None = None) -> dict:
+    """What mlx-lm users of the output run: ``auto`` (whether ``--mlx-lm-code auto``
+    makes the output carry hybridconv's model, and why) and, for a folder that
+    carries a model file already, ``carried`` (file, sha256, whether it is the
+    file hybridconv wrote, why it was carried)."""
+    from .mlx_lm_code import CARRIED_FILE, carried_code, decide
+
+    carry, why = decide("auto", arch.mlx_lm_support(config))
+    out = {"auto": {"carries": carry, "file": CARRIED_FILE if carry else None, "reason": why}}
+    found = carried_code(folder) if folder is not None else None
+    if found is not None:
+        out["carried"] = found
+    return out
+
+
+def mlx_lm_code_line(info: dict) -> str:
+    """One line for ``inspect``: the model file a folder carries, or what convert would do."""
+    carried = info.get("carried")
+    if carried:
+        state = ("the file hybridconv wrote (conversion.json)" if carried["matches"]
+                 else "NOT the file hybridconv wrote: verify and upload refuse it")
+        return (f"carries {carried['file']} ({carried['sha256']}), {state}: mlx-lm runs it with "
+                "--trust-remote-code")
+    auto = info["auto"]
+    if auto["carries"]:
+        return (f"--mlx-lm-code auto carries hybridconv's model ({auto['file']}; run with --trust-remote-code): "
+                f"{auto['reason']}")
+    return f"--mlx-lm-code auto carries nothing: {auto['reason']}"
+
+
 def describe_output(folder: Path) -> dict | None:
     """What a quantized hybridconv output is (it cannot be planned again: its
     weights are packed): architecture, quantization, size and verification, from
@@ -181,6 +212,16 @@ def describe_output(folder: Path) -> dict | None:
             return None
         return mlx_lm_support(arch, config)
 
+    def _output_code() -> dict | None:
+        from .errors import HybridconvError
+        from .loading import load_config
+
+        try:
+            arch, config = load_config(folder)
+        except HybridconvError:
+            return None
+        return mlx_lm_code(arch, config, folder)
+
     return {
         "path": str(folder),
         "kind": "quantized hybridconv output",
@@ -194,5 +235,6 @@ def describe_output(folder: Path) -> dict | None:
         "bytes": sum(f.stat().st_size for f in weights),
         "verification": verification,
         "mlx_lm": _output_mlx_lm(cfg),
+        "mlx_lm_code": _output_code(),
         "next": "verify it (hybridconv verify), publish it (hybridconv upload); to convert again start from the float source",
     }

@@ -178,10 +178,11 @@ def verify_bf16_and_4bit(src: Path, tmp: Path, sequences: int = 2, decode_steps:
 
 
 def mlx_lm_logits(out: Path, ids) -> np.ndarray:
-    """mlx-lm's logits (``mlx_lm.utils.load_model``) on the folder ``out``."""
-    from mlx_lm.utils import load_model
+    """mlx-lm's logits on the folder ``out``, from its OWN model (a model file the
+    folder carries is ignored: conftest.load_builtin)."""
+    from .conftest import load_builtin
 
-    model, _ = load_model(Path(out))
+    model, _ = load_builtin(Path(out))
     return np.array(model(mx.array(ids)).astype(mx.float32))
 
 

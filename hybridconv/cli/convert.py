@@ -16,6 +16,8 @@ from .options import (
     DtypeOpt,
     ForceOpt,
     GroupOpt,
+    MlxLmCode,
+    MlxLmCodeOpt,
     Mode,
     ModeOpt,
     OutOpt,
@@ -24,7 +26,7 @@ from .options import (
     SourceArg,
     refuse_unused,
 )
-from .render import byte_progress, human_bytes, output_notes
+from .render import byte_progress, human_bytes, mlx_lm_line, output_notes
 
 
 @app.command("convert")
@@ -42,6 +44,7 @@ def convert_cmd(
     recipe: RecipeOpt = None,
     allow_nonfinite: AllowNonfiniteOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    mlx_lm_code: MlxLmCodeOpt = MlxLmCode.auto,
 ):
     """Convert a Hugging Face checkpoint to an MLX folder that hybridconv and mlx_lm.load open.
 
@@ -68,7 +71,8 @@ def convert_cmd(
         with byte_progress(console, "quantizing") as (on_plan, progress):
             res = run_quantize(source, out, bits, group_size, mode.value, recipe, None, None,
                                dtype.value if dtype else None, revision, force, progress=progress,
-                               on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
+                               on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+                               mlx_lm_code=mlx_lm_code.value)
         print_plan(res.plan, False)
         console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
         output_notes(err_console, res.result)
@@ -84,6 +88,7 @@ def convert_cmd(
             on_plan=on_plan,
             allow_nonfinite=allow_nonfinite,
             allow_pickle=allow_pickle,
+            mlx_lm_code=mlx_lm_code.value,
         )
     p = result.plan
     table = Table(title=f"converted {p.source.label} -> {result.out}", show_header=False)
@@ -98,8 +103,10 @@ def convert_cmd(
         table.add_row(f"  {rule}", str(count))
     table.add_row("size", f"{human_bytes(p.index.total_bytes)} -> {human_bytes(result.bytes_written)}")
     table.add_row("files", ", ".join(result.files))
+    table.add_row("mlx-lm", mlx_lm_line(result.out))
     console.print(table)
     output_notes(err_console, result)
+
 
 
 def _rule_counts(p) -> dict[str, int]:

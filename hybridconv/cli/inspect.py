@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from ..inspect import describe, describe_output, inspect_plan
+from ..inspect import describe, describe_output, inspect_plan, mlx_lm_code_line
 from . import app, console
 from .options import AllowPickleOpt, DtypeOpt, JsonOpt, RevisionOpt, SourceArg
 from .render import human_bytes
@@ -61,6 +61,8 @@ def inspect_cmd(
         measured = (v or {}).get("runtimes", {}).get("mlx-lm")
         if done.get("mlx_lm") or measured:
             t.add_row("mlx-lm", (f"verified: {measured}; " if measured else "") + (done["mlx_lm"] or {}).get("line", ""))
+        if done.get("mlx_lm_code"):
+            t.add_row("mlx-lm code", escape(mlx_lm_code_line(done["mlx_lm_code"])))
         t.add_row("next", done["next"])
         console.print(t)
         return
@@ -77,9 +79,11 @@ def inspect_cmd(
         if info.get("source_parameters", info["parameters"]) != info["parameters"] else ""))
     head.add_row("hidden / vocab", f"{info['hidden_size']} / {info['vocab_size']}")
     head.add_row("tied embeddings", str(info["tie_word_embeddings"]))
-    head.add_row("mlx-lm", escape(info["mlx_lm"]["line"]) + (
+    own = "its built-in model " if info["mlx_lm_code"].get("carried") else ""  # the folder carries another
+    head.add_row("mlx-lm", own + escape(info["mlx_lm"]["line"]) + (
         f" [dim](known for mlx-lm {info['mlx_lm']['measured_with']}; `hybridconv verify` measures it)[/]"
         if info["mlx_lm"].get("measured_with") else ""))
+    head.add_row("mlx-lm code", escape(mlx_lm_code_line(info["mlx_lm_code"])))
     head.add_row("source", f"{info['source_tensors']} tensors, {human_bytes(info['source_bytes'])}, "
                  f"{len(info['source_shards'])} shard(s)")
     if info.get("wrapper"):

@@ -105,3 +105,22 @@ def refuse_unused(ctx: typer.Context, params: tuple[str, ...], why: str, hint: s
     typed = given(ctx, *params)
     if typed:
         raise UsageError(f"{', '.join(typed)}: {why}", hint)
+
+
+class MlxLmCode(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+MlxLmCodeOpt = Annotated[
+    MlxLmCode,
+    typer.Option(
+        "--mlx-lm-code",
+        help="Carry hybridconv's verified model in OUT as an mlx-lm model file (config.json model_file; "
+        "run with --trust-remote-code in mlx_lm.generate/server/chat). auto: exactly where mlx-lm's own model "
+        "cannot open OUT, computes another function, or may differ for this config (see `hybridconv inspect`); "
+        "elsewhere mlx-lm's built-in model runs it and nothing is carried. always / never.",
+    ),
+]
+

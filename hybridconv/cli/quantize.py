@@ -19,6 +19,8 @@ from .options import (
     DtypeOpt,
     ForceOpt,
     GroupOpt,
+    MlxLmCode,
+    MlxLmCodeOpt,
     Mode,
     ModeOpt,
     OutOpt,
@@ -27,7 +29,7 @@ from .options import (
     SourceArg,
     refuse_unused,
 )
-from .render import byte_progress, human_bytes, output_notes
+from .render import byte_progress, human_bytes, mlx_lm_line, output_notes
 
 BitsForOpt = Annotated[
     Optional[list[str]],
@@ -100,6 +102,7 @@ def quantize_cmd(
     target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Write the smallest plan whose mean KL on the verify inputs is <= this: candidate plans (uniform 2-8 bits, mixed recipes) are measured in increasing bits per weight (computed from each plan) and the first that meets the target is written, so every smaller candidate was measured and missed it (mean KL does not always fall as bits grow, so none is skipped).", show_default=False)] = None,
     allow_nonfinite: AllowNonfiniteOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    mlx_lm_code: MlxLmCodeOpt = MlxLmCode.auto,
 ):
     """Quantize a checkpoint for MLX, keeping what hybrid models need in float32.
 
@@ -147,7 +150,7 @@ def quantize_cmd(
         with console.status("searching"):
             res = search_target_kl(source, out, target_kl, ref, group_size, dtype.value if dtype else None,
                                    revision, force, keep, report, bits_for=bits_for, dry_run=dry_run,
-                                   allow_nonfinite=allow_nonfinite)
+                                   allow_nonfinite=allow_nonfinite, mlx_lm_code=mlx_lm_code.value)
         for r in res.search:
             rows.add_row(r["plan"], f"{r['bits_per_weight']:.3f}", f"{r['kl_mean']:.4g}", "yes" if r["meets_target"] else "no")
         console.print(rows)
@@ -177,13 +180,15 @@ def quantize_cmd(
     with byte_progress(console, "quantizing") as (on_plan, progress):
         res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
                        dtype.value if dtype else None, revision, force, dry_run, progress=progress,
-                       on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
+                       on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+                       mlx_lm_code=mlx_lm_code.value)
     print_plan(res.plan, show_plan or dry_run)
     if dry_run:
         console.print("[dim]--dry-run: nothing written[/]")
         return
     console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
     output_notes(err_console, res.result)
+    console.print(f"mlx-lm: {mlx_lm_line(out)}")
     if verify:
         _verify(source, revision, reference_logits, out, allow_pickle)
 

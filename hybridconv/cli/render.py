@@ -76,3 +76,18 @@ def output_notes(console, result) -> None:
         named = ", ".join(f"{n} ({_REPLACED_WHAT[n]})" if n in _REPLACED_WHAT else n for n in replaced)
         console.print(f"[yellow]--force:[/] replaced the previous {escape(str(result.out))}; removed with it, as the "
                       f"new output does not hold them: {escape(named)}", highlight=False, soft_wrap=True)
+
+
+def mlx_lm_line(out) -> str:
+    """What mlx-lm users run on OUT: the model file it carries (and --trust-remote-code), or mlx-lm's own."""
+    import json
+    from pathlib import Path
+
+    try:
+        code = json.loads((Path(out) / "conversion.json").read_text()).get("mlx_lm_code") or {}
+    except (OSError, ValueError):
+        return "-"
+    if code.get("carried"):
+        return (f"carries hybridconv's model ({code['file']}; {code['reason']}): "
+                "run with --trust-remote-code")
+    return f"mlx-lm's own model ({code.get('reason', '?')}); nothing carried"

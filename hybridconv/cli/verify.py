@@ -91,8 +91,9 @@ def verify_cmd(
     allow_pickle: AllowPickleOpt = False,
     runtime: Annotated[
         Optional[str],
-        typer.Option("--runtime", metavar="hybridconv|mlx-lm|all", help="Who runs OUT: hybridconv (its own model), mlx-lm (mlx_lm.utils.load_model, "
-                     "what mlx_lm.load users get) or all \\[default: all when mlx-lm is installed, else hybridconv].",
+        typer.Option("--runtime", metavar="hybridconv|mlx-lm|all", help="Who runs OUT: hybridconv (its own model), mlx-lm (mlx_lm.utils.load_model "
+                     "in a separate process, what mlx_lm.load users get: with trust_remote_code where OUT carries hybridconv's "
+                     "model file) or all \\[default: all when mlx-lm is installed, else hybridconv].",
                      show_default=False),
     ] = None,
     require_runtime: Annotated[
@@ -113,12 +114,15 @@ def verify_cmd(
     (float32, bf16/fp16, N-bit) and can be overridden.
 
     With --runtime all (the default when mlx-lm is installed) the same inputs and gates
-    also run through mlx-lm's model of OUT (the reference runs once): its result (pass,
-    fail with its metrics, or cannot load / cannot run with mlx-lm's message) is reported
-    loudly but is not a failure of the conversion unless --require-runtime mlx-lm. The
-    exit code follows hybridconv's runtime when it runs; with --runtime mlx-lm alone,
-    mlx-lm is the only runtime run and its result is the verdict (exit 1 when it cannot
-    load or run OUT, or fails a gate).
+    also run through mlx-lm's model of OUT (the reference runs once), loaded as mlx-lm
+    loads it in a process that cannot import hybridconv's model code: where OUT carries
+    hybridconv's model (config.json model_file) with trust_remote_code, as a user passing
+    --trust-remote-code runs it, after checking the file against conversion.json. Its
+    result (pass, fail with its metrics, or cannot load / cannot run with mlx-lm's
+    message) is reported loudly but is not a failure of the conversion unless
+    --require-runtime mlx-lm. The exit code follows hybridconv's runtime when it runs; with
+    --runtime mlx-lm alone, mlx-lm is the only runtime run and its result is the verdict
+    (exit 1 when it cannot load or run OUT, or fails a gate).
 
     OUT must be a folder hybridconv wrote (convert, quantize): the report is written into
     it, and a Hugging Face checkpoint is refused.
@@ -294,14 +298,18 @@ def render_runtimes(report: dict, console=console) -> None:
     if list(runs) in ([], ["hybridconv"]):
         return
     t = Table(title="runtimes")
-    for col in ("runtime", "version", "verdict", "KL mean", "max |Δlogit|"):
+    for col in ("runtime", "version", "verdict", "KL mean", "max |Δlogit|", "model code"):
         t.add_column(col, justify="right" if col in ("KL mean", "max |Δlogit|") else "left")
     for name, r in runs.items():
         o = (r.get("metrics") or {}).get("overall") or {}
         color = "green" if r["verdict"] == "pass" else "red"
+        code = r.get("model_code") or {}
+        what = ("hybridconv.models" if name == "hybridconv" else
+                f"{code.get('file')} (carried, trust_remote_code)" if r.get("trust_remote_code") else
+                "built-in" if code else "-")
         t.add_row(name, str(r.get("version") or "-"), f"[{color}]{r['verdict']}[/]",
                   "-" if o.get("kl_mean") is None else f"{o['kl_mean']:.3g}",
-                  "-" if o.get("max_abs_logit_diff") is None else f"{o['max_abs_logit_diff']:.3g}")
+                  "-" if o.get("max_abs_logit_diff") is None else f"{o['max_abs_logit_diff']:.3g}", escape(what))
     console.print(t)
     required = set(report.get("required_runtimes") or ())
     for name, r in runs.items():
@@ -313,9 +321,13 @@ def render_runtimes(report: dict, console=console) -> None:
         expected = (r.get("expected") or {}).get("reason")
         tail = ("[bold red]required (--require-runtime): the verification fails[/]" if name in required
                 else f"not a failure of the conversion (--require-runtime {name} makes it one)")
+        fix = ("\n  convert with --mlx-lm-code auto (the default) or always: the output then carries hybridconv's "
+               "model, which mlx-lm runs with --trust-remote-code"
+               if name == "mlx-lm" and not r.get("trust_remote_code") and r["verdict"] != "not run" else "")
         console.print(f"[bold yellow]WARNING: {name} {r['verdict']}[/]: " + escape(why)
                       + (f"\n  known: {escape(expected)}" if expected else "")
-                      + f"\n  people who load this folder with {name} do not get the reference's function; {tail}")
+                      + f"\n  people who load this folder with {name} do not get the reference's function; {tail}"
+                      + fix)
 
 
 @app.command("reference")

@@ -1,8 +1,12 @@
-"""What mlx-lm does with hybridconv's output, per architecture, from the
-normalised config alone: ``hybridconv inspect`` shows it before any
+"""What mlx-lm's OWN model does with hybridconv's output, per architecture, from
+the normalised config alone: ``hybridconv inspect`` shows it before any
 conversion, ``verify --runtime mlx-lm`` measures it, and
 ``scripts/mlx_lm_runtimes.py`` checks these statements against measurements
-on every oracle case.
+on every oracle case. ``--mlx-lm-code auto`` follows them: an output whose
+statement is anything but ``computes`` carries hybridconv's own model for
+mlx-lm (:mod:`hybridconv.mlx_lm_code`), which mlx-lm then runs with
+``trust_remote_code``; an architecture without a statement (``unknown``) is
+carried too.
 
 One check per ``model_type`` (the key an architecture registers under), each
 returning an :class:`~.registry.MlxLm`:

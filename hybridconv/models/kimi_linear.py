@@ -103,7 +103,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import MLP, BaseModelArgs, CausalLM, KVCache, StateCache, attention_mask, causal_depthwise_conv
+from .common import (MLP, BaseModelArgs, CausalLM, KVCache, StateCache, attention_mask, causal_depthwise_conv,
+                     is_batch_cache)
 from .gated_delta import gated_delta, l2norm
 from .moe import MoEBlock
 
@@ -334,13 +335,17 @@ class MLAttention(nn.Module):
         ckv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(ckv[..., : self.rank])[:, None]  # [b, 1, T, rank]
         k_r = ckv[..., self.rank :][:, None]  # [b, 1, T, rope], shared by the heads
-        offset = cache.offset if cache is not None else 0
+        offset = cache.offset if cache is not None else 0  # one per sequence for a batch cache
         if self.rotary is not None:
             q_r, k_r = self.rotary(q_r, offset=offset), self.rotary(k_r, offset=offset)
             q = mx.concatenate([q_nope, q_r], axis=-1)
-        if cache is not None:
+        if is_batch_cache(cache):  # mlx-lm's BatchGenerator: its mask, made before the update
+            mask = cache.make_mask(T, return_array=True)
             latent, k_r = cache.update_and_fetch(latent, k_r)
-        mask = attention_mask(T, latent.shape[2], offset, None)
+        else:
+            if cache is not None:
+                latent, k_r = cache.update_and_fetch(latent, k_r)
+            mask = attention_mask(T, latent.shape[2], offset, None)
         if T == 1:
             # Absorbed (attention in latent space, one shared key/value head):
             # q_nope·(W_k c) = (W_kᵀ q_nope)·c and Σ p (W_v c) = W_v (Σ p c).

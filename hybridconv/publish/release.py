@@ -24,6 +24,7 @@ Plan schema (TOML shown; YAML with the same keys works too)::
     dtype = "bfloat16"                   # a float variant: convert
     repo_id = "my-org/plamo-2-1b-mlx-bf16"
     require_runtimes = ["mlx-lm"]        # optional: fail (and do not upload) unless mlx-lm computes it too
+    mlx_lm_code = "auto"                 # optional (also at the top of the plan, for every variant): auto | always | never
 
     [[variants]]
     name = "4bit"
@@ -62,7 +63,7 @@ from .. import __version__, interrupt
 from ..errors import EXIT_HUB, HybridconvError, UsageError
 
 VARIANT_KEYS = {"name", "dtype", "bits", "group_size", "mode", "recipe", "bits_for", "keep", "repo_id", "gates",
-                "require_runtimes"}
+                "require_runtimes", "mlx_lm_code"}
 GATE_KEYS = {"max_kl_mean", "max_kl_p99", "min_top1", "min_top5", "max_block_error"}
 VERIFY_KEYS = {"random_tokens", "num_sequences", "seed", "prompts", "text_files", "decode_steps", "gates", "ref_dtype"}
 
@@ -80,6 +81,7 @@ class Variant:
     keep: list[str] = field(default_factory=list)
     gates: dict = field(default_factory=dict)
     require_runtimes: list[str] = field(default_factory=list)
+    mlx_lm_code: str = "auto"  # --mlx-lm-code: whether the output carries hybridconv's model for mlx-lm
 
     @property
     def quantized(self) -> bool:
@@ -188,9 +190,18 @@ def _validate(path: Path, data: dict) -> ReleasePlan:
     from ..quant.modes import MODES, validate
     from ..quant.plan import is_mixed, parse_bits_for, recipe_widths
 
-    _known(path, "the plan", data, {"name", "source", "variants", "verify", "upload"})
+    _known(path, "the plan", data, {"name", "source", "variants", "verify", "upload", "mlx_lm_code"})
     if "name" in data:
         _typed(path, "the plan", "name", data["name"], str)
+    from ..mlx_lm_code import POLICIES
+
+    def _policy(where: str, value) -> str:
+        _typed(path, where, "mlx_lm_code", value, str)
+        if value not in POLICIES:
+            raise _fail(path, f"{where}: mlx_lm_code {value!r}: expected one of {', '.join(POLICIES)}")
+        return value
+
+    default_code = _policy("the plan", data["mlx_lm_code"]) if "mlx_lm_code" in data else "auto"
     src = _known(path, "[source]", data.get("source", None) or {}, SOURCE_KEYS)
     if not (("repo_id" in src) ^ ("path" in src)):
         raise _fail(path, "[source] needs exactly one of repo_id or path")
@@ -276,7 +287,8 @@ def _validate(path: Path, data: dict) -> ReleasePlan:
                 raise _fail(path, f"{where}: {msg}") from None
         if "gates" in v:
             _gates(path, where, v["gates"])
-        variants.append(Variant(**{k: v[k] for k in v}))
+        code = _policy(where, v["mlx_lm_code"]) if "mlx_lm_code" in v else default_code
+        variants.append(Variant(**{**{k: v[k] for k in v}, "mlx_lm_code": code}))
     return ReleasePlan(
         name=str(data.get("name") or path.stem),
         path=path,
@@ -347,10 +359,14 @@ def run_release(
                 size, bpw = p.output_bytes(), None
                 what = "convert " + (v.dtype or "as stored")
             target = v.repo_id if (upload and v.repo_id) else None
+            from ..mlx_lm_code import decide
+
+            carries, why = decide(v.mlx_lm_code, p.arch.mlx_lm_support(p.config))
             summary["variants"].append({
                 "name": v.name, "build": what, "bytes": size,
                 "bits_per_weight": bpw, "verify": "would verify", "kl_mean": None,
                 "upload": f"would upload to {target}" if target else "no upload", "repo_id": v.repo_id,
+                "mlx_lm_code": {"policy": v.mlx_lm_code, "carries": carries, "reason": why},
             })
             log(f"{v.name}: {what} ({size / 1e6:.2f} MB) -> verify -> "
                 f"{('would upload to ' + target) if target else 'no upload'}")
@@ -470,9 +486,9 @@ def _run(plan: ReleasePlan, workdir: Path, src, summary: dict, upload: bool, log
             else:
                 if v.quantized:
                     quantize(plan.source, out, v.bits, v.group_size, v.mode, v.recipe, v.bits_for, v.keep,
-                             v.dtype, plan.revision, force=True)
+                             v.dtype, plan.revision, force=True, mlx_lm_code=v.mlx_lm_code)
                 else:
-                    convert(plan.source, out, v.dtype, plan.revision, force=True)
+                    convert(plan.source, out, v.dtype, plan.revision, force=True, mlx_lm_code=v.mlx_lm_code)
                 state.set(build_key, "variants", v.name, "build")
                 row["build"] = "built"
             row["bytes"] = sum(f.stat().st_size for f in out.glob("model*.safetensors"))

@@ -1,7 +1,8 @@
 """``upload``: publish a verified folder to the Hub with huggingface_hub.
 
 Refuses unless OUT holds a passing ``verification.json`` whose weights hash
-matches OUT's current weight files. The token comes from ``HF_TOKEN`` or the
+matches OUT's current weight files and the model file it carries for mlx-lm
+(:func:`hybridconv.hashing.weights_hash`): changed code fails like changed weights. The token comes from ``HF_TOKEN`` or the
 huggingface_hub login (``get_token``) and is never printed: every message that
 leaves this module passes through :func:`scrub`.
 """
@@ -62,7 +63,8 @@ def check_verified(out: Path) -> dict:
     current = weights_hash(out)
     if current != recorded:
         raise UnverifiedError(
-            f"{out}: the weights changed after verification (verified {recorded[:19]}…, now {current[:19]}…)",
+            f"{out}: the weights or the model code it carries changed after verification "
+            f"(verified {recorded[:19]}…, now {current[:19]}…)",
             fix,
         )
     return report

@@ -54,7 +54,7 @@ def _plan_for(src, spec, recipe, bits_for, keep, dtype) -> QuantPlan:
 
 
 def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None, allow_nonfinite: bool = False,
-                           force: bool = False) -> Result:
+                           force: bool = False, mlx_lm_code: str = "auto") -> Result:
     from . import writer
 
     items = [WriteItem(t.step, t.entries, t.spec, writer if t.spec is not None else None) for t in qp.tensors]
@@ -66,7 +66,8 @@ def write_quantized_output(qp: QuantPlan, out: Path, tmp: Path, progress=None, a
         "hybridconv": {"recipe": qp.recipe, "bits_per_weight": summary["bits_per_weight"]},
     }
     record_extra = {"quantization": {**summary, "plan": qp.rows()}}
-    return write_output(qp.conversion, out, tmp, progress, items, config_extra, record_extra, allow_nonfinite, force)
+    return write_output(qp.conversion, out, tmp, progress, items, config_extra, record_extra, allow_nonfinite, force,
+                        mlx_lm_code)
 
 
 def quantize(
@@ -86,12 +87,18 @@ def quantize(
     on_plan: Callable[[QuantPlan], None] | None = None,
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
+    mlx_lm_code: str = "auto",
 ) -> QuantResult:
     """`hybridconv quantize`: convert and quantize ``source`` into ``out`` in one streamed
     pass (``bits`` defaults to the mode's width: 4, or 8 for mxfp8). ``recipe``:
     "uniform" or "mixed-L-H" (it sets the widths: ``bits`` then is L or None);
     ``bits_for``: ["PATTERN=BITS", ...]; ``keep``: [PATTERN, ...].
-    With ``dry_run`` nothing is written. Returns a :class:`QuantResult`."""
+    ``mlx_lm_code``: whether the output carries hybridconv's model for mlx-lm
+    (``convert.carry_mlx_lm_code``). With ``dry_run`` nothing is written. Returns a
+    :class:`QuantResult`."""
+    from ..mlx_lm_code import check_policy
+
+    check_policy(mlx_lm_code)
     spec = validate(bits, group_size, mode)
     if bits is not None and is_mixed(recipe) and bits != recipe_widths(recipe, spec)[0]:
         # the recipe sets the widths (the CLI and release plans refuse bits with it; here
@@ -105,7 +112,8 @@ def quantize(
         if dry_run:
             return QuantResult(qp, None)
         tmp = prepare_output(Path(out), force, src)
-        return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, progress, allow_nonfinite, force))
+        return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, progress, allow_nonfinite, force,
+                                                      mlx_lm_code))
 
 
 def search_target_kl(
@@ -122,6 +130,7 @@ def search_target_kl(
     bits_for: list[str] | None = None,
     dry_run: bool = False,
     allow_nonfinite: bool = False,
+    mlx_lm_code: str = "auto",
 ) -> QuantResult:
     """The smallest candidate plan (by its bits per weight, computed from the plan)
     whose mean KL on the reference's inputs is <= ``target_kl``; every candidate
@@ -141,6 +150,9 @@ def search_target_kl(
 
     from ..verify.run import verify_folder
 
+    from ..mlx_lm_code import check_policy
+
+    check_policy(mlx_lm_code)
     if not (isinstance(target_kl, (int, float)) and math.isfinite(target_kl) and target_kl > 0):
         raise UsageError(f"--target-kl {target_kl}: must be a positive number (a mean KL in nats, e.g. 0.02)")
     src = resolve(source, revision)
@@ -182,7 +194,8 @@ def search_target_kl(
     if best is None or dry_run:
         return result
     tmp = prepare_output(Path(out), force, src)
-    result.result = write_quantized_output(best, Path(out), tmp, allow_nonfinite=allow_nonfinite, force=force)
+    result.result = write_quantized_output(best, Path(out), tmp, allow_nonfinite=allow_nonfinite, force=force,
+                                           mlx_lm_code=mlx_lm_code)
     return result
 
 
