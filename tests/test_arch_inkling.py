@@ -24,7 +24,7 @@ from .arch_checks import (
     transformers_case,
     verify_bf16_and_4bit,
 )
-from .conftest import hybrid_case, random_ids
+from .conftest import load_builtin, hybrid_case, random_ids
 
 CASE = "wave3/inkling-tiny"
 
@@ -51,11 +51,10 @@ def test_oracle_case_layout_and_decode(oracle, tmp_path):
 def test_mlx_lm_has_no_inkling(oracle):
     import importlib.util
 
-    from mlx_lm.utils import load_model
 
     assert importlib.util.find_spec("mlx_lm.models.inkling_text") is None
     with pytest.raises(ValueError, match="not supported"):
-        load_model(oracle[1])
+        load_builtin(oracle[1])
 
 
 def _config(**over):

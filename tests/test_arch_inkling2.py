@@ -18,7 +18,7 @@ from hybridconv.converters.inkling2 import normalize_config
 from hybridconv.errors import ConfigError
 
 from .arch_checks import assert_reconvert_is_noop, convert_matches, oracle_case, prefill_equals_decode, verify_bf16_and_4bit
-from .conftest import hybrid_case, random_ids, save_hf_transformers, torch_logits
+from .conftest import load_builtin, hybrid_case, random_ids, save_hf_transformers, torch_logits
 
 CASE = "wave3/inkling2-tiny"
 
@@ -53,11 +53,10 @@ def test_oracle_case_layout_and_decode(oracle, tmp_path):
 def test_mlx_lm_has_no_inkling2(oracle):
     import importlib.util
 
-    from mlx_lm.utils import load_model
 
     assert importlib.util.find_spec("mlx_lm.models.inkling2_text") is None
     with pytest.raises(ValueError, match="not supported"):
-        load_model(oracle[1])
+        load_builtin(oracle[1])
 
 
 def _config(**over):

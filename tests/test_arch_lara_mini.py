@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 
 import mlx.core as mx
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 import numpy as np
 import pytest
 
 import hybridconv
 from hybridconv.converters.lara_mini import normalize_config
 from hybridconv.errors import ConfigError
-from hybridconv.models.common import KVCache, StateCache, WindowKVCache
 
 from .arch_checks import (
     assert_reconvert_is_noop,
@@ -46,7 +46,7 @@ def test_oracle_case_matches(converted):
     assert "model.layers.0.linear_attn.norm.weight" in w and "lm_head.weight" not in w
     model = hybridconv.load(converted)
     caches = model.make_cache()
-    assert [type(c) for c in caches] == [StateCache, WindowKVCache, StateCache, KVCache, WindowKVCache]
+    assert [type(c) for c in caches] == [ArraysCache, RotatingKVCache, ArraysCache, KVCache, RotatingKVCache]
     assert model.layers[1].self_attn.rope is not None and model.layers[3].self_attn.rope is None  # full: NoPE
 
 
@@ -64,7 +64,7 @@ def test_window_cache_stays_bounded(converted):
     model(mx.array(ids[:, :20]), cache=cache)
     for t in range(20, 30):
         model(mx.array(ids[:, t : t + 1]), cache=cache)
-    assert cache[1].keys.shape[2] == 7 and cache[3].keys.shape[2] == 30
+    assert cache[1].keys.shape[2] == 8 and cache[3].offset == 30  # the window (mlx-lm RotatingKVCache) and the whole history
     assert cache[0][1].shape == (1, 4, 16, 16)
 
 

@@ -23,7 +23,7 @@ from .arch_checks import (
     transformers_case,
     verify_bf16_and_4bit,
 )
-from .conftest import hybrid_case, random_ids
+from .conftest import load_builtin, hybrid_case, random_ids
 
 CASE = "wave3/lfm3-tiny"
 KINDS = ["conv", "conv", "attention", "conv", "attention"]
@@ -53,11 +53,10 @@ def test_mlx_lm_has_no_lfm3(oracle):
     its loader refuses the output (measured)."""
     import importlib.util
 
-    from mlx_lm.utils import load_model
 
     assert importlib.util.find_spec("mlx_lm.models.lfm3") is None
     with pytest.raises(ValueError, match="not supported"):
-        load_model(oracle[1])
+        load_builtin(oracle[1])
 
 
 def _config(**over):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import mlx.core as mx
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 import numpy as np
 import pytest
 
@@ -19,7 +20,6 @@ from hybridconv.checkpoint import resolve
 from hybridconv.convert import plan
 from hybridconv.converters.minimax import normalize_config
 from hybridconv.errors import ConfigError
-from hybridconv.models.common import KVCache, StateCache, WindowKVCache
 
 from .arch_checks import (
     assert_reconvert_is_noop,
@@ -29,7 +29,7 @@ from .arch_checks import (
     unseen_case,
     verify_bf16_and_4bit,
 )
-from .conftest import assert_logits_close, decode_logits, hybrid_case, random_ids
+from .conftest import load_builtin, assert_logits_close, decode_logits, hybrid_case, random_ids
 
 CASE = "wave3/minimax-tiny"
 KINDS = ["lightning", "attention", "lightning", "attention"]
@@ -79,12 +79,12 @@ def test_prefill_equals_cached_decode_and_the_state_stays_bounded(converted):
     prefill_equals_decode(converted, ids[:, :12], prefill=1)
     model = hybridconv.load(converted)
     cache = model.make_cache()
-    assert [type(c) for c in cache] == [StateCache, KVCache, StateCache, KVCache]
+    assert [type(c) for c in cache] == [ArraysCache, KVCache, ArraysCache, KVCache]
     model(mx.array(ids[:, :10]), cache=cache)
     for t in range(10, 40):
         model(mx.array(ids[:, t : t + 1]), cache=cache)
     assert cache[0][1].shape == (2, 4, 16, 16) and cache[0][1].dtype == mx.float32 and cache[0][0] is None
-    assert cache[1].keys.shape[2] == 40
+    assert cache[1].offset == 40
 
 
 def test_reconvert_is_noop(converted, tmp_path):
@@ -94,7 +94,6 @@ def test_reconvert_is_noop(converted, tmp_path):
 def test_mlx_lm_cannot_open(converted):
     """mlx-lm 0.32.2's ``minimax`` module is MiniMax-M2 (no lightning
     attention): its ModelArgs requires keys this model has no use for."""
-    from mlx_lm.utils import load_model
 
     from hybridconv.converters import lookup
 
@@ -102,7 +101,7 @@ def test_mlx_lm_cannot_open(converted):
     assert lookup(cfg).mlx_lm_support(cfg).status == "cannot open"
     for folder in (hybrid_case(CASE), converted):
         with pytest.raises(TypeError, match="shared_intermediate_size"):
-            load_model(folder)
+            load_builtin(folder)
 
 
 # --- unseen configurations, built and run by transformers -----------------------------
@@ -154,7 +153,7 @@ def test_unseen_sliding_window_tied_default_schedule(tmp_path):
     assert_logits_close(got, ref)
     model = hybridconv.load(out)
     assert model.block_kinds() == ["attention", "lightning", "attention"]
-    assert [type(c) for c in model.make_cache()] == [WindowKVCache, StateCache, WindowKVCache]
+    assert [type(c) for c in model.make_cache()] == [RotatingKVCache, ArraysCache, RotatingKVCache]
     prefill_equals_decode(model, ids, prefill=9)
 
 

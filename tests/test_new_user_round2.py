@@ -83,6 +83,8 @@ def converted(fixtures_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("round2")
     convert(str(fixtures_dir / PLAMO), base / "p", dtype="float32")
     convert(str(fixtures_dir / BAMBA), base / "b", dtype="float32")
+    # without the carried model file: an output mlx-lm cannot open (Bamba is not in it)
+    convert(str(fixtures_dir / BAMBA), base / "b-plain", dtype="float32", mlx_lm_code="never")
     return base
 
 
@@ -745,9 +747,9 @@ def test_runtime_mlx_lm_alone_follows_mlx_lm(converted, fixtures_dir, monkeypatc
     was asked for (--runtime mlx-lm alone, or --require-runtime mlx-lm)."""
     pytest.importorskip("mlx_lm")
     ref = fixtures_dir / BAMBA / "expected.safetensors"
-    code, text = hc(monkeypatch, capsys, "verify", converted / "b", "--reference-logits", ref, "--no-report")
+    code, text = hc(monkeypatch, capsys, "verify", converted / "b-plain", "--reference-logits", ref, "--no-report")
     assert code == 0 and "cannot load" in text, text
-    code, text = hc(monkeypatch, capsys, "verify", converted / "b", "--reference-logits", ref, "--no-report",
+    code, text = hc(monkeypatch, capsys, "verify", converted / "b-plain", "--reference-logits", ref, "--no-report",
                     "--runtime", "mlx-lm")
     assert code == EXIT_GATE_FAILED and "cannot load" in text, text
 

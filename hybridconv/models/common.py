@@ -282,6 +282,10 @@ def attend_biased(q: mx.array, k: mx.array, v: mx.array, cache, window: Optional
     offset = cache.offset if cache is not None else 0
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
+        if q.shape[2] == 1 and hasattr(cache, "_temporal_order"):
+            # mlx-lm's RotatingKVCache returns a single step's keys in ring order;
+            # the bias depends on each key's position, so put them back in time order.
+            k, v = cache._temporal_order(k), cache._temporal_order(v)
     B, Hq, n_q, d = q.shape
     Hkv, n_k = k.shape[1], k.shape[2]
     g = Hq // Hkv
