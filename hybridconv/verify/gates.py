@@ -30,6 +30,10 @@ error wherever it sits (0.88 for a reversed conv kernel in the same model).
 
 Every gate can be overridden on the command line (``--max-kl-mean`` …).
 The decode check uses the p99 gate for its worst token.
+
+:data:`GATES` is the one source of these numbers: the README's gate table is
+:func:`markdown_table` (``python -m hybridconv.verify.gates`` prints it), and
+tests/test_verify_decisions.py fails when the two differ.
 """
 
 from __future__ import annotations
@@ -66,6 +70,37 @@ GATES: dict[str, Gates] = {
     "3bit": Gates(0.4, 3.0, 0.55, 0.5, 0.9),
     "2bit": Gates(1.5, 8.0, 0.3, 0.3, 2.0),
 }
+
+
+# The README's table: one row per precision (consecutive precisions with the same
+# gates share a row), one column per gate, in this order.
+LABELS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "8bit": "8-bit", "6bit": "6-bit",
+          "5bit": "5-bit", "4bit": "4-bit", "3bit": "3-bit", "2bit": "2-bit"}
+COLUMNS = (("max KL mean", "max_kl_mean"), ("max KL p99", "max_kl_p99"), ("min top-1", "min_top1"),
+           ("min top-5", "min_top5"), ("max block error", "max_block_error"))
+
+
+def _number(v: float) -> str:
+    """How the README writes a gate: ``1e-4`` under 0.01, else plainly (``0.15``, ``3``)."""
+    if 0 < abs(v) < 0.01:
+        mantissa, exp = f"{v:.6e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+    return f"{v:g}"
+
+
+def markdown_table() -> str:
+    """The gate table of the README (section "verify"), generated from :data:`GATES`."""
+    rows: list[tuple[list[str], Gates]] = []
+    for precision, g in GATES.items():
+        if rows and rows[-1][1] == g:
+            rows[-1][0].append(LABELS[precision])
+        else:
+            rows.append(([LABELS[precision]], g))
+    lines = ["| precision | " + " | ".join(c for c, _ in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for labels, g in rows:
+        lines.append(f"| {' / '.join(labels)} | " + " | ".join(_number(getattr(g, k)) for _, k in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def precision_of(folder: Path) -> str:
@@ -117,3 +152,7 @@ def gates_for(precision: str, **overrides) -> Gates:
         if v is not None:
             setattr(g, k, v)
     return g
+
+
+if __name__ == "__main__":  # regenerate the README's table: python -m hybridconv.verify.gates
+    print(markdown_table(), end="")
