@@ -93,6 +93,7 @@ def test_a_signal_stops_convert_at_the_next_tensor(fixtures_dir, tmp_path):
 
 RELEASE = """
 name = "bamba"
+mlx_lm_code = "never"  # without hybridconv's carried model file, mlx-lm has no Bamba to run
 [source]
 path = "{src}"
 [verify]
@@ -112,7 +113,7 @@ require_runtimes = ["mlx-lm"]
 
 
 def test_release_never_uploads_a_variant_its_required_runtime_cannot_load(tmp_path):
-    """mlx-lm cannot load Bamba: the variant that requires mlx-lm fails verification
+    """mlx-lm cannot load Bamba (without the carried model file): the variant that requires mlx-lm fails verification
     and is not uploaded, the one that does not is uploaded (mlx-lm's failure is only
     reported), and the run exits 1 (README: a failed variant makes the run exit 1)."""
     from .fake_hub import FakeHub
