@@ -242,4 +242,9 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
                                    "attention): its ModelArgs requires shared_intermediate_size and rotary_dim, "
                                    "and no configuration makes it build lightning layers"),
     "bailing_hybrid": bailing_hybrid,
+    # measured: "ValueError: Model type qwen4_exp_text not supported." (source and output alike)
+    "qwen4_exp_text": _absent("Qwen4-Exp", "qwen4_exp_text"),
+    # measured: "ValueError: Model type glm5_next not supported." (its glm_moe_dsa module is GLM-5's DSA
+    # without KDA, hyper-connections or k-pools)
+    "glm5_next": _absent("GLM-5.3-Flash", "glm5_next"),
 }

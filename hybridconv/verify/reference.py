@@ -82,13 +82,40 @@ def _remote_code_files(folder: Path) -> list[str]:
 
 
 def _decoder_layers(model, n_layers: int):
-    """The ModuleList holding the decoder blocks (found by its length)."""
+    """The ModuleList holding the decoder blocks (found by its length; in a
+    multimodal wrapper, whose vision tower may have as many blocks, the one
+    named ``…layers``, the language model's first)."""
     import torch.nn as nn
 
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    found.sort(key=lambda nm: (not nm[0].endswith("layers"), "language_model" not in nm[0]))
+    if found:
+        return found[0][1]
     raise CheckpointError(f"cannot find the {n_layers} decoder blocks in the reference model")
+
+
+def _from_pretrained(path: Path, tdtype, raw: dict, kwargs: dict):
+    """transformers' ``AutoModelForCausalLM``, or — for a multimodal wrapper it
+    does not map (GLM-5.3-Flash's ``Glm5NextForConditionalGeneration``) — the
+    class the config's ``architectures`` names, whose logits for token ids
+    alone are the language model's."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    def load(cls):
+        try:
+            return cls.from_pretrained(str(path), dtype=tdtype, **kwargs)
+        except TypeError:  # transformers 4 spells it torch_dtype
+            return cls.from_pretrained(str(path), torch_dtype=tdtype, **kwargs)
+
+    try:
+        return load(AutoModelForCausalLM)
+    except ValueError as exc:
+        names = raw.get("architectures") or []
+        cls = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
+        if "Unrecognized configuration class" not in str(exc) or cls is None or kwargs.get("trust_remote_code"):
+            raise
+        return load(cls)
 
 
 def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
@@ -126,7 +153,6 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
         return run, label, kinds, model_type
 
     import transformers
-    from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -136,17 +162,17 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
             f"{source.label}: --trust-remote-code given, but config.json has no auto_map naming modeling code"
         )
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=tdtype, **kwargs)
-    except TypeError:  # transformers 4 spells it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), torch_dtype=tdtype, **kwargs)
+    model = _from_pretrained(source.path, tdtype, raw, kwargs)
     model.eval()
     layers = _decoder_layers(model, n)
     label = f"transformers {type(model).__name__}" + (" (remote code)" if trust_remote_code else "")
     captured: list = []
 
     def hook(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
+        h = output[0] if isinstance(output, tuple) else output
+        # several residual streams ([B, T, streams, H], hyper-connections): one
+        # [B, T, streams·H] row per token, as hybridconv's blocks output them
+        captured.append(h.flatten(2) if h.dim() > 3 else h)
 
     for layer in layers:
         layer.register_forward_hook(hook)
