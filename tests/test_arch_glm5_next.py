@@ -233,3 +233,28 @@ def test_bf16_and_4bit_verify(tmp_path):
                  "model.layers.1.mlp.gate.e_score_correction_bias"):
         assert w[name].dtype == mx.float32, name
     assert "model.layers.0.self_attn.q_proj.scales" in w and "model.layers.3.self_attn.indexer.wk.weight" in w
+
+
+def test_transformers_in_memory_names(tmp_path):
+    """A checkpoint carrying transformers' in-memory names (the fused KDA
+    ``conv1d``, ``forget_gate.*``, fused experts, ``attn_hc.fn``) converts to
+    the same model."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Glm5NextForConditionalGeneration
+
+    src = tmp_path / "src"
+    shutil.copytree(hybrid_case(CASE), src)
+    model = Glm5NextForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "model.language_model.layers.0.self_attn.conv1d.weight" in state
+    assert "model.language_model.layers.1.mlp.experts.gate_up_proj" in state
+    (src / "model.safetensors").chmod(0o644)
+    (src / "model.safetensors").unlink()
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    convert(str(src), out, dtype="float32")
+    ids, ref = oracle_logits(hybrid_case(CASE))
+    assert_logits_close(np.array(hybridconv.load(out)(mx.array(ids))), ref)

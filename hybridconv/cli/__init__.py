@@ -52,7 +52,7 @@ _hide_flag_types()
 app = typer.Typer(
     name="hybridconv",
     help=(
-        "Convert hybrid Hugging Face checkpoints (Mamba, Mamba-2, PLaMo-2, RecurrentGemma, Jamba, Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba2, LFM2, Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear, Lara-Mini, MiniMax-Text-01, Ling-3; `inspect` on any checkpoint says if it is supported) to MLX, quantize them, verify them against the PyTorch original and publish them, "
+        "Convert hybrid Hugging Face checkpoints (Mamba, Mamba-2, PLaMo-2, RecurrentGemma, Jamba, Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba2, LFM2, Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear, Lara-Mini, MiniMax-Text-01, Ling-3, Qwen4-Exp, GLM-5.3-Flash; `inspect` on any checkpoint says if it is supported) to MLX, quantize them, verify them against the PyTorch original and publish them, "
         "checking every tensor on the way.\n\n" + EXIT_CODES_HELP
     ),
     no_args_is_help=True,

@@ -200,14 +200,16 @@ def torch_topk_set(values: list, k: int) -> list[int]:
     return sorted(i for _, i in a[:k])
 
 
-def topk_selection(scores: mx.array, prefix: mx.array, budget: int) -> mx.array:
+def topk_selection(scores: mx.array, prefix: mx.array, budget: int, dropped: Optional[float] = None) -> mx.array:
     """torch.topk's choice of ``min(budget, prefix)`` entries in each row of
     ``scores [..., n]`` (float32), where row ``r`` as torch sees it is
     ``scores[r, :prefix[r]]``: a boolean ``[..., n]`` (False beyond the prefix).
 
     Vectorised where the choice is unambiguous; rows where a tie straddles
     the ``k``-th place are replayed by :func:`torch_topk_set` (module
-    docstring)."""
+    docstring) — except ties at the value ``dropped``, entries the caller
+    drops whichever are chosen (DSA's unseen pools): those rows keep every
+    entry above it."""
     shape = scores.shape
     n = shape[-1]
     s = scores.reshape(-1, n).astype(mx.float32)
@@ -223,6 +225,8 @@ def topk_selection(scores: mx.array, prefix: mx.array, budget: int) -> mx.array:
     n_eq = eq.sum(axis=-1)
     sel = (gt | (eq & (n_eq == need)[:, None])) & (k > 0)[:, None]
     straddle = (n_eq > need) & (k > 0)
+    if dropped is not None:
+        straddle = straddle & (thr[:, 0] != dropped)
     rows = [r for r, flag in enumerate(straddle.tolist()) if flag]
     if rows:
         flat: list[int] = []
@@ -368,5 +372,5 @@ class DSAIndexer(nn.Module):
         seen = mx.arange(n)[None] < visible_blocks(offset, T, c)[:, None]  # [T, n]
         scores = mx.where(seen[None], scores, F32_MIN)
         # torch ranks every complete pool of the keys (the unseen ones at float32 min), then drops the unseen
-        sel = topk_selection(scores, mx.full((B, T), n, mx.int32), self.pool_topk)
+        sel = topk_selection(scores, mx.full((B, T), n, mx.int32), self.pool_topk, dropped=F32_MIN)
         return sel & seen[None]
