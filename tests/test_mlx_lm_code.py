@@ -65,7 +65,7 @@ HYBRIDS = sorted(p.name for p in (FIXTURES / "hybrids").iterdir() if (p / "expec
 WAVE3 = sorted(p.name for p in (FIXTURES / "wave3").iterdir() if (p / "expected.safetensors").is_file()) \
     if (FIXTURES / "wave3").is_dir() else []
 ORACLE = ([(c, FIXTURES / c) for c in FIXTURE_CASES] + [(c, FIXTURES / "hybrids" / c) for c in HYBRIDS]
-          + [(c, FIXTURES / "wave3" / c) for c in WAVE3 if c not in ("qwen4_exp-tiny", "glm5_next-tiny")])  # TODO(lead): until issue 25b lands
+          + [(c, FIXTURES / "wave3" / c) for c in WAVE3])
 STEPS = 4  # single-token steps after the prompt-cache prefill
 
 

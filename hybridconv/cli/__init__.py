@@ -81,7 +81,7 @@ _hide_flag_types()
 app = _App(
     name="hybridconv",
     help=(
-        "Convert hybrid Hugging Face checkpoints (Mamba, Mamba-2, PLaMo-2, RecurrentGemma, Jamba, Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba, Zamba2, ZAYA1, LFM2, LFM3, Inkling, Inkling-2 (and -Mini, looped), Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear, Lara-Mini, MiniMax-Text-01, Ling-3, RWKV-4, xLSTM, and the language models of their multimodal releases; `inspect` on any checkpoint says if it is supported) to MLX, quantize them, verify them against the PyTorch original and publish them, "
+        "Convert hybrid Hugging Face checkpoints (Mamba, Mamba-2, PLaMo-2, RecurrentGemma, Jamba, Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba, Zamba2, ZAYA1, LFM2, LFM3, Inkling, Inkling-2 (and -Mini, looped), Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear, Lara-Mini, MiniMax-Text-01, Ling-3, RWKV-4, xLSTM, Qwen4-Exp, GLM-5.3-Flash, and the language models of their multimodal releases; `inspect` on any checkpoint says if it is supported) to MLX, quantize them, verify them against the PyTorch original and publish them, "
         "checking every tensor on the way.\n\n" + EXIT_CODES_HELP
     ),
     no_args_is_help=True,

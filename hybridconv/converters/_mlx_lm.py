@@ -255,4 +255,9 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "rwkv": lambda cfg: _cannot("mlx-lm has no RWKV-4 model (model_type 'rwkv' not supported; its rwkv7 module is "
                                 "RWKV-7, another recurrence and other weights)"),
     "xlstm": _absent("xLSTM", "xlstm"),
+    # measured: "ValueError: Model type qwen4_exp_text not supported." (source and output alike)
+    "qwen4_exp_text": _absent("Qwen4-Exp", "qwen4_exp_text"),
+    # measured: "ValueError: Model type glm5_next not supported." (its glm_moe_dsa module is GLM-5's DSA
+    # without KDA, hyper-connections or k-pools)
+    "glm5_next": _absent("GLM-5.3-Flash", "glm5_next"),
 }

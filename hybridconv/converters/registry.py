@@ -120,6 +120,12 @@ class Architecture:
                 "the sizes in config.json are inconsistent or absurd; compare it with the published one",
             ) from None
 
+    def block_width(self, config: dict) -> int:
+        """How wide a block's output is: ``hidden_size``, or what the model module's
+        ``block_width(args)`` says (hyper-connection models carry several streams)."""
+        fn = getattr(self.model_module, "block_width", None)
+        return fn(self.model_args(config)) if fn is not None else config["hidden_size"]
+
     def schedule(self, config: dict) -> list[tuple[str, int | None]]:
         """(kind, attention window or None) for every layer."""
         args = self.model_args(config)

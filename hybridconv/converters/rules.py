@@ -482,9 +482,13 @@ def merge_regroups(steps: list[Step], rules: list[Rule]) -> list[Step]:
                 f"{want} (= {' + '.join(str(n) for _, n in rule.parts)})",
                 "config.json and the weights disagree; check the sizes in config.json",
             )
+        # The name the rules before this one gave the first piece (a renamed
+        # prefix, e.g. a wrapper's) is the group key with the piece put back.
+        m = rule.pattern.search(first.source)
+        named = key.replace("{regroup}", m.group(0)) if m is not None else first.source
         a = 0
         for repl, n in rule.parts:
-            target = rule.pattern.sub(repl, first.source)
+            target = rule.pattern.sub(repl, named)
             out.append(Step(
                 source=first.source, target=target, dtype=first.dtype, shape=(n, *first.shape[1:]),
                 actions=[f"rows {a}..{a + n} of the concatenation of " + ", ".join(p.source for p in pieces)],

@@ -400,13 +400,18 @@ def gdn_decay(a: mx.array, A_log: mx.array, dt_bias: mx.array) -> mx.array:
 class RMSNormGated(nn.Module):
     """Output norm of the delta-rule mixers: ``rms_norm(o) · weight · silu(gate)``
     per head (FLA's ``FusedRMSNormGated``; norm before gate), computed in float32
-    and returned in ``o``'s dtype. ``weight`` is the plain scale (ones at init)."""
+    and returned in ``o``'s dtype. ``weight`` is the plain scale (ones at init).
+    ``activation="sigmoid"``: ``σ(gate)`` instead (Qwen4-Exp's ``output_gate_type``)."""
 
-    def __init__(self, dims: int, eps: float = 1e-6):
+    def __init__(self, dims: int, eps: float = 1e-6, activation: str = "silu"):
         super().__init__()
         self.weight = mx.ones((dims,))
         self.eps = eps
+        if activation not in ("silu", "sigmoid"):
+            raise ValueError(f"RMSNormGated: activation {activation!r} is not 'silu' or 'sigmoid'")
+        self.activation = activation
 
     def __call__(self, o: mx.array, gate: mx.array) -> mx.array:
         y = mx.fast.rms_norm(o.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
-        return (y * nn.silu(gate.astype(mx.float32))).astype(o.dtype)
+        act = nn.silu if self.activation == "silu" else mx.sigmoid
+        return (y * act(gate.astype(mx.float32))).astype(o.dtype)

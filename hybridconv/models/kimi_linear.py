@@ -296,9 +296,12 @@ class MLAttention(nn.Module):
     ``rope`` (an ``nn.RoPE`` over the ``qk_rope_head_dim`` channels, applied to
     ``q_r`` and the shared ``k_r`` before caching), ``head_gate`` (the output of
     each head times ``σ(g_proj(x))_h``, one logit per head, computed in float32)
-    and its output projection named ``out_name``."""
+    and its output projection named ``out_name``. GLM-5.3-Flash (:mod:`.glm5_next`)
+    uses it without RoPE (``qk_rope_head_dim`` 0), its latent norms at
+    ``latent_eps = rms_norm_eps``, and a ``select`` mask (DSA) in ``__call__``."""
 
-    def __init__(self, args, *, rope=None, head_gate: bool = False, out_name: str = "o_proj"):
+    def __init__(self, args, *, rope=None, head_gate: bool = False, out_name: str = "o_proj",
+                 latent_eps: float = LATENT_NORM_EPS):
         super().__init__()
         self.num_heads = args.num_attention_heads
         self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
@@ -311,10 +314,10 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, H * (self.nope + self.rope), bias=False)
         else:
             self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=latent_eps)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * (self.nope + self.rope), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.rope, bias=bias)
-        self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=LATENT_NORM_EPS)
+        self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=latent_eps)
         self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
         self.out_name = out_name
         setattr(self, out_name, nn.Linear(H * self.v_dim, hidden, bias=bias))
@@ -322,13 +325,18 @@ class MLAttention(nn.Module):
         if head_gate:
             self.g_proj = nn.Linear(hidden, H, bias=False)
 
-    def __call__(self, x: mx.array, cache: Optional[KVCache] = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: Optional[KVCache] = None, select=None) -> mx.array:
+        """``select(x, q_latent, offset, n_keys) -> mask [b, 1, T, n_keys]``, when
+        given, replaces the causal mask (GLM-5.3-Flash's DSA: ``q_latent`` is the
+        normalised query latent, ``offset`` the queries' first position)."""
         b, T, _ = x.shape
         H = self.num_heads
+        q_latent = None
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_latent)
         q = q.reshape(b, T, H, self.nope + self.rope).transpose(0, 2, 1, 3)
         q_nope, q_r = q[..., : self.nope], q[..., self.nope :]
 
@@ -346,6 +354,8 @@ class MLAttention(nn.Module):
             if cache is not None:
                 latent, k_r = cache.update_and_fetch(latent, k_r)
             mask = attention_mask(T, latent.shape[2], offset, None)
+        if select is not None:  # indexed attention (DSA): the selection is the mask
+            mask = select(x, q_latent, offset, latent.shape[2])
         if T == 1:
             # Absorbed (attention in latent space, one shared key/value head):
             # q_nope·(W_k c) = (W_kᵀ q_nope)·c and Σ p (W_v c) = W_v (Σ p c).

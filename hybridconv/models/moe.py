@@ -240,19 +240,25 @@ def _run_experts(x: mx.array, indices: mx.array, body: Callable) -> mx.array:
 
 class SwitchGLU(nn.Module):
     """Gated experts: ``down(act(gate(x)) * up(x))`` per chosen expert
-    (SwiGLU with ``activation=nn.silu``, Shazeer 2020)."""
+    (SwiGLU with ``activation=nn.silu``, Shazeer 2020). ``limit``: the clamped
+    SwiGLU of GLM-5.3-Flash (and GPT-OSS): ``gate ≤ limit``, ``up ∈ [−limit, limit]``
+    before the product."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, activation=nn.silu, bias: bool = False):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, activation=nn.silu, bias: bool = False,
+                 limit: Optional[float] = None):
         super().__init__()
         self.gate_proj = SwitchLinear(hidden, intermediate, num_experts, bias)
         self.up_proj = SwitchLinear(hidden, intermediate, num_experts, bias)
         self.down_proj = SwitchLinear(intermediate, hidden, num_experts, bias)
         self.activation = activation
+        self.limit = limit
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         def body(h, idx, s):
             g = self.gate_proj(h, idx, s)
             u = self.up_proj(h, idx, s)
+            if self.limit is not None:
+                g, u = mx.minimum(g, self.limit), mx.clip(u, -self.limit, self.limit)
             return self.down_proj(self.activation(g) * u, idx, s)
 
         return _run_experts(x, indices, body)
@@ -301,6 +307,7 @@ class MoEBlock(nn.Module):
     instead (``gate.e_score_correction_bias``). ``shared`` is any always-on
     module (an MLP) added to the routed output, scaled by
     ``σ(shared_expert_gate(x))`` when ``shared_gate`` names a ``Linear(H, 1)``.
+    ``swiglu_limit``: the experts' clamped SwiGLU (:class:`SwitchGLU`).
     """
 
     def __init__(
@@ -322,6 +329,7 @@ class MoEBlock(nn.Module):
         shared_name: str = "shared_expert",
         shared_gate: Optional[str] = None,
         router_bias: bool = False,
+        swiglu_limit: Optional[float] = None,
     ):
         super().__init__()
         self.top_k = top_k
@@ -331,6 +339,8 @@ class MoEBlock(nn.Module):
         setattr(self, router, nn.Linear(hidden, num_experts, bias=router_bias))
         cls = SwitchGLU if gated else SwitchMLP
         kwargs = {} if activation is None else {"activation": activation}
+        if swiglu_limit is not None:
+            kwargs["limit"] = swiglu_limit
         setattr(self, experts, cls(hidden, intermediate, num_experts, bias=expert_bias, **kwargs))
         if correction_bias:
             owner = getattr(self, router) if correction_bias_in_router else self

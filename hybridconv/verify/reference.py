@@ -4,7 +4,9 @@ This is the only module outside the tests that imports torch (lazily, inside
 functions). Which implementation runs:
 
 * architectures transformers implements (RecurrentGemma): its
-  ``AutoModelForCausalLM``, safetensors only;
+  ``AutoModelForCausalLM``, safetensors only — or, for a multimodal wrapper
+  that class does not map (GLM-5.3-Flash), the class the config's
+  ``architectures`` names (its logits for token ids alone);
 * PLaMo-2, which transformers lacks: the checkpoint's own modeling code only
   with ``trust_remote_code=True``; otherwise hybridconv's independent PyTorch
   PLaMo-2 (:mod:`hybridconv.verify.torch_plamo2`).
@@ -20,7 +22,9 @@ the fixtures' layout — ``input_ids`` int32 ``[B, T]`` and ``logits`` float32
 different lengths, right-padded with 0), the top-k form (``topk_indices``
 int32 and ``topk_logits`` float32 ``[B, T, k]``, ``logsumexp`` and
 ``token_logprobs`` float32 ``[B, T]``, instead of ``logits``), and
-``hidden.N`` float32 ``[B, T, H]`` (block outputs, for localisation).
+``hidden.N`` float32 ``[B, T, H]`` (block outputs, for localisation; a block
+whose output is several residual streams ``[B, T, n, d]`` — hyper-connections
+— is stored flattened, ``H = n·d``, as hybridconv's blocks output it).
 Metadata: ``format = hybridconv-reference/1``, source, revision, reference
 implementation, dtype.
 """
@@ -113,6 +117,7 @@ def _reference_config(model_type: str, raw: dict, config: dict):
     return AutoConfig.for_model(**{**raw, **patch})
 
 
+
 def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     """(callable ids -> logits with block hooks, implementation label, block kinds)."""
     import torch
@@ -174,7 +179,10 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
     captured: list = []
 
     def hook(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
+        h = output[0] if isinstance(output, tuple) else output
+        # several residual streams ([B, T, streams, H], hyper-connections): one
+        # [B, T, streams·H] row per token, as hybridconv's blocks output them
+        captured.append(h.flatten(2) if h.dim() > 3 else h)
 
     for layer in layers:
         layer.register_forward_hook(hook)

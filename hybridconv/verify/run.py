@@ -389,10 +389,9 @@ def check_same_model(reference: Reference, arch, config: dict, out: Path) -> Non
         if stored != n:
             raise UsageError(f"the reference stores the outputs of {stored} blocks, {out} has {n}", hint)
         width = reference.hidden(0, 0).shape[-1]
-        if width != config.get("hidden_size", width):
-            raise UsageError(
-                f"the reference's block outputs are {width} wide, {out} has hidden_size {config['hidden_size']}", hint
-            )
+        expected = arch.block_width(config) if "hidden_size" in config else width
+        if width != expected:
+            raise UsageError(f"the reference's block outputs are {width} wide, {out}'s blocks output {expected}", hint)
 
 
 def _short(kinds: list[str]) -> str:
