@@ -33,7 +33,7 @@ from .arch_checks import (
     transformers_case,
     verify_bf16_and_4bit,
 )
-from .conftest import assert_logits_close, decode_logits, hybrid_case, oracle_logits, random_ids
+from .conftest import load_builtin, assert_logits_close, decode_logits, hybrid_case, oracle_logits, random_ids
 
 CASE = "wave3/glm5_next-tiny"
 KINDS = ["kda", "kda", "kda", "indexed_attention"]
@@ -97,12 +97,11 @@ def test_reconvert_is_noop(converted, tmp_path):
 
 
 def test_mlx_lm_has_no_such_model(converted):
-    from mlx_lm.utils import load_model
 
     cfg = json.loads((converted / "config.json").read_text())
     assert lookup(cfg).mlx_lm_support(cfg).status == "cannot open"
     with pytest.raises(ValueError, match="not supported"):
-        load_model(converted)
+        load_builtin(converted)
 
 
 # --- unseen configurations, built and run by transformers ----------------------------------

@@ -33,7 +33,7 @@ from .arch_checks import (
     transformers_case,
     verify_bf16_and_4bit,
 )
-from .conftest import assert_logits_close, hybrid_case, random_ids
+from .conftest import load_builtin, assert_logits_close, hybrid_case, random_ids
 
 CASE = "wave3/qwen4_exp-tiny"
 KINDS = ["delta", "delta", "delta", "indexed_attention"]
@@ -104,12 +104,11 @@ def test_reconvert_is_noop(converted, tmp_path):
 
 
 def test_mlx_lm_has_no_such_model(converted):
-    from mlx_lm.utils import load_model
 
     cfg = json.loads((converted / "config.json").read_text())
     assert lookup(cfg).mlx_lm_support(cfg).status == "cannot open"
     with pytest.raises(ValueError, match="not supported"):
-        load_model(converted)
+        load_builtin(converted)
 
 
 # --- unseen configurations, built and run by transformers ----------------------------------

@@ -73,10 +73,9 @@ from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import qwen4_exp_text as model_module
 from .qwen3_next import FOLD, PROTECTED as QWEN_PROTECTED, ROLES as QWEN_ROLES, _text_config, normalize_text, text_rules
-from .registry import Architecture, Protected, Role, register
+from .registry import Architecture, Protected, Role, Wrapper, register, register_wrapper
 from .rules import AddOffset, ConvToMLX, Drop, Regroup, Rule
 
-WRAPPER = "_multimodal_wrapper"  # planning note: the source is a Qwen4ExpForConditionalGeneration
 MIXERS = ("linear_attention", "indexed_attention", "full_attention")
 EXTRA_ZERO_CENTRED = r"\.(hc_norm|q_layernorm|k_layernorm|norm_key|norm_query|norm_conv)\.weight$"
 
@@ -101,7 +100,6 @@ def normalize_config(raw: dict) -> dict:
     cfg = normalize_text({**raw, "text_config": spelled} if wrapper else spelled,
                          "qwen4_exp_text", "Qwen4ExpForCausalLM", "all")
     cfg["layer_types"] = ["indexed_attention" if t == "full_attention" else t for t in types]
-    cfg[WRAPPER] = wrapper
     cfg["norm_topk_prob"] = pick(text, "norm_topk_prob", default=True, kind=bool)
     n, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
 
@@ -165,7 +163,7 @@ def _args(cfg: dict):
 
 
 def rules(cfg: dict) -> list[Rule]:
-    out = text_rules(cfg, wrapper=cfg.get(WRAPPER, False))
+    out = text_rules(cfg)
     args = _args(cfg)
     parts = cfg["split_ngram_parts"]
     for k, layer in enumerate(cfg["ple_layer_ids"]):
@@ -200,7 +198,7 @@ ROLES = QWEN_ROLES[:2] + (
 ARCH = register(
     Architecture(
         model_type="qwen4_exp_text",
-        architectures=("Qwen4ExpForCausalLM", "Qwen4ExpForConditionalGeneration"),
+        architectures=("Qwen4ExpForCausalLM",),
         title="Qwen4-Exp (gated DeltaNet + QSA-indexed attention, hyper-connections, n-gram PLE, MoE)",
         normalize_config=normalize_config,
         rules=rules,
@@ -209,3 +207,8 @@ ARCH = register(
         protected=PROTECTED,
     )
 )
+
+# The multimodal release: its language model (``model.language_model.*``, found
+# from the tensor names), the vision tower dropped (converters/_wrappers.py).
+register_wrapper(Wrapper("qwen4_exp", ("Qwen4ExpForConditionalGeneration",), "qwen4_exp_text",
+                         "Qwen4-Exp (multimodal)", tie="text"))
