@@ -33,16 +33,30 @@ from .conftest import FIXTURES
 # (kind, pattern on the output tensor name, how it is stored). Never quantized, all
 # of them; "float32": float32 whatever --dtype says; "output": the output's float
 # dtype; "float": float32 where the conversion keeps the tensor float32 (a
-# keep-float32 rule: routers that transformers computes in float32, Nemotron-H and
-# Kimi-Linear), else the output dtype.
+# keep-float32 rule, for tensors the reference itself computes in float32: routers of
+# Nemotron-H and Kimi-Linear, Inkling's and GLM-5's short-conv kernels, ZAYA's residual
+# scales, GLM-5's hyper-connection base/scale), else the output dtype.
 POLICY = (
-    ("SSM / recurrence dynamics", r"\.(A_log|D|dt_bias|dt_proj\.bias)$", "float32"),
+    ("SSM / recurrence dynamics",
+     r"\.(A_log|D|dt_bias|dt_proj\.bias|dt_proj_bias|slope_rate|time_decay|time_first|[fi]gate_preact\.bias)$",
+     "float32"),
     ("RG-LRU decay parameter", r"\.rg_lru\.recurrent_param$", "float32"),
-    ("MoE routing bias", r"\.(e_score_correction_bias|expert_bias)$", "float32"),
+    ("MoE routing bias", r"\.(e_score_correction_bias|expert_bias|balancing_biases)$", "float32"),
     ("MoE router", r"\.(router(\.layer)?|gate|shared_expert_gate)\.weight$", "float"),
     ("RG-LRU gates", r"\.rg_lru\.(input|recurrent)_gate_(weight|bias)$", "output"),
-    ("conv kernel", r"conv[^./]*\.(weight|bias)$", "output"),
-    ("norm weight", r"(norm[^./]*\.weight|norm_weight|\.[qk]_weight)$", "output"),
+    ("conv kernel", r"conv[^./]*\.(static_)?(weight|bias)$", "float"),
+    ("norm weight",
+     r"(norm[^./]*\.(weight|bias|scale)|norm_weight|\.[qk]_weight|\.(ln\d*|pre_ln|ln_out)\.(weight|bias))$",
+     "output"),
+    ("token-shift mix", r"\.time_mix_[a-z]+$", "output"),
+    ("relative-position bias bank", r"\.(rel_logits_proj|relative_position_bias)\.proj$", "output"),
+    ("scalar gain / residual scale",
+     r"\.(global_scale|router_states_scale|temp|(input_)?hidden_states_(scale|bias)|residual_(scale|bias))$",
+     "float"),
+    ("residual / message queries and gates",
+     r"\.(query|queries|kv_queries|(message|forget)_gate_proj\.weight)$", "float"),
+    ("hyper-connection stream weights", r"_hc\.(base|fn|scale)$", "float"),
+    ("indexer pool weighting", r"\.index_kpool_compress_(ape|gate)$", "float"),
 )
 OUTPUT = "BF16"  # the output dtype of the quantization below
 
