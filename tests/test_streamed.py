@@ -54,7 +54,8 @@ CASES = _cases()
 
 
 def _vocab(folder: Path) -> int:
-    return json.loads((folder / "config.json").read_text())["vocab_size"]
+    raw = read_config(folder)  # a wrapper keeps it in its text config: the normalised one has it
+    return lookup(raw).normalize_config(raw)["vocab_size"]
 
 
 @lru_cache(maxsize=None)
@@ -100,8 +101,25 @@ def _close(a, b, rel=1e-5):
     return float(np.abs(a - b).max()) <= 1e-6 + rel * float(np.abs(a).max())
 
 
+# Looped models call a block several times per forward: the streamed path refuses
+# them, with that reason (also test_a_looped_model_is_refused); every other case agrees.
+LOOPED_TYPES = {"inkling2_loop_text"}
+PREFILL_DECODE_DIFFER = {"glm5_next"}
+
+
+def _looped(case: str) -> bool:
+    return lookup(read_config(FIXTURES / case)).model_type in LOOPED_TYPES
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_streamed_reference_and_verify_agree_with_whole_model(refs, folders, case):
+    if _looped(case):
+        from hybridconv.verify.torch_stream import LoopedModelError
+
+        src, inputs = _inputs(case)
+        with pytest.raises(LoopedModelError, match="more than once"):
+            compute_reference(src, inputs, stream=True)
+        return
     whole, streamed = refs(case)
     assert whole.execution["path"] == "whole-model" and streamed.execution["path"] == "streamed"
     assert streamed.implementation == whole.implementation and streamed.block_kinds == whole.block_kinds
@@ -111,8 +129,12 @@ def test_streamed_reference_and_verify_agree_with_whole_model(refs, folders, cas
             assert _close(whole.hidden(s, b), streamed.hidden(s, b)), (case, s, b)
     # the MLX side, each path on its own reference
     out = folders(case)
-    a = verify_folder(out, whole, stream=False, decode_steps=4).report
-    b = verify_folder(out, streamed, stream=True, decode_steps=4).report
+    # GLM-5-Next's tiny fixture: transformers' prefill and its own cached decode differ
+    # at tied indexer scores, and so do hybridconv's (README, model notes): a float32
+    # verify with decode steps fails on both paths alike; compared without them
+    steps = 0 if lookup(read_config(FIXTURES / case)).model_type in PREFILL_DECODE_DIFFER else 4
+    a = verify_folder(out, whole, stream=False, decode_steps=steps).report
+    b = verify_folder(out, streamed, stream=True, decode_steps=steps).report
     assert a["execution"]["path"] == "whole-model" and b["execution"]["path"] == "streamed"
     assert a["verdict"] == b["verdict"] == "pass", (a["failure_reasons"], b["failure_reasons"])
     assert [x["kind"] for x in a["blocks"]] == [x["kind"] for x in b["blocks"]] == whole.block_kinds
@@ -121,8 +143,11 @@ def test_streamed_reference_and_verify_agree_with_whole_model(refs, folders, cas
     oa, ob = a["metrics"]["overall"], b["metrics"]["overall"]
     assert oa["tokens"] == ob["tokens"] and ob["kl_mean"] < 1e-8 and ob["top1_agreement"] == oa["top1_agreement"]
     assert abs(oa["max_abs_logit_diff"] - ob["max_abs_logit_diff"]) <= 1e-4
-    assert b["decode"]["steps_per_sequence"] == a["decode"]["steps_per_sequence"] == 4
-    assert b["decode"]["kl_max"] < 1e-8
+    if steps:
+        assert b["decode"]["steps_per_sequence"] == a["decode"]["steps_per_sequence"] == steps
+        assert b["decode"]["kl_max"] < 1e-8
+    else:
+        assert a["decode"] is None and b["decode"] is None
     secs = b["execution"]["seconds"]
     assert set(secs) >= {"load", "blocks", "second_stage", "head_and_metrics"} and b["execution"]["peak_rss_bytes"] > 0
     assert b["reference"]["execution"]["path"] == "streamed"
@@ -387,9 +412,9 @@ def test_full_temporary_disk_is_exit_3(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch_stream.OutputStore, "_save", full)
     src, inputs = _inputs("hybrids/bamba-tiny")
-    with pytest.raises(OutputError, match="no space left") as exc:
+    with pytest.raises(OutputError, match="(?i)no space left") as exc:
         compute_reference(src, inputs, stream=True)
-    assert exc.value.exit_code == 3 and str(tmp_path) in exc.value.message and "needed" in exc.value.message
+    assert exc.value.exit_code == 3 and str(tmp_path) in exc.value.message and "needs about" in exc.value.message
     assert "TMPDIR" in exc.value.hint
     assert list(tmp_path.iterdir()) == []  # the temporary outputs are gone
 

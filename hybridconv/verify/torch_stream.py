@@ -70,7 +70,13 @@ def read_source_tensor(info, rows: tuple[int, int] | None = None):
     dequantizing reader (FP8 block-scaled sources) plugs in at this one place."""
     import torch
 
-    from ..safetensors_io import ITEMSIZE
+    from ..safetensors_io import ITEMSIZE, read_float32
+
+    if getattr(info, "scale", None) is not None:
+        # an FP8 block-scaled weight (checkpoint.model_tensors attached its scales):
+        # dequantized exactly as the conversion and the whole-model reference read it
+        t = torch.from_numpy(read_float32(info))
+        return t if rows is None else t[rows[0]:rows[1]]
 
     dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -129,24 +135,6 @@ def _parameters_on_meta():
         yield
     finally:
         nn.Module.register_parameter = register
-
-
-def _auto_class(config):
-    """``AutoModelForCausalLM``, unless transformers maps the config to an
-    image-text-to-text class only (a multimodal wrapper, run on input ids alone):
-    the same rule as the whole-model reference's."""
-    from transformers import AutoModelForCausalLM
-
-    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
-        return AutoModelForCausalLM
-    if type(config) not in AutoModelForCausalLM._model_mapping:
-        try:
-            from transformers import AutoModelForImageTextToText
-        except ImportError:
-            return AutoModelForCausalLM
-        if type(config) in AutoModelForImageTextToText._model_mapping:
-            return AutoModelForImageTextToText
-    return AutoModelForCausalLM
 
 
 class _Stop(Exception):
@@ -234,6 +222,10 @@ class OutputStore:
 def hidden_array(path: Path) -> np.ndarray:
     """A stored hidden state as float32 numpy (memory-mapped when stored in float32)."""
     arr = np.load(path, mmap_mode="r")
+    if arr.ndim > 2:
+        # several residual streams ([T, streams, H], hyper-connections): one
+        # [T, streams·H] row per token, as the whole-model hook and hybridconv's blocks give them
+        arr = arr.reshape(arr.shape[0], -1)
     if str(path).endswith(".bf16.npy"):
         return (np.asarray(arr).astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
     return arr if arr.dtype == np.float32 else np.asarray(arr, dtype=np.float32)
@@ -250,7 +242,7 @@ class TransformersBlocks:
         from transformers import AutoConfig
         from transformers import initialization as tinit
 
-        from .reference import _decoder_layers as decoder_layers
+        from .torch_source import auto_class, decoder_layers
 
         self.torch = torch
         self.index = index
@@ -258,7 +250,7 @@ class TransformersBlocks:
         if config is None:
             config = AutoConfig.from_pretrained(str(source.path), trust_remote_code=trust_remote_code)
         with _parameters_on_meta(), tinit.no_init_weights(), tinit.no_tie_weights():
-            model = _auto_class(config).from_config(config, dtype=tdtype, trust_remote_code=trust_remote_code)
+            model = auto_class(config).from_config(config, dtype=tdtype, trust_remote_code=trust_remote_code)
         model.eval()
         self.model = model
         self.layers = decoder_layers(model, n_layers)
