@@ -391,7 +391,7 @@ def run_release(
             )
     workdir.mkdir(parents=True, exist_ok=True)
     with _workdir_lock(workdir):
-        return _run(plan, workdir, src, summary, upload, log)
+        return _run(plan, workdir, src, summary, upload, log, stream)
 
 
 @contextlib.contextmanager
@@ -443,7 +443,7 @@ def _workdir_lock(workdir: Path):
         f.close()
 
 
-def _run(plan: ReleasePlan, workdir: Path, src, summary: dict, upload: bool, log) -> dict:
+def _run(plan: ReleasePlan, workdir: Path, src, summary: dict, upload: bool, log, stream: bool | None = None) -> dict:
     from ..convert import convert
     from ..hashing import weights_hash
     from ..quant.run import quantize

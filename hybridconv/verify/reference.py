@@ -533,6 +533,7 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
     }
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
+    total = sum(a.nbytes for a in small.values()) + sum(B * T * width * 4 for _, width, _ in rows)
     try:
         with open(tmp, "wb", buffering=0) as f:
             write_all(f, header_bytes(entries, metadata))
@@ -552,7 +553,7 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
             raise
         from ..convert import output_error
 
-        raise output_error(path, failure, needed=sum(t.nbytes for t in tensors.values())) from None
+        raise output_error(path, failure, needed=total) from None
     finally:
         tmp.unlink(missing_ok=True)
 
