@@ -357,13 +357,22 @@ def _carried_files(folder: Path) -> list[Path]:
     return out
 
 
-def carry_mlx_lm_code(p: Plan, policy: str, tmp: Path | None = None) -> tuple[dict, dict]:
+def mlx_lm_config(p: Plan, config_extra: dict | None = None) -> dict:
+    """The config mlx-lm's statement (``Architecture.mlx_lm_support``) is decided on
+    for an output of ``p``: the normalised config with the output dtype and what the
+    writer adds (``quantization`` for quantize): what mlx-lm does can depend on both."""
+    return {**p.config, "dtype": DTYPE_LABELS[p.dtype], **(config_extra or {})}
+
+
+def carry_mlx_lm_code(p: Plan, policy: str, tmp: Path | None = None, config: dict | None = None) -> tuple[dict, dict]:
     """``--mlx-lm-code POLICY``: whether the output carries hybridconv's model as an
     mlx-lm model file (:mod:`hybridconv.mlx_lm_code`), written into ``tmp`` when
-    given. Returns (config entries, the ``mlx_lm_code`` record of conversion.json)."""
+    given. ``config``: the config the statement is decided on (:func:`mlx_lm_config`;
+    default: the plan's). Returns (config entries, the ``mlx_lm_code`` record of
+    conversion.json)."""
     from .mlx_lm_code import CARRIED_FILE, decide, generate, sha256_of
 
-    support = p.arch.mlx_lm_support(p.config)
+    support = p.arch.mlx_lm_support(config if config is not None else mlx_lm_config(p))
     carry, why = decide(policy, support)
     record = {"policy": policy, "carried": carry, "reason": why,
               "mlx_lm_statement": {"status": support.status, "reason": support.reason,
@@ -871,7 +880,7 @@ def write_output(
         created = make_parents(tmp.parent)
         tmp.mkdir()
         files = write_weights(p, tmp, progress, items, allow_nonfinite)
-        code_config, code_record = carry_mlx_lm_code(p, mlx_lm_code, tmp)
+        code_config, code_record = carry_mlx_lm_code(p, mlx_lm_code, tmp, mlx_lm_config(p, config_extra))
         if code_config:
             files.append(code_config["model_file"])
         cfg = output_config(p)

@@ -326,3 +326,32 @@ def test_mlx_lm_runs_on_the_same_arithmetic_as_hybridconv(tmp_path):
     assert theirs["compute"]["path"] == ours["compute"]["path"] == "float32"
     # same weights, same arithmetic, same function: the two runtimes agree closely
     assert abs(theirs["metrics"]["overall"]["kl_mean"] - ours["metrics"]["overall"]["kl_mean"]) < 1e-6
+
+
+@pytest.mark.parametrize("dtype,carried", [("bfloat16", True), ("float16", True), ("float32", False)])
+def test_recurrent_gemma_quantized_half_output_carries_the_model(fixtures_dir, tmp_path, dtype, carried):
+    """mlx-lm's own RecurrentGemma cannot run a quantized bf16 / fp16 output (its RG-LRU
+    scan asserts that the decay, float32 here, and its input share a dtype): the
+    statement says so from the config, so the default --mlx-lm-code auto carries
+    hybridconv's model; a float32 quantized output it computes, and nothing is carried."""
+    import mlx.core as mx
+
+    from hybridconv.quant.run import quantize
+
+    from .conftest import load_builtin
+
+    out = tmp_path / "q"
+    quantize(str(fixtures_dir / "recurrent_gemma-tiny"), out, bits=4, dtype=dtype)
+    record = json.loads((out / "conversion.json").read_text())["mlx_lm_code"]
+    assert record["carried"] is carried
+    assert record["mlx_lm_statement"]["status"] == ("cannot open" if carried else "computes")
+    assert (json.loads((out / "config.json").read_text()).get("model_file") == "hybridconv_model.py") is carried
+    model, _ = load_builtin(out)  # mlx-lm's own model on the same weights
+    ids = mx.array(np.arange(1, 9, dtype=np.int32)[None])
+    if carried:
+        with pytest.raises(AssertionError):
+            mx.eval(model(ids))
+    else:
+        out_logits = model(ids)
+        mx.eval(out_logits)
+        assert out_logits.shape[:2] == (1, 8)

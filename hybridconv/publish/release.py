@@ -363,9 +363,11 @@ def run_release(
                 size, bpw = p.output_bytes(), None
                 what = "convert " + (v.dtype or "as stored")
             target = v.repo_id if (upload and v.repo_id) else None
+            from ..convert import mlx_lm_config
             from ..mlx_lm_code import decide
 
-            carries, why = decide(v.mlx_lm_code, p.arch.mlx_lm_support(p.config))
+            written = {"quantization": qp.config_entry()} if v.quantized else None
+            carries, why = decide(v.mlx_lm_code, p.arch.mlx_lm_support(mlx_lm_config(p, written)))
             summary["variants"].append({
                 "name": v.name, "build": what, "bytes": size,
                 "bits_per_weight": bpw, "verify": "would verify", "kl_mean": None,
