@@ -69,10 +69,11 @@ MUTANTS = [
            "hybridconv/converters/recurrent_gemma.py", "errors change the memory length\",\n              float32=True)",
            "errors change the memory length\",\n              float32=False)", (POLICY,)),
     Mutant("release-ignores-require", "release ignores require_runtimes", "hybridconv/publish/release.py",
-           "runtimes=runtimes, require=v.require_runtimes).report", "runtimes=runtimes, require=()).report",
+           "runtimes=runtimes, require=v.require_runtimes, stream=stream).report",
+           "runtimes=runtimes, require=(), stream=stream).report",
            (SAFETY + "::test_release_never_uploads_a_variant_its_required_runtime_cannot_load",)),
     Mutant("no-nan-scan-chunked-cast", "NaN scan skipped on convert's chunked cast path", "hybridconv/convert.py",
-           "bad = bad or has_nonfinite(chunk, info.dtype)", "bad = False",
+           "bad = bad or has_nonfinite(chunk, chunk_dtype)", "bad = False",
            (SAFETY + "::test_nonfinite_refused_when_the_dtype_changes",)),
     # lower impact (issue 28, item 7) and the second block stage
     Mutant("no-decode-gate", "the decode KL gate never appended", "hybridconv/verify/run.py",
