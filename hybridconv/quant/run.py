@@ -32,6 +32,7 @@ class QuantResult:
     plan: QuantPlan
     result: Result | None  # None for --dry-run
     search: list[dict] = field(default_factory=list)
+    calibration: dict | None = None  # the calibration record (quantize --calibrate)
 
 
 def plan_quantization(
@@ -83,12 +84,18 @@ def quantize(
     on_plan: Callable[[QuantPlan], None] | None = None,
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
+    calibration=None,
+    report: Callable[[str], None] | None = None,
 ) -> QuantResult:
     """`hybridconv quantize`: convert and quantize ``source`` into ``out`` in one streamed
     pass (``bits`` defaults to the mode's width: 4, or 8 for mxfp8). ``recipe``:
     "uniform" or "mixed-L-H"; ``bits_for``: ["PATTERN=BITS", ...]; ``keep``: [PATTERN, ...].
-    With ``dry_run`` nothing is written. Returns a :class:`QuantResult`."""
+    With ``dry_run`` nothing is written. ``calibration``: a
+    :class:`~hybridconv.quant.calibrate.CalibrationOptions` for calibrated codes
+    (affine mode; the same plan), ``report`` its progress lines. Returns a :class:`QuantResult`."""
     spec = validate(bits, group_size, mode)
+    if calibration is not None and spec.mode != "affine":
+        raise UsageError(f"--calibrate: affine mode only (MLX's scale-and-bias format), not --mode {spec.mode}")
     with source_folder(source, revision, allow_pickle) as src:
         qp = _plan_for(src, spec, recipe, bits_for, keep, dtype)
         if on_plan:
@@ -96,6 +103,11 @@ def quantize(
         if dry_run:
             return QuantResult(qp, None)
         tmp = prepare_output(Path(out), force, src)
+        if calibration is not None:
+            from .calibrate import write_calibrated_output
+
+            res, rep = write_calibrated_output(qp, src, Path(out), tmp, calibration, progress, report, allow_nonfinite)
+            return QuantResult(qp, res, calibration=rep)
         return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, progress, allow_nonfinite))
 
 
@@ -113,9 +125,13 @@ def search_target_kl(
     bits_for: list[str] | None = None,
     dry_run: bool = False,
     allow_nonfinite: bool = False,
+    calibration=None,
 ) -> QuantResult:
     """The smallest candidate plan (by bits per weight) whose mean KL on the
     reference's inputs is <= ``target_kl``; every candidate tried is reported.
+    With ``calibration`` (:class:`~hybridconv.quant.calibrate.CalibrationOptions`)
+    every candidate is quantized with it: the search finds the smallest plan that
+    the calibrated method brings under the target.
 
     Candidates: uniform widths and mixed recipes (sensitive roles wider), sorted by
     bits per weight; a binary search over that order (KL falls as the plan grows),
@@ -140,6 +156,14 @@ def search_target_kl(
     )
     explored: list[dict] = []
     cache: dict[int, float] = {}
+
+    def _write(qp, folder, tmp, allow: bool):
+        if calibration is None:
+            return write_quantized_output(qp, folder, tmp, allow_nonfinite=allow)
+        from .calibrate import write_calibrated_output
+
+        return write_calibrated_output(qp, src, folder, tmp, calibration, allow_nonfinite=allow)[0]
+
     parent = Path(out).resolve().parent
     workdir = Path(tempfile.mkdtemp(prefix="hybridconv-search-", dir=parent if parent.is_dir() else None))
 
@@ -148,7 +172,7 @@ def search_target_kl(
         if i not in cache:
             qp = plans[i]
             folder = workdir / f"candidate-{i}"
-            write_quantized_output(qp, folder, prepare_output(folder, False, None))
+            _write(qp, folder, prepare_output(folder, False, None), False)
             rep = verify_folder(folder, reference).report
             cache[i] = rep["metrics"]["overall"]["kl_mean"]
             row = {
@@ -184,7 +208,7 @@ def search_target_kl(
     if dry_run:
         return QuantResult(qp, None, explored)
     tmp = prepare_output(Path(out), force, src)
-    return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, allow_nonfinite=allow_nonfinite), explored)
+    return QuantResult(qp, _write(qp, Path(out), tmp, allow_nonfinite), explored)
 
 
 def _plan_label(qp: QuantPlan) -> str:
