@@ -43,7 +43,11 @@ INSTALL_HINT = (
     "or set HYBRIDCONV_BLAS=/path/to/libopenblas.so"
 )
 
-_state: dict = {"attempted": False}
+_state: dict = {"attempted": False, "warned": False}
+
+
+class SlowBlasWarning(RuntimeWarning):
+    """MLX computes on its bundled reference BLAS (float32 products 10-50x slower)."""
 
 
 class _DlInfo(ctypes.Structure):
@@ -103,6 +107,18 @@ def _describe(lib: ctypes.CDLL) -> dict:
     except (AttributeError, OSError):
         pass
     return out
+
+
+def _system_openblas() -> str | None:
+    """The path of the system OpenBLAS the automatic setting would load, if any
+    (asked of the dynamic linker without loading it)."""
+    import ctypes.util
+
+    for name in ("openblas", "openblasp"):
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
 
 
 def preload() -> dict:
@@ -177,6 +193,44 @@ def status() -> dict:
             out["fix"] = "import hybridconv before mlx (its import loads the BLAS), or start the process with LD_PRELOAD=libopenblas.so.0"
         elif action.startswith("not loaded"):
             out["fix"] = f"unset {ENV} (or set it to auto)"
+        elif out["setting"].lower() not in ("auto", "off"):
+            # the user named a library that could not be loaded: that is what to fix
+            named = out["setting"]
+            why = "no such file" if "/" in named and not os.path.exists(named) else "it could not be loaded as a CBLAS"
+            system = _system_openblas()
+            out["fix"] = (f"{ENV}={named}: {why}; point it at an existing BLAS library that exports cblas_sgemm"
+                          + (f" (the system OpenBLAS is installed: {system})" if system else "")
+                          + f", or unset {ENV} to load the system OpenBLAS automatically"
+                          + ("" if system else f" once installed ({INSTALL_HINT.split(': ', 1)[1]})"))
         else:
             out["fix"] = INSTALL_HINT
     return out
+
+
+def warn_if_slow() -> None:
+    """Warn once per process (:class:`SlowBlasWarning`) when MLX's float32 products on
+    the CPU run on the bundled reference BLAS, saying the fix (``status()["fix"]``):
+    called by ``hybridconv.load`` and verify, after MLX is imported. Silent on
+    other platforms, on a GPU and when an optimised BLAS is in use."""
+    if _state["warned"] or not sys.platform.startswith("linux"):
+        return
+    try:
+        import mlx.core as mx
+
+        if mx.default_device() != mx.cpu:
+            return
+    except (ImportError, AttributeError):
+        return
+    info = status()
+    if info.get("kind") != "reference":
+        return
+    _state["warned"] = True
+    import warnings
+
+    warnings.warn(
+        f"MLX runs its float32 products on the slow bundled reference BLAS ({info.get('blas')}; "
+        f"{info.get('action')}), 10-50x slower than an optimised one. Fix: {info.get('fix')}. "
+        "`hybridconv doctor` measures it.",
+        SlowBlasWarning,
+        stacklevel=4,
+    )

@@ -14,7 +14,8 @@ Exit codes (documented in ``hybridconv --help`` and the README):
       config, unknown architecture, a tensor the rules cannot account for
 3     the output could not be written (permissions, disk full, ...)
 4     refused to publish: no passing verification report for these weights
-5     the Hub refused or failed an upload
+5     the Hub refused or failed a request, or could not be reached
+70    internal error: a bug (rerun with ``--debug`` and report it)
 130   interrupted (Ctrl-C); 143: terminated (SIGTERM). Temporary output removed.
 ====  =========================================================================
 """
@@ -27,6 +28,7 @@ EXIT_BAD_INPUT = 2
 EXIT_OUTPUT = 3
 EXIT_UNVERIFIED = 4
 EXIT_HUB = 5
+EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -83,3 +85,23 @@ class HubError(HybridconvError):
     """The Hub refused or failed a request."""
 
     exit_code = EXIT_HUB
+
+
+# The HTTP client libraries huggingface_hub uses (by release: requests, httpx,
+# httpx2) raise their own exception classes for a refused connection, a DNS
+# failure or a timeout; not all are OSErrors.
+_NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "h2", "socket", "ssl")
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """True for a failure to reach a server (refused, unresolvable, timed out,
+    cut off): an ``OSError`` of the socket layer or an HTTP client library's
+    transport error, whatever the client."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & {"HTTPStatusError", "HfHubHTTPError", "HTTPError"} and not names & {"TransportError", "RequestError", "ConnectionError"}:
+        return False  # the server answered (with an error status): not a network failure
+    for cls in type(exc).__mro__:
+        root = (cls.__module__ or "").split(".")[0]
+        if root in _NETWORK_MODULES and cls.__name__ not in ("object", "BaseException", "Exception"):
+            return True
+    return isinstance(exc, (ConnectionError, TimeoutError))

@@ -26,6 +26,7 @@ class Terminated(BaseException):
 
 
 _pending: list[int] = []  # signals received and not yet acted on, in order
+_acted: list[int] = []  # signals raised at a safe point (the work was stopped there)
 _critical = 0
 
 
@@ -38,6 +39,7 @@ def request(signum: int) -> None:
     pending and no critical section runs."""
     _pending.append(signum)
     if len(_pending) > 1 and not _critical:
+        _acted.append(_pending[0])
         raise _exception(_pending[0])
 
 
@@ -49,11 +51,19 @@ def check() -> None:
     """A safe point: raise ``KeyboardInterrupt`` / :class:`Terminated` if a signal
     was recorded."""
     if _pending and not _critical:
+        _acted.append(_pending[0])
         raise _exception(_pending[0])
+
+
+def acted() -> bool:
+    """Whether a recorded signal was raised at a safe point (the work stopped there);
+    False when it came after the last one (the work finished)."""
+    return bool(_acted)
 
 
 def reset() -> None:
     _pending.clear()
+    _acted.clear()
 
 
 @contextmanager

@@ -112,151 +112,15 @@ def compute_path(path, compute: str = "auto", activation_dtype: str | None = Non
     }
 
 
-def _dequantize_f32(layer, rows=None):
-    """A quantized layer's weight (or some of its rows) as float32: ``scale·q + bias``
-    computed in float32 from the stored codes, scales and biases."""
-    import mlx.core as mx
-
-    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
-    if rows is not None:
-        w, scales = w[rows], scales[rows]
-        biases = biases[rows] if biases is not None else None
-    return mx.dequantize(w, scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32),
-                         group_size=layer.group_size, bits=layer.bits, mode=getattr(layer, "mode", "affine"))
-
-
-def _float32_classes():
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    from .models.moe import QuantizedSwitchLinear
-
-    class Float32QuantizedLinear(nn.QuantizedLinear):
-        """QuantizedLinear computed as ``x @ dequantize(W).T`` in float32 (a float32 BLAS product)."""
-
-        def __call__(self, x):
-            y = x.astype(mx.float32) @ _dequantize_f32(self).T
-            return y + self["bias"] if "bias" in self else y
-
-    class Float32QuantizedEmbedding(nn.QuantizedEmbedding):
-        def __call__(self, x):
-            return _dequantize_f32(self, x)
-
-        def as_linear(self, x):
-            return x.astype(mx.float32) @ _dequantize_f32(self).T
-
-    class Float32QuantizedSwitchLinear(QuantizedSwitchLinear):
-        def __call__(self, x, indices, sorted_indices=False):
-            # each token's expert matrices, dequantized from their codes (gather_mm is float32 on the CPU)
-            w = _dequantize_f32(self)
-            y = mx.gather_mm(x.astype(mx.float32), w.swapaxes(-1, -2), rhs_indices=indices,
-                             sorted_indices=sorted_indices)
-            if "bias" in self:
-                y = y + mx.expand_dims(self["bias"][indices], -2)
-            return y
-
-    return {nn.QuantizedLinear: Float32QuantizedLinear, nn.QuantizedEmbedding: Float32QuantizedEmbedding,
-            QuantizedSwitchLinear: Float32QuantizedSwitchLinear}
-
-
-def use_float32_compute(model) -> int:
-    """Make ``model`` compute in float32 from its stored weights, upcasting each
-    large matrix when its layer runs (see the module docstring); returns how many
-    layers changed.
-
-    Matrices of linear, embedding and expert layers keep their stored arrays
-    (bf16/fp16 promote exactly inside the product; affine N-bit layers dequantize
-    in float32 from their codes). Every other low-precision parameter (norm
-    weights, conv kernels, gates: small) becomes float32 here, once, so that
-    arithmetic the model does on parameters themselves (``1 + w``, a scale) is
-    float32 as well, exactly as with :func:`upcast_model`."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    from .models.moe import QuantizedSwitchLinear, SwitchLinear
-
-    matrices = (nn.Linear, nn.Embedding, SwitchLinear, nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
-    for _, module in model.named_modules():
-        if isinstance(module, matrices):
-            continue
-        for key, value in list(module.items()):
-            if isinstance(value, mx.array) and value.dtype in (mx.bfloat16, mx.float16):
-                module[key] = value.astype(mx.float32)
-    swaps = _float32_classes()
-    n = 0
-    for _, module in model.named_modules():
-        new = swaps.get(type(module))
-        if new is not None and getattr(module, "mode", "affine") == "affine":
-            module.__class__ = new  # same parameters and attributes; only the call differs
-            n += 1
-    return n
-
-
-def upcast_model(model) -> int:
-    """Hold ``model``'s weights in float32 from now on, one tensor at a time: affine
-    quantized layers become float32 dense layers of their dequantized weights,
-    bf16/fp16 tensors become float32 (the same values). Each low-precision tensor
-    is freed (and MLX's buffer cache cleared) as soon as its float32 copy exists,
-    so memory grows to the float32 model, never to both. Returns the tensors changed.
-
-    The float32 compute path with the weights resident in float32: every product
-    reads 4 bytes per weight instead of upcasting again at every call (2 + 4 + 4);
-    for callers whose memory already held the float32 model (verify after a float32
-    PyTorch reference)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    from .models.moe import QuantizedSwitchLinear, SwitchLinear
-
-    def owner_of(path):
-        *parents, last = path.split(".")
-        owner = model
-        for part in parents:
-            owner = owner[int(part)] if isinstance(owner, list) else getattr(owner, part)
-        return owner, last
-
-    kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)
-    # paths only: a list of the modules would keep every replaced one alive
-    paths = [p for p, m in model.named_modules() if isinstance(m, kinds) and getattr(m, "mode", "affine") == "affine"]
-    n = 0
-    for path in paths:
-        owner, last = owner_of(path)
-        m = owner[int(last)] if isinstance(owner, list) else getattr(owner, last)
-        if isinstance(m, nn.QuantizedLinear):
-            new = nn.Linear(1, 1, bias="bias" in m)
-        elif isinstance(m, nn.QuantizedEmbedding):
-            new = nn.Embedding(1, 1)
-        else:
-            new = SwitchLinear(1, 1, 1, bias="bias" in m)
-        new.weight = _dequantize_f32(m)
-        if "bias" in m:
-            new.bias = m["bias"].astype(mx.float32)
-        mx.eval(new.parameters())
-        if isinstance(owner, list):
-            owner[int(last)] = new
-        else:
-            setattr(owner, last, new)
-        del m, new
-        mx.clear_cache()
-        n += 1
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    names = [name for name, p in tree_flatten(model.parameters()) if p.dtype in (mx.bfloat16, mx.float16)]
-    for name in names:
-        q = dict(tree_flatten(model.parameters()))[name].astype(mx.float32)
-        mx.eval(q)
-        model.update(tree_unflatten([(name, q)]))
-        del q
-        mx.clear_cache()
-        n += 1
-    return n
-
-
-def to_float32_compute(model, upcast: str = "layer") -> int:
-    """Put any MLX model (hybridconv's or mlx-lm's) on the float32 path: weights
-    upcast once and held (``upcast="model"``: :func:`upcast_model`) or each time a
-    layer runs (``"layer"``: :func:`use_float32_compute`)."""
-    return (upcast_model if upcast == "model" else use_float32_compute)(model)
+# The float32 path's arithmetic lives in hybridconv.float32_compute (no model code
+# imported there: verify's mlx-lm runtime applies it to mlx-lm's models in a process
+# that never imports hybridconv.models); the names stay importable from here.
+from .float32_compute import (  # noqa: E402,F401
+    _dequantize_f32,
+    to_float32_compute,
+    upcast_model,
+    use_float32_compute,
+)
 
 
 def load(path, lazy: bool = False, activation_dtype: str | None = None, compute: str = "native",
@@ -272,6 +136,9 @@ def load(path, lazy: bool = False, activation_dtype: str | None = None, compute:
     the float32 model's memory, faster products)."""
     import mlx.core as mx
 
+    from .blas import warn_if_slow
+
+    warn_if_slow()  # once per process: MLX on the bundled reference BLAS, and the fix
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder")

@@ -9,6 +9,17 @@ tensor, not discovered as garbage later.
 
 Data is moved in bounded chunks (:data:`CHUNK_BYTES`), so converting a 1 GB
 embedding never holds 1 GB in memory.
+
+FP8 block-scaled weights (``float8_e4m3fn`` / ``float8_e5m2`` values with a
+``weight_scale_inv`` per block of ``[bm, bn]`` elements: the format of
+DeepSeek-V3's and Qwen's FP8 releases, transformers' ``quant_method: fp8``)
+are read as float32 by :func:`dequantize`: each code decoded exactly through a
+256-entry table, times the scale of the block holding it, ``scale[i // bm,
+j // bn]`` (blocks at the right and bottom edges may be partial). A
+:class:`TensorInfo` whose ``scale`` is set (see
+:func:`hybridconv.checkpoint.attach_scales`) is read so everywhere: by the
+converter and quantizer (:func:`iter_float_chunks`, :func:`rows_float32`) and
+by verify's reference (:func:`read_float32`).
 """
 
 from __future__ import annotations
@@ -29,8 +40,9 @@ ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }  # fmt: skip
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2"}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
@@ -46,6 +58,10 @@ class TensorInfo:
     file: Path
     begin: int  # absolute byte offset in the file
     end: int
+    # An FP8 weight's block scales: its data is read dequantized (module docstring).
+    # Kept by dataclasses.replace, so a byte range cut from the weight (an expert
+    # of a stack, a part of a split) is dequantized at its own position.
+    scale: "BlockScale | None" = None
 
     @property
     def nbytes(self) -> int:
@@ -139,8 +155,42 @@ _NP_RAW = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
-    "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8, "F8_E8M0": np.uint8,
 }  # fmt: skip
+
+
+def _fp8_table(dtype: str) -> np.ndarray:
+    """The float32 value of each of the 256 codes of an 8-bit float format:
+    ``F8_E4M3`` (float8_e4m3fn: bias 7, no infinities, NaN at S.1111.111),
+    ``F8_E5M2`` (IEEE-style: bias 15, infinities and NaNs at exponent 31),
+    ``F8_E8M0`` (scales: 2^(code - 127), NaN at 255). Every value is exact in
+    float32."""
+    table = _FP8_TABLES.get(dtype)
+    if table is not None:
+        return table
+    codes = np.arange(256)
+    if dtype == "F8_E8M0":
+        table = np.full(256, np.nan, dtype=np.float32)  # 255: NaN
+        table[:255] = np.ldexp(1.0, codes[:255] - 127)
+    else:
+        ebits, mbits, bias = (4, 3, 7) if dtype == "F8_E4M3" else (5, 2, 15)
+        sign = np.where(codes >> 7, -1.0, 1.0)
+        e = (codes >> mbits) & ((1 << ebits) - 1)
+        m = codes & ((1 << mbits) - 1)
+        frac = m / float(1 << mbits)
+        value = np.where(e == 0, np.ldexp(frac, 1 - bias), np.ldexp(1.0 + frac, e - bias))
+        table = (sign * value).astype(np.float32)
+        top = (1 << ebits) - 1
+        if dtype == "F8_E4M3":
+            table[(e == top) & (m == (1 << mbits) - 1)] = np.nan
+        else:
+            table[(e == top) & (m != 0)] = np.nan
+            table[(e == top) & (m == 0)] = sign[(e == top) & (m == 0)] * np.inf
+    _FP8_TABLES[dtype] = table
+    return table
+
+
+_FP8_TABLES: dict[str, np.ndarray] = {}
 
 
 def has_nonfinite(raw: np.ndarray, dtype: str) -> bool:
@@ -155,6 +205,8 @@ def has_nonfinite(raw: np.ndarray, dtype: str) -> bool:
         return not np.isfinite(raw.view(np.float64)).all()
     if dtype == "F16":
         return not np.isfinite(raw.view(np.float16)).all()
+    if dtype in FP8_DTYPES or dtype == "F8_E8M0":
+        return not np.isfinite(_fp8_table(dtype)[np.unique(raw.view(np.uint8))]).all()
     if dtype == "BF16":
         u = raw.view(np.uint16).reshape(-1)
         n = u.size
@@ -216,7 +268,99 @@ def raw_array(buf: bytes | bytearray | memoryview, dtype: str) -> np.ndarray:
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
+    if dtype in FP8_DTYPES or dtype == "F8_E8M0":
+        return _fp8_table(dtype)[raw.view(np.uint8)]  # the codes' values; block scales: dequantize()
     return raw.astype(np.float32)
+
+
+# --- FP8 block-scaled weights -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockScale:
+    """The scales of one FP8 weight: ``scale`` (``weight_scale_inv``, shape
+    ``[*lead, ceil(R / bm), ceil(C / bn)]`` for a weight ``[*lead, R, C]``),
+    the block ``(bm, bn)``, and the weight's own shape and first byte (so that
+    any byte range of it is dequantized at its position)."""
+
+    scale: TensorInfo
+    block: tuple[int, int]
+    shape: tuple[int, ...]
+    weight_begin: int
+
+    def grid(self) -> np.ndarray:
+        """The scales as float32 ``[lead * ceil(R / bm), ceil(C / bn)]`` (small:
+        one number per block; read once per weight and kept)."""
+        return _scale_grid(self.scale, self.shape, self.block)
+
+
+def _scale_grid(info: TensorInfo, shape: tuple[int, ...], block: tuple[int, int]) -> np.ndarray:
+    key = (info.file, info.begin, shape, block)
+    grid = _GRIDS.get(key)
+    if grid is None:
+        rows = shape[-2] if len(shape) > 1 else 1
+        gr, gc = -(-rows // block[0]), -(-shape[-1] // block[1])
+        grid = to_float32(read_tensor(info), info.dtype).astype(np.float32).reshape(-1, gc)
+        if grid.shape[0] % gr:
+            raise CheckpointError(f"{info.file}: scales '{info.name}' do not tile weight shape {list(shape)}")
+        if len(_GRIDS) > 4096:
+            _GRIDS.clear()
+        _GRIDS[key] = grid
+    return grid
+
+
+_GRIDS: dict = {}
+
+
+def dequantize(raw: np.ndarray, dtype: str, scale: BlockScale, first: int) -> np.ndarray:
+    """Elements ``first, first + 1, ...`` (flat, row-major) of an FP8 weight,
+    given as their raw codes, dequantized: value × its block's scale, in float32."""
+    out = to_float32(raw.reshape(-1), dtype)
+    if not out.flags.writeable:
+        out = out.copy()
+    shape, (bm, bn) = scale.shape, scale.block
+    C = shape[-1]
+    R = shape[-2] if len(shape) > 1 else 1
+    gr = -(-R // bm)
+    grid = scale.grid()
+    n, pos = out.size, 0
+    while pos < n:
+        e = first + pos
+        row, col = divmod(e, C)
+        if col == 0 and n - pos >= C:  # whole rows: each column block times its scale
+            nrows = (n - pos) // C
+            rows = row + np.arange(nrows)
+            srows = grid[(rows // R) * gr + (rows % R) // bm]  # [nrows, gc]
+            block = out[pos : pos + nrows * C].reshape(nrows, C)
+            for j in range(srows.shape[1]):
+                block[:, j * bn : (j + 1) * bn] *= srows[:, j : j + 1]
+            pos += nrows * C
+        else:  # a part of one row
+            take = min(n - pos, C - col)
+            srow = grid[(row // R) * gr + (row % R) // bm]
+            out[pos : pos + take] *= srow[(col + np.arange(take)) // bn]
+            pos += take
+    return out
+
+
+def first_element(info: TensorInfo) -> int:
+    """The flat index, within its FP8 weight, of ``info``'s first element."""
+    return (info.begin - info.scale.weight_begin) // ITEMSIZE[info.dtype]
+
+
+def rows_float32(info: TensorInfo, raw: np.ndarray, offset: int = 0) -> np.ndarray:
+    """``raw`` (elements of ``info`` from element ``offset`` of ``info``) as float32:
+    dequantized when ``info`` is block-scaled."""
+    if info.scale is None:
+        return to_float32(raw, info.dtype)
+    return dequantize(raw, info.dtype, info.scale, first_element(info) + offset)
+
+
+def read_float32(info: TensorInfo, f: BinaryIO | None = None) -> np.ndarray:
+    """The whole tensor as float32 of its shape (FP8 weights dequantized): what
+    a reference built from the source computes with. Floats are converted
+    exactly; small or medium tensors only (it is read whole)."""
+    return rows_float32(info, read_tensor(info, f)).reshape(info.shape)
 
 
 def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -255,13 +399,30 @@ def read_tensor(info: TensorInfo, f: BinaryIO | None = None) -> np.ndarray:
     return raw_array(buf, info.dtype).reshape(info.shape)
 
 
+def iter_float_chunks(info: TensorInfo, f: BinaryIO, buf: bytearray) -> Iterator[tuple[np.ndarray, str, int]]:
+    """``(data, dtype, source bytes)`` chunks of the tensor, flat: raw chunks of its
+    own dtype, or, for a block-scaled FP8 weight, float32 dequantized values
+    (read a quarter of ``buf`` at a time, so a chunk is never larger than
+    ``buf``)."""
+    if info.scale is None:
+        for chunk in iter_raw_chunks(info, f, buf):
+            yield chunk, info.dtype, chunk.nbytes
+        return
+    done = 0
+    view = memoryview(buf)[: max(1, len(buf) // 4)]
+    for chunk in iter_raw_chunks(info, f, view):
+        n = chunk.size
+        yield dequantize(chunk, info.dtype, info.scale, first_element(info) + done), "F32", n
+        done += n
+
+
 def chunk_buffer() -> bytearray:
     """A reusable read buffer: allocating a fresh one per read costs page faults
     that dominate the run time of a plain copy."""
     return bytearray(CHUNK_BYTES)
 
 
-def iter_raw_chunks(info: TensorInfo, f: BinaryIO, buf: bytearray) -> Iterator[np.ndarray]:
+def iter_raw_chunks(info: TensorInfo, f: BinaryIO, buf) -> Iterator[np.ndarray]:
     """The tensor's raw elements, flat, in element-aligned chunks read into ``buf``.
 
     Each chunk is a view of ``buf``: consume it before asking for the next."""

@@ -102,8 +102,10 @@ def main() -> None:
                 ours = work / f"{ckpt.name}-hc-{bits}"
                 theirs = work / f"{ckpt.name}-mlxlm-{bits}"
                 quantize(str(ckpt), ours, bits=bits, group_size=args.group_size, dtype=args.dtype)
+                # the float copy may carry hybridconv's model file (model_file): mlx_lm.convert
+                # builds the model from it, as mlx-lm users of the copy would
                 mlx_lm_convert(str(float_copy), str(theirs), quantize=True, q_bits=bits,
-                               q_group_size=args.group_size, dtype=args.dtype)
+                               q_group_size=args.group_size, dtype=args.dtype, trust_remote_code=True)
                 # Same activation dtype for both (mlx_lm's config keeps the source's
                 # torch_dtype label even when it casts the weights).
                 act = args.dtype or json.loads((ours / "config.json").read_text())["dtype"]

@@ -155,7 +155,7 @@ def verify_bf16_and_4bit(src: Path, tmp: Path, sequences: int = 2, decode_steps:
     rest by KL."""
     source = resolve(str(src))
     cfg = json.loads((source.path / "config.json").read_text())
-    vocab = cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
+    vocab = cfg.get("unpadded_vocab_size") or cfg.get("vocab_size") or cfg["text_config"]["vocab_size"]
     inputs = build_inputs(source.path, vocab, random_tokens=tokens, num_sequences=sequences, seed=seed)
     ref = compute_reference(source, inputs)
     bf16 = tmp / "bf16"
@@ -178,10 +178,11 @@ def verify_bf16_and_4bit(src: Path, tmp: Path, sequences: int = 2, decode_steps:
 
 
 def mlx_lm_logits(out: Path, ids) -> np.ndarray:
-    """mlx-lm's logits (``mlx_lm.utils.load_model``) on the folder ``out``."""
-    from mlx_lm.utils import load_model
+    """mlx-lm's logits on the folder ``out``, from its OWN model (a model file the
+    folder carries is ignored: conftest.load_builtin)."""
+    from .conftest import load_builtin
 
-    model, _ = load_model(Path(out))
+    model, _ = load_builtin(Path(out))
     return np.array(model(mx.array(ids)).astype(mx.float32))
 
 

@@ -33,6 +33,17 @@ def assert_logits_close(got: np.ndarray, ref: np.ndarray, check_argmax: bool = T
         assert (got.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
+def load_builtin(path: Path):
+    """mlx-lm's OWN model of a folder (``load_model``'s ``(model, config)``), ignoring
+    a model file the folder carries: what mlx-lm computes without
+    ``trust_remote_code`` and without hybridconv's code, the subject of the
+    statements in converters/_mlx_lm.py. (Users of an output that carries
+    hybridconv's model run that one: tests/test_mlx_lm_code.py.)"""
+    from mlx_lm.utils import load_model
+
+    return load_model(Path(path), model_config={"model_file": None})
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():

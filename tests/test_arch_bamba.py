@@ -45,7 +45,7 @@ def test_reconvert_is_noop(converted, tmp_path):
 
 
 def test_mlx_lm_has_no_bamba(converted):
-    from mlx_lm.utils import load_model
+    from .conftest import load_builtin as load_model  # mlx-lm's own model
 
     with pytest.raises(ValueError, match="bamba not supported"):
         load_model(converted)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import hybridconv
+from hybridconv.loading import load_config
 from hybridconv.convert import convert
 from hybridconv.converters.granitemoehybrid import normalize_config
 from hybridconv.errors import ConfigError
@@ -43,9 +44,11 @@ def test_oracle_matches(converted):
     assert w["model.layers.0.block_sparse_moe.switch_mlp.gate_proj.weight"].shape == (4, 32, 64)
     assert w["model.layers.0.block_sparse_moe.switch_mlp.down_proj.weight"].shape == (4, 64, 32)
     cfg = json.loads((converted / "config.json").read_text())
-    # transformers 5 wrote linear_attention / full_attention and an encoded infinity
+    # transformers 5 wrote linear_attention / full_attention and an encoded infinity; the
+    # output keeps that encoding (transformers' config classes refuse a null: convert.output_config)
     assert cfg["layer_types"] == ["mamba", "attention"] * 2
-    assert cfg["time_step_limit"] == [0.0, None] and cfg["position_embedding_type"] == "rope"
+    assert cfg["time_step_limit"] == [0.0, {"__float__": "Infinity"}] and cfg["position_embedding_type"] == "rope"
+    assert load_config(converted)[1]["time_step_limit"] == [0.0, None]  # normalised: no upper limit
 
 
 def test_mlx_lm_matches_oracle(converted):

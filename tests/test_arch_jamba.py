@@ -13,6 +13,7 @@ import pytest
 
 import hybridconv
 from hybridconv.convert import convert
+from hybridconv.converters import lookup
 from hybridconv.converters.jamba import normalize_config
 from hybridconv.errors import ConfigError
 
@@ -157,7 +158,9 @@ def test_fused_expert_tensors(tmp_path):
 def test_config_layouts_and_errors():
     raw = _config().to_dict()
     cfg = normalize_config(raw)
-    assert cfg["layers_block_type"] == ["mamba", "attention"] * 2
+    # the schedule comes from the periods; the list is not written (transformers' JambaConfig refuses it)
+    assert "layers_block_type" not in cfg
+    assert [k for k, _ in lookup(cfg).schedule(cfg)] == ["mamba", "attention"] * 2
     assert cfg["mamba_dt_rank"] == 4 and cfg["num_experts"] == 4
     assert normalize_config(cfg) == cfg  # idempotent
     alias = dict(raw, num_local_experts=5, mamba_dt_rank="auto")

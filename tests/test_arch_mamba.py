@@ -62,7 +62,7 @@ def test_oracle_through_hybridconv_load(converted, case):
 def test_oracle_through_mlx_lm(converted, case):
     # with n_groups = 1 (the fixture) mlx-lm computes all three correctly once
     # the config is normalised (mamba2: intermediate_size, numeric time_step_limit)
-    from mlx_lm.utils import load_model
+    from .conftest import load_builtin as load_model  # mlx-lm's own model
 
     ids, ref = oracle_logits(hybrid_case(case))
     model, _ = load_model(converted[case])
@@ -242,7 +242,7 @@ def test_mlx_lm_ignores_groups_in_the_gated_norm(unseen):
     """mlx-lm's Mamba-2 norm takes its statistics over the whole vector: with
     n_groups > 1 it is a different model (measured here: max |Δlogit| well
     above the tolerance)."""
-    from mlx_lm.utils import load_model
+    from .conftest import load_builtin as load_model  # mlx-lm's own model
 
     for name in ("mamba2-g2", "mamba2-g4"):
         root, ids, ref = unseen[name]

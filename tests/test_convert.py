@@ -342,6 +342,9 @@ def test_inspect_repo_id_reads_remote_headers_only(fixtures_dir, tmp_path, monke
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", fake_metadata)
     monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id, revision=None, **kw: None)
+    siblings = [SimpleNamespace(rfilename=f.name, size=f.stat().st_size) for f in fixture.iterdir()]
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda self, repo_id, revision=None, **kw: SimpleNamespace(sha="ab" * 20, siblings=siblings))
     remote = describe(inspect_plan("google/recurrentgemma-tiny"))
     local = describe(inspect_plan(str(fixture)))
     assert downloaded == ["config.json"]

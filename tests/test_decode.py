@@ -103,10 +103,13 @@ def test_plamo2_decode_equals_prefill(plamo_model, prefix, chunk):
 
 
 def test_plamo2_cache_kinds(plamo_model):
-    from hybridconv.models.common import KVCache, StateCache, WindowKVCache
+    """The caches are mlx-lm's own classes (its prompt-cache files rebuild them by
+    class name): SSM state, the window's ring of W + 1 positions, full keys."""
+    from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 
-    kinds = [type(c) for c in plamo_model.make_cache()]
-    assert kinds == [StateCache, WindowKVCache, StateCache, KVCache]
+    caches = plamo_model.make_cache()
+    assert [type(c) for c in caches] == [ArraysCache, RotatingKVCache, ArraysCache, KVCache]
+    assert caches[1].max_size == 9 and caches[1].keep == 0  # window 8: the query and 8 before it
 
 
 def test_window_matters(rg_model):

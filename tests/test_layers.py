@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hybridconv"
 # Higher number = higher layer. A module may import its own layer or lower ones.
 LAYERS = {
     "models": 0,
-    "errors": 1, "safetensors_io": 1, "config": 1, "interrupt": 1, "resources": 1, "blas": 1,
-    "checkpoint": 2, "converters": 2, "hashing": 2,
+    "errors": 1, "safetensors_io": 1, "config": 1, "interrupt": 1, "resources": 1, "blas": 1, "float32_compute": 1,
+    "checkpoint": 2, "converters": 2, "hashing": 2, "mlx_lm_code": 2,
     "convert": 3, "loading": 3,
     "quant": 4, "verify": 4, "inspect": 4,
     "publish": 5,

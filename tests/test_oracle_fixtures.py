@@ -36,12 +36,17 @@ def test_hybridconv_load_matches_oracle(converted):
 
 
 def test_mlx_lm_load_model_matches_oracle(converted):
+    """What mlx-lm users run (with trust_remote_code where the output carries
+    hybridconv's model: PLaMo-2, whose time-step clip mlx-lm's own model applies)
+    and mlx-lm's own model (these fixtures stay clear of the clip) both match."""
     from mlx_lm.utils import load_model
 
+    from .conftest import load_builtin
+
     case, out, expected = converted
-    model, _ = load_model(out)
-    logits = model(expected["input_ids"])
-    assert_logits_close(np.array(logits), np.array(expected["logits"]))
+    for model, _ in (load_model(out, trust_remote_code=True), load_builtin(out)):
+        logits = model(expected["input_ids"])
+        assert_logits_close(np.array(logits), np.array(expected["logits"]))
 
 
 def test_output_layout(converted):

@@ -4,7 +4,8 @@ as the chained pass, reproduces the reference's block output to float32
 rounding for architectures whose blocks take more than the residual stream
 (Zamba2's shared blocks read the embedding again; Falcon-H1's multipliers;
 RecurrentGemma's windowed attention; PLaMo-2's nested layers; Kimi-Linear's
-MLA with absorbed decode). A second stage that did not would fail correct
+MLA with absorbed decode; ZAYA's router state and Inkling-2's finished blocks carried
+from block to block beside the residual). A second stage that did not would fail correct
 models. (All 21 oracle cases measured: at most 6.8e-7.)"""
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ CASES = {
     "kimi_linear-tiny": lambda: hybrid_case("kimi_linear-tiny"),
     "recurrent_gemma-tiny": lambda: FIXTURES / "recurrent_gemma-tiny",
     "plamo2-tiny": lambda: FIXTURES / "plamo2-tiny",
+    # the router state passes between blocks beside the residual (block_input / block_output)
+    "zaya-tiny": lambda: hybrid_case("wave3/zaya-tiny"),
+    # the finished blocks of the attention residuals pass beside the partial sum
+    "inkling2-tiny": lambda: hybrid_case("wave3/inkling2-tiny"),
+    # looped layers: a block per layer run (8 for 6 layers), in the reference's hook order
+    "inkling2_loop-tiny": lambda: hybrid_case("wave3/inkling2_loop-tiny"),
 }
 
 

@@ -39,7 +39,7 @@ def _stored_bits(folder) -> int:
 
 @pytest.mark.parametrize("case", FIXTURE_CASES)
 def test_every_width_opens_everywhere_and_degrades_monotonically(fixtures_dir, tmp_path, case):
-    from mlx_lm.utils import load_model
+    from .conftest import load_builtin as load_model  # mlx-lm's own model
 
     src = fixtures_dir / case
     source_tensors = load_file(str(src / "model.safetensors"))
@@ -75,7 +75,7 @@ def test_every_width_opens_everywhere_and_degrades_monotonically(fixtures_dir, t
 @pytest.mark.parametrize("mode,bits,group", [("mxfp4", 4, 32), ("nvfp4", 4, 16), ("mxfp8", 8, 32)])
 @pytest.mark.parametrize("case", ["plamo2-tiny", "recurrent_gemma-tiny"])
 def test_other_modes(fixtures_dir, tmp_path, case, mode, bits, group):
-    from mlx_lm.utils import load_model
+    from .conftest import load_builtin as load_model  # mlx-lm's own model
 
     out = tmp_path / "q"
     quantize(str(fixtures_dir / case), out, bits=bits, group_size=group, mode=mode)
@@ -97,7 +97,7 @@ MODE_KL = {  # measured mean KL vs the oracle (CPU, MLX 0.32)
 
 
 def test_mixed_recipe_per_layer_entries(fixtures_dir, tmp_path):
-    from mlx_lm.utils import load_model
+    from .conftest import load_builtin as load_model  # mlx-lm's own model
 
     out = tmp_path / "mixed"
     res = quantize(str(fixtures_dir / "plamo2-tiny"), out, bits=4, recipe="mixed-4-6", group_size=32)
@@ -196,7 +196,7 @@ def test_no_worse_than_mlx_lm_at_equal_bits(fixtures_dir, tmp_path):
     for dtype in ("float32", "bfloat16"):
         f, m, h = (tmp_path / f"{n}-{dtype}" for n in "fmh")
         convert(str(fixtures_dir / case), f, dtype=dtype)
-        mlx_lm_convert(str(f), str(m), quantize=True, q_bits=4, q_group_size=64)
+        mlx_lm_convert(str(f), str(m), quantize=True, q_bits=4, q_group_size=64, trust_remote_code=True)
         res = quantize(str(fixtures_dir / case), h, bits=4, group_size=64, dtype=dtype)
         ours, theirs = mx.load(str(h / "model.safetensors")), mx.load(str(m / "model.safetensors"))
         assert ours.keys() == theirs.keys()

@@ -2,7 +2,10 @@
 mlx-lm, reports each runtime's verdict, and inspect and the model card say what
 mlx-lm does with the weights.
 
-Cases known to fall in each class (mlx-lm 0.32.2): mamba-tiny and falcon_h1-tiny
+Cases known to fall in each class (mlx-lm 0.32.2), for mlx-lm's OWN model (the
+outputs here are converted with --mlx-lm-code never, so that they carry no
+model file and mlx-lm's built-in model is what runs; tests/test_mlx_lm_code.py
+covers the outputs that carry hybridconv's): mamba-tiny and falcon_h1-tiny
 (every µP multiplier != 1, folded into the weights) pass in mlx-lm; jamba-tiny
 opens but differs (renormalised router weights); bamba-tiny cannot be loaded
 (no such model); RecurrentGemma with conv1d_width 3 or lru_width != hidden_size
@@ -38,7 +41,7 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for case in CASES:
         out[case] = base / case
-        convert(str(hybrid_case(case)), out[case], dtype="float32")
+        convert(str(hybrid_case(case)), out[case], dtype="float32", mlx_lm_code="never")
         ref = read_reference_file(hybrid_case(case) / "expected.safetensors")
         write_report(verify_folder(out[case], ref, runtimes=("hybridconv", "mlx-lm")).report,
                      out[case] / REPORT_NAME)
@@ -64,7 +67,7 @@ def rg_outputs(tmp_path_factory) -> dict[str, Path]:
         save_file({"input_ids": ids, "logits": torch_logits(model, ids).astype(np.float32)},
                   str(src / "expected.safetensors"))
         out[name] = base / name
-        convert(str(src), out[name], dtype="float32")
+        convert(str(src), out[name], dtype="float32", mlx_lm_code="never")
         out[name + "-ref"] = src / "expected.safetensors"
     return out
 
@@ -78,6 +81,9 @@ def test_mlx_lm_computes_it(outputs):
     assert list(r["runtimes"]) == ["hybridconv", "mlx-lm"]
     m = r["runtimes"]["mlx-lm"]
     assert m["verdict"] == "pass" and m["loader"] == "mlx_lm.utils.load_model" and m["version"]
+    # nothing carried: mlx-lm's own model ran, in a process without hybridconv's model code
+    assert m["trust_remote_code"] is False and m["model_code"]["class"] == "mlx_lm.models.mamba.Model"
+    assert not [x for x in m["hybridconv_modules_in_process"] if x not in ("hybridconv", "hybridconv.blas")]
     assert m["metrics"]["overall"]["kl_mean"] < 1e-8 and m["decode"]["kl_max"] < 1e-6
     assert m["expected"]["status"] == "computes"
     # the top level is hybridconv's result (schema /1's keys)
@@ -237,7 +243,7 @@ def test_lossy_precision_hides_a_difference_and_says_so(tmp_path):
     from hybridconv.verify.run import REPORT_NAME, write_report
 
     out = tmp_path / "q4"
-    quantize(str(hybrid_case("jamba-tiny")), out, 4, dtype="float32")
+    quantize(str(hybrid_case("jamba-tiny")), out, 4, dtype="float32", mlx_lm_code="never")
     report = verify_folder(out, read_reference_file(hybrid_case("jamba-tiny") / "expected.safetensors"),
                            runtimes=("hybridconv", "mlx-lm"), decode_steps=2).report
     m = report["runtimes"]["mlx-lm"]
@@ -260,7 +266,7 @@ def test_mlx_lm_cannot_run_short_plamo2(tmp_path):
 
     save_hf_plamo2(tmp_path / "src", plamo2_config(num_hidden_layers=2, mamba_step=4), seed=1)
     out = tmp_path / "out"
-    convert(str(tmp_path / "src"), out, dtype="float32")
+    convert(str(tmp_path / "src"), out, dtype="float32", mlx_lm_code="never")
     arch, config = load_config(out)
     assert arch.mlx_lm_support(config).status == "cannot open"
     ids = random_ids(320, 12, seed=2)

@@ -161,6 +161,23 @@ def test_selective_scan_prefill_equals_step_by_step():
     np.testing.assert_allclose(np.array(state), np.array(h_full), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_selective_scan_per_group_bc(chunk):
+    """B/C per group of channels (Zamba's multi-head Mamba-1) = each group scanned
+    with its own B/C, from a carried state."""
+    rng = np.random.default_rng(20 + chunk)
+    G = 3
+    x, dt, A, _, _, D, h0 = selective_inputs(rng, Dch=6)
+    B = rng.normal(size=(2, 45, G, 4)).astype(np.float32)
+    C = rng.normal(size=(2, 45, G, 4)).astype(np.float32)
+    y, h = ssm.selective_scan(*map(mx.array, (x, dt, A, B, C, D, h0)), chunk)
+    for g in range(G):
+        c = slice(2 * g, 2 * g + 2)
+        y_ref, h_ref = selective_reference(x[..., c], dt[..., c], A[c], B[:, :, g], C[:, :, g], D[c], h0[:, c])
+        np.testing.assert_allclose(np.array(y[..., c]), y_ref, atol=2e-4, rtol=2e-4)
+        np.testing.assert_allclose(np.array(h[:, c]), h_ref, atol=2e-4, rtol=2e-4)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_gated_rmsnorm_matches_transformers(groups):
     torch = pytest.importorskip("torch")

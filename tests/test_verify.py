@@ -204,8 +204,8 @@ def test_cli_exit_codes_and_report(fixtures_dir, converted, tmp_path):
     for key in ("tool", "libraries", "model", "reference", "inputs", "thresholds", "metrics",
                 "blocks", "decode", "checks", "first_divergent_block", "verdict"):
         assert key in report
-    # a gate made impossible -> 1
-    r = subprocess.run([*HC, "verify", good, "--reference-logits", ref_file, "--min-top1", "1.01",
+    # a gate made impossible -> 1 (an agreement above 1 is refused as bad usage: issue 26)
+    r = subprocess.run([*HC, "verify", good, "--reference-logits", ref_file, "--max-kl-mean", "0",
                         "--no-report"], capture_output=True, text=True)
     assert r.returncode == 1 and "FAIL" in r.stdout
     # a broken conversion -> 1, live reference

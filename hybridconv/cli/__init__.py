@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -18,16 +19,44 @@ from rich.markup import escape
 
 from .. import __version__
 from .. import interrupt
-from ..errors import EXIT_INTERRUPTED, EXIT_TERMINATED, HybridconvError
+from ..blas import SlowBlasWarning
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, HybridconvError
 from ..interrupt import Terminated
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 quality gate failed (verify); 2 bad usage or bad input "
     "(arguments, missing or malformed checkpoint/config, unknown architecture, a tensor "
-    "the rules cannot account for); 3 output could not be written; 4 publishing refused "
-    "(not verified, or weights changed since); 5 the Hub refused or failed; 130 interrupted "
-    "(Ctrl-C); 143 terminated (SIGTERM)."
+    "the rules cannot account for, an existing output without --force); 3 output could not "
+    "be written (permissions, disk full); 4 publishing refused (not verified, or weights "
+    "changed since); 5 the Hub refused, failed or could not be reached; 70 internal error (a "
+    "bug: rerun with --debug and report it); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
 )
+
+
+def reflow(doc: str | None) -> str | None:
+    """A docstring as help text: each paragraph's lines joined, so that the terminal
+    wraps sentences where it needs to instead of keeping the source's line breaks
+    (which broke sentences in the middle at 80 columns)."""
+    if not doc:
+        return doc
+    import inspect
+
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+                       for p in paragraphs)
+
+
+class _App(typer.Typer):
+    """typer.Typer whose commands' docstrings are reflowed (:func:`reflow`)."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def decorator(f):
+            f.__doc__ = reflow(f.__doc__)
+            return register(f)
+
+        return decorator
 
 def _hide_flag_types() -> None:
     """typer shows ``<bool>`` beside every on/off flag (--force, --debug, --help);
@@ -49,10 +78,10 @@ def _hide_flag_types() -> None:
 
 _hide_flag_types()
 
-app = typer.Typer(
+app = _App(
     name="hybridconv",
     help=(
-        "Convert hybrid Hugging Face checkpoints (Mamba, Mamba-2, PLaMo-2, RecurrentGemma, Jamba, Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba2, LFM2, Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear; `inspect` on any checkpoint says if it is supported) to MLX, quantize them, verify them against the PyTorch original and publish them, "
+        "Convert hybrid Hugging Face checkpoints (Mamba, Mamba-2, PLaMo-2, RecurrentGemma, Jamba, Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba, Zamba2, ZAYA1, LFM2, LFM3, Inkling, Inkling-2 (and -Mini, looped), Qwen3-Next, Qwen3.5, OLMo-Hybrid, Kimi-Linear, Lara-Mini, MiniMax-Text-01, Ling-3, RWKV-4, xLSTM, Qwen4-Exp, GLM-5.3-Flash, and the language models of their multimodal releases; `inspect` on any checkpoint says if it is supported) to MLX, quantize them, verify them against the PyTorch original and publish them, "
         "checking every tensor on the way.\n\n" + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
@@ -99,8 +128,21 @@ def _usage_error(exc) -> None:
         message = message.replace(noise, "expected " if noise.startswith("Input") else "")
     ctx = getattr(exc, "ctx", None)
     command = ctx.command_path if ctx is not None else "hybridconv"
+    if not message.strip():
+        return  # no command given: the help was printed, there is nothing more to say
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     err_console.print(f"[yellow]hint:[/] see `{escape(command)} --help`", highlight=False, soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """hybridconv's warnings in its own voice on stderr (``warning:``), without the
+    file and line Python shows; other libraries' warnings as Python shows them."""
+    if not issubclass(category, SlowBlasWarning):
+        return _python_showwarning(message, category, filename, lineno, file, line)
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+_python_showwarning = warnings.showwarning
 
 
 def main() -> None:
@@ -117,10 +159,19 @@ def main() -> None:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
                 if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
-        rc = app(standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", SlowBlasWarning)
+            warnings.showwarning = _show_warning
+            rc = app(standalone_mode=False)
         # A signal that came after the last safe point: the work finished (outputs are
         # written atomically), but the caller asked us to stop, so say so in the code.
-        interrupt.check()
+        signum = interrupt.pending()
+        if signum is not None and not interrupt.acted():
+            name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+            err_console.print(f"[red]{'interrupted' if signum == signal.SIGINT else 'terminated'}[/] ({name}) after "
+                              "the work had finished: its output is complete and was kept", highlight=False)
+            sys.exit(EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_TERMINATED)
+        interrupt.check()  # stopped at a safe point (typer turns KeyboardInterrupt into exit 130): say so
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except HybridconvError as exc:
@@ -150,7 +201,7 @@ def main() -> None:
             "this is a bug in hybridconv; rerun with --debug for a traceback and report it",
             highlight=False,
         )
-        sys.exit(70)
+        sys.exit(EXIT_INTERNAL)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

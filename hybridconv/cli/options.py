@@ -19,13 +19,13 @@ SourceArg = Annotated[
     str,
     typer.Argument(
         help="A local Hugging Face checkpoint folder, or a Hub repo id (ORG/NAME) to download "
-        "into the Hugging Face cache.",
+        "into the Hugging Face cache (only the weight files its index names, config and tokenizer files).",
         show_default=False,
     ),
 ]
 RevisionOpt = Annotated[
     Optional[str],
-    typer.Option("--revision", help="Hub branch, tag or commit (repo ids only).", show_default=False),
+    typer.Option("--revision", help="Hub branch, tag or commit (repo ids only: refused with a local folder).", show_default=False),
 ]
 DtypeOpt = Annotated[
     Optional[Dtype],
@@ -38,11 +38,11 @@ DtypeOpt = Annotated[
 ]
 OutOpt = Annotated[
     Path,
-    typer.Option("-o", "--out", help="Output folder (must not exist unless --force).", show_default=False),
+    typer.Option("-o", "--out", help="Output folder (must not exist unless --force; missing parent folders are created and named).", show_default=False),
 ]
 ForceOpt = Annotated[
     bool,
-    typer.Option("--force", help="Replace an existing output folder (only once the new one is complete)."),
+    typer.Option("--force", help="Replace an existing output folder: only a previous hybridconv output holding nothing else, only once the new one is complete, checked again at that moment; files it held that the new one does not (a model card, verification.json) are named."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 AllowNonfiniteOpt = Annotated[
@@ -81,7 +81,7 @@ GroupOpt = Annotated[
 ModeOpt = Annotated[Mode, typer.Option("--mode", help="Quantization mode (MLX).")]
 RecipeOpt = Annotated[
     Optional[str],
-    typer.Option("--recipe", help="uniform (default), or mixed-L-H: sensitive roles at H bits, the others at L (e.g. mixed-4-6).", show_default=False),
+    typer.Option("--recipe", help="uniform (default: every role at --bits), or mixed-L-H with L < H: sensitive roles at H bits, the others at L (e.g. mixed-4-6); a mixed recipe sets the widths, so --bits is refused with it.", show_default=False),
 ]
 
 
@@ -105,3 +105,22 @@ def refuse_unused(ctx: typer.Context, params: tuple[str, ...], why: str, hint: s
     typed = given(ctx, *params)
     if typed:
         raise UsageError(f"{', '.join(typed)}: {why}", hint)
+
+
+class MlxLmCode(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+MlxLmCodeOpt = Annotated[
+    MlxLmCode,
+    typer.Option(
+        "--mlx-lm-code",
+        help="Carry hybridconv's verified model in OUT as an mlx-lm model file (config.json model_file; "
+        "run with --trust-remote-code in mlx_lm.generate/server/chat). auto: exactly where mlx-lm's own model "
+        "cannot open OUT, computes another function, or may differ for this config (see `hybridconv inspect`); "
+        "elsewhere mlx-lm's built-in model runs it and nothing is carried. always / never.",
+    ),
+]
+

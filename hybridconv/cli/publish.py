@@ -33,8 +33,9 @@ def upload_cmd(
     weight files. Writes the model card (README.md) into OUT. The token comes from HF_TOKEN or
     the huggingface_hub login and is never printed.
 
-    Exit codes: 0 uploaded (or dry run); 2 bad usage; 4 refused (unverified, failed or
-    tampered); 5 the Hub refused or failed.
+    Exit codes: 0 uploaded (or dry run); 2 bad usage (also a folder hybridconv did not
+    write); 4 refused (unverified, failed or tampered); 5 the Hub refused the upload,
+    failed, or could not be reached (its or the network's message is shown).
     """
     from ..publish.upload import upload
 
@@ -62,23 +63,40 @@ def release_cmd(
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where variants and the reference are built \\[default: release-<plan name> beside the plan].", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan: steps, sizes, what would be uploaded where.")] = False,
     no_upload: Annotated[bool, typer.Option("--no-upload", help="Build and verify, but upload nothing.")] = False,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the release summary as JSON here.", show_default=False)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the release summary as JSON here; - writes it to stdout (the log and table then go to stderr).", show_default=False)] = None,
 ):
     """Build, verify and publish every variant of a release plan.
 
     Per variant: convert or quantize -> verify (against one PyTorch reference run, stored
     as a reference-logits file and reused by every variant) -> upload. A variant that fails
     its gate is never uploaded. Finished steps whose inputs are unchanged are skipped on a
-    rerun.
+    rerun. One release runs in a work folder at a time. The summary ends every run that
+    got past the plan's checks, saying which variants were done.
 
-    Exit codes: 0 every variant passed (and was uploaded); 1 a variant failed; 2 bad plan.
+    Exit codes: 0 every variant passed (and was uploaded); 1 a variant failed; 2 bad plan
+    (or the work folder is in use by another release run); 3 an output could not be written
+    (disk full: the path and the space needed are named); 5 the Hub: no token, or an upload
+    the Hub refused or that could not reach it (the other variants still run; the summary
+    says which were done); 130/143 interrupted (a rerun resumes).
     """
     from ..publish.release import load_plan, run_release
 
+    to_stdout = json_path is not None and str(json_path) == "-"
+    screen = err_console if to_stdout else console  # stdout carries the JSON alone
     rp = load_plan(plan)
-    summary = run_release(rp, workdir, dry_run=dry_run, upload=not no_upload, log=lambda m: console.print(escape(m)))
-    if json_path:
-        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary = run_release(rp, workdir, dry_run=dry_run, upload=not no_upload, log=lambda m: screen.print(escape(m), soft_wrap=True))
+    if to_stdout:
+        import sys
+
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        sys.stdout.flush()
+    elif json_path:
+        try:
+            json_path.write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            from ..convert import output_error
+
+            raise output_error(json_path, exc) from None
     t = Table(title=f"release {rp.name}" + (" (dry run)" if dry_run else ""))
     for col in ("variant", "build", "size", "verify", "KL mean", "upload", "repo"):
         t.add_column(col)
@@ -86,7 +104,16 @@ def release_cmd(
         t.add_row(v["name"], v["build"], human_bytes(v["bytes"]) if v.get("bytes") else "",
                   v["verify"], f"{v['kl_mean']:.3g}" if v.get("kl_mean") is not None else "",
                   v["upload"], v.get("repo_id") or "")
-    console.print(t)
-    console.print(f"reference: {summary['reference']}")
-    if not summary["ok"]:
-        raise typer.Exit(EXIT_GATE_FAILED)
+    screen.print(t)
+    screen.print(f"reference: {summary['reference']}")
+    if not dry_run:
+        done, not_done = summary.get("done", []), summary.get("not_done", [])
+        screen.print(f"done: {escape(', '.join(done) or 'none')}; not done: {escape(', '.join(not_done) or 'none')}",
+                     highlight=False)
+        for v in summary["variants"]:
+            if v.get("failed"):
+                screen.print(f"[red]{escape(v['name'])}:[/] {escape('; '.join(v.get('reasons') or []))}",
+                             highlight=False, soft_wrap=True)
+    code = summary.get("exit_code", 0 if summary["ok"] else EXIT_GATE_FAILED)
+    if code:
+        raise typer.Exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import EXIT_GATE_FAILED, UsageError
-from . import app, console
+from . import app, console, err_console
 from .options import (
     AllowNonfiniteOpt,
     AllowPickleOpt,
@@ -18,6 +19,8 @@ from .options import (
     DtypeOpt,
     ForceOpt,
     GroupOpt,
+    MlxLmCode,
+    MlxLmCodeOpt,
     Mode,
     ModeOpt,
     OutOpt,
@@ -26,7 +29,7 @@ from .options import (
     SourceArg,
     refuse_unused,
 )
-from .render import byte_progress, human_bytes
+from .render import byte_progress, human_bytes, mlx_lm_line, output_notes
 
 BitsForOpt = Annotated[
     Optional[list[str]],
@@ -69,15 +72,28 @@ KeepOpt = Annotated[
 def print_plan(qp, full: bool) -> None:
     s = qp.summary()
     if full:
-        t = Table(title="quantization plan")
-        t.add_column("tensor", overflow="fold")  # names are never cut
-        t.add_column("role", overflow="fold")
-        t.add_column("stored as", overflow="fold")
-        t.add_column("why", overflow="fold")
+        rows = []
         for r in qp.rows():
             stored = f"{r['bits']}-bit {r['mode']} g{r['group_size']}" if r["decision"] == "quantize" else f"{r['dtype']} ({r['decision']})"
-            t.add_row(r["tensor"], r["role"] or "", stored, r["reason"])
-        console.print(t)
+            rows.append((r["tensor"], r["role"] or "", stored, r["reason"]))
+        # Tensor names are never cut or folded: the tensor column takes its longest
+        # name; where the terminal is too narrow for that and the rest, each tensor
+        # gets a line of its own ("name" on one line, the rest indented below).
+        name_width = max((len(r[0]) for r in rows), default=6)
+        if console.width >= name_width + 50:
+            t = Table(title="quantization plan")
+            t.add_column("tensor", no_wrap=True, min_width=name_width)
+            t.add_column("role", overflow="fold")
+            t.add_column("stored as", overflow="fold")
+            t.add_column("why", overflow="fold")
+            for row in rows:
+                t.add_row(*row)
+            console.print(t)
+        else:
+            console.print("[bold]quantization plan[/] (tensor; role, stored as, why)")
+            for name, role, stored, why in rows:
+                console.print(escape(name), highlight=False, crop=False, overflow="ignore", no_wrap=True)
+                console.print(f"    {escape(role or '-')}; {escape(stored)}; {escape(why)}", highlight=False)
     else:
         t = Table(title="quantization plan (by kind; --show-plan for every tensor)")
         t.add_column("stored as")
@@ -86,9 +102,11 @@ def print_plan(qp, full: bool) -> None:
             t.add_row(k, str(v))
         console.print(t)
     console.print(
-        f"recipe [bold]{escape(s['recipe'])}[/]: {s['bits_per_weight']:.3f} bits per weight overall "
+        f"[bold]{escape(qp.label())}[/]: {s['bits_per_weight']:.3f} bits per weight overall "
         f"({s['quantized_layers_bits_per_weight']:.3f} in quantized layers), {human_bytes(s['bytes'])}"
     )
+    for note in qp.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 @app.command("quantize")
@@ -107,9 +125,9 @@ def quantize_cmd(
     force: ForceOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, bits per weight and size; write nothing.")] = False,
     show_plan: Annotated[bool, typer.Option("--show-plan", help="Print the plan of every tensor.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Verify the result (PyTorch reference of SOURCE, or --reference-logits) and store the report with it.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Verify the result (PyTorch reference of SOURCE, or --reference-logits) and store the report with it. A converted folder as SOURCE has no PyTorch original: --reference-logits is then required.")] = False,
     reference_logits: Annotated[Optional[Path], typer.Option("--reference-logits", help="Reference file for --verify / --target-kl (no torch needed).", show_default=False)] = None,
-    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Search the smallest plan whose mean KL on the verify inputs is <= this, and write it.", show_default=False)] = None,
+    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Write the smallest plan whose mean KL on the verify inputs is <= this: candidate plans (uniform 2-8 bits, mixed recipes) are measured in increasing bits per weight (computed from each plan) and the first that meets the target is written, so every smaller candidate was measured and missed it (mean KL does not always fall as bits grow, so none is skipped).", show_default=False)] = None,
     calibrate: CalibrateOpt = False,
     calibration: CalibrationOpt = None,
     calibration_samples: CalibrationSamplesOpt = 32,
@@ -118,6 +136,7 @@ def quantize_cmd(
     learn_steps: LearnStepsOpt = 200,
     allow_nonfinite: AllowNonfiniteOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    mlx_lm_code: MlxLmCodeOpt = MlxLmCode.auto,
 ):
     """Quantize a checkpoint for MLX, keeping what hybrid models need in float32.
 
@@ -134,7 +153,8 @@ def quantize_cmd(
     GPTQ, learned scales and biases. The plan, the widths and the format are the same.
 
     Exit codes: 0 done (and verified, with --verify); 1 verification failed or no plan meets
-    --target-kl; 2 bad usage or input.
+    --target-kl; 2 bad usage or input (also an existing OUT without --force, or one written by
+    another run meanwhile); 3 OUT could not be written; 130/143 interrupted.
     """
     from ..quant.run import quantize, search_target_kl
 
@@ -148,6 +168,10 @@ def quantize_cmd(
     if recipe not in (None, "", "uniform"):
         refuse_unused(ctx, ("bits",), f"--recipe {recipe} sets the widths itself (its L and H bits)",
                       "drop --bits, or use --recipe uniform")
+    if target_kl is not None and not (math.isfinite(target_kl) and target_kl > 0):
+        raise UsageError(f"--target-kl {target_kl}: must be a positive number (a mean KL in nats, e.g. 0.02)")
+    if (verify or target_kl is not None) and reference_logits is None:
+        _refuse_converted_source(source, "--target-kl" if target_kl is not None else "--verify")
     if target_kl is not None:
         refuse_unused(ctx, ("bits", "recipe"), "--target-kl searches the widths and recipes itself",
                       "drop them; --bits-for, --keep and --group-size are honoured during the search")
@@ -159,29 +183,37 @@ def quantize_cmd(
         rows = Table(title=f"plans explored for --target-kl {target_kl}")
         for col in ("plan", "bits/weight", "KL mean", "meets"):
             rows.add_column(col)
-        found = []
-
         def report(row):
-            found.append(row)
-            console.print(f"  tried {row['plan']:>14}: {row['bits_per_weight']:.3f} bits/weight, KL mean {row['kl_mean']:.4g}")
+            console.print(f"  tried {row['plan']:>14}: {row['bits_per_weight']:.3f} bits/weight, KL mean {row['kl_mean']:.4g}"
+                          + (" [green]meets the target[/]" if row["meets_target"] else ""))
 
         with console.status("searching"):
             res = search_target_kl(source, out, target_kl, ref, group_size, dtype.value if dtype else None,
                                    revision, force, keep, report, bits_for=bits_for, dry_run=dry_run,
-                                   allow_nonfinite=allow_nonfinite, calibration=cal)
+                                   allow_nonfinite=allow_nonfinite, mlx_lm_code=mlx_lm_code.value,
+                                   calibration=cal)
         for r in res.search:
             rows.add_row(r["plan"], f"{r['bits_per_weight']:.3f}", f"{r['kl_mean']:.4g}", "yes" if r["meets_target"] else "no")
         console.print(rows)
+        n, tried = len(res.candidates), len(res.search)
+        searched = (f"searched {n} candidate plans (uniform 2-8 bits and mixed recipes), in increasing bits per "
+                    f"weight ({res.candidates[0]['bits_per_weight']:.3f} to {res.candidates[-1]['bits_per_weight']:.3f})")
         if not any(r["meets_target"] for r in res.search):
             best = min(res.search, key=lambda r: r["kl_mean"])
-            console.print(f"[bold red]no plan meets mean KL <= {target_kl}[/]: the best tried was {best['plan']} "
-                          f"with {best['kl_mean']:.4g} ({best['bits_per_weight']:.3f} bits/weight); nothing written")
+            console.print(f"[bold red]no plan meets mean KL <= {target_kl}[/]: {searched}, all measured; the best "
+                          f"was {best['plan']} with {best['kl_mean']:.4g} ({best['bits_per_weight']:.3f} bits/weight); "
+                          "nothing written")
             raise typer.Exit(EXIT_GATE_FAILED)
+        win = res.search[-1]
+        why = (f"{win['plan']} ({win['bits_per_weight']:.3f} bits/weight, KL mean {win['kl_mean']:.4g}) is the smallest "
+               f"plan meeting mean KL <= {target_kl}: {searched}; the {tried - 1} smaller one(s) were measured and "
+               "missed it, the larger ones were not needed")
         print_plan(res.plan, show_plan or dry_run)
         if dry_run:
-            console.print("[dim]--dry-run: the smallest plan meeting the target is shown above; nothing written[/]")
+            console.print(f"[dim]--dry-run: nothing written.[/] {escape(why)}")
             return
-        console.print(f"[green]wrote {out}[/]: the smallest plan meeting the target")
+        console.print(f"[green]wrote {escape(str(out))}[/]: {escape(why)}")
+        output_notes(err_console, res.result)
         if verify:
             _verify(source, revision, reference_logits, out)
         return
@@ -193,7 +225,8 @@ def quantize_cmd(
         with console.status("calibrating"):
             res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
                            dtype.value if dtype else None, revision, force, dry_run,
-                           allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, calibration=cal, report=say)
+                           allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, mlx_lm_code=mlx_lm_code.value,
+                           calibration=cal, report=say)
         c = res.calibration
         console.print(f"calibrated ({'+'.join(c['methods'])}) on {c['data']['sequences']} x {c['data']['length']} "
                       f"tokens in {c['seconds']:.0f} s")
@@ -201,12 +234,15 @@ def quantize_cmd(
         with byte_progress(console, "quantizing") as (on_plan, progress):
             res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
                            dtype.value if dtype else None, revision, force, dry_run, progress=progress,
-                           on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle)
+                           on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+                           mlx_lm_code=mlx_lm_code.value)
     print_plan(res.plan, show_plan or dry_run)
     if dry_run:
         console.print("[dim]--dry-run: nothing written[/]")
         return
     console.print(f"[green]wrote {out}[/] ({human_bytes(res.result.bytes_written)})")
+    output_notes(err_console, res.result)
+    console.print(f"mlx-lm: {mlx_lm_line(out)}")
     if verify:
         _verify(source, revision, reference_logits, out, allow_pickle)
 
@@ -229,6 +265,28 @@ def _calibration_options(ctx, calibrate, calibration, samples, length, methods, 
         raise UsageError(f"--calibration {calibration}: file not found")
     return CalibrationOptions(file=calibration, samples=samples, length=length,
                               methods=parse_methods(methods), learn_steps=learn_steps)
+
+
+def _refuse_converted_source(source: str, option: str) -> None:
+    """``option`` runs the PyTorch original of SOURCE, which a hybridconv output is
+    not: refuse before any work, naming what works instead."""
+    import json
+
+    from ..convert import CONVERSION_RECORD, is_hybridconv_output
+
+    folder = Path(source).expanduser()
+    if not (folder.is_dir() and is_hybridconv_output(folder)):
+        return
+    try:
+        original = json.loads((folder / CONVERSION_RECORD).read_text()).get("source") or "ORIGINAL"
+    except (OSError, ValueError):
+        original = "ORIGINAL"
+    raise UsageError(
+        f"{option}: {source} is a hybridconv output (MLX layout), and {option} needs the PyTorch original of SOURCE "
+        "to compute its reference; nothing was written",
+        f"make a reference file from the original once (`hybridconv reference {original} -o ref.safetensors`) and "
+        f"add --reference-logits ref.safetensors; or quantize the original checkpoint ({original}) instead",
+    )
 
 
 def _reference(source, revision, reference_logits, allow_pickle=False):

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from ..checkpoint import source_folder
 from ..errors import EXIT_GATE_FAILED, UsageError
-from . import app, console
-from .options import AllowPickleOpt, MaxMemoryOpt, RevisionOpt, SourceArg, refuse_unused
+from . import app, console, err_console
+from .options import AllowPickleOpt, MaxMemoryOpt, RevisionOpt, SourceArg, given, refuse_unused
 
 RefDtypeOpt = Annotated[
     str, typer.Option("--ref-dtype", help="dtype of the PyTorch reference: float32, bfloat16 or float16.")
@@ -40,13 +40,15 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random tokens.")]
 
 def _live_reference(source, revision, ref_dtype="float32", trust_remote_code=False, prompt=None, text_file=None,
                     random_tokens=None, num_sequences=None, seed=0, keep_hidden=True, max_memory=None,
-                    allow_pickle=False):
+                    allow_pickle=False, check_inputs=None):
     from ..verify.inputs import inputs_for
     from ..verify.reference import compute_reference
 
     with source_folder(source, revision, allow_pickle) as src:
         inputs = inputs_for(src.path, prompts=prompt, text_files=text_file, random_tokens=random_tokens,
                             num_sequences=num_sequences, seed=seed)
+        if check_inputs is not None:
+            check_inputs(inputs.sequences)  # before the reference runs
         with console.status(f"running the PyTorch reference on {inputs.description}"):
             return compute_reference(src, inputs, ref_dtype, trust_remote_code, keep_hidden=keep_hidden,
                                      max_memory=max_memory), inputs
@@ -77,20 +79,21 @@ def verify_cmd(
     min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Gate: top-1 agreement over decisive tokens (the reference's best two logits at least 0.5 nats apart), 0..1.", show_default=False)] = None,
     min_top5: Annotated[Optional[float], typer.Option("--min-top5", help="Gate: mean top-5 overlap over decisive tokens, 0..1.", show_default=False)] = None,
     max_block_error: Annotated[Optional[float], typer.Option("--max-block-error", help="Gate: relative error of one block's output (decided on each block's own error when the chained outputs exceed it).", show_default=False)] = None,
-    decode_steps: Annotated[int, typer.Option("--decode-steps", help="Tokens per sequence run one at a time through the caches.")] = 8,
+    decode_steps: Annotated[int, typer.Option("--decode-steps", min=0, help="Tokens per sequence run one at a time through the caches after a prefill of the rest (at most the shortest input's length - 1; the default 8 is lowered to fit short inputs, and the report records what ran).")] = 8,
     compute: Annotated[str, typer.Option("--compute", metavar="auto|native|float32", help=(
         "Arithmetic for bf16/fp16/N-bit weights: float32 uses the weights exactly as stored, upcast one layer at a "
         "time, with float32 activations (fast through the BLAS on the CPU); native uses MLX's own low-precision "
         "kernels and the folder's activation dtype; auto is float32 on the CPU (no fast low-precision kernels there) "
         "and native elsewhere (Metal, CUDA)."))] = "auto",
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here.", show_default=False)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here; - writes it to stdout (the tables then go to stderr).", show_default=False)] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not write OUT/verification.json.")] = False,
     max_memory: MaxMemoryOpt = None,
     allow_pickle: AllowPickleOpt = False,
     runtime: Annotated[
         Optional[str],
-        typer.Option("--runtime", metavar="hybridconv|mlx-lm|all", help="Who runs OUT: hybridconv (its own model), mlx-lm (mlx_lm.utils.load_model, "
-                     "what mlx_lm.load users get) or all \\[default: all when mlx-lm is installed, else hybridconv].",
+        typer.Option("--runtime", metavar="hybridconv|mlx-lm|all", help="Who runs OUT: hybridconv (its own model), mlx-lm (mlx_lm.utils.load_model "
+                     "in a separate process, what mlx_lm.load users get: with trust_remote_code where OUT carries hybridconv's "
+                     "model file) or all \\[default: all when mlx-lm is installed, else hybridconv].",
                      show_default=False),
     ] = None,
     require_runtime: Annotated[
@@ -111,13 +114,24 @@ def verify_cmd(
     (float32, bf16/fp16, N-bit) and can be overridden.
 
     With --runtime all (the default when mlx-lm is installed) the same inputs and gates
-    also run through mlx-lm's model of OUT (the reference runs once): its result (pass,
-    fail with its metrics, or cannot load / cannot run with mlx-lm's message) is reported
-    loudly but is not a failure of the conversion unless --require-runtime mlx-lm.
+    also run through mlx-lm's model of OUT (the reference runs once), loaded as mlx-lm
+    loads it in a process that cannot import hybridconv's model code: where OUT carries
+    hybridconv's model (config.json model_file) with trust_remote_code, as a user passing
+    --trust-remote-code runs it, after checking the file against conversion.json. Its
+    result (pass, fail with its metrics, or cannot load / cannot run with mlx-lm's
+    message) is reported loudly but is not a failure of the conversion unless
+    --require-runtime mlx-lm. The exit code follows hybridconv's runtime when it runs; with
+    --runtime mlx-lm alone, mlx-lm is the only runtime run and its result is the verdict
+    (exit 1 when it cannot load or run OUT, or fails a gate).
 
-    Exit codes: 0 pass (hybridconv's runtime and every --require-runtime); 1 a gate
-    failed; 2 bad usage or input.
+    OUT must be a folder hybridconv wrote (convert, quantize): the report is written into
+    it, and a Hugging Face checkpoint is refused.
+
+    Exit codes: 0 pass (hybridconv's runtime, or the only runtime run, and every
+    --require-runtime); 1 a gate failed; 2 bad usage or input; 3 the report could not be
+    written; 130/143 interrupted.
     """
+    from ..verify.gates import check_overrides
     from ..verify.reference import read_reference_file
     from ..verify.run import REPORT_NAME, RUNTIMES, available_runtimes, verify_folder, write_report
 
@@ -143,32 +157,69 @@ def verify_cmd(
         raise UsageError("pass exactly one of --reference SOURCE or --reference-logits FILE")
     if not out.is_dir():
         raise UsageError(f"{out}: not a folder", "pass the folder written by `hybridconv convert`")
+    from ..convert import is_hybridconv_output
+    from ..loading import load_config
+
+    load_config(out)  # a malformed or unsupported config is reported as such first
+    if not is_hybridconv_output(out):
+        # verify writes its report into OUT: never into a folder hybridconv did not write
+        # (a Hugging Face source given as OUT would get a verification.json)
+        raise UsageError(
+            f"{out}: not a hybridconv output (no conversion.json written by hybridconv); verify checks what "
+            "`hybridconv convert` or `hybridconv quantize` wrote, and writes its report into it",
+            f"convert it first (hybridconv convert {out} -o {out}-mlx), then verify the output against {out}",
+        )
+    overrides = check_overrides(dict(max_kl_mean=max_kl_mean, max_kl_p99=max_kl_p99, min_top1=min_top1,
+                                     min_top5=min_top5, max_block_error=max_block_error))
+    steps_typed = bool(given(ctx, "decode_steps"))
+
+    def check_inputs(sequences) -> None:
+        shortest = min(len(q) for q in sequences)
+        if steps_typed and decode_steps > shortest - 1:
+            raise UsageError(
+                f"--decode-steps {decode_steps}: the decode check runs each sequence's last steps one at a time after "
+                f"a prefill of the rest, and the shortest input has {shortest} tokens: at most {shortest - 1} steps",
+                "lower --decode-steps, or use longer inputs",
+            )
+
     if reference_logits is not None:
         refuse_unused(ctx, ("prompt", "text_file", "random_tokens", "num_sequences", "seed"),
                       "--reference-logits fixes the inputs (they are stored in the file)", "drop them")
         refuse_unused(ctx, ("ref_dtype", "trust_remote_code", "revision", "max_memory", "allow_pickle"),
                       "these set up a live PyTorch reference; --reference-logits runs none", "drop them, or use --reference")
         ref = read_reference_file(reference_logits)
+        check_inputs(ref.sequences)
     else:
         ref, _ = _live_reference(reference, revision, ref_dtype, trust_remote_code, prompt, text_file,
                                  random_tokens, num_sequences, seed, max_memory=max_memory,
-                                 allow_pickle=allow_pickle)
-    overrides = dict(max_kl_mean=max_kl_mean, max_kl_p99=max_kl_p99, min_top1=min_top1,
-                     min_top5=min_top5, max_block_error=max_block_error)
-    with console.status("running the MLX model"):
+                                 allow_pickle=allow_pickle, check_inputs=check_inputs)
+    to_stdout = json_path is not None and str(json_path) == "-"
+    screen = err_console if to_stdout else console  # stdout carries the JSON alone
+    with screen.status("running the MLX model"):
         outcome = verify_folder(out, ref, gate_overrides=overrides, decode_steps=decode_steps, compute=compute,
                                 runtimes=runtimes, require=require)
     report = outcome.report
     if not no_report:
         write_report(report, out / REPORT_NAME)
-    if json_path:
+    if to_stdout:
+        print_json(report)
+    elif json_path:
         write_report(report, json_path)
-    render(report)
+    render(report, screen)
     if not outcome.passed:
         raise typer.Exit(EXIT_GATE_FAILED)
 
 
-def render(report: dict) -> None:
+def print_json(data: dict) -> None:
+    """``--json -``: the JSON document alone on stdout (no Rich markup or wrapping)."""
+    import json
+    import sys
+
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def render(report: dict, console=console) -> None:
     m = report.get("metrics")
     head = Table(title=f"verify {report['model']['path']} ({report['model']['precision']})", show_header=False)
     head.add_column(style="bold")
@@ -233,28 +284,32 @@ def render(report: dict) -> None:
     fdb = report.get("first_divergent_block")
     if fdb is not None:
         console.print(f"first divergent block: [bold red]{fdb}[/]")
-    render_runtimes(report)
+    render_runtimes(report, console)
     if report["verdict"] == "pass":
         console.print("[bold green]PASS[/]")
     else:
         console.print("[bold red]FAIL[/]: " + escape("; ".join(report["failure_reasons"])))
 
 
-def render_runtimes(report: dict) -> None:
+def render_runtimes(report: dict, console=console) -> None:
     """One row per runtime; a loud note for a runtime other than hybridconv that
     does not pass (what people who load OUT with it get)."""
     runs = report.get("runtimes") or {}
     if list(runs) in ([], ["hybridconv"]):
         return
     t = Table(title="runtimes")
-    for col in ("runtime", "version", "verdict", "KL mean", "max |Δlogit|"):
+    for col in ("runtime", "version", "verdict", "KL mean", "max |Δlogit|", "model code"):
         t.add_column(col, justify="right" if col in ("KL mean", "max |Δlogit|") else "left")
     for name, r in runs.items():
         o = (r.get("metrics") or {}).get("overall") or {}
         color = "green" if r["verdict"] == "pass" else "red"
+        code = r.get("model_code") or {}
+        what = ("hybridconv.models" if name == "hybridconv" else
+                f"{code.get('file')} (carried, trust_remote_code)" if r.get("trust_remote_code") else
+                "built-in" if code else "-")
         t.add_row(name, str(r.get("version") or "-"), f"[{color}]{r['verdict']}[/]",
                   "-" if o.get("kl_mean") is None else f"{o['kl_mean']:.3g}",
-                  "-" if o.get("max_abs_logit_diff") is None else f"{o['max_abs_logit_diff']:.3g}")
+                  "-" if o.get("max_abs_logit_diff") is None else f"{o['max_abs_logit_diff']:.3g}", escape(what))
     console.print(t)
     required = set(report.get("required_runtimes") or ())
     for name, r in runs.items():
@@ -266,15 +321,19 @@ def render_runtimes(report: dict) -> None:
         expected = (r.get("expected") or {}).get("reason")
         tail = ("[bold red]required (--require-runtime): the verification fails[/]" if name in required
                 else f"not a failure of the conversion (--require-runtime {name} makes it one)")
+        fix = ("\n  convert with --mlx-lm-code auto (the default) or always: the output then carries hybridconv's "
+               "model, which mlx-lm runs with --trust-remote-code"
+               if name == "mlx-lm" and not r.get("trust_remote_code") and r["verdict"] != "not run" else "")
         console.print(f"[bold yellow]WARNING: {name} {r['verdict']}[/]: " + escape(why)
                       + (f"\n  known: {escape(expected)}" if expected else "")
-                      + f"\n  people who load this folder with {name} do not get the reference's function; {tail}")
+                      + f"\n  people who load this folder with {name} do not get the reference's function; {tail}"
+                      + fix)
 
 
 @app.command("reference")
 def reference_cmd(
     source: SourceArg,
-    out: Annotated[Path, typer.Option("-o", "--out", help="The reference-logits file to write (.safetensors).", show_default=False)],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The reference-logits file to write (.safetensors); missing parent folders are created (and named).", show_default=False)],
     revision: RevisionOpt = None,
     ref_dtype: RefDtypeOpt = "float32",
     trust_remote_code: TrustOpt = False,
@@ -293,6 +352,9 @@ def reference_cmd(
 
     Writes input_ids int32 [B, T] and logits float32 [B, T, V] (the fixtures' format), or the
     top-k form with --top-k; --hidden-states adds every block's output.
+
+    Exit codes: 0 written; 2 bad usage or input; 3 the file could not be written (a full disk:
+    the path, the space needed and the space free are named); 130/143 interrupted.
     """
     from ..verify.reference import write_reference_file
 
@@ -301,14 +363,18 @@ def reference_cmd(
                          f"e.g. -o {out / 'reference.safetensors'}")
     if out.exists() and not force:
         raise UsageError(f"{out}: already exists", "choose another -o, or pass --force")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        from ..errors import OutputError
+    from ..convert import make_parents, remove_parents
 
-        raise OutputError(f"{out.parent}: cannot create the folder ({exc.strerror or exc})") from None
     ref, inputs = _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text_file,
                                   random_tokens, num_sequences, seed, keep_hidden=hidden_states,
                                   max_memory=max_memory, allow_pickle=allow_pickle)
-    write_reference_file(ref, out, top_k=top_k, with_hidden=hidden_states)
+    created = make_parents(out.parent)  # only now, and removed again if writing fails
+    try:
+        write_reference_file(ref, out, top_k=top_k, with_hidden=hidden_states)
+    except BaseException:
+        remove_parents(created)
+        raise
     console.print(escape(f"wrote {out}: {inputs.description}; reference: {ref.implementation} [{ref_dtype}]"))
+    if created:
+        err_console.print(f"[yellow]note:[/] created the missing folder(s) {escape(', '.join(map(str, created)))}",
+                          highlight=False, soft_wrap=True)

@@ -1,8 +1,12 @@
-"""What mlx-lm does with hybridconv's output, per architecture, from the
-normalised config alone: ``hybridconv inspect`` shows it before any
+"""What mlx-lm's OWN model does with hybridconv's output, per architecture, from
+the normalised config alone: ``hybridconv inspect`` shows it before any
 conversion, ``verify --runtime mlx-lm`` measures it, and
 ``scripts/mlx_lm_runtimes.py`` checks these statements against measurements
-on every oracle case.
+on every oracle case. ``--mlx-lm-code auto`` follows them: an output whose
+statement is anything but ``computes`` carries hybridconv's own model for
+mlx-lm (:mod:`hybridconv.mlx_lm_code`), which mlx-lm then runs with
+``trust_remote_code``; an architecture without a statement (``unknown``) is
+carried too.
 
 One check per ``model_type`` (the key an architecture registers under), each
 returning an :class:`~.registry.MlxLm`:
@@ -186,6 +190,38 @@ def olmo_hybrid(cfg: dict) -> MlxLm:
     return _ok()
 
 
+def bailing_hybrid(cfg: dict) -> MlxLm:
+    """mlx-lm's ``bailing_moe_v3`` module (chosen by ``architectures:
+    BailingMoeV3ForCausalLM``, which the converter writes); measured in
+    tests/test_arch_bailing_hybrid.py."""
+    n, g = cfg["num_hidden_layers"], cfg["layer_group_size"]
+    theirs = ["full_attention" if (i + 1) % g == 0 or i >= n // g * g else "linear_attention" for i in range(n)]
+    why = []
+    if cfg["layer_types"] != theirs:
+        why.append(f"layer_types is not MLA at every {g}th layer and after the last whole group (mlx-lm builds its "
+                   "schedule from layer_group_size only; its loader refuses the weights)")
+    mlps = cfg["mlp_layer_types"]
+    k = cfg["first_k_dense_replace"]
+    if mlps != ["dense"] * k + ["sparse"] * (n - k):
+        why.append(f"dense and MoE layers {mlps} are not the first k dense then all MoE")
+    if cfg.get("attention_bias"):
+        why.append("attention_bias (mlx-lm's MLA has no biases)")
+    if not cfg.get("kda_safe_gate", True):
+        why.append("kda_safe_gate false (mlx-lm implements only the bounded forget gate)")
+    if cfg["linear_num_heads"] != cfg["num_attention_heads"]:
+        why.append(f"linear_num_heads {cfg['linear_num_heads']} != num_attention_heads (mlx-lm's KDA has as many "
+                   "heads as MLA)")
+    if why:
+        return _cannot("; ".join(why))
+    if not cfg.get("norm_topk_prob", True):
+        return _differs("mlx-lm always renormalises the chosen experts' weights (norm_topk_prob is false here)")
+    if cfg["rms_norm_eps"] != 1e-6:
+        return _differs(f"mlx-lm's MLA latent norms use rms_norm_eps ({cfg['rms_norm_eps']}) where transformers "
+                        "uses 1e-6")
+    return _ok("through its bailing_moe_v3 module (architectures BailingMoeV3ForCausalLM, written by the "
+               "converter); measured 1.9e-6 on bailing_hybrid-tiny")
+
+
 CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "plamo2": plamo2,
     "recurrent_gemma": recurrent_gemma,
@@ -201,8 +237,27 @@ CHECKS: dict[str, Callable[[dict], MlxLm]] = {
     "kimi_linear": kimi_linear,
     "lfm2": lfm2,
     "lfm2_moe": lfm2,
+    "lfm3": _absent("LFM3", "lfm3"),
+    "zaya": _absent("ZAYA1", "zaya"),
+    "inkling_text": _absent("Inkling", "inkling_text"),
+    "inkling2_text": _absent("Inkling-2", "inkling2_text"),
+    "inkling2_loop_text": _absent("Inkling-2-Mini", "inkling2_loop_text"),
     "qwen3_next": qwen3_next,
     "qwen3_5_text": qwen3_next,  # Qwen3.5-MoE has experts in every layer, as mlx-lm builds it
     "qwen3_5_moe_text": qwen3_next,
     "olmo_hybrid": olmo_hybrid,
+    "lara_mini": _absent("Lara-Mini", "lara_mini"),
+    "minimax": lambda cfg: _cannot("mlx-lm's 'minimax' module is MiniMax-M2 (softmax attention only, no lightning "
+                                   "attention): its ModelArgs requires shared_intermediate_size and rotary_dim, "
+                                   "and no configuration makes it build lightning layers"),
+    "bailing_hybrid": bailing_hybrid,
+    "zamba": _absent("Zamba", "zamba"),
+    "rwkv": lambda cfg: _cannot("mlx-lm has no RWKV-4 model (model_type 'rwkv' not supported; its rwkv7 module is "
+                                "RWKV-7, another recurrence and other weights)"),
+    "xlstm": _absent("xLSTM", "xlstm"),
+    # measured: "ValueError: Model type qwen4_exp_text not supported." (source and output alike)
+    "qwen4_exp_text": _absent("Qwen4-Exp", "qwen4_exp_text"),
+    # measured: "ValueError: Model type glm5_next not supported." (its glm_moe_dsa module is GLM-5's DSA
+    # without KDA, hyper-connections or k-pools)
+    "glm5_next": _absent("GLM-5.3-Flash", "glm5_next"),
 }

@@ -6,10 +6,13 @@ Config normalisation (the published AI21 configs and transformers 5's use the
 same keys):
 
 * the mixer schedule from ``attn_layer_period`` / ``attn_layer_offset``
-  (transformers' definition, offset < period), written out as
-  ``layers_block_type`` (the list mlx-lm reads); a config that already has
-  such a list (ours, or transformers 5's ``layer_types`` spelling) must agree
-  with the periods, since the reference uses the periods.
+  (transformers' definition, offset < period); a config that already has
+  such a list (``layers_block_type``, or transformers 5's ``layer_types``
+  spelling) must agree with the periods, since the reference uses the
+  periods. The list is not written: mlx-lm computes the same one from the
+  periods, and transformers' ``JambaConfig`` refuses the key (a read-only
+  property), which broke loading the output's tokenizer through
+  ``AutoTokenizer`` (``mlx_lm.load``, ``mlx_lm.generate``).
 * the expert layers from ``expert_layer_period`` / ``expert_layer_offset``
   (``i % period == offset``, transformers' definition; mlx-lm's differs, see
   the model docstring); ``num_experts`` (alias ``num_local_experts``) and
@@ -107,7 +110,7 @@ def normalize_config(raw: dict) -> dict:
                 f"(which transformers uses): {raw[key]!r}"
             )
     cfg.pop("layer_types", None)
-    cfg["layers_block_type"] = kinds
+    cfg.pop("layers_block_type", None)  # the periods say it (module docstring)
     E = cfg["num_experts"] = positive_int(raw, "num_experts", "num_local_experts", default=16)
     cfg.pop("num_local_experts", None)
     k = cfg["num_experts_per_tok"] = positive_int(raw, "num_experts_per_tok", default=2)

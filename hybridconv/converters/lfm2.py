@@ -25,6 +25,15 @@ Tensor rules, in order:
   ``[D, 1, L]`` to MLX ``[D, L, 1]`` with ``L = conv_L_cache``;
 * everything else cast to ``--dtype``; names are kept (they are mlx-lm's).
 
+Multimodal release
+------------------
+``lfm2_vl`` (``Lfm2VlForConditionalGeneration``, LiquidAI's LFM2-VL): its
+language model (``text_config``, tensors under ``model.language_model.``) is
+converted as LFM2; the SigLIP2 vision tower and the projector are dropped,
+listed in the ledger (:mod:`hybridconv.converters._wrappers`). The head is
+tied by the wrapper's own ``tie_word_embeddings`` (``tie_embedding`` in the
+released configs; default true), as transformers' wrapper class computes it.
+
 Quantization policy
 -------------------
 Never quantized (:data:`PROTECTED`), stored in the output dtype as mlx-lm
@@ -43,7 +52,7 @@ from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import lfm2 as model_module
 from ._common import head_rules
-from .registry import Architecture, Protected, Role, register
+from .registry import Architecture, Protected, Role, Wrapper, register, register_wrapper
 from .rules import ConvToMLX, Rule
 
 LAYER_TYPES = ("conv", "full_attention")
@@ -172,3 +181,6 @@ ARCH = register(
         protected=PROTECTED,
     )
 )
+
+register_wrapper(Wrapper("lfm2_vl", ("Lfm2VlForConditionalGeneration",), "lfm2", "LFM2-VL",
+                         tie="wrapper", tie_default=True))

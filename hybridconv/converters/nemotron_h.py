@@ -38,6 +38,15 @@ transformers ignores at load); ``stack-experts`` the per-expert
 ``dt_bias`` and the router (``gate.weight`` and ``e_score_correction_bias``,
 float32 in transformers too: ``_keep_in_fp32_modules_strict``).
 
+Multimodal release: ``nemotron_h_omni`` (``NemotronH_Omni_Reasoning_V3``,
+NVIDIA's Nemotron omni models): the language model's config is
+``text_config`` (``llm_config`` in the released configs, with
+``hybrid_override_pattern``), its tensors ``language_model.backbone.*`` /
+``language_model.lm_head.weight``; the RADIO vision tower (``vision_model.*``),
+its projector (``mlp1.*``) and the audio encoder (``sound_encoder.*``,
+``sound_projection.*``) are dropped, listed in the ledger. The head belongs to
+the language model (never tied, as above).
+
 Quantization policy (``hybridconv quantize``)
 ---------------------------------------------
 Never quantized (:data:`PROTECTED`; the dynamics and the router float32, kept
@@ -58,7 +67,7 @@ import math
 from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import nemotron_h as model_module
-from .registry import Architecture, Protected, Role, register
+from .registry import Architecture, Protected, Role, Wrapper, register, register_wrapper
 from .rules import ConvToMLX, Drop, KeepFloat32, Rename, Rule, StackExperts
 
 LIST_TO_CHAR = {
@@ -267,3 +276,6 @@ ARCH = register(
         protected=PROTECTED,
     )
 )
+
+register_wrapper(Wrapper("nemotron_h_omni", ("NemotronH_Omni_Reasoning_V3",), "nemotron_h", "Nemotron-H omni",
+                         config_keys=("text_config", "llm_config"), tie="text"))

@@ -1,5 +1,5 @@
 """Qwen3.5-MoE converter: ``qwen3_5_moe_text`` checkpoints and the multimodal
-``Qwen3_5MoeForConditionalGeneration`` wrappers.
+``Qwen3_5MoeForConditionalGeneration`` releases.
 
 Architecture and math: :mod:`hybridconv.models.qwen3_5_moe`. Everything as in
 :mod:`hybridconv.converters.qwen3_5` (wrapper handling, vision tower left out
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 from ..models import qwen3_5_moe as model_module
 from .qwen3_5 import register_text_model
+from .registry import Wrapper, register_wrapper
 
 ARCH = register_text_model(
-    "qwen3_5_moe_text", "qwen3_5_moe", "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration",
+    "qwen3_5_moe_text", "qwen3_5_moe", "Qwen3_5MoeForCausalLM",
     "all", "Qwen3.5-MoE (gated DeltaNet + gated attention, MoE)", model_module,
 )
+register_wrapper(Wrapper("qwen3_5_moe", ("Qwen3_5MoeForConditionalGeneration",), "qwen3_5_moe_text",
+                         "Qwen3.5-MoE (multimodal)", tie="text"))

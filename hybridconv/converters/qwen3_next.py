@@ -218,12 +218,8 @@ def normalize_config(raw: dict) -> dict:
     return normalize_text(raw, "qwen3_next", "Qwen3NextForCausalLM", "optional")
 
 
-def text_rules(cfg: dict, wrapper: bool = False) -> list[Rule]:
-    out: list[Rule] = []
-    if wrapper:
-        out.append(Rename(r"^model\.language_model\.", "model."))
-        out.append(Drop(r"^model\.visual\.", "vision tower: only the language model is converted", "model.visual.*"))
-    out += [
+def text_rules(cfg: dict) -> list[Rule]:
+    out: list[Rule] = [
         Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers"),
         Drop(r"^mtp\.", "multi-token prediction head: not part of the causal LM", "mtp.*"),
     ]

@@ -25,6 +25,81 @@ from ..errors import LedgerError
 from ..safetensors_io import FLOAT_DTYPES, to_float32
 
 
+# --- rule texts in words (inspect, conversion.json) -----------------------------------
+#
+# Rules are written with regular expressions and re.sub templates; what inspect
+# shows a user is the tensor names they mean: ``*.feed_forward.experts.down_proj``
+# rather than ``/^(?P<pre>.*\.feed_forward)\.experts\.down_proj$/``, and
+# ``….switch_mlp.down_proj.weight`` (the source's own prefix kept) rather than
+# ``\g<pre>.switch_mlp.down_proj.weight``.
+
+
+def readable_target(template: str, regex: str | None = None) -> str:
+    r"""A ``re.sub`` template as a tensor name: ``\g<pre>`` (the source name's prefix,
+    kept) becomes ``…``, another named group ``{name}``, a numbered group what it
+    matches (``{q,k,v}``). With the rule's ``regex``: where it matches only part of
+    a name, the parts kept before and after are shown as ``…`` too."""
+    groups = _groups(regex) if regex else []
+    out = re.sub(r"\\g<pre>", "…", template)
+    out = re.sub(r"\\g<(\w+)>", r"{\1}", out)
+    out = re.sub(r"\\(\d+)", lambda m: groups[int(m.group(1)) - 1] if int(m.group(1)) <= len(groups)
+                 else "{" + m.group(1) + "}", out)
+    if regex is not None:
+        if not regex.startswith("^") and not template.startswith("\\g<"):
+            out = "…" + out
+        if not regex.endswith("$"):
+            # a literal prefix rename keeps the rest of the name: ``*``, as the pattern shows it
+            out += "*" if "\\" not in template and not out.startswith("…") else "…"
+    return out
+
+
+def _groups(regex: str) -> list[str]:
+    """The numbered (capturing) groups of ``regex``, in order, in words."""
+    out, starts, i = [], [], 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "(":
+            starts.append((i, regex.startswith("(?", i) and not regex.startswith("(?P<", i)))
+        elif c == ")" and starts:
+            start, plain = starts.pop()
+            if not plain:
+                body = regex[start + 1 : i]
+                body = re.sub(r"^\?P<\w+>", "", body)
+                if re.fullmatch(r"(?:\w|\\\.)+(?:\|(?:\w|\\\.)+)+", body):  # a|b|c: one of these words
+                    out.append((start, _alternatives(body.replace("\\.", "."))))
+                else:
+                    out.append((start, readable_pattern("^" + body + "$")))
+        i += 1
+    return [text if not text.startswith("/") else "{…}" for _, text in sorted(out)]
+
+
+def readable_pattern(regex: str) -> str:
+    """A tensor-name regular expression as a glob-like pattern (``*`` any text, ``N``
+    a number, ``{name}`` a captured part, ``{a,b}`` alternatives) where it is that
+    simple; otherwise the expression itself between slashes."""
+    text = regex[1:] if regex.startswith("^") else "*" + regex
+    text = text[:-1] if text.endswith("$") and not text.endswith("\\$") else text + "*"
+    text = re.sub(r"\(\?P<(\w+)>\\d\+\)", r"{\1}", text)
+    for _ in range(3):  # named and plain groups around simple text: their content
+        text = re.sub(r"\(\?P<\w+>([^()]*)\)", r"\1", text)
+        text = re.sub(r"\(\?:([^()]*)\)|\(([^()?][^()]*)\)",
+                      lambda m: _alternatives(m.group(1) if m.group(1) is not None else m.group(2)), text)
+    text = text.replace(r"\.", "\0")
+    text = re.sub(r"\.[*+]", "*", text).replace(r"\d+", "N")
+    text = re.sub(r"\*+", "*", text)
+    if re.search(r"[.^$()\[\]?+|\\]", text):
+        return f"/{regex}/"
+    return text.replace("\0", ".")
+
+
+def _alternatives(body: str) -> str:
+    parts = body.split("|")
+    return "{" + ",".join(parts) + "}" if len(parts) > 1 else body
+
+
 @dataclass(frozen=True)
 class Meta:
     name: str
@@ -60,6 +135,11 @@ class Step:
     # rows [a, b) along axis 0 of the concatenation of ``parts``.
     regroup: tuple[str, int] | None = None
     rows: tuple[int, int] | None = None
+    dequantized: bool = False  # read from an FP8 block-scaled source (Dequantize)
+    # Indices (in the plan's rule list) of the rules this tensor reached and matched,
+    # and of those that changed it: what ``inspect`` counts, once per tensor.
+    matched: list[int] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)
 
 
 class Rule:
@@ -94,7 +174,63 @@ class Drop(Rule):
         return meta
 
     def describe(self) -> str:
-        return f"drop {self.what or '/' + self.regex + '/'}: {self.reason}"
+        return f"drop {self.what or readable_pattern(self.regex)}: {self.reason}"
+
+
+@dataclass
+class Dequantize(Rule):
+    """FP8 block-scaled weights (``names``, the source's, paired with their
+    ``weight_scale_inv`` by :func:`hybridconv.checkpoint.attach_scales`) are
+    read dequantized — each block's codes times its scale, in float32 — and
+    then cast to the output dtype like any float tensor. Matched by exact name
+    (first in the rules, on the source names); an output holds no FP8 tensor,
+    so converting it again finds none."""
+
+    names: frozenset
+    block: tuple[int, int] | None
+    name = "dequantize-fp8"
+
+    def matches(self, name: str) -> bool:
+        return name in self.names
+
+    def plan(self, step: Step, meta: Meta) -> Meta:
+        kind = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}.get(meta.dtype, meta.dtype)
+        blocks = f"{self.block[0]}x{self.block[1]} blocks" if self.block else "one scale per tensor"
+        step.dequantized = True
+        step.actions.append(f"dequantize {kind} ({blocks}, scales '{meta.name}_scale_inv') -> float32")
+        step.applied.append(self.name)
+        return Meta(meta.name, "F32", meta.shape)
+
+    def describe(self) -> str:
+        blocks = f"{self.block[0]}x{self.block[1]} blocks" if self.block else "one scale per tensor"
+        return f"dequantize the {len(self.names)} FP8 weights ({blocks}, their *_scale_inv) in float32"
+
+
+@dataclass
+class Consume(Rule):
+    """Tensors used up by another rule (FP8 block scales, multiplied into their
+    weight by :class:`Dequantize`) or not needed once it has run (FP8
+    activation scales): not written, with ``reason`` (a format string with
+    ``{owner}``: the tensor it belongs to) in the ledger."""
+
+    owners: dict  # tensor -> the tensor it belongs to
+    reason: str
+    what: str
+    summary: str = ""  # what happens to them, for the rule table
+    name = "consume"
+
+    def matches(self, name: str) -> bool:
+        return name in self.owners
+
+    def plan(self, step: Step, meta: Meta) -> Meta:
+        step.target = None
+        step.dropped_because = self.reason.format(owner=self.owners[meta.name])
+        step.actions.append(f"consumed: {step.dropped_because}")
+        step.applied.append(self.name)
+        return meta
+
+    def describe(self) -> str:
+        return f"{self.what} ({len(self.owners)}): {self.summary or self.reason.format(owner='their tensor')}"
 
 
 @dataclass
@@ -114,7 +250,7 @@ class Rename(Rule):
         return Meta(new, meta.dtype, meta.shape)
 
     def describe(self) -> str:
-        return f"rename /{self.regex}/ -> {self.replacement}"
+        return f"rename {readable_pattern(self.regex)} -> {readable_target(self.replacement, self.regex)}"
 
 
 @dataclass
@@ -170,7 +306,7 @@ class KeepFloat32(Rule):
         return Meta(meta.name, "F32", meta.shape)
 
     def describe(self) -> str:
-        return f"{self.what or '/' + self.regex + '/'} stay float32: {self.reason}"
+        return f"{self.what or readable_pattern(self.regex)} stay float32: {self.reason}"
 
 
 @dataclass
@@ -198,7 +334,7 @@ class AddOffset(Rule):
         return meta
 
     def describe(self) -> str:
-        return f"{self.what or '/' + self.regex + '/'}: add {self.offset:g} (stored as scale - {self.offset:g})"
+        return f"{self.what or readable_pattern(self.regex)}: add {self.offset:g} (stored as scale - {self.offset:g})"
 
 
 @dataclass
@@ -242,7 +378,7 @@ class Scale(Rule):
     def describe(self) -> str:
         f = self.factor
         shown = f"{f:g}" if not isinstance(f, tuple) else f"per row ({len(f)} factors)"
-        return f"{self.what or '/' + self.regex + '/'}: times {shown}"
+        return f"{self.what or readable_pattern(self.regex)}: times {shown}"
 
 
 def scale_rows(x: np.ndarray, scale, r0: int = 0) -> np.ndarray:
@@ -303,8 +439,8 @@ class Regroup(Rule):
         return Meta(key, meta.dtype, (shape[0], k, 1) if k is not None else shape)
 
     def describe(self) -> str:
-        return (f"{self.what or '/' + self.regex + '/'}: concatenate {', '.join(self.order)} along axis 0, "
-                "cut into " + ", ".join(f"{r} ({n})" for r, n in self.parts))
+        return (f"{self.what or readable_pattern(self.regex)}: concatenate {', '.join(self.order)} along axis 0, "
+                "cut into " + ", ".join(f"{readable_target(r, self.regex)} ({n})" for r, n in self.parts))
 
 
 def merge_regroups(steps: list[Step], rules: list[Rule]) -> list[Step]:
@@ -346,14 +482,18 @@ def merge_regroups(steps: list[Step], rules: list[Rule]) -> list[Step]:
                 f"{want} (= {' + '.join(str(n) for _, n in rule.parts)})",
                 "config.json and the weights disagree; check the sizes in config.json",
             )
+        # The name the rules before this one gave the first piece (a renamed
+        # prefix, e.g. a wrapper's) is the group key with the piece put back.
+        m = rule.pattern.search(first.source)
+        named = key.replace("{regroup}", m.group(0)) if m is not None else first.source
         a = 0
         for repl, n in rule.parts:
-            target = rule.pattern.sub(repl, first.source)
+            target = rule.pattern.sub(repl, named)
             out.append(Step(
                 source=first.source, target=target, dtype=first.dtype, shape=(n, *first.shape[1:]),
                 actions=[f"rows {a}..{a + n} of the concatenation of " + ", ".join(p.source for p in pieces)],
                 applied=list(dict.fromkeys(first.applied)), keep_float32=first.keep_float32,
-                parts=tuple(p.source for p in pieces), rows=(a, a + n),
+                parts=tuple(p.source for p in pieces), rows=(a, a + n), dequantized=first.dequantized,
             ))
             a += n
     return out
@@ -402,7 +542,7 @@ class StackExperts(Rule):
         return Meta(target, meta.dtype, meta.shape)
 
     def describe(self) -> str:
-        return f"stack {self.what or '/' + self.regex + '/'} of {self.num_experts} experts -> [E, ...] ({self.target})"
+        return f"stack {self.what or readable_pattern(self.regex)} of {self.num_experts} experts -> [E, ...] ({readable_target(self.target, self.regex)})"
 
 
 @dataclass
@@ -442,8 +582,8 @@ class Split(Rule):
         return meta
 
     def describe(self) -> str:
-        return f"split {self.what or '/' + self.regex + '/'} along axis {self.axis} into " + ", ".join(
-            f"{r} ({s})" for r, s in self.parts
+        return f"split {self.what or readable_pattern(self.regex)} along axis {self.axis} into " + ", ".join(
+            f"{readable_target(r, self.regex)} ({s})" for r, s in self.parts
         )
 
 
@@ -460,7 +600,8 @@ def plan_tensors(meta: Meta, rules: list[Rule], dtype: str | None) -> list[Step]
         shape = list(step.shape)
         shape[axis] = b - a
         out.append(Step(step.source, target, step.dtype, tuple(shape), list(step.actions), list(step.applied),
-                        keep_float32=step.keep_float32, select=(axis, a, b)))
+                        keep_float32=step.keep_float32, select=(axis, a, b), dequantized=step.dequantized,
+                        matched=step.matched, changed=step.changed))
     return out
 
 
@@ -518,16 +659,22 @@ def merge_stacks(steps: list[Step]) -> list[Step]:
             applied=list(dict.fromkeys(first.applied)),
             keep_float32=first.keep_float32,
             parts=tuple(p.source for p in pieces),
+            dequantized=first.dequantized,
         )
     return out
 
 
 def plan_tensor(meta: Meta, rules: list[Rule], dtype: str | None) -> Step:
-    """Run ``meta`` through the matching rules, then cast floats to ``dtype``."""
+    """Run ``meta`` through the matching rules (each sees the name the rules
+    before it left), then cast floats to ``dtype``."""
     step = Step(source=meta.name, target=meta.name)
-    for rule in rules:
+    for i, rule in enumerate(rules):
         if rule.matches(meta.name):
+            before = len(step.applied)
             meta = rule.plan(step, meta)
+            step.matched.append(i)
+            if len(step.applied) > before:
+                step.changed.append(i)
             if step.target is None:
                 return step
     if dtype and meta.dtype in FLOAT_DTYPES and not step.keep_float32 and meta.dtype != dtype:

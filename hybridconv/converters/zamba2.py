@@ -149,44 +149,46 @@ def normalize_config(raw: dict) -> dict:
     return cfg
 
 
-def shared_block_rules(cfg: dict) -> list[Rule]:
+def shared_block_rules(cfg: dict, source: str = "shared_transformer", adapters: bool = True) -> list[Rule]:
     """Shared weights to ``model.shared_blocks.b``, per-use adapters to their layer,
-    tied copies dropped (see module docstring)."""
+    tied copies dropped (see module docstring). Zamba (v1) reuses it with its
+    block under ``source = "shared_transf"`` and no adapters."""
     hyb = cfg["hybrid_layer_ids"]
     m = cfg["num_mem_blocks"]
     out: list[Rule] = []
-    lists = [("feed_forward.gate_up_proj_adapter_list", "gate_up_adapter")]
-    if cfg["use_shared_attention_adapter"]:
+    lists = [("feed_forward.gate_up_proj_adapter_list", "gate_up_adapter")] if adapters else []
+    if adapters and cfg["use_shared_attention_adapter"]:
         lists += [(f"self_attn.linear_{p}_adapter_list", f"{p}_adapter") for p in "qkv"]
     if not cfg["tie_shared_blocks"]:
         # One block per hybrid layer, loaded from the layer's own copy; of its
         # adapter lists only entry j (its own call) is used.
         for j, layer in enumerate(hyb):
             for src, dst in lists:
-                out.append(Rename(rf"^model\.layers\.{layer}\.shared_transformer\.{src}\.{j}\.", f"model.layers.{layer}.{dst}."))
-            out.append(
-                Drop(
-                    rf"^model\.layers\.{layer}\.shared_transformer\.(feed_forward\.gate_up_proj_adapter_list"
-                    r"|self_attn\.linear_[qkv]_adapter_list)\.\d+\.",
-                    "adapter slot of another call, unused by this layer's own (untied) block",
-                    f"model.layers.{layer}.shared_transformer.*_adapter_list.i (i != {j})",
+                out.append(Rename(rf"^model\.layers\.{layer}\.{source}\.{src}\.{j}\.", f"model.layers.{layer}.{dst}."))
+            if lists:
+                out.append(
+                    Drop(
+                        rf"^model\.layers\.{layer}\.{source}\.(feed_forward\.gate_up_proj_adapter_list"
+                        r"|self_attn\.linear_[qkv]_adapter_list)\.\d+\.",
+                        "adapter slot of another call, unused by this layer's own (untied) block",
+                        f"model.layers.{layer}.{source}.*_adapter_list.i (i != {j})",
+                    )
                 )
-            )
-            out.append(Rename(rf"^model\.layers\.{layer}\.shared_transformer\.", f"model.shared_blocks.{j}."))
+            out.append(Rename(rf"^model\.layers\.{layer}\.{source}\.", f"model.shared_blocks.{j}."))
         return out
     for j, layer in enumerate(hyb):
         first = hyb[j % m]
         for src, dst in lists:
-            out.append(Rename(rf"^model\.layers\.{first}\.shared_transformer\.{src}\.{j}\.", f"model.layers.{layer}.{dst}."))
+            out.append(Rename(rf"^model\.layers\.{first}\.{source}\.{src}\.{j}\.", f"model.layers.{layer}.{dst}."))
     for b, first in enumerate(hyb[:m]):
-        out.append(Rename(rf"^model\.layers\.{first}\.shared_transformer\.", f"model.shared_blocks.{b}."))
+        out.append(Rename(rf"^model\.layers\.{first}\.{source}\.", f"model.shared_blocks.{b}."))
     for j, layer in enumerate(hyb[m:], start=m):
         out.append(
             Drop(
-                rf"^model\.layers\.{layer}\.shared_transformer\.",
-                f"tied copy of shared block {j % m} (model.layers.{hyb[j % m]}.shared_transformer); "
+                rf"^model\.layers\.{layer}\.{source}\.",
+                f"tied copy of shared block {j % m} (model.layers.{hyb[j % m]}.{source}); "
                 "transformers ties it at load",
-                f"model.layers.{layer}.shared_transformer.*",
+                f"model.layers.{layer}.{source}.*",
             )
         )
     return out

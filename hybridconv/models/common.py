@@ -220,7 +220,20 @@ def attend(q: mx.array, k: mx.array, v: mx.array, rope, cache, window: Optional[
     ``scaled_dot_product_attention`` forms every query's scores against every
     key, so a whole causal prefill computed (and exponentiated) twice the scores
     it uses, and more than that with a window shorter than the sequence. The
-    loop is over T / 128 blocks (16 at T = 2048), not over time steps."""
+    loop is over T / 128 blocks (16 at T = 2048), not over time steps.
+
+    A batch cache of mlx-lm's BatchGenerator (:func:`is_batch_cache`: one offset
+    per sequence, left padding) takes mlx-lm's own mask for it, made before the
+    update as its models do, and each sequence's positions."""
+    if is_batch_cache(cache):
+        mask = cache.make_mask(q.shape[2], window_size=window, return_array=True)
+        if rope is not None:
+            q = rope(q, offset=cache.offset)
+            k = rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        B, _, T, _ = out.shape
+        return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
     offset = cache.offset if cache is not None else 0
     if rope is not None:  # None: no position embedding (NoPE)
         q = rope(q, offset=offset)
@@ -248,6 +261,85 @@ def attend(q: mx.array, k: mx.array, v: mx.array, rope, cache, window: Optional[
     return out.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
+def attend_biased(q: mx.array, k: mx.array, v: mx.array, cache, window: Optional[int], scale: float,
+                  bias=None, sinks: Optional[mx.array] = None) -> mx.array:
+    """Causal attention (within ``window``) with an additive score bias and
+    optional per-query sink logits, for attention that ``mx.fast`` cannot express
+    (Inkling's relative position bias, Inkling-2's per-token sinks). ``q``:
+    ``[B, Hq, T, d]``, ``k``/``v``: ``[B, Hkv, T, d]`` (grouped: query head ``h``
+    reads KV head ``h // (Hq / Hkv)``); no position embedding is applied here.
+
+    ``bias(q0, q1, k0, k1)`` returns the additive bias ``[B, Hq, q1 - q0, k1 - k0]``
+    for the queries at absolute positions ``q0 .. q1 - 1`` and the keys at
+    ``k0 .. k1 - 1``.
+    ``sinks`` (``[B, Hq, T]``) adds one logit per query with a zero value: it
+    only takes probability mass (``softmax([scores, sink])`` without its last
+    column). Scores are ``scale · q·k + bias``, masked, softmaxed in float32, and
+    cast to the values' dtype before the weighted sum (as transformers' eager
+    attention does). Long prefills run in query blocks of
+    ``ATTENTION_QUERY_BLOCK`` against only the keys a block can see (see
+    :func:`attend`). Returns ``[B, T, Hq·d]``."""
+    offset = cache.offset if cache is not None else 0
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+        if q.shape[2] == 1 and hasattr(cache, "_temporal_order"):
+            # mlx-lm's RotatingKVCache returns a single step's keys in ring order;
+            # the bias depends on each key's position, so put them back in time order.
+            k, v = cache._temporal_order(k), cache._temporal_order(v)
+    B, Hq, n_q, d = q.shape
+    Hkv, n_k = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    first_key = offset + n_q - n_k
+    parts = []
+    for start in range(0, n_q, ATTENTION_QUERY_BLOCK):
+        stop = min(start + ATTENTION_QUERY_BLOCK, n_q)
+        lo = first_key if window is None else max(first_key, offset + start - window + 1)
+        hi = offset + stop
+        keys = slice(lo - first_key, hi - first_key)
+        qb = q[:, :, start:stop].reshape(B, Hkv, g, stop - start, d)
+        kb, vb = k[:, :, keys][:, :, None], v[:, :, keys][:, :, None]  # [B, Hkv, 1, nk, d]
+        scores = (qb @ kb.swapaxes(-1, -2)).astype(mx.float32) * scale  # [B, Hkv, g, nq, nk]
+        if bias is not None:
+            b = bias(offset + start, offset + stop, lo, hi).astype(mx.float32)
+            scores = scores + b.reshape(B, Hkv, g, stop - start, hi - lo)
+        mask = attention_mask(stop - start, hi - lo, offset + start, window)
+        if mask is not None:
+            scores = mx.where(mask, scores, mx.array(-mx.inf, mx.float32))
+        if sinks is not None:
+            sink = sinks[:, :, start:stop].astype(mx.float32).reshape(B, Hkv, g, stop - start, 1)
+            p = mx.softmax(mx.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+        else:
+            p = mx.softmax(scores, axis=-1)
+        parts.append((p.astype(vb.dtype) @ vb).reshape(B, Hq, stop - start, d))
+    out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+    return out.transpose(0, 2, 1, 3).reshape(B, n_q, -1)
+
+
+class ProportionalRoPE(nn.Module):
+    """transformers' ``proportional`` RoPE (Gemma-4, LFM3's full-attention layers):
+    the first ``rotated // 2`` of the ``dims // 2`` rotation pairs ``(i, i + dims/2)``
+    turn with inverse frequency ``base^(-2i / dims) / factor`` — the exponent
+    counts the *whole* head, not the rotated part — and the remaining pairs not at
+    all (inverse frequency 0). Unlike ``nn.RoPE(rotated)``, which rotates the
+    first ``rotated`` channels as pairs ``(i, i + rotated/2)`` with
+    ``base^(-2i / rotated)``, the rotated channels here are spread over both
+    halves of the head. ``mx.fast.rope`` takes wavelengths: an infinite one is a
+    pair that never turns (mlx-lm's ``ProportionalRoPE`` does the same)."""
+
+    def __init__(self, dims: int, rotated: int, base: float = 10000.0, factor: float = 1.0):
+        super().__init__()
+        if not 0 <= rotated <= dims:
+            raise ValueError(f"rotated dims {rotated} not within 0..{dims}")
+        self.dims = dims
+        exponents = mx.arange(0, rotated, 2, dtype=mx.float32) / dims
+        self._freqs = mx.concatenate(
+            [factor * (base**exponents), mx.full(((dims - rotated) // 2,), mx.inf)]
+        )
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+
+
 class MLP(nn.Module):
     """The SwiGLU feed-forward most of these models use (Shazeer 2020, "GLU Variants
     Improve Transformer"): ``down_proj(silu(gate_proj(x)) ⊙ up_proj(x))``, with
@@ -263,57 +355,90 @@ class MLP(nn.Module):
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class KVCache:
-    """Full key/value history for an attention layer (keys ``[B, H, T, d]``)."""
-
-    def __init__(self):
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
-        self.offset = 0
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = mx.concatenate([self.keys, keys], axis=2)
-            self.values = mx.concatenate([self.values, values], axis=2)
-        self.offset += keys.shape[2]
-        return self.keys, self.values
+# --- caches: mlx-lm's own classes -------------------------------------------------
+# The decoding caches ARE mlx-lm's (mlx_lm.models.cache), so that one model code
+# serves hybridconv.load, verify and mlx-lm alike (the output can carry this code:
+# hybridconv/mlx_lm_code.py): mlx-lm's generate, prompt caching
+# (save/load_prompt_cache rebuild caches by class name from mlx_lm.models.cache,
+# so they must be its classes, not subclasses), trimming and its server work as
+# with its built-in models. The names below are the ones the model modules use.
+# mlx-lm is imported on first use, not at import: importing it loads
+# transformers (and torch), which `hybridconv convert` / `inspect` never need.
 
 
-class WindowKVCache(KVCache):
-    """Key/value cache for sliding-window attention.
+def KVCache():
+    """Full key/value history of an attention layer (keys ``[B, H, T, d]``):
+    ``mlx_lm.models.cache.KVCache``. ``update_and_fetch(k, v)`` returns every key
+    so far in temporal order; ``offset`` counts the positions seen."""
+    from mlx_lm.models.cache import KVCache as _KVCache
 
-    Returns the kept history plus the new keys (in temporal order, so
-    :func:`attention_mask` applies), then keeps only the last ``window - 1``
-    positions: the next query sees itself and those. Memory stays bounded by
-    the window however long the generation runs.
-    """
-
-    def __init__(self, window: int):
-        super().__init__()
-        self.window = window
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        k, v = super().update_and_fetch(keys, values)
-        keep = self.window - 1
-        if k.shape[2] > keep:
-            self.keys = k[:, :, k.shape[2] - keep :] if keep else None
-            self.values = v[:, :, v.shape[2] - keep :] if keep else None
-        return k, v
+    return _KVCache()
 
 
-class StateCache:
-    """Recurrent state of an SSM or RG-LRU layer: ``[conv state, recurrent state]``."""
+def WindowKVCache(window: int):
+    """Key/value cache of a sliding-window attention layer whose query sees
+    itself and the ``window - 1`` positions before it (``window`` counts the
+    query, as :func:`attention_mask` does): ``mlx_lm.models.cache.RotatingKVCache``
+    with ``max_size = window`` and nothing pinned (``keep = 0``).
 
-    def __init__(self):
-        self.state: list[Optional[mx.array]] = [None, None]
+    What :func:`attend` relies on (mlx-lm's semantics): a chunk of several tokens
+    gets the last ``window - 1`` cached positions then the chunk, in temporal
+    order, so :func:`attention_mask` applies; a single token gets at most
+    ``window`` keys, in ring order once the ring has wrapped, all of which it may
+    see (no mask is needed, and attention does not depend on the keys' order).
+    Memory stays bounded by the window plus the chunk being processed."""
+    from mlx_lm.models.cache import RotatingKVCache
 
-    def __getitem__(self, i: int) -> Optional[mx.array]:
-        return self.state[i]
+    return RotatingKVCache(max_size=window, keep=0)
 
-    def __setitem__(self, i: int, value: Optional[mx.array]) -> None:
-        self.state[i] = value
+
+def StateCache():
+    """Recurrent state of an SSM, RG-LRU, short-conv or delta-rule layer:
+    ``mlx_lm.models.cache.ArraysCache`` with two slots, ``cache[0]`` the conv
+    state and ``cache[1]`` the recurrent state (``None`` before the first call)."""
+    from mlx_lm.models.cache import ArraysCache
+
+    return ArraysCache(2)
+
+
+def _as_mlx_lm_cache(entry):
+    """A layer's cache as one mlx-lm cache object: a tuple (a layer with several
+    caches, e.g. Falcon-H1's SSM state and keys/values) becomes a ``CacheList``
+    (indexable and unpackable like the tuple); ``None`` (a stateless block, e.g.
+    Nemotron-H's MLP layers) an empty, never-written ``ArraysCache(1)``, since
+    mlx-lm reads ``.state`` of every entry (prompt-cache files, evaluation)."""
+    if isinstance(entry, (tuple, list)):
+        from mlx_lm.models.cache import CacheList
+
+        return CacheList(*entry)
+    if entry is None:
+        from mlx_lm.models.cache import ArraysCache
+
+        return ArraysCache(1)
+    return entry
+
+
+def is_batch_cache(cache) -> bool:
+    """Whether ``cache`` is one of mlx-lm's batch caches (``BatchKVCache``,
+    ``BatchRotatingKVCache``, what its BatchGenerator and server merge several
+    sequences into): one offset per sequence (an array) and left padding."""
+    return cache is not None and not isinstance(cache.offset, int)
+
+
+def refuse_padded_batch(caches, model_type: str) -> None:
+    """Refuse what these models cannot compute: mlx-lm's BatchGenerator processing
+    prompts of different lengths together right-pads them and marks the padding
+    in the state caches (``ArraysCache.lengths``); recurrent layers here run
+    through the padding, which would enter the state. Attention layers handle
+    mlx-lm's padding (:func:`attend`), and sequences of different lengths decode
+    together correctly; only such prompt batches are refused."""
+    for c in caches:
+        for sub in getattr(c, "caches", None) or (c,):
+            if getattr(sub, "lengths", None) is not None:
+                raise ValueError(
+                    f"hybridconv's {model_type} model cannot process prompts of different lengths in one "
+                    "batch (the padding would enter its recurrent state): run mlx_lm.server with "
+                    "--prompt-concurrency 1")
 
 
 class Attention(nn.Module):
@@ -363,7 +488,11 @@ class BaseModelArgs:
     @classmethod
     def from_dict(cls, cfg: dict):
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        args = cls(**{k: v for k, v in cfg.items() if k in names})
+        # The checkpoint's float dtype, for the activations (CausalLM); not a
+        # field: it does not describe the architecture.
+        args.config_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+        return args
 
 
 class CausalLM(nn.Module):
@@ -388,26 +517,35 @@ class CausalLM(nn.Module):
       embedding output / the logits (µP multipliers, Gemma's √d, soft caps);
       identity by default;
     * ``layer_cache(layer)``: the decoding cache a block needs (a
-      :class:`KVCache`, :class:`WindowKVCache`, :class:`StateCache`, a tuple
+      :func:`KVCache`, :func:`WindowKVCache`, :func:`StateCache`, a tuple
       of them, or ``None`` for a stateless block); by default a
-      :class:`KVCache` for a block of kind ``"attention"``, else a
-      :class:`StateCache`;
+      :func:`KVCache` for a block of kind ``"attention"``, else a
+      :func:`StateCache`;
     * ``call_layer(layer, h, cache, x0)``: how a block is called (``x0``: the
       embedding output, which Zamba2's shared blocks read again, and whose
       dtype is the activations' dtype); by default ``layer(h, cache=cache)``;
     * ``final_norm(h, dtype)``: the final norm (``dtype``: the activations'
       dtype, for models whose residual stream runs in float32); by default the
       trunk's ``norm_name`` module;
+    * ``block_output(h)`` / ``block_input(reference, own)``: for models whose
+      blocks pass more than the residual stream to the next block (ZAYA's
+      router state, carried in extra channels of ``h``): the part of a block's
+      output that the reference's decoder layer returns (what verify compares;
+      by default all of ``h``), and a block's input rebuilt from the
+      reference's output of the previous block and this model's own output of
+      it (verify's blocks on the reference's inputs; by default the reference's);
     * ``layers``: the list of blocks (by default ``trunk.layers``).
 
     It gets what the loader, verify and decoding use: ``args``,
     ``model_type``, ``lm_head`` when untied, ``layers``, ``block_kinds()``
-    (each block's ``kind``), ``activation_dtype`` (set by the loader to the
-    checkpoint's float dtype; the embedding output is cast to it, since a
-    quantized embedding may dequantize to another dtype), ``embed``, ``head``,
+    (each block's ``kind``), ``activation_dtype`` (the checkpoint's float
+    dtype from the config's ``dtype``/``torch_dtype``, which the loader may
+    override; the embedding output is cast to it, since a quantized embedding
+    may dequantize to another dtype), ``embed``, ``head``,
     ``__call__(inputs, cache=None, hidden_states=None)`` (every block's output
     appended to ``hidden_states`` when it is a list: verify's localisation)
-    and ``make_cache()`` (one entry per block).
+    and ``make_cache()`` (one mlx-lm cache per block: what mlx-lm's generate,
+    prompt cache and server use).
     """
 
     trunk_name = "model"
@@ -428,6 +566,11 @@ class CausalLM(nn.Module):
             trunk.layers = layers
             setattr(trunk, self.norm_name, norm)
         setattr(self, self.trunk_name, trunk)
+        # Activations in the checkpoint's float dtype, whoever loads the model
+        # (hybridconv's loader may set another: the float32 compute path).
+        dtype = getattr(args, "config_dtype", None)
+        if dtype in ("float32", "float16", "bfloat16"):
+            self.activation_dtype = getattr(mx, dtype)
         if not self.tied:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -464,6 +607,12 @@ class CausalLM(nn.Module):
     def final_norm(self, h: mx.array, dtype=None) -> mx.array:
         return getattr(self.trunk, self.norm_name)(h)
 
+    def block_output(self, h: mx.array) -> mx.array:
+        return h
+
+    def block_input(self, reference: mx.array, own: mx.array) -> mx.array:
+        return reference
+
     def embed(self, inputs: mx.array) -> mx.array:
         h = getattr(self.trunk, self.embedding_name)(inputs)
         if self.activation_dtype is not None:
@@ -482,12 +631,16 @@ class CausalLM(nn.Module):
         """Logits for ``inputs``; if ``hidden_states`` is a list, the output of
         every block is appended to it (used to localise divergence)."""
         h = x0 = self.embed(inputs)
+        if cache is not None:
+            refuse_padded_batch(cache, self.model_type)
         caches = cache if cache is not None else [None] * len(self.layers)
         for layer, c in zip(self.layers, caches):
             h = self.call_layer(layer, h, c, x0)
             if hidden_states is not None:
-                hidden_states.append(h)
+                hidden_states.append(self.block_output(h))
         return self.head(h, x0.dtype)
 
     def make_cache(self) -> list:
-        return [self.layer_cache(layer) for layer in self.layers]
+        """One mlx-lm cache per block (``layer_cache``'s, a tuple as a ``CacheList``,
+        ``None`` as an empty placeholder): what mlx-lm's ``make_prompt_cache`` calls."""
+        return [_as_mlx_lm_cache(self.layer_cache(layer)) for layer in self.layers]

@@ -45,7 +45,10 @@ Everything except the ``S0`` terms is computed for groups of 32 chunks at
 once (bounding memory for long prompts); only the carry of ``S`` from chunk to
 chunk is a Python loop (``T / C`` iterations).
 The pairwise decays are formed as ``exp(G_i − G_j)`` masked to ``j ≤ i`` (never
-as ``exp(G_i)·exp(−G_j)``, which overflows in float32 for strong decays). For
+as ``exp(G_i)·exp(−G_j)``, which overflows in float32 for strong decays;
+the cutting into chunks and these pairwise log-decays are
+:mod:`hybridconv.models.linear_attention`'s ``to_chunks`` and
+``causal_log_decays``, shared with the mLSTM / WKV core). For
 the per-channel (KDA) form they are per key channel: formed directly within
 sub-blocks of 16 steps and factored through the previous sub-block's end
 between sub-blocks (:func:`_decayed_products`), one chunk at a time inside the
@@ -56,6 +59,27 @@ loop to bound memory.
 of batched matmuls, the same exact inverse as transformers'
 ``solve_triangular``/forward substitution, and it runs on any MLX device
 (``mx.linalg.solve_triangular`` is CPU-only).
+
+Without the delta rule: gated linear attention (lightning attention)
+--------------------------------------------------------------------
+The same chunked machinery, with the write ``S_t = diag(exp(g_t)) S_{t-1} +
+k_t v_tᵀ`` (no ``β``, nothing subtracted), is the *gated linear recurrence*
+behind RetNet (Sun et al. 2023, arXiv:2307.08621; a fixed decay per head),
+lightning attention (Qin et al. 2024, "Various Lengths, Constant Speed:
+Efficient Language Modeling with Lightning Attention", arXiv:2405.17381;
+MiniMax-01, arXiv:2501.08313: a fixed decay ``exp(−slope_h)`` per head, no
+read-out scale) and GLA (Yang et al. 2023, arXiv:2312.06635: per-channel
+data-dependent decay). There the corrections are the values themselves —
+``u = v``, no UT transform, no ``S0`` term in ``u`` — so::
+
+    o_i   = (scale·q_i ⊙ Γ_i)ᵀ S0 + Σ_{j≤i} (scale·q_i)ᵀ (k_j ⊙ exp(G_i − G_j)) v_j
+    S_end = diag(Γ_C) S0 + Σ_j (k_j ⊙ exp(G_C − G_j)) v_jᵀ
+
+(:func:`gated_linear_attention_chunked`, :func:`gated_linear_attention_step`,
+:func:`gated_linear_attention`). With a per-head decay the chunk size is then any
+positive integer (no block inversion); the result does not depend on it beyond
+float rounding, so a model's own block length (MiniMax's ``block_size``) need
+not be followed.
 
 Conventions (match transformers' ``torch_chunk_gated_delta_rule`` /
 ``torch_recurrent_gated_delta_rule`` and ``chunk_kimi_delta_attention``)
@@ -80,6 +104,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .linear_attention import causal_log_decays, to_chunks
+
 
 def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
     """``x · rsqrt(Σ_d x_d² + eps)`` over the last axis, in float32 (FLA's and
@@ -89,9 +115,11 @@ def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
 
 
 def _prepare(q, k, v, g, beta, state, scale):
-    """float32, grouped q/k heads expanded to the value heads, q scaled."""
+    """float32, grouped q/k heads expanded to the value heads, q scaled
+    (``beta=None``: the linear recurrence without the delta rule)."""
     f32 = mx.float32
-    q, k, v, g, beta = (x.astype(f32) for x in (q, k, v, g, beta))
+    q, k, v, g = (x.astype(f32) for x in (q, k, v, g))
+    beta = None if beta is None else beta.astype(f32)
     b, _, hk, dk = k.shape
     h, dv = v.shape[2], v.shape[3]
     if h != hk:
@@ -203,25 +231,31 @@ def _decayed_products(xs, k, G, sub: int = SUB_CHUNK):
 def _intra_chunk(q, k, v, g, beta, per_channel):
     """State-independent terms for chunks ``[b, H, n, C, ·]`` (see the module
     docstring): decayed queries, the masked intra-chunk ``q·k`` matrix, ``T(βv)``,
-    ``T(βk⊙Γ)``, keys decayed to the chunk end, and the whole-chunk decay."""
+    ``T(βk⊙Γ)``, keys decayed to the chunk end, and the whole-chunk decay.
+    ``beta=None`` (no delta rule): ``v`` and ``None`` in place of the two ``T`` terms."""
     C = q.shape[-2]
     idx = mx.arange(C)
-    causal = idx[:, None] >= idx[None, :]  # j ≤ i
     strict = idx[:, None] > idx[None, :]  # j < i
     G = mx.cumsum(g, axis=3)
-    k_beta = k * beta[..., None]
+    delta = beta is not None
+    k_beta = k * beta[..., None] if delta else None
     if per_channel:
-        A, qk = _decayed_products((k_beta, q), k, G)
+        if delta:
+            A, qk = _decayed_products((k_beta, q), k, G)
+        else:
+            (qk,) = _decayed_products((q,), k, G)
         gamma = mx.exp(G)
         to_end = mx.exp(G[..., -1:, :] - G)
         chunk_decay = mx.exp(G[..., -1, :])[..., None]  # [.., Dk, 1]: scales rows of S
     else:
-        pair = mx.exp(mx.where(causal, G[..., :, None] - G[..., None, :], -mx.inf))
-        A = (k_beta @ k.swapaxes(-1, -2)) * pair
+        pair = mx.exp(causal_log_decays(G))
+        A = (k_beta @ k.swapaxes(-1, -2)) * pair if delta else None
         qk = (q @ k.swapaxes(-1, -2)) * pair
         gamma = mx.exp(G)[..., None]
         to_end = mx.exp(G[..., -1:] - G)[..., None]
         chunk_decay = mx.exp(G[..., -1])[..., None, None]
+    if not delta:
+        return q * gamma, qk, v, None, k * to_end, chunk_decay
     T = unit_lower_inverse(mx.where(strict, A, 0.0))
     u = T @ (v * beta[..., None])
     w = T @ (k_beta * gamma)
@@ -248,19 +282,18 @@ def gated_delta_chunked(
     both float32. Vectorised within chunks; loops over chunks only.
     """
     q, k, v, g, beta, S = _prepare(q, k, v, g, beta, state, scale)
+    return _chunked(q, k, v, g, beta, S, chunk_size)
+
+
+def _chunked(q, k, v, g, beta, S, C):
+    """The chunk loop of :func:`gated_delta_chunked` (``beta=None``: of
+    :func:`gated_linear_attention_chunked`) on prepared float32 inputs."""
     b, T, H, dk = q.shape
     dv = v.shape[-1]
     per_channel = g.ndim == 4
-    C = chunk_size
-    pad = (-T) % C
-    n = (T + pad) // C
-
-    def chunks(x):  # [b, T, H, ...] -> [b, H, n, C, ...], zero-padded at the end
-        x = mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(b, n, C, H, *x.shape[3:])
-        return mx.moveaxis(x, 3, 1)
-
-    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
+    n = (T + (-T) % C) // C
+    # [b, T, H, ...] -> [b, H, n, C, ...], zero-padded at the end (beta None: no delta rule)
+    q, k, v, g, beta = (None if x is None else to_chunks(x, C) for x in (q, k, v, g, beta))
     # State-independent terms for a group of chunks at once (one chunk for the
     # per-channel form): vectorised, with memory bounded whatever T is.
     group = 1 if per_channel else INTRA_GROUP
@@ -268,9 +301,9 @@ def gated_delta_chunked(
     for c in range(n):
         if c % group == 0:
             sl = (slice(None), slice(None), slice(c, c + group))
-            terms = _intra_chunk(q[sl], k[sl], v[sl], g[sl], beta[sl], per_channel)
-        q_dec, qk, u, w, k_end, decay = (x[:, :, c % group] for x in terms)
-        v_new = u - w @ S
+            terms = _intra_chunk(q[sl], k[sl], v[sl], g[sl], None if beta is None else beta[sl], per_channel)
+        q_dec, qk, u, w, k_end, decay = (None if x is None else x[:, :, c % group] for x in terms)
+        v_new = u if w is None else u - w @ S
         outs.append(q_dec @ S + qk @ v_new)
         S = S * decay + k_end.swapaxes(-1, -2) @ v_new
     o = mx.stack(outs, axis=2).reshape(b, H, n * C, dv)[:, :, :T]
@@ -295,6 +328,68 @@ def gated_delta(
     return gated_delta_chunked(q, k, v, g, beta, state, chunk_size, scale=scale)
 
 
+def gated_linear_attention_step(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    state: Optional[mx.array],
+    *,
+    scale: Optional[float] = None,
+) -> tuple[mx.array, mx.array]:
+    """The gated linear recurrence ``S_t = diag(exp(g_t)) S_{t−1} + k_t v_tᵀ``,
+    ``o_t = S_tᵀ (scale·q_t)`` one step at a time (decode; loops over ``T``,
+    meant for ``T = 1``). Same arguments and conventions as
+    :func:`gated_linear_attention_chunked`."""
+    q, k, v, g, _, S = _prepare(q, k, v, g, None, state, scale)
+    per_channel = g.ndim == 4
+    outs = []
+    for t in range(q.shape[1]):
+        decay = mx.exp(g[:, t])  # [b, H] or [b, H, Dk]
+        S = S * (decay[..., None] if per_channel else decay[..., None, None])
+        S = S + k[:, t][..., None] * v[:, t][..., None, :]
+        outs.append((S * q[:, t][..., None]).sum(axis=-2))
+    return mx.stack(outs, axis=1), S
+
+
+def gated_linear_attention_chunked(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    state: Optional[mx.array] = None,
+    chunk_size: int = 64,
+    *,
+    scale: Optional[float] = None,
+) -> tuple[mx.array, mx.array]:
+    """Chunked evaluation of the gated linear recurrence (no delta rule; module
+    docstring): ``q, k: [b, T, Hk, Dk]``, ``v: [b, T, H, Dv]``, log-decay
+    ``g [b, T, H]`` or ``[b, T, H, Dk]``, ``state [b, H, Dk, Dv]`` or ``None``;
+    ``q`` scaled by ``scale`` (default ``Dk^-1/2``; lightning attention passes
+    1). Returns ``(o [b, T, H, Dv], state)``, float32; loops over chunks only."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be positive, got {chunk_size}")
+    q, k, v, g, _, S = _prepare(q, k, v, g, None, state, scale)
+    return _chunked(q, k, v, g, None, S, chunk_size)
+
+
+def gated_linear_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    state: Optional[mx.array] = None,
+    chunk_size: int = 64,
+    *,
+    scale: Optional[float] = None,
+) -> tuple[mx.array, mx.array]:
+    """Dispatch: one decode step through :func:`gated_linear_attention_step`, anything
+    longer through :func:`gated_linear_attention_chunked` (same results, see the tests)."""
+    if q.shape[1] == 1:
+        return gated_linear_attention_step(q, k, v, g, state, scale=scale)
+    return gated_linear_attention_chunked(q, k, v, g, state, chunk_size, scale=scale)
+
+
 def gdn_decay(a: mx.array, A_log: mx.array, dt_bias: mx.array) -> mx.array:
     """Gated DeltaNet's per-head log-decay ``g = -exp(A_log) · softplus(a + dt_bias)``
     (Mamba-2's ``dt · A`` with ``A = -exp(A_log)``; always ``≤ 0``), float32."""
@@ -305,13 +400,18 @@ def gdn_decay(a: mx.array, A_log: mx.array, dt_bias: mx.array) -> mx.array:
 class RMSNormGated(nn.Module):
     """Output norm of the delta-rule mixers: ``rms_norm(o) · weight · silu(gate)``
     per head (FLA's ``FusedRMSNormGated``; norm before gate), computed in float32
-    and returned in ``o``'s dtype. ``weight`` is the plain scale (ones at init)."""
+    and returned in ``o``'s dtype. ``weight`` is the plain scale (ones at init).
+    ``activation="sigmoid"``: ``σ(gate)`` instead (Qwen4-Exp's ``output_gate_type``)."""
 
-    def __init__(self, dims: int, eps: float = 1e-6):
+    def __init__(self, dims: int, eps: float = 1e-6, activation: str = "silu"):
         super().__init__()
         self.weight = mx.ones((dims,))
         self.eps = eps
+        if activation not in ("silu", "sigmoid"):
+            raise ValueError(f"RMSNormGated: activation {activation!r} is not 'silu' or 'sigmoid'")
+        self.activation = activation
 
     def __call__(self, o: mx.array, gate: mx.array) -> mx.array:
         y = mx.fast.rms_norm(o.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
-        return (y * nn.silu(gate.astype(mx.float32))).astype(o.dtype)
+        act = nn.silu if self.activation == "silu" else mx.sigmoid
+        return (y * act(gate.astype(mx.float32))).astype(o.dtype)

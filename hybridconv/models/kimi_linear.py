@@ -8,6 +8,9 @@ Transformers with the Delta Rule over Sequence Length" (2024, arXiv:2406.06484)
 for the gated delta rule and its chunked (WY / UT-transform) form; DeepSeek-AI,
 "DeepSeek-V2" (2024, arXiv:2405.04434) for multi-head latent attention (MLA).
 The reference implementation is transformers' ``KimiLinearForCausalLM``.
+The KDA computation (:class:`DeltaAttention`) and MLA (:class:`MLAttention`,
+with optional interleaved RoPE and a per-head output gate) are shared with
+Ling-3 (:mod:`.bailing_hybrid`).
 
 Architecture
 ============
@@ -100,7 +103,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .common import MLP, BaseModelArgs, CausalLM, KVCache, StateCache, attention_mask, causal_depthwise_conv
+from .common import (MLP, BaseModelArgs, CausalLM, KVCache, StateCache, attention_mask, causal_depthwise_conv,
+                     is_batch_cache)
 from .gated_delta import gated_delta, l2norm
 from .moe import MoEBlock
 
@@ -184,7 +188,59 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(channels, channels, kernel, groups=channels, bias=False)
 
 
-class KimiDeltaAttention(nn.Module):
+class DeltaAttention(nn.Module):
+    """The KDA computation (module docstring, steps 1-5), shared by Kimi-Linear
+    and Ling-3 (:mod:`.bailing_hybrid`), which differ only in how the forget and
+    output gates are parametrised and in parameter names. A subclass creates
+    ``q_proj``, ``k_proj``, ``v_proj``, ``b_proj``, ``o_norm``, its output
+    projection, ``num_heads``, ``head_dim``, and defines :meth:`conv_weights`
+    (the three ``[C, K, 1]`` kernels), :meth:`forget_gate` (``log α``, float32
+    ``[b, T, H, D]``), :meth:`output_gate` (pre-sigmoid, ``[b, T, H·D]``) and
+    :meth:`out_proj`."""
+
+    def conv_weights(self) -> list[mx.array]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forget_gate(self, x: mx.array) -> mx.array:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def output_gate(self, x: mx.array) -> mx.array:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def out_proj(self, o: mx.array) -> mx.array:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, x: mx.array, cache: Optional[StateCache] = None) -> mx.array:
+        b, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        # The three short convs run as one depthwise conv over [q | k | v]: one
+        # conv state per layer, as in the other state caches.
+        qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        weight = mx.concatenate(self.conv_weights(), axis=0)
+        qkv, conv_state = causal_depthwise_conv(
+            qkv, weight, None, cache[0] if cache is not None else None
+        )
+        qkv = nn.silu(qkv).astype(mx.float32)
+        q, k, v = (t.reshape(b, T, H, D) for t in mx.split(qkv, 3, axis=-1))
+        q, k = l2norm(q), l2norm(k)  # the core applies the D^-1/2 read-out scale
+
+        g = self.forget_gate(x)
+        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
+
+        state = cache[1] if cache is not None else None
+        o, state = gated_delta(q, k, v, g, beta, state, CHUNK_SIZE)
+        if cache is not None:
+            cache[0], cache[1] = conv_state, state
+
+        out_gate = self.output_gate(x).astype(mx.float32).reshape(b, T, H, D)
+        o = mx.fast.rms_norm(o, self.o_norm.weight.astype(mx.float32), self.o_norm.eps)
+        o = (o * mx.sigmoid(out_gate)).astype(x.dtype)
+        return self.out_proj(o.reshape(b, T, H * D))
+
+
+class KimiDeltaAttention(DeltaAttention):
+    """Kimi's KDA: low-rank forget and output gates, mlx-lm's parameter names."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_heads = H = args.linear_num_heads
@@ -207,38 +263,21 @@ class KimiDeltaAttention(nn.Module):
         self.o_norm = nn.RMSNorm(D, eps=args.rms_norm_eps)
         self.o_proj = nn.Linear(proj, hidden, bias=False)
 
-    def __call__(self, x: mx.array, cache: Optional[StateCache] = None) -> mx.array:
+    def conv_weights(self) -> list[mx.array]:
+        return [self.q_conv.conv.weight, self.k_conv.conv.weight, self.v_conv.conv.weight]
+
+    def forget_gate(self, x: mx.array) -> mx.array:
         b, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        # The three short convs run as one depthwise conv over [q | k | v]: one
-        # conv state per layer, as in the other state caches.
-        qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        weight = mx.concatenate(
-            [self.q_conv.conv.weight, self.k_conv.conv.weight, self.v_conv.conv.weight], axis=0
-        )
-        qkv, conv_state = causal_depthwise_conv(
-            qkv, weight, None, cache[0] if cache is not None else None
-        )
-        qkv = nn.silu(qkv).astype(mx.float32)
-        q, k, v = (t.reshape(b, T, H, D) for t in mx.split(qkv, 3, axis=-1))
-        q, k = l2norm(q), l2norm(k)  # the core applies the D^-1/2 read-out scale
-
         gate_in = self.f_b_proj(self.f_a_proj(x)).astype(mx.float32)
         gate_in = gate_in + self.dt_bias.astype(mx.float32)
-        g = -mx.exp(self.A_log.astype(mx.float32).reshape(H, 1)) * nn.softplus(
-            gate_in.reshape(b, T, H, D)
-        )
-        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
+        return -mx.exp(self.A_log.astype(mx.float32).reshape(H, 1)) * nn.softplus(gate_in.reshape(b, T, H, D))
 
-        state = cache[1] if cache is not None else None
-        o, state = gated_delta(q, k, v, g, beta, state, CHUNK_SIZE)
-        if cache is not None:
-            cache[0], cache[1] = conv_state, state
+    def output_gate(self, x: mx.array) -> mx.array:
+        return self.g_b_proj(self.g_a_proj(x))
 
-        out_gate = self.g_b_proj(self.g_a_proj(x)).astype(mx.float32).reshape(b, T, H, D)
-        o = mx.fast.rms_norm(o, self.o_norm.weight.astype(mx.float32), self.o_norm.eps)
-        o = (o * mx.sigmoid(out_gate)).astype(x.dtype)
-        return self.o_proj(o.reshape(b, T, H * D))
+    def out_proj(self, o: mx.array) -> mx.array:
+        return self.o_proj(o)
 
 
 def dense_weight(linear) -> mx.array:
@@ -252,9 +291,17 @@ def dense_weight(linear) -> mx.array:
 
 
 class MLAttention(nn.Module):
-    """Multi-head latent attention without rotary embeddings (module docstring)."""
+    """Multi-head latent attention (module docstring), without rotary embeddings
+    for Kimi-Linear. Ling-3 (:mod:`.bailing_hybrid`) uses the same with
+    ``rope`` (an ``nn.RoPE`` over the ``qk_rope_head_dim`` channels, applied to
+    ``q_r`` and the shared ``k_r`` before caching), ``head_gate`` (the output of
+    each head times ``σ(g_proj(x))_h``, one logit per head, computed in float32)
+    and its output projection named ``out_name``. GLM-5.3-Flash (:mod:`.glm5_next`)
+    uses it without RoPE (``qk_rope_head_dim`` 0), its latent norms at
+    ``latent_eps = rms_norm_eps``, and a ``select`` mask (DSA) in ``__call__``."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args, *, rope=None, head_gate: bool = False, out_name: str = "o_proj",
+                 latent_eps: float = LATENT_NORM_EPS):
         super().__init__()
         self.num_heads = args.num_attention_heads
         self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
@@ -267,30 +314,48 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, H * (self.nope + self.rope), bias=False)
         else:
             self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=latent_eps)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * (self.nope + self.rope), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.rope, bias=bias)
-        self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=LATENT_NORM_EPS)
+        self.kv_a_layernorm = nn.RMSNorm(self.rank, eps=latent_eps)
         self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_dim, hidden, bias=bias)
+        self.out_name = out_name
+        setattr(self, out_name, nn.Linear(H * self.v_dim, hidden, bias=bias))
+        self.rotary = rope
+        if head_gate:
+            self.g_proj = nn.Linear(hidden, H, bias=False)
 
-    def __call__(self, x: mx.array, cache: Optional[KVCache] = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: Optional[KVCache] = None, select=None) -> mx.array:
+        """``select(x, q_latent, offset, n_keys) -> mask [b, 1, T, n_keys]``, when
+        given, replaces the causal mask (GLM-5.3-Flash's DSA: ``q_latent`` is the
+        normalised query latent, ``offset`` the queries' first position)."""
         b, T, _ = x.shape
         H = self.num_heads
+        q_latent = None
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_latent)
         q = q.reshape(b, T, H, self.nope + self.rope).transpose(0, 2, 1, 3)
         q_nope, q_r = q[..., : self.nope], q[..., self.nope :]
 
         ckv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(ckv[..., : self.rank])[:, None]  # [b, 1, T, rank]
         k_r = ckv[..., self.rank :][:, None]  # [b, 1, T, rope], shared by the heads
-        offset = cache.offset if cache is not None else 0
-        if cache is not None:
+        offset = cache.offset if cache is not None else 0  # one per sequence for a batch cache
+        if self.rotary is not None:
+            q_r, k_r = self.rotary(q_r, offset=offset), self.rotary(k_r, offset=offset)
+            q = mx.concatenate([q_nope, q_r], axis=-1)
+        if is_batch_cache(cache):  # mlx-lm's BatchGenerator: its mask, made before the update
+            mask = cache.make_mask(T, return_array=True)
             latent, k_r = cache.update_and_fetch(latent, k_r)
-        mask = attention_mask(T, latent.shape[2], offset, None)
+        else:
+            if cache is not None:
+                latent, k_r = cache.update_and_fetch(latent, k_r)
+            mask = attention_mask(T, latent.shape[2], offset, None)
+        if select is not None:  # indexed attention (DSA): the selection is the mask
+            mask = select(x, q_latent, offset, latent.shape[2])
         if T == 1:
             # Absorbed (attention in latent space, one shared key/value head):
             # q_nope·(W_k c) = (W_kᵀ q_nope)·c and Σ p (W_v c) = W_v (Σ p c).
@@ -307,8 +372,11 @@ class MLAttention(nn.Module):
             k_nope, v = kv[..., : self.nope], kv[..., self.nope :]
             k = mx.concatenate([k_nope, mx.broadcast_to(k_r, (*k_nope.shape[:3], self.rope))], axis=-1)
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if "g_proj" in self:  # one gate per head: [b, T, H] -> [b, H, T, 1]
+            gate = mx.sigmoid(self.g_proj(x).astype(mx.float32)).astype(out.dtype)
+            out = out * gate.transpose(0, 2, 1)[..., None]
         out = out.transpose(0, 2, 1, 3).reshape(b, T, H * self.v_dim)
-        return self.o_proj(out)
+        return getattr(self, self.out_name)(out)
 
 
 def sparse_moe(args: ModelArgs) -> MoEBlock:

@@ -28,6 +28,12 @@ checked against the transformers router it reproduces (tests/test_moe.py):
     load, never the mixture. ``norm_topk`` divides by ``Σ s_e + norm_eps`` over
     the chosen (``norm_eps``: 1e-6 in LFM2-MoE, 1e-20 in DeepSeek-V3 /
     Nemotron-H / Kimi-Linear, 0 for Qwen), then ``routed_scaling`` multiplies.
+``skip_experts``
+    the last ``skip_experts`` of the ``E`` scores belong to experts that
+    compute nothing (ZAYA1's "skip expert", Zyphra 2025): they are scored and
+    chosen like the others, and a token routed to one gets weight 0 there (its
+    index is replaced by 0, a real expert, so the stacked experts are never
+    indexed out of range).
 ``n_group`` / ``topk_group``
     DeepSeek-V3's node-limited routing: the experts form ``n_group`` equal
     groups, a group's score is the sum of its two best (corrected) scores, only
@@ -74,6 +80,7 @@ def route(
     n_group: int = 1,
     topk_group: int = 1,
     norm_eps: float = 0.0,
+    skip_experts: int = 0,
 ) -> tuple[mx.array, mx.array]:
     """Choose ``top_k`` experts per token from router ``logits`` ``[..., E]``.
 
@@ -112,7 +119,45 @@ def route(
         weights = weights / (weights.sum(axis=-1, keepdims=True) + norm_eps)
     if routed_scaling != 1.0:
         weights = weights * routed_scaling
+    if skip_experts:
+        skip = inds >= E - skip_experts
+        weights = mx.where(skip, mx.array(0.0, weights.dtype), weights)
+        inds = mx.where(skip, mx.array(0, inds.dtype), inds)
     return inds, weights
+
+
+def route_sigmoid_sink(
+    logits: mx.array,
+    top_k: int,
+    n_shared: int,
+    *,
+    correction_bias: Optional[mx.array] = None,
+    scale: float = 1.0,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Inkling's routing with a *shared-expert sink* (thinkingmachines, Inkling;
+    transformers' ``InklingTopkRouter``). ``logits`` ``[..., E + S]``: the router
+    scores the ``S`` always-on shared experts beside the ``E`` routed ones. The
+    ``top_k`` routed experts are chosen by ``σ(l_e) + correction_bias``; then the
+    chosen and the shared experts share one normalisation::
+
+        w_i = σ(l_i) / Σ_{j ∈ chosen ∪ shared} σ(l_j) · scale
+
+    (computed as a softmax of log-sigmoids, as the reference does), so the shared
+    experts act as a sink that takes weight from the routed ones. Returns
+    ``(indices [..., k], routed weights [..., k], shared weights [..., S])``,
+    float32."""
+    logits = logits.astype(mx.float32)
+    E = logits.shape[-1] - n_shared
+    if not 1 <= top_k <= E:
+        raise ValueError(f"route_sigmoid_sink: top_k {top_k} must be in 1..{E}")
+    routed, shared = logits[..., :E], logits[..., E:]
+    choice = mx.sigmoid(routed)
+    if correction_bias is not None:
+        choice = choice + correction_bias.astype(mx.float32)
+    inds = mx.stop_gradient(_topk_indices(choice, top_k))
+    chosen = mx.concatenate([mx.take_along_axis(routed, inds, axis=-1), shared], axis=-1)
+    w = mx.softmax(-mx.logaddexp(mx.array(0.0, mx.float32), -chosen), axis=-1, precise=True) * scale
+    return inds, w[..., :top_k], w[..., top_k:]
 
 
 # --- stacked experts -----------------------------------------------------------------
@@ -195,19 +240,25 @@ def _run_experts(x: mx.array, indices: mx.array, body: Callable) -> mx.array:
 
 class SwitchGLU(nn.Module):
     """Gated experts: ``down(act(gate(x)) * up(x))`` per chosen expert
-    (SwiGLU with ``activation=nn.silu``, Shazeer 2020)."""
+    (SwiGLU with ``activation=nn.silu``, Shazeer 2020). ``limit``: the clamped
+    SwiGLU of GLM-5.3-Flash (and GPT-OSS): ``gate ≤ limit``, ``up ∈ [−limit, limit]``
+    before the product."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, activation=nn.silu, bias: bool = False):
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, activation=nn.silu, bias: bool = False,
+                 limit: Optional[float] = None):
         super().__init__()
         self.gate_proj = SwitchLinear(hidden, intermediate, num_experts, bias)
         self.up_proj = SwitchLinear(hidden, intermediate, num_experts, bias)
         self.down_proj = SwitchLinear(intermediate, hidden, num_experts, bias)
         self.activation = activation
+        self.limit = limit
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         def body(h, idx, s):
             g = self.gate_proj(h, idx, s)
             u = self.up_proj(h, idx, s)
+            if self.limit is not None:
+                g, u = mx.minimum(g, self.limit), mx.clip(u, -self.limit, self.limit)
             return self.down_proj(self.activation(g) * u, idx, s)
 
         return _run_experts(x, indices, body)
@@ -256,6 +307,7 @@ class MoEBlock(nn.Module):
     instead (``gate.e_score_correction_bias``). ``shared`` is any always-on
     module (an MLP) added to the routed output, scaled by
     ``σ(shared_expert_gate(x))`` when ``shared_gate`` names a ``Linear(H, 1)``.
+    ``swiglu_limit``: the experts' clamped SwiGLU (:class:`SwitchGLU`).
     """
 
     def __init__(
@@ -277,6 +329,7 @@ class MoEBlock(nn.Module):
         shared_name: str = "shared_expert",
         shared_gate: Optional[str] = None,
         router_bias: bool = False,
+        swiglu_limit: Optional[float] = None,
     ):
         super().__init__()
         self.top_k = top_k
@@ -286,6 +339,8 @@ class MoEBlock(nn.Module):
         setattr(self, router, nn.Linear(hidden, num_experts, bias=router_bias))
         cls = SwitchGLU if gated else SwitchMLP
         kwargs = {} if activation is None else {"activation": activation}
+        if swiglu_limit is not None:
+            kwargs["limit"] = swiglu_limit
         setattr(self, experts, cls(hidden, intermediate, num_experts, bias=expert_bias, **kwargs))
         if correction_bias:
             owner = getattr(self, router) if correction_bias_in_router else self

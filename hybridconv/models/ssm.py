@@ -1,6 +1,6 @@
 """The state-space core shared by every Mamba-family block: Mamba-1's selective
-scan, Mamba-2's SSD scan, the gated (grouped) RMSNorm and the two mixers in the
-layout transformers uses.
+scan, Mamba-2's SSD scan, the gated (grouped) RMSNorm and the mixers in the
+layouts transformers uses (Mamba-1, Zamba's multi-head Mamba-1, Mamba-2).
 
 Selective state spaces (Mamba-1)
 ================================
@@ -20,7 +20,10 @@ input-dependent ``B_t, C_t ∈ R^N`` shared by all channels::
 recurrence ``h_t = a_t h_{t-1} + u_t`` is associative in the pair ``(a, u)``
 and a Hillis–Steele scan does it in ``log2(Q)`` vectorised steps within chunks
 of ``Q`` steps (memory ``O(b·Q·Dch·N)``, bounded however long the prompt); the
-state is carried from chunk to chunk.
+state is carried from chunk to chunk. Zamba's multi-head variant
+(:class:`MultiHeadMamba1Mixer`) splits the channels into heads, each with its
+own ``B_t``, ``C_t`` (and low-rank ``Δ``): the same scan with ``B``/``C`` per
+group of channels.
 
 State-space duality (Mamba-2, SSD)
 ==================================
@@ -174,24 +177,40 @@ def selective_scan(
     """The Mamba-1 selective scan, float32 throughout.
 
     ``x``, ``dt``: ``[b, T, Dch]`` (``dt`` after softplus); ``A``: ``[Dch, N]``
-    (negative); ``B``, ``C``: ``[b, T, N]``; ``D``: ``[Dch]`` or ``None``;
+    (negative); ``B``, ``C``: ``[b, T, N]`` shared by all channels, or ``[b, T,
+    G, N]``, one per group of ``Dch / G`` consecutive channels (Zamba's
+    multi-head Mamba: a head is a group); ``D``: ``[Dch]`` or ``None``;
     ``state``: ``[b, Dch, N]`` or ``None`` (zeros). Returns ``y`` ``[b, T, Dch]``
     and the final state.
     """
     x, dt, A = x.astype(mx.float32), dt.astype(mx.float32), A.astype(mx.float32)
     B, C = B.astype(mx.float32), C.astype(mx.float32)
     b, T, Dch = x.shape
+    N = A.shape[-1]
+    grouped = B.ndim == 4
+    if grouped and Dch % B.shape[2]:
+        raise ValueError(f"{Dch} channels are not a multiple of {B.shape[2]} B/C groups")
     if state is None:
-        state = mx.zeros((b, Dch, A.shape[-1]), dtype=mx.float32)
+        state = mx.zeros((b, Dch, N), dtype=mx.float32)
     state = state.astype(mx.float32)
     ys = []
     for start in range(0, T, chunk_size):  # loop over chunks, not time steps
         stop = min(start + chunk_size, T)
+        Q = stop - start
         dts = dt[:, start:stop, :, None]  # [b, Q, Dch, 1]
         a = mx.exp(dts * A)  # [b, Q, Dch, N]
-        u = (dts * x[:, start:stop, :, None]) * B[:, start:stop, None, :]
+        if grouped:  # channels [b, Q, G, Dch/G]: each group with its own B_t, C_t
+            G = B.shape[2]
+            dx = (dts * x[:, start:stop, :, None]).reshape(b, Q, G, Dch // G, 1)
+            u = (dx * B[:, start:stop, :, None, :]).reshape(b, Q, Dch, N)
+        else:
+            u = (dts * x[:, start:stop, :, None]) * B[:, start:stop, None, :]
         h = _linear_scan(a, u, state)  # [b, Q, Dch, N]
-        ys.append((h @ C[:, start:stop, :, None]).squeeze(-1))
+        if grouped:
+            hg = h.reshape(b, Q, G, Dch // G, N)
+            ys.append((hg @ C[:, start:stop, :, :, None]).reshape(b, Q, Dch))
+        else:
+            ys.append((h @ C[:, start:stop, :, None]).squeeze(-1))
         state = h[:, -1]
     y = mx.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
     if D is not None:
@@ -340,7 +359,41 @@ class Mamba2Mixer(nn.Module):
         return self.project_out(y.astype(h.dtype))
 
 
-class Mamba1Mixer(nn.Module):
+class _Mamba1Base(nn.Module):
+    """The Mamba-1 block around the selective scan, shared by
+    :class:`Mamba1Mixer` and :class:`MultiHeadMamba1Mixer`: ``in_proj`` → ``x``
+    and ``z`` (:meth:`split_in_proj`), causal depthwise ``conv1d`` and SiLU on
+    ``x``, the scan's inputs from ``x`` (:meth:`ssm_inputs`),
+    :func:`selective_scan`, ``out_proj(y ⊙ silu(z))``. Decoding state: a
+    :class:`~hybridconv.models.common.StateCache` ``[conv state, SSM state]``."""
+
+    def split_in_proj(self, xz: mx.array) -> tuple[mx.array, mx.array]:
+        I = self.intermediate_size
+        return xz[..., :I], xz[..., I:]
+
+    def ssm_inputs(self, x: mx.array):  # pragma: no cover - interface
+        """``(dt, A, B, C, D)`` for :func:`selective_scan` (``dt`` after softplus)."""
+        raise NotImplementedError
+
+    def __call__(self, h: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
+        if mask is not None:
+            h = h * mask[..., None].astype(h.dtype)
+        x, z = self.split_in_proj(self.in_proj(h))
+        conv_state = cache[0] if cache is not None else None
+        x, conv_state = causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.get("bias"), conv_state)
+        x = nn.silu(x)
+        if mask is not None:
+            x = x * mask[..., None].astype(x.dtype)
+        dt, A, Bm, Cm, D = self.ssm_inputs(x)
+        ssm_state = cache[1] if cache is not None else None
+        y, ssm_state = selective_scan(x, dt, A, Bm, Cm, D, ssm_state)
+        if cache is not None:
+            cache[0], cache[1] = conv_state, ssm_state
+        y = y * nn.silu(z.astype(mx.float32))
+        return self.out_proj(y.astype(h.dtype))
+
+
+class Mamba1Mixer(_Mamba1Base):
     """Mamba-1 block in transformers' ``MambaMixer`` layout (also Falcon-Mamba
     and Jamba).
 
@@ -392,17 +445,8 @@ class Mamba1Mixer(nn.Module):
             return mx.fast.rms_norm(v.astype(mx.float32), None, self.bcdt_eps).astype(v.dtype)
         return getattr(self, name)(v)
 
-    def __call__(self, h: mx.array, cache=None, mask: Optional[mx.array] = None) -> mx.array:
-        I, N, r = self.intermediate_size, self.d_state, self.time_step_rank
-        if mask is not None:
-            h = h * mask[..., None].astype(h.dtype)
-        xz = self.in_proj(h)
-        x, z = xz[..., :I], xz[..., I:]
-        conv_state = cache[0] if cache is not None else None
-        x, conv_state = causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.get("bias"), conv_state)
-        x = nn.silu(x)
-        if mask is not None:
-            x = x * mask[..., None].astype(x.dtype)
+    def ssm_inputs(self, x: mx.array):
+        N, r = self.d_state, self.time_step_rank
         dbc = self.x_proj(x)
         delta = self._norm(dbc[..., :r], "dt_layernorm")
         Bm = self._norm(dbc[..., r : r + N], "b_layernorm")
@@ -410,9 +454,73 @@ class Mamba1Mixer(nn.Module):
         # dt_proj's bias is kept float32 by the converters: the sum is float32.
         dt = nn.softplus(self.dt_proj(delta).astype(mx.float32))
         A = -mx.exp(self.A_log.astype(mx.float32))
-        ssm_state = cache[1] if cache is not None else None
-        y, ssm_state = selective_scan(x, dt, A, Bm, Cm, self.D, ssm_state)
-        if cache is not None:
-            cache[0], cache[1] = conv_state, ssm_state
-        y = y * nn.silu(z.astype(mx.float32))
-        return self.out_proj(y.astype(h.dtype))
+        return dt, A, Bm, Cm, self.D
+
+
+class MultiHeadMamba1Mixer(_Mamba1Base):
+    """Zamba's multi-head Mamba-1 block (transformers' ``ZambaMambaMixer``;
+    Glorioso et al. 2024, arXiv:2405.16712): the ``I`` inner channels form
+    ``num_heads`` heads of ``I / num_heads``; each head runs Mamba-1 with its own
+    low-rank ``Δ``, ``B`` and ``C`` from its own channels.
+
+    Parameters as the checkpoint stores them: ``in_proj`` ``[2I, hidden]`` with
+    ``x`` and ``z`` *interleaved* (row ``2c`` is channel ``c`` of ``x``, row
+    ``2c + 1`` of ``z``: transformers views the output as ``[I, 2]``);
+    ``x_proj_weight`` ``[heads, R + 2N, I/heads]`` (per head ``[δ | B | C]``);
+    ``dt_proj_weight`` ``[heads, I/heads, R]``; ``dt_proj_bias``, ``D``
+    ``[heads, I/heads]``; ``A_log`` ``[heads, I/heads, N]``. Per head::
+
+        [δ | B | C] = x_proj_weight[h] · x_h
+        Δ_h = softplus(dt_proj_weight[h] · δ + dt_proj_bias[h])
+        h_t = exp(Δ ⊙ A) ⊙ h_{t−1} + (Δ ⊙ x_h) ⊗ B_t,   y = h_t · C_t + D ⊙ x_h
+
+    (the scan is :func:`selective_scan` with per-head ``B``/``C``), then
+    ``out_proj(y ⊙ silu(z))`` over all heads.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        d_state: int,
+        d_conv: int,
+        time_step_rank: int,
+        num_heads: int,
+        use_conv_bias: bool = True,
+        use_bias: bool = False,
+    ):
+        super().__init__()
+        if intermediate_size % num_heads:
+            raise ValueError(f"intermediate size {intermediate_size} is not a multiple of {num_heads} heads")
+        I, H, R, N = intermediate_size, num_heads, time_step_rank, d_state
+        hd = I // H
+        self.intermediate_size, self.d_state, self.time_step_rank, self.num_heads = I, N, R, H
+        self.in_proj = nn.Linear(hidden_size, 2 * I, bias=use_bias)
+        self.conv1d = nn.Conv1d(I, I, d_conv, groups=I, bias=use_conv_bias)
+        self.x_proj_weight = mx.zeros((H, R + 2 * N, hd))
+        self.dt_proj_weight = mx.zeros((H, hd, R))
+        self.dt_proj_bias = mx.zeros((H, hd))
+        self.A_log = mx.log(mx.broadcast_to(mx.arange(1, N + 1, dtype=mx.float32), (H, hd, N)))
+        self.D = mx.ones((H, hd))
+        self.out_proj = nn.Linear(I, hidden_size, bias=use_bias)
+
+    def split_in_proj(self, xz: mx.array) -> tuple[mx.array, mx.array]:
+        pairs = xz.reshape(*xz.shape[:-1], self.intermediate_size, 2)  # interleaved [x_c, z_c]
+        return pairs[..., 0], pairs[..., 1]
+
+    def _per_head(self, v: mx.array, w: mx.array) -> mx.array:
+        """``v`` ``[b, T, heads, d]`` times each head's ``w[h]ᵀ`` (``[heads, out, d]``)
+        -> ``[b, T, heads, out]``: one batched matmul over heads."""
+        b, T, H, d = v.shape
+        out = v.transpose(2, 0, 1, 3).reshape(H, b * T, d) @ w.swapaxes(1, 2).astype(v.dtype)
+        return out.reshape(H, b, T, -1).transpose(1, 2, 0, 3)
+
+    def ssm_inputs(self, x: mx.array):
+        b, T, I = x.shape
+        H, R, N = self.num_heads, self.time_step_rank, self.d_state
+        dbc = self._per_head(x.reshape(b, T, H, I // H), self.x_proj_weight)  # [b, T, H, R + 2N]
+        delta, Bm, Cm = dbc[..., :R], dbc[..., R : R + N], dbc[..., R + N :]
+        dt = self._per_head(delta, self.dt_proj_weight).astype(mx.float32)  # [b, T, H, I/H]
+        dt = nn.softplus(dt + self.dt_proj_bias.astype(mx.float32)).reshape(b, T, I)
+        A = -mx.exp(self.A_log.astype(mx.float32)).reshape(I, N)
+        return dt, A, Bm, Cm, self.D.reshape(I)

@@ -219,10 +219,11 @@ def make_mixer(args: ModelArgs) -> Mamba2Mixer:
 class MambaLayer(nn.Module):
     kind = "mamba"
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, mixer: Optional[nn.Module] = None):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.mamba = make_mixer(args)
+        # Zamba (v1) passes its multi-head Mamba-1 mixer; Zamba2's is Mamba-2.
+        self.mamba = make_mixer(args) if mixer is None else mixer
 
     def __call__(self, x: mx.array, add: Optional[mx.array] = None, cache=None) -> mx.array:
         u = self.input_layernorm(x + add if add is not None else x)
@@ -235,12 +236,17 @@ class HybridLayer(nn.Module):
 
     kind = "hybrid"
 
-    def __init__(self, args: ModelArgs, block: int):
+    def __init__(self, args: ModelArgs, block: int, mamba_decoder: Optional[MambaLayer] = None):
         super().__init__()
         self.block = block
-        h, r = args.hidden_size, args.adapter_rank
+        h = args.hidden_size
         self.linear = nn.Linear(h, h, bias=False)
-        self.mamba_decoder = MambaLayer(args)
+        self.mamba_decoder = MambaLayer(args) if mamba_decoder is None else mamba_decoder
+        self.add_adapters(args)
+
+    def add_adapters(self, args: ModelArgs) -> None:
+        """This layer's per-use LoRA adapters of the shared block (Zamba v1 has none)."""
+        h, r = args.hidden_size, args.adapter_rank
         self.gate_up_adapter = lora(h, r, 2 * args.intermediate_size)
         if args.use_shared_attention_adapter:
             w = 2 * h
@@ -275,9 +281,10 @@ class Model(CausalLM):
     """Zamba2 for causal LM. ``model(ids[B, T], cache=None) -> logits[B, T, V]``."""
 
     norm_name = "final_layernorm"
+    trunk_class = Zamba2Model  # Zamba (v1): its own trunk, the same frame
 
     def __init__(self, args: ModelArgs):
-        super().__init__(args, Zamba2Model(args))
+        super().__init__(args, self.trunk_class(args))
 
     def call_layer(self, layer, h: mx.array, cache, x0: mx.array) -> mx.array:
         # A hybrid layer runs its shared block on [h, original embeddings].

@@ -8,10 +8,13 @@ quantized`` for quantized weights, ``tags`` (``mlx``, the architecture,
 ``hybridconv``), and ``license`` / ``language`` copied from the source's card.
 
 The "Runtimes" section comes from the verification report: one row per runtime
-that ran the weights (hybridconv, mlx-lm) with its verdict and mean KL. The
-"Use with mlx-lm" snippet appears only where mlx-lm passed; otherwise a plain
-warning says what mlx-lm does with these weights (cannot load them, or
-computes another function, and why) and points to hybridconv.
+that ran the weights (hybridconv, mlx-lm) with its verdict, mean KL and the
+model code that ran (mlx-lm's own model, or the model file the folder carries,
+run with ``--trust-remote-code``). The "Use with mlx-lm" snippet appears only
+where mlx-lm passed, with ``--trust-remote-code`` (and what that runs) where
+what passed is the carried file; otherwise a plain warning says what mlx-lm
+does with these weights (cannot load them, or computes another function, and
+why) and points to hybridconv.
 """
 
 from __future__ import annotations
@@ -67,18 +70,73 @@ def _runtimes(report: dict | None) -> dict:
                            "version": (report.get("tool") or {}).get("version")}}
 
 
-def runtimes_section(report: dict | None, repo_id: str) -> tuple[str, str]:
-    """(the Runtimes table, the mlx-lm section: its usage snippet if mlx-lm passed, else a warning)."""
+def _widths(quant: dict) -> list[int]:
+    """The widths the quantized weights are stored at, narrowest first, from the
+    conversion record (its plan rows; the base width for older records)."""
+    rows = [r.get("bits") for r in quant.get("plan", []) if r.get("decision") == "quantize"]
+    widths = sorted({b for b in rows if isinstance(b, int)} | set(quant.get("widths") or []))
+    return widths or [quant["base"]["bits"]]
+
+
+MLX_LM_CARRIED_SNIPPET = """## Use with mlx-lm
+
+This repository carries hybridconv's own implementation of the model, `{file}`
+(`{sha256}`), and `config.json` names it (`model_file`): mlx-lm runs it only when
+you pass `--trust-remote-code` (`trust_remote_code=True` in Python). It is the code
+verified below, made by hybridconv {version} from its model modules, readable in
+one file; it imports only mlx, mlx_lm and the Python standard library (no network,
+no file access). Why it is carried: {why}.
+
+```sh
+pip install mlx-lm
+mlx_lm.generate --model {repo_id} --trust-remote-code --prompt "Hello"
+mlx_lm.server --model {repo_id} --trust-remote-code
+```
+
+```python
+from mlx_lm import load, generate
+
+model, tokenizer = load("{repo_id}", trust_remote_code=True)
+print(generate(model, tokenizer, prompt="Hello", max_tokens=64))
+```"""
+
+
+def _model_code(r: dict) -> str:
+    """The Runtimes table's "model code" cell: what ran in that runtime."""
+    if r.get("runtime") == "hybridconv" or "loader" not in r:
+        return "hybridconv.models" if r.get("runtime", "hybridconv") == "hybridconv" else "-"
+    code = r.get("model_code") or {}
+    if r.get("trust_remote_code") and code.get("source") == "carried":
+        return f"{code.get('file')} (carried; --trust-remote-code)"
+    if code.get("class"):
+        return f"mlx-lm's own ({code['class'].rsplit('.', 1)[0]})"
+    return "mlx-lm's own"
+
+
+def runtimes_section(report: dict | None, repo_id: str, record: dict | None = None) -> tuple[str, str]:
+    """(the Runtimes table, the mlx-lm section: its usage snippet if mlx-lm passed —
+    with ``--trust-remote-code`` when what passed is the model file the folder
+    carries — else a warning). ``record``: the folder's conversion.json."""
     runs = _runtimes(report)
     rows = []
     for name, r in runs.items():
         kl = ((r.get("metrics") or {}).get("overall") or {}).get("kl_mean")
         rows.append(f"| {name} | {r.get('version') or '-'} | {r.get('verdict') or '-'} | "
-                    f"{'-' if kl is None else f'{kl:.3g}'} |")
+                    f"{'-' if kl is None else f'{kl:.3g}'} | {_model_code({'runtime': name, **r})} |")
     if "mlx-lm" not in runs:
-        rows.append("| mlx-lm | - | not checked | - |")
-    table = "\n".join(["| runtime | version | verdict | KL mean |", "|---|---|---|---|", *rows])
+        rows.append("| mlx-lm | - | not checked | - | - |")
+    table = "\n".join(["| runtime | version | verdict | KL mean | model code |", "|---|---|---|---|---|", *rows])
     r = runs.get("mlx-lm")
+    if r and r.get("verdict") == "pass" and r.get("trust_remote_code"):
+        code = r.get("model_code") or {}
+        carried = (record or {}).get("mlx_lm_code") or {}
+        values = {"{repo_id}": repo_id, "{file}": str(code.get("file")), "{sha256}": str(code.get("sha256")),
+                  "{version}": str(carried.get("hybridconv_version") or __version__),
+                  "{why}": str(carried.get("reason") or "mlx-lm's own model cannot run these weights right")}
+        snippet = MLX_LM_CARRIED_SNIPPET
+        for key, value in values.items():
+            snippet = snippet.replace(key, value)
+        return table, snippet
     if r and r.get("verdict") == "pass":
         snippet = MLX_LM_SNIPPET.replace("{repo_id}", repo_id)
         if r.get("note"):  # within a lossy precision's gates, yet another function
@@ -97,6 +155,9 @@ def runtimes_section(report: dict | None, repo_id: str) -> tuple[str, str]:
         what += f": {why}"
     warning = (f"> **Warning: not for mlx-lm.** {what}. Load them with hybridconv (below), "
                "which computes the original model's function.")
+    if r is not None and not r.get("trust_remote_code"):
+        warning += (" (Converted with `--mlx-lm-code auto`, the default, the weights would carry "
+                    "hybridconv's model, which mlx-lm runs with `--trust-remote-code`.)")
     return table, "## mlx-lm\n\n" + warning
 
 
@@ -118,8 +179,12 @@ def render_card(out: Path, repo_id: str | None, template: Path | None = None, un
         if quant:
             front["base_model_relation"] = "quantized"
     tags = ["mlx", model_type, "hybridconv"]
+    widths = _widths(quant) if quant else []
     if quant:
-        tags.append(f"{quant['base']['bits']}-bit" if quant["base"]["mode"] == "affine" else quant["base"]["mode"])
+        if quant.get("recipe", "uniform") != "uniform":
+            tags.append(quant["recipe"])
+        # the width tag (last): the narrowest width the weights are stored at
+        tags.append(f"{widths[0]}-bit" if quant["base"]["mode"] == "affine" else quant["base"]["mode"])
     if unverified:
         tags.append("unverified")
     front["tags"] = tags
@@ -132,7 +197,7 @@ def render_card(out: Path, repo_id: str | None, template: Path | None = None, un
     if quant:
         base = quant["base"]
         conv += [
-            ("quantization", f"{base['mode']}, {base['bits']} bits, group size {base['group_size']}"),
+            ("quantization", f"{base['mode']}, {'/'.join(map(str, widths))} bits, group size {base['group_size']}"),
             ("recipe", quant.get("recipe", "uniform")),
             ("bits per weight", f"{quant['bits_per_weight']:.3f}"),
         ]
@@ -176,10 +241,13 @@ def render_card(out: Path, repo_id: str | None, template: Path | None = None, un
     versions_text = ", ".join([f"hybridconv {__version__}"] + [f"{k} {v}" for k, v in versions.items()])
     if quant:
         b = quant["base"]
-        variant = f"{b['mode']} {b['bits']}-bit quantized" if b["mode"] == "affine" else f"{b['mode']} quantized"
+        variant = (f"{b['mode']} {'/'.join(map(str, widths))}-bit quantized" if b["mode"] == "affine"
+                   else f"{b['mode']} quantized")
+        if quant.get("recipe", "uniform") != "uniform":
+            variant += f" ({quant['recipe']}: the sensitive roles at {widths[-1]} bits)"
     else:
         variant = f"in {record.get('dtype', 'float')}"
-    runtimes_table, mlx_lm_section = runtimes_section(report, repo_id or out.name)
+    runtimes_table, mlx_lm_section = runtimes_section(report, repo_id or out.name, record)
     values = {
         "runtimes_table": runtimes_table,
         "mlx_lm_section": mlx_lm_section,

@@ -24,14 +24,19 @@ Plan schema (TOML shown; YAML with the same keys works too)::
     dtype = "bfloat16"                   # a float variant: convert
     repo_id = "my-org/plamo-2-1b-mlx-bf16"
     require_runtimes = ["mlx-lm"]        # optional: fail (and do not upload) unless mlx-lm computes it too
+    mlx_lm_code = "auto"                 # optional (also at the top of the plan, for every variant): auto | always | never
 
     [[variants]]
     name = "4bit"
     bits = 4                             # a quantized variant: quantize
-    group_size = 64                      # optional; also mode, recipe, bits_for, keep, dtype
-    recipe = "mixed-4-6"
+    group_size = 64                      # optional; also mode, bits_for, keep, dtype
     repo_id = "my-org/plamo-2-1b-mlx-4bit"
     gates = { max_kl_mean = 0.2 }        # optional, per variant
+
+    [[variants]]
+    name = "mixed"
+    recipe = "mixed-4-6"                 # also a quantized variant: the recipe sets the widths
+    repo_id = "my-org/plamo-2-1b-mlx-mixed-4-6"   # (so `bits` is refused with it, as on the CLI)
 
 The PyTorch reference runs once; its logits (and block outputs) are stored in
 ``WORKDIR/reference.safetensors`` and every variant is verified against that
@@ -45,18 +50,20 @@ others did.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import math
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .. import __version__, interrupt
-from ..errors import HybridconvError, UsageError
+from ..errors import EXIT_HUB, HybridconvError, UsageError
 
 VARIANT_KEYS = {"name", "dtype", "bits", "group_size", "mode", "recipe", "bits_for", "keep", "repo_id", "gates",
-                "require_runtimes"}
+                "require_runtimes", "mlx_lm_code"}
 GATE_KEYS = {"max_kl_mean", "max_kl_p99", "min_top1", "min_top5", "max_block_error"}
 VERIFY_KEYS = {"random_tokens", "num_sequences", "seed", "prompts", "text_files", "decode_steps", "gates", "ref_dtype"}
 
@@ -74,10 +81,14 @@ class Variant:
     keep: list[str] = field(default_factory=list)
     gates: dict = field(default_factory=dict)
     require_runtimes: list[str] = field(default_factory=list)
+    mlx_lm_code: str = "auto"  # --mlx-lm-code: whether the output carries hybridconv's model for mlx-lm
 
     @property
     def quantized(self) -> bool:
-        return self.bits is not None
+        """``bits = N`` (uniform) or ``recipe = "mixed-L-H"`` (the recipe sets the widths)."""
+        from ..quant.plan import is_mixed
+
+        return self.bits is not None or is_mixed(self.recipe)
 
 
 @dataclass
@@ -177,11 +188,20 @@ def _validate(path: Path, data: dict) -> ReleasePlan:
     the table or variant and the key."""
     from ..checkpoint import REPO_ID
     from ..quant.modes import MODES, validate
-    from ..quant.plan import parse_bits_for, recipe_widths
+    from ..quant.plan import is_mixed, parse_bits_for, recipe_widths
 
-    _known(path, "the plan", data, {"name", "source", "variants", "verify", "upload"})
+    _known(path, "the plan", data, {"name", "source", "variants", "verify", "upload", "mlx_lm_code"})
     if "name" in data:
         _typed(path, "the plan", "name", data["name"], str)
+    from ..mlx_lm_code import POLICIES
+
+    def _policy(where: str, value) -> str:
+        _typed(path, where, "mlx_lm_code", value, str)
+        if value not in POLICIES:
+            raise _fail(path, f"{where}: mlx_lm_code {value!r}: expected one of {', '.join(POLICIES)}")
+        return value
+
+    default_code = _policy("the plan", data["mlx_lm_code"]) if "mlx_lm_code" in data else "auto"
     src = _known(path, "[source]", data.get("source", None) or {}, SOURCE_KEYS)
     if not (("repo_id" in src) ^ ("path" in src)):
         raise _fail(path, "[source] needs exactly one of repo_id or path")
@@ -248,11 +268,17 @@ def _validate(path: Path, data: dict) -> ReleasePlan:
                 raise _fail(path, f"{where}: repo_id {v['repo_id']!r} is also the repo of variant {repos[v['repo_id']]!r}")
             repos[v["repo_id"]] = name
         quant_keys = sorted({"group_size", "mode", "recipe", "bits_for", "keep"} & set(v))
-        if "bits" not in v and quant_keys:
-            raise _fail(path, f"{where}: {', '.join(quant_keys)} apply to quantized variants; add bits = N")
-        if "bits" in v:
+        mixed = is_mixed(v.get("recipe"))
+        if "bits" not in v and not mixed and quant_keys:
+            raise _fail(path, f"{where}: {', '.join(quant_keys)} apply to quantized variants; add bits = N "
+                        "(or recipe = \"mixed-L-H\")")
+        if "bits" in v and mixed:
+            # one rule with the CLI (which refuses --bits with --recipe mixed-L-H)
+            raise _fail(path, f"{where}: bits = {v['bits']} with recipe = {v['recipe']!r}: a mixed-L-H recipe sets "
+                        "the widths itself (L bits, H for the sensitive roles), so bits does not apply; drop bits")
+        if "bits" in v or mixed:
             try:
-                spec = validate(v["bits"], v.get("group_size"), v.get("mode", "affine"))
+                spec = validate(v.get("bits"), v.get("group_size"), v.get("mode", "affine"))
                 recipe_widths(v.get("recipe"), spec)
                 parse_bits_for(v.get("bits_for"))
             except UsageError as exc:
@@ -261,7 +287,8 @@ def _validate(path: Path, data: dict) -> ReleasePlan:
                 raise _fail(path, f"{where}: {msg}") from None
         if "gates" in v:
             _gates(path, where, v["gates"])
-        variants.append(Variant(**{k: v[k] for k in v}))
+        code = _policy(where, v["mlx_lm_code"]) if "mlx_lm_code" in v else default_code
+        variants.append(Variant(**{**{k: v[k] for k in v}, "mlx_lm_code": code}))
     return ReleasePlan(
         name=str(data.get("name") or path.stem),
         path=path,
@@ -313,12 +340,9 @@ def run_release(
     reference run, upload; resumable from ``WORKDIR/release-state.json``. Returns the
     summary dict (``ok`` is false when any variant failed)."""
     from ..checkpoint import resolve
-    from ..convert import convert
     from ..convert import plan as plan_conversion
-    from ..hashing import weights_hash
     from ..quant.modes import validate
     from ..quant.plan import build_plan
-    from ..quant.run import quantize
 
     workdir = Path(workdir) if workdir else plan.path.parent / f"release-{plan.name}"
     src = resolve(plan.source, plan.revision)
@@ -330,18 +354,25 @@ def run_release(
             if v.quantized:
                 qp = build_plan(p, validate(v.bits, v.group_size, v.mode), v.recipe, v.bits_for, v.keep)
                 size, bpw = qp.total_bits // 8, qp.bits_per_weight
+                what = f"quantize {qp.label()}, {bpw:.2f} bits/weight"
             else:
                 size, bpw = p.output_bytes(), None
+                what = "convert " + (v.dtype or "as stored")
             target = v.repo_id if (upload and v.repo_id) else None
+            from ..mlx_lm_code import decide
+
+            carries, why = decide(v.mlx_lm_code, p.arch.mlx_lm_support(p.config))
             summary["variants"].append({
-                "name": v.name, "build": "quantize" if v.quantized else "convert", "bytes": size,
+                "name": v.name, "build": what, "bytes": size,
                 "bits_per_weight": bpw, "verify": "would verify", "kl_mean": None,
                 "upload": f"would upload to {target}" if target else "no upload", "repo_id": v.repo_id,
+                "mlx_lm_code": {"policy": v.mlx_lm_code, "carries": carries, "reason": why},
             })
-            log(f"{v.name}: {'quantize ' + str(v.bits) + '-bit' if v.quantized else 'convert ' + (v.dtype or 'as stored')}"
-                f" ({size / 1e6:.2f} MB) -> verify -> {('would upload to ' + target) if target else 'no upload'}")
+            log(f"{v.name}: {what} ({size / 1e6:.2f} MB) -> verify -> "
+                f"{('would upload to ' + target) if target else 'no upload'}")
         summary["reference"] = "would run once and be reused by every variant"
         summary["ok"] = True
+        summary["exit_code"] = 0
         return summary
 
     if upload and any(v.repo_id for v in plan.variants):
@@ -355,6 +386,64 @@ def run_release(
                 "set HF_TOKEN or run `hf auth login` (or pass --no-upload to build and verify only)",
             )
     workdir.mkdir(parents=True, exist_ok=True)
+    with _workdir_lock(workdir):
+        return _run(plan, workdir, src, summary, upload, log)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path):
+    """One release run per WORKDIR at a time: a second one (same plan or not) would
+    build into, verify and replace the same variant folders while the first uses
+    them. The lock is ``flock`` on ``WORKDIR/.release.lock``, released by the kernel
+    when the process ends however it ends (no stale lock after a crash); the file
+    is removed when the run ends (while still locked, and a run that locked a file
+    since removed tries again, so two runs never hold two different files)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    path = workdir / ".release.lock"
+    for _ in range(5):
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UsageError(
+                f"{workdir}: another release run is using this work folder ({holder}); nothing was done",
+                "wait for it to finish, or pass another --workdir",
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # removed by the run that just ended: lock the new file instead
+    else:  # pragma: no cover - only if other runs keep starting and ending in between
+        raise UsageError(f"{workdir}: other release runs keep using this work folder", "try again")
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        f.close()
+
+
+def _run(plan: ReleasePlan, workdir: Path, src, summary: dict, upload: bool, log) -> dict:
+    from ..convert import convert
+    from ..hashing import weights_hash
+    from ..quant.run import quantize
+
     state = _State(workdir / "release-state.json")
 
     # The PyTorch reference, once for all variants.
@@ -397,9 +486,9 @@ def run_release(
             else:
                 if v.quantized:
                     quantize(plan.source, out, v.bits, v.group_size, v.mode, v.recipe, v.bits_for, v.keep,
-                             v.dtype, plan.revision, force=True)
+                             v.dtype, plan.revision, force=True, mlx_lm_code=v.mlx_lm_code)
                 else:
-                    convert(plan.source, out, v.dtype, plan.revision, force=True)
+                    convert(plan.source, out, v.dtype, plan.revision, force=True, mlx_lm_code=v.mlx_lm_code)
                 state.set(build_key, "variants", v.name, "build")
                 row["build"] = "built"
             row["bytes"] = sum(f.stat().st_size for f in out.glob("model*.safetensors"))
@@ -450,7 +539,16 @@ def run_release(
         except HybridconvError as exc:
             row["failed"] = True
             row["reasons"].append(exc.message)
+            if exc.exit_code == EXIT_HUB:  # the Hub refused or could not be reached: say so, go on
+                row["hub_error"] = True
+                row["upload"] = "failed (Hub)"
             row["upload"] = row["upload"] or "not attempted"
             log(f"{v.name}: FAILED: {exc.message}")
-    summary["ok"] = not any(r.get("failed") for r in summary["variants"])
+    rows = summary["variants"]
+    summary["ok"] = not any(r.get("failed") for r in rows)
+    # 5 when an upload failed at the Hub (the network or the Hub itself), else 1 when a
+    # variant failed; 0 when every variant was built, verified and (if asked) uploaded
+    summary["exit_code"] = EXIT_HUB if any(r.get("hub_error") for r in rows) else (0 if summary["ok"] else 1)
+    summary["done"] = [r["name"] for r in rows if not r.get("failed")]
+    summary["not_done"] = [r["name"] for r in rows if r.get("failed")]
     return summary

@@ -1,7 +1,8 @@
 """``upload``: publish a verified folder to the Hub with huggingface_hub.
 
 Refuses unless OUT holds a passing ``verification.json`` whose weights hash
-matches OUT's current weight files. The token comes from ``HF_TOKEN`` or the
+matches OUT's current weight files and the model file it carries for mlx-lm
+(:func:`hybridconv.hashing.weights_hash`): changed code fails like changed weights. The token comes from ``HF_TOKEN`` or the
 huggingface_hub login (``get_token``) and is never printed: every message that
 leaves this module passes through :func:`scrub`.
 """
@@ -12,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HubError, UnverifiedError, UsageError
+from ..errors import HubError, UnverifiedError, UsageError, is_network_error
 from ..hashing import weights_hash
 from .card import render_card
 
@@ -62,7 +63,8 @@ def check_verified(out: Path) -> dict:
     current = weights_hash(out)
     if current != recorded:
         raise UnverifiedError(
-            f"{out}: the weights changed after verification (verified {recorded[:19]}…, now {current[:19]}…)",
+            f"{out}: the weights or the model code it carries changed after verification "
+            f"(verified {recorded[:19]}…, now {current[:19]}…)",
             fix,
         )
     return report
@@ -150,6 +152,14 @@ def upload(
             result.commit_url = getattr(info, "commit_url", None)
     except HfHubHTTPError as exc:
         raise HubError(scrub(f"{repo_id}: the Hub refused the upload ({exc})", secret)) from None
-    except (OSError, ValueError) as exc:  # network errors; answers the client cannot use
-        raise HubError(scrub(f"{repo_id}: upload failed ({exc})", secret)) from None
+    except Exception as exc:  # noqa: BLE001  (sorted below: network, bad answers, or a bug)
+        if is_network_error(exc):
+            raise HubError(
+                scrub(f"{repo_id}: the Hub could not be reached at {api.endpoint} "
+                      f"({type(exc).__name__}: {exc}); nothing was uploaded", secret),
+                "check the network (and HF_ENDPOINT, if set), then run the same command again",
+            ) from None
+        if isinstance(exc, (OSError, ValueError)):  # answers the client cannot use
+            raise HubError(scrub(f"{repo_id}: upload failed ({exc})", secret)) from None
+        raise
     return result

@@ -552,8 +552,10 @@ def write_items(qp, result: CalibrationResult):
 
 
 def write_calibrated_output(qp, source, out: Path, tmp: Path, options: CalibrationOptions, progress=None,
-                            report=None, allow_nonfinite: bool = False):
-    """Calibrate (:func:`calibrate`) and write ``qp`` into ``tmp`` → ``out`` (convert.write_output)."""
+                            report=None, allow_nonfinite: bool = False, force: bool = False,
+                            mlx_lm_code: str = "auto"):
+    """Calibrate (:func:`calibrate`) and write ``qp`` into ``tmp`` → ``out`` (convert.write_output;
+    ``force`` and ``mlx_lm_code`` as there)."""
     from ..convert import write_output
 
     parent = Path(out).expanduser().resolve().parent
@@ -571,7 +573,8 @@ def write_calibrated_output(qp, source, out: Path, tmp: Path, options: Calibrati
                            "calibration": method},
         }
         record_extra = {"quantization": {**summary, "plan": qp.rows(), "calibration": result.report}}
-        res = write_output(qp.conversion, Path(out), tmp, progress, items, config_extra, record_extra, allow_nonfinite)
+        res = write_output(qp.conversion, Path(out), tmp, progress, items, config_extra, record_extra, allow_nonfinite,
+                           force, mlx_lm_code)
         return res, result.report
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -53,6 +53,22 @@ class QuantPlan:
     base: QuantSpec
     recipe: str
     tensors: list[TensorPlan]
+    # What the user should know about the plan: --bits-for patterns that overlap
+    # (the last one given wins for a tensor matched by several).
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def widths(self) -> list[int]:
+        """The widths of the quantized weights, narrowest first (e.g. [4, 6] for mixed-4-6)."""
+        return sorted({t.spec.bits for t in self.tensors if t.decision == "quantize"})
+
+    def label(self) -> str:
+        """What the weights are, in words: ``4-bit affine g64``, ``mixed-4-6 (4/6-bit affine g64)``."""
+        widths = "/".join(map(str, self.widths)) or str(self.base.bits)
+        if self.base.mode != "affine":
+            return f"{self.base.mode} g{self.base.group_size}"
+        text = f"{widths}-bit affine g{self.base.group_size}"
+        return text if self.recipe == "uniform" else f"{self.recipe} ({text})"
 
     @property
     def parameters(self) -> int:
@@ -94,6 +110,7 @@ class QuantPlan:
             "recipe": self.recipe,
             "base": self.base.to_config(),
             "bits_per_weight": round(self.bits_per_weight, 4),
+            "widths": self.widths,
             "quantized_layers_bits_per_weight": round(self.quantized_bits_per_weight, 4),
             "parameters": self.parameters,
             "bytes": self.total_bits // 8,
@@ -139,6 +156,11 @@ def parse_bits_for(items: list[str] | None) -> list[tuple[str, int]]:
     return out
 
 
+def is_mixed(recipe: str | None) -> bool:
+    """A ``mixed-L-H`` recipe (it sets the widths itself: ``--bits`` does not apply)."""
+    return recipe not in (None, "", "uniform")
+
+
 def recipe_widths(recipe: str | None, base: QuantSpec) -> tuple[int, int]:
     """(bits for ordinary roles, bits for sensitive roles)."""
     if recipe in (None, "", "uniform"):
@@ -147,6 +169,13 @@ def recipe_widths(recipe: str | None, base: QuantSpec) -> tuple[int, int]:
     if not m:
         raise UsageError(f"--recipe {recipe!r}: unknown; recipes: {RECIPES_HELP}")
     low, high = int(m.group(1)), int(m.group(2))
+    if low >= high:
+        raise UsageError(
+            f"--recipe {recipe}: in mixed-L-H the sensitive roles get H bits, more than the others' L; "
+            f"{'L = H is uniform' if low == high else 'this one is reversed'}",
+            f"did you mean --recipe mixed-{min(low, high)}-{max(low, high)}?" if low != high
+            else f"use --recipe uniform --bits {low}",
+        )
     if base.mode != "affine":
         raise UsageError(f"--recipe {recipe}: mixed widths need --mode affine (mode {base.mode} has one width)")
 
@@ -172,6 +201,10 @@ def build_plan(
 
     arch = conversion.arch
     low, high = recipe_widths(recipe, base)
+    if is_mixed(recipe):
+        # The recipe sets the widths: the plan's default width (config's
+        # quantization.bits, the labels, verify's gates) is its narrower one, L.
+        base = replace(base, bits=low)
     overrides = [(p, _matcher(p), _width(p, b, base)) for p, b in parse_bits_for(bits_for)]
     keeps = [(p, _matcher(p, "--keep")) for p in keep or []]
     both = sorted({p for p, _, _ in overrides} & {p for p, _ in keeps})
@@ -181,6 +214,7 @@ def build_plan(
             "give the pattern to one of the two options",
         )
     used: set[str] = set()
+    notes: dict[str, list[str]] = {}
     float_dtype = conversion.dtype
     tensors: list[TensorPlan] = []
     for step in conversion.kept:
@@ -209,10 +243,15 @@ def build_plan(
         decision = "quantize" if role.default == "quantize" else "float"
         if decision == "float":
             reason = role.why or "kept in float by the architecture's policy"
-        for p, match, b in overrides:
-            if match(name, module, role_name):
-                bits, decision, reason = b, "quantize", f"--bits-for {p}"
-                used.add(p)
+        matched = [(p, b) for p, match, b in overrides if match(name, module, role_name)]
+        for p, b in matched:
+            bits, decision, reason = b, "quantize", f"--bits-for {p}"
+            used.add(p)
+        if len(matched) > 1:
+            # the last pattern given wins; say so in the plan and once per overlap
+            reason += " (last of " + ", ".join(f"{p}={b}" for p, b in matched) + ")"
+            overlap = ", ".join(f"'{p}={b}'" for p, b in matched)
+            notes.setdefault(overlap, []).append(name)
         for p, match in keeps:
             if match(name, module, role_name):
                 decision, reason = "float", f"--keep {p}"
@@ -234,7 +273,11 @@ def build_plan(
             f"pattern {unused[0]!r} matches no tensor of this model",
             f"patterns match tensor names, module paths or roles ({roles}); prefix re: for a regular expression",
         )
-    qp = QuantPlan(conversion, base, recipe or "uniform", tensors)
+    qp = QuantPlan(conversion, base, recipe or "uniform", tensors, [
+        f"--bits-for {overlap} all match {len(names)} tensor(s) (e.g. {names[0]}): the last given wins, "
+        f"{overlap.rsplit(', ', 1)[-1]}"
+        for overlap, names in notes.items()
+    ])
     if not any(t.decision == "quantize" for t in tensors):
         reasons = sorted({t.reason for t in tensors if t.role is not None and t.decision == "float"})
         raise UsageError(

@@ -17,7 +17,7 @@ from ..safetensors_io import (
     ITEMSIZE,
     has_nonfinite,
     raw_array,
-    to_float32,
+    rows_float32,
     write_all,
 )
 
@@ -61,10 +61,10 @@ def write_quantized_ranges(ranges, item, open_file, dst, progress=None) -> bool:
             r1 = min(rows, r0 + block)
             src.seek(info.begin + r0 * cols * item_bytes)
             raw = src.read((r1 - r0) * cols * item_bytes)
-            raw_rows = raw_array(raw, info.dtype)
-            if info.name not in bad and has_nonfinite(raw_rows, info.dtype):
+            # float32 rows (an FP8 source's dequantized at their position)
+            w = rows_float32(info, raw_array(raw, info.dtype), r0 * cols).reshape(r1 - r0, cols)
+            if info.name not in bad and has_nonfinite(w, "F32"):
                 bad.append(info.name)
-            w = to_float32(raw_rows, info.dtype).reshape(r1 - r0, cols)
             if item.step.scale is not None:  # a folded constant (rules.Scale), before quantizing
                 w = scale_rows(w, item.step.scale, r0)
             if spec.mode == "affine":  # error-minimising ranges, MLX's format (quant/affine.py)

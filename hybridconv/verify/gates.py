@@ -30,6 +30,10 @@ error wherever it sits (0.88 for a reversed conv kernel in the same model).
 
 Every gate can be overridden on the command line (``--max-kl-mean`` …).
 The decode check uses the p99 gate for its worst token.
+
+:data:`GATES` is the one source of these numbers: the README's gate table is
+:func:`markdown_table` (``python -m hybridconv.verify.gates`` prints it), and
+tests/test_verify_decisions.py fails when the two differ.
 """
 
 from __future__ import annotations
@@ -68,19 +72,77 @@ GATES: dict[str, Gates] = {
 }
 
 
+# The README's table: one row per precision (consecutive precisions with the same
+# gates share a row), one column per gate, in this order.
+LABELS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "8bit": "8-bit", "6bit": "6-bit",
+          "5bit": "5-bit", "4bit": "4-bit", "3bit": "3-bit", "2bit": "2-bit"}
+COLUMNS = (("max KL mean", "max_kl_mean"), ("max KL p99", "max_kl_p99"), ("min top-1", "min_top1"),
+           ("min top-5", "min_top5"), ("max block error", "max_block_error"))
+
+
+def _number(v: float) -> str:
+    """How the README writes a gate: ``1e-4`` under 0.01, else plainly (``0.15``, ``3``)."""
+    if 0 < abs(v) < 0.01:
+        mantissa, exp = f"{v:.6e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+    return f"{v:g}"
+
+
+def markdown_table() -> str:
+    """The gate table of the README (section "verify"), generated from :data:`GATES`."""
+    rows: list[tuple[list[str], Gates]] = []
+    for precision, g in GATES.items():
+        if rows and rows[-1][1] == g:
+            rows[-1][0].append(LABELS[precision])
+        else:
+            rows.append(([LABELS[precision]], g))
+    lines = ["| precision | " + " | ".join(c for c, _ in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for labels, g in rows:
+        lines.append(f"| {' / '.join(labels)} | " + " | ".join(_number(getattr(g, k)) for _, k in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def precision_of(folder: Path) -> str:
-    """The precision class of a converted folder: its quantization bits, else the
-    commonest floating dtype of its weights."""
+    """The precision class of a converted folder: the narrowest width its quantized
+    weights are stored at (the default ``bits`` of its ``quantization`` config and
+    every per-layer entry: a mixed-4-6 folder is 4-bit, a 4-bit folder with one
+    layer at 2 bits is 2-bit), else the commonest floating dtype of its weights."""
     cfg = json.loads((Path(folder) / "config.json").read_text())
     quant = cfg.get("quantization") or cfg.get("quantization_config")
     if isinstance(quant, dict) and isinstance(quant.get("bits"), int):
-        return f"{quant['bits']}bit"
+        widths = [quant["bits"]] + [v["bits"] for v in quant.values()
+                                    if isinstance(v, dict) and isinstance(v.get("bits"), int)]
+        return f"{min(widths)}bit"
     index = index_weights(Path(folder))
     counts = Counter(
         t.dtype for t in index.tensors.values() if t.dtype in FLOAT_DTYPES
     )
     code = counts.most_common(1)[0][0] if counts else "F32"
     return {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}[code]
+
+
+def check_overrides(overrides: dict, name=lambda key: "--" + key.replace("_", "-")) -> dict:
+    """Refuse (UsageError, exit 2) gate overrides no gate can mean: a NaN or infinite
+    value, a negative KL or block error, an agreement outside [0, 1] (``min_top1 2``
+    would fail every model, ``max_kl_mean -1`` too). ``name(key)`` names the option
+    (``--max-kl-mean``; a release plan names its key). Returns ``overrides``."""
+    import math
+
+    from ..errors import UsageError
+
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in GATES["float32"].to_dict():
+            raise UsageError(f"{name(key)}: unknown gate; gates: {', '.join(GATES['float32'].to_dict())}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UsageError(f"{name(key)} {value!r}: must be a finite number")
+        if key.startswith("min_") and not 0 <= value <= 1:
+            raise UsageError(f"{name(key)} {value!r}: an agreement, between 0 and 1")
+        if key.startswith("max_") and value < 0:
+            raise UsageError(f"{name(key)} {value!r}: must not be negative (a KL or a relative error)")
+    return overrides
 
 
 def gates_for(precision: str, **overrides) -> Gates:
@@ -90,3 +152,7 @@ def gates_for(precision: str, **overrides) -> Gates:
         if v is not None:
             setattr(g, k, v)
     return g
+
+
+if __name__ == "__main__":  # regenerate the README's table: python -m hybridconv.verify.gates
+    print(markdown_table(), end="")

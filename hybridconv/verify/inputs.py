@@ -94,4 +94,6 @@ def inputs_for(folder: Path, **options) -> Inputs:
     from ..loading import load_config
 
     _, cfg = load_config(Path(folder))
-    return build_inputs(Path(folder), cfg["vocab_size"], **options)
+    # random tokens from the tokens the model predicts (Inkling pads its vocabulary
+    # beyond unpadded_vocab_size; a padding id has no logit to score it by)
+    return build_inputs(Path(folder), cfg.get("unpadded_vocab_size") or cfg["vocab_size"], **options)

@@ -128,12 +128,13 @@ def own_block_errors(model, sequences, k: int, ref_hidden, dtypes: list) -> np.n
         kk = max(0, min(k, T - 1))
         x0 = model.embed(mx.array(ids))
         ref = None  # the previous block's reference output, read once: its target, then the next input
+        own = None  # the previous block's own output (what a block passes beyond the reference's part)
         for b, layer in enumerate(layers):
             interrupt.check()  # a safe point: between blocks
             if ref is None:
                 inp = x0
             else:
-                inp = mx.array(ref.astype(np.float32)[None]).astype(dtypes[b - 1])
+                inp = model.block_input(mx.array(ref.astype(np.float32)[None]).astype(dtypes[b - 1]), own)
             cache = model.layer_cache(layer) if kk else None
             if cache is None:  # no decode steps, or a stateless block: one call
                 out = model.call_layer(layer, inp, None, x0)
@@ -145,7 +146,8 @@ def own_block_errors(model, sequences, k: int, ref_hidden, dtypes: list) -> np.n
                     parts.append(model.call_layer(layer, inp[:, t : t + 1], cache, x0[:, t : t + 1]))
                     mx.eval(parts[-1])
                 out = mx.concatenate(parts, axis=1)
-            got = np.array(out[0].astype(mx.float32), dtype=np.float64)
+            own = out
+            got = np.array(model.block_output(out)[0].astype(mx.float32), dtype=np.float64)
             ref = np.asarray(ref_hidden(s, b), dtype=np.float64).reshape(T, -1)
             sq[b] += float(((got - ref) ** 2).sum())
             del out, inp, got

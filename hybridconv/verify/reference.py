@@ -4,7 +4,9 @@ This is the only module outside the tests that imports torch (lazily, inside
 functions). Which implementation runs:
 
 * architectures transformers implements (RecurrentGemma): its
-  ``AutoModelForCausalLM``, safetensors only;
+  ``AutoModelForCausalLM``, safetensors only — or, for a multimodal wrapper
+  that class does not map (GLM-5.3-Flash), the class the config's
+  ``architectures`` names (its logits for token ids alone);
 * PLaMo-2, which transformers lacks: the checkpoint's own modeling code only
   with ``trust_remote_code=True``; otherwise hybridconv's independent PyTorch
   PLaMo-2 (:mod:`hybridconv.verify.torch_plamo2`).
@@ -20,15 +22,19 @@ the fixtures' layout — ``input_ids`` int32 ``[B, T]`` and ``logits`` float32
 different lengths, right-padded with 0), the top-k form (``topk_indices``
 int32 and ``topk_logits`` float32 ``[B, T, k]``, ``logsumexp`` and
 ``token_logprobs`` float32 ``[B, T]``, instead of ``logits``), and
-``hidden.N`` float32 ``[B, T, H]`` (block outputs, for localisation).
+``hidden.N`` float32 ``[B, T, H]`` (block outputs, for localisation; a block
+whose output is several residual streams ``[B, T, n, d]`` — hyper-connections
+— is stored flattened, ``H = n·d``, as hybridconv's blocks output it).
 Metadata: ``format = hybridconv-reference/1``, source, revision, reference
 implementation, dtype.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,14 +87,35 @@ def _remote_code_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.py"))
 
 
-def _decoder_layers(model, n_layers: int):
-    """The ModuleList holding the decoder blocks (found by its length)."""
-    import torch.nn as nn
+# Configs transformers' own classes cannot read as published, rewritten to what
+# computes the same function on the CPU. xLSTM: NX-AI/xLSTM-7b's config (the
+# xlstm package's layout) names Triton kernels, which transformers 5's strict
+# xLSTMConfig rejects without that package (and which need a GPU with it);
+# every kernel computes the same recurrence (hybridconv.models.xlstm), so the
+# reference runs the native PyTorch ones, in inference mode (train mode refuses
+# lengths that are not a multiple of chunk_size); and it states its width as
+# embedding_dim / num_blocks only, where transformers would fall back to its
+# defaults for hidden_size / num_hidden_layers.
+def _xlstm_patch(raw: dict, config: dict) -> dict:
+    return {"chunkwise_kernel": "chunkwise--native_autograd", "sequence_kernel": "native_sequence__native",
+            "step_kernel": "native", "mode": "inference", "hidden_size": config["hidden_size"],
+            "num_hidden_layers": config["num_hidden_layers"]}
 
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise CheckpointError(f"cannot find the {n_layers} decoder blocks in the reference model")
+
+_REFERENCE_CONFIG = {"xlstm": _xlstm_patch}
+
+
+def _reference_config(model_type: str, raw: dict, config: dict):
+    """transformers' config object for the reference where config.json needs a
+    rewrite (:data:`_REFERENCE_CONFIG`), else None (read config.json as is)."""
+    fn = _REFERENCE_CONFIG.get(model_type)
+    patch = fn(raw, config) if fn is not None else {}
+    if all(raw.get(k) == v for k, v in patch.items()):
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**{**raw, **patch})
+
 
 
 def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
@@ -126,7 +153,8 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
         return run, label, kinds, model_type
 
     import transformers
-    from transformers import AutoModelForCausalLM
+
+    from .torch_source import decoder_layers, reference_loader
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -136,17 +164,25 @@ def load_torch_model(source: Source, dtype: str, trust_remote_code: bool):
             f"{source.label}: --trust-remote-code given, but config.json has no auto_map naming modeling code"
         )
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    # A multimodal wrapper runs as its image-text-to-text class; an FP8 source on its
+    # dequantized weights (torch_source.py: the seam a block-wise reference shares).
+    cls, where, extra = reference_loader(source.path, raw, trust_remote_code,
+                                         config=_reference_config(arch.model_type, raw, config))
+    kwargs.update(extra)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=tdtype, **kwargs)
+        model = cls.from_pretrained(where, dtype=tdtype, **kwargs)
     except TypeError:  # transformers 4 spells it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(str(source.path), torch_dtype=tdtype, **kwargs)
+        model = cls.from_pretrained(where, torch_dtype=tdtype, **kwargs)
     model.eval()
-    layers = _decoder_layers(model, n)
+    layers = decoder_layers(model, n)
     label = f"transformers {type(model).__name__}" + (" (remote code)" if trust_remote_code else "")
     captured: list = []
 
     def hook(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
+        h = output[0] if isinstance(output, tuple) else output
+        # several residual streams ([B, T, streams, H], hyper-connections): one
+        # [B, T, streams·H] row per token, as hybridconv's blocks output them
+        captured.append(h.flatten(2) if h.dim() > 3 else h)
 
     for layer in layers:
         layer.register_forward_hook(hook)
@@ -212,10 +248,15 @@ def compute_reference(
             if progress:
                 progress(s + 1)
         interrupt.check()
-    except BaseException:
+    except BaseException as exc:
         outputs.clear()  # drop the memory maps before their files go
         with interrupt.critical():
             tmp.cleanup()
+        if _full_disk(exc):  # the temporary outputs (TMPDIR) filled the disk
+            from ..convert import output_error
+
+            raise output_error(Path(tmp.name), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                               needed=_outputs_bytes(source, inputs, keep_hidden)) from None
         raise
     del run
     gc.collect()  # free the torch model before anything MLX is loaded
@@ -231,6 +272,26 @@ def compute_reference(
         hidden_files=hidden_files if keep_hidden else None,
         _tmp=tmp,
     )
+
+
+def _full_disk(exc: BaseException) -> bool:
+    """A write that failed for lack of space (numpy's short write says only
+    "N requested and M written": then the disk is full too)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and "requested and" in str(exc))
+    return False
+
+
+def _outputs_bytes(source: Source, inputs: Inputs, keep_hidden: bool) -> int | None:
+    """What the temporary outputs need on disk: float32 logits, and block outputs
+    with ``keep_hidden``, for every token of the inputs."""
+    try:
+        raw = read_config(source.path)
+        cfg = lookup(raw).normalize_config(raw)
+        width = cfg["vocab_size"] + (cfg["hidden_size"] * cfg["num_hidden_layers"] if keep_hidden else 0)
+    except Exception:  # noqa: BLE001  (only an estimate for a message)
+        return None
+    return 4 * width * sum(len(s) for s in inputs.sequences)
 
 
 # --- reference-logits files ------------------------------------------------------------
@@ -297,8 +358,35 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)
+    except Exception as exc:  # noqa: BLE001  (safetensors reports I/O failures as SafetensorError)
+        failure = _io_failure(exc)
+        if failure is None:
+            raise
+        from ..convert import output_error
+
+        raise output_error(path, failure, needed=sum(t.nbytes for t in tensors.values())) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _io_failure(exc: BaseException) -> OSError | None:
+    """``exc`` as the OSError it reports (an OSError, or safetensors' SafetensorError
+    "I/O error: … (os error N)"), or None when it is not an I/O failure."""
+    import errno
+    import re
+
+    if isinstance(exc, OSError):
+        return exc
+    if type(exc).__name__ != "SafetensorError":
+        return None
+    text = str(exc)
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    if "No space left" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, text) if "I/O error" in text else None
 
 
 def read_reference_file(path: Path) -> Reference:

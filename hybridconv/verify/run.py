@@ -140,7 +140,9 @@ def verify_folder(
             f"the reference was made from a {reference.model_type} checkpoint, {out} is {arch.model_type}",
             "pass the reference of this model's source checkpoint",
         )
-    vocab = config["vocab_size"]
+    # the logits per token: vocab_size, or fewer where the head is padded and cut
+    # (Inkling's unpadded_vocab_size)
+    vocab = config.get("unpadded_vocab_size") or config["vocab_size"]
     if reference.vocab_size not in (-1, vocab):
         raise UsageError(
             f"the reference has {reference.vocab_size} logits per token, {out} has vocab_size {vocab}",
@@ -218,78 +220,17 @@ def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dt
         _free()
 
 
-class _MlxLmModel:
-    """mlx-lm's model behind the interface the comparison uses (call with a cache,
-    ``make_cache``); it exposes no per-block outputs."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, inputs, cache=None, hidden_states=None):
-        return self.model(inputs, cache=cache)
-
-    def make_cache(self):
-        from mlx_lm.models.cache import make_prompt_cache
-
-        return make_prompt_cache(self.model)
-
-
 def _run_mlx_lm(out, arch, config, reference, gates, decode_steps, progress, top_k, compute="auto",
                 activation_dtype=None) -> dict:
-    """mlx-lm's result on OUT: what ``mlx_lm.load`` users get. Any error it raises
-    while loading or computing is its verdict (``cannot load`` / ``cannot run``),
-    never a failure of this command. mlx-lm's model code runs on the same arithmetic
-    as hybridconv's (``compute``: on a CPU without fast low-precision kernels, the
-    stored weights in float32), so that the default ``--runtime all`` keeps the
-    fast path; the report says which."""
-    import importlib.metadata as md
+    """mlx-lm's result on OUT: what ``mlx_lm.load`` users get, measured in a separate
+    process that loads the folder as mlx-lm does (with trust_remote_code when it
+    carries hybridconv's model): :mod:`.mlx_lm_runtime`. Any error mlx-lm raises is
+    its verdict (``cannot load`` / ``cannot run``), never a failure of this command;
+    its model runs on the same arithmetic as hybridconv's (``compute``)."""
+    from .mlx_lm_runtime import run_mlx_lm
 
-    try:
-        version = md.version("mlx-lm")
-    except md.PackageNotFoundError:
-        version = None
-    support = arch.mlx_lm_support(config)
-    head = {"runtime": "mlx-lm", "version": version, "loader": "mlx_lm.utils.load_model",
-            "expected": {"status": support.status, "reason": support.reason, "measured_with": support.measured_with}}
-    empty = {"metrics": None, "blocks": [], "decode": None, "checks": [], "first_divergent_block": None,
-             "block_comparison": "not available: mlx-lm's models expose no per-block outputs"}
-    if version is None:
-        return {**head, **empty, "verdict": "not run", "message": "mlx-lm is not installed",
-                "failure_reasons": ["mlx-lm is not installed"]}
-    try:
-        from mlx_lm.utils import load_model
-
-        model, _ = load_model(Path(out))
-    except Exception as exc:  # noqa: BLE001  (whatever mlx-lm raises is what its users see)
-        msg = _message(exc)
-        return {**head, **empty, "verdict": "cannot load", "message": msg,
-                "failure_reasons": [f"mlx-lm cannot load {out.name}: {msg}"]}
-    _, upcast, head["compute"] = _arithmetic(out, reference, compute, activation_dtype)
-    if head["compute"]["path"] == "float32":
-        from ..loading import to_float32_compute
-
-        to_float32_compute(model, upcast)
-    wrapped = _MlxLmModel(model)
-    try:
-        result = _compare(wrapped, None, reference, gates, decode_steps, progress, top_k)
-    except Exception as exc:  # noqa: BLE001
-        msg = _message(exc)
-        return {**head, **empty, "verdict": "cannot run", "message": msg,
-                "failure_reasons": [f"mlx-lm loads {out.name} but fails computing it: {msg}"]}
-    finally:
-        del model, wrapped
-        _free()
-    result["block_comparison"] = empty["block_comparison"]
-    if result["verdict"] == "pass" and support.status == "differs":
-        # a lossy precision's gates can hide a different function: say so
-        result["note"] = ("passes this precision's gates, but mlx-lm computes another function than the "
-                          f"reference: {support.reason}")
-    return {**head, **result}
-
-
-def _message(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:500]}" if text else type(exc).__name__
+    return run_mlx_lm(out, arch, config, reference, gates, decode_steps, progress, top_k, compute,
+                      activation_dtype, compare=_compare, arithmetic=_arithmetic)
 
 
 def _free() -> None:
@@ -313,6 +254,7 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
     sq_diff = np.zeros(n_blocks)
     sq_ref = np.zeros(n_blocks)
     stats, per_seq, decode_rows = [], [], []
+    steps_run: list[int] = []  # the decode steps each sequence ran (at most its length - 1)
     # one MLX pass per sequence; sequences of one length batched (hybridconv's models)
     runs = run_sequences(model, reference.sequences, decode_steps, have_hidden, reference.vocab_size,
                          reference.hidden(0, 0).shape[-1] if have_hidden else 0, n_blocks, batch=kinds is not None)
@@ -334,6 +276,7 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
         per_seq.append({"sequence": s, **summarise([st])})
         if k > 0:
             decode_rows.append(decode_check(got, ids, k, reference.outputs[s]))
+            steps_run.append(k)
     overall = summarise(stats)
     report["metrics"] = {"overall": overall, "per_sequence": per_seq}
 
@@ -406,7 +349,9 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
     if decode_rows:
         worst_kl = max(r["kl_max"] for r in decode_rows)
         report["decode"] = {
-            "steps_per_sequence": decode_steps,
+            # what ran: a sequence of T tokens has at most T - 1 steps after its prefill
+            "steps_per_sequence": max(steps_run),
+            **({"requested_steps": decode_steps} if max(steps_run) != decode_steps else {}),
             "method": "each sequence's last steps run one token at a time through the caches after a cached prefill "
                       "of the rest: the same MLX pass gives the metrics' logits (one pass per sequence; sequences "
                       "of one length run as a batch)",
@@ -444,10 +389,9 @@ def check_same_model(reference: Reference, arch, config: dict, out: Path) -> Non
         if stored != n:
             raise UsageError(f"the reference stores the outputs of {stored} blocks, {out} has {n}", hint)
         width = reference.hidden(0, 0).shape[-1]
-        if width != config.get("hidden_size", width):
-            raise UsageError(
-                f"the reference's block outputs are {width} wide, {out} has hidden_size {config['hidden_size']}", hint
-            )
+        expected = arch.block_width(config) if "hidden_size" in config else width
+        if width != expected:
+            raise UsageError(f"the reference's block outputs are {width} wide, {out}'s blocks output {expected}", hint)
 
 
 def _short(kinds: list[str]) -> str:
