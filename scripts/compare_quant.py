@@ -38,6 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import hybridconv  # noqa: E402,F401  (before mlx: its import loads the fast BLAS on Linux)
+
 
 def bits_per_weight(folder: Path, params: int) -> float:
     from hybridconv.checkpoint import index_weights
@@ -60,6 +62,8 @@ def main() -> None:
     ap.add_argument("--dwq-epochs", type=int, default=8)
     ap.add_argument("--debug", action="store_true", help="--trained: print the traceback of a method that fails")
     ap.add_argument("--json", type=Path, default=None, help="--trained: also write the rows here")
+    ap.add_argument("--rows", nargs="*", type=Path, default=None,
+                    help="--trained: print the table of these --json files (merged) instead of running")
     ap.add_argument("--checkpoints", nargs="*", type=Path)
     ap.add_argument("--bits", nargs="*", type=int, default=None, help="[default: 8 6 4 3 2; --trained: 4 3]")
     ap.add_argument("--group-size", type=int, default=64)

@@ -14,7 +14,9 @@ the checkpoint: bfloat16):
 * ``mlx-lm dynamic``: ``mlx_lm.quant.dynamic_quant`` — sensitivities, then
   widths ``bits - 1`` / ``bits + 1`` mixed to hybridconv default's bits per weight;
 * ``hybridconv default``: ``hybridconv quantize`` (no calibration);
-* ``hybridconv calibrated``: ``hybridconv quantize --calibrate`` (methods ``awq,gptq,learn``).
+* ``hybridconv calibrated``: ``hybridconv quantize --calibrate`` (methods ``awq,gptq,learn``);
+  ``hc.cal:M1,M2`` in ``--methods`` runs ``--calibrate-methods M1,M2`` (ablations; ``hc.cal:rtn``
+  is the calibrated path with no method).
 
 mlx-lm's methods run on mlx-lm's own model of hybridconv's float conversion
 (``mlx_lm.load``: what they run on in practice) and get the calibration windows
@@ -50,6 +52,24 @@ LABELS = {
 }
 
 
+def label(method: str, bits: int | None = None) -> str:
+    base, mix = split_mix(method)
+    text = (f"hybridconv --calibrate-methods {base.split(':', 1)[1]}" if base.startswith("hc.cal:")
+            else LABELS[base])
+    if mix:
+        text += f" --recipe mixed-{bits - 1}-{bits + 1}" if bits else " (mixed ±1 bit)"
+    return text
+
+
+def split_mix(method: str) -> tuple[str, bool]:
+    """``hc.default+mix`` / ``hc.calibrated+mix`` (``hc.cal:M+mix``): hybridconv with
+    ``--recipe mixed-(bits-1)-(bits+1)`` (sensitive roles one bit wider, the others one
+    narrower: the widths mlx-lm's dynamic_quant mixes, by role instead of by measurement)."""
+    if method.endswith("+mix"):
+        return method[: -len("+mix")], True
+    return method, False
+
+
 def heldout_inputs(ckpt: Path, vocab: int, text_file: Path, count: int, length: int):
     from hybridconv.quant.calibration import calibration_tokens
     from hybridconv.verify.inputs import Inputs
@@ -66,29 +86,72 @@ def files_bpw(folder: Path, params: int) -> float:
     return sum(math.prod(t.shape) * ITEMSIZE[t.dtype] * 8 for t in index.tensors.values()) / params
 
 
-def _mlx_lm_model(float_copy: Path):
+def mlx_lm_input(float_copy: Path, dst: Path) -> Path:
+    """hybridconv's float conversion as mlx-lm's methods get it. Where the config holds an
+    unbounded Mamba-2 ``time_step_limit`` (written ``[low, null]``: JSON has no infinity),
+    mlx-lm's tokenizer loader (transformers 5's strict config) refuses it, so the copy says
+    ``[low, 1e30]``: the same function, a bound no time step reaches."""
+    cfg = json.loads((float_copy / "config.json").read_text())
+    tsl = cfg.get("time_step_limit")
+    if not (isinstance(tsl, list) and len(tsl) == 2 and tsl[1] is None):
+        return float_copy
+    shutil.copytree(float_copy, dst)
+    cfg["time_step_limit"] = [tsl[0], 1e30]
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return dst
+
+
+def _mlx_lm_model(mlx_input: Path):
+    """mlx-lm's model of ``mlx_input`` and a ``restore(model)`` to call before saving.
+
+    On MLX's CPU backend ``GatherMM`` (stacked experts) computes in float32 only, so
+    for a MoE model the float parameters are cast to float32 for the method and
+    ``restore`` casts every float parameter back to the dtype it was loaded in
+    (a new ``scales``/``biases`` takes its module's original weight dtype): the
+    saved file is what the method writes on a backend that runs bfloat16."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import load
 
-    return load(str(float_copy), return_config=True)
+    model, tok, config = load(str(mlx_input), return_config=True)
+    moe = any("Switch" in type(m).__name__ for _, m in model.named_modules())
+    if not moe:
+        return model, tok, config, lambda m: None
+    dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+    model.set_dtype(mx.float32)
+
+    def restore(m) -> None:
+        back = []
+        for k, v in tree_flatten(m.parameters()):
+            if not mx.issubdtype(v.dtype, mx.floating):
+                continue
+            d = dtypes.get(k) or dtypes.get(k.rsplit(".", 1)[0] + ".weight") or v.dtype
+            if d != v.dtype:
+                back.append((k, v.astype(d)))
+        m.update(tree_unflatten(back))
+        mx.eval(m.parameters())
+
+    return model, tok, config, restore
 
 
-def run_mlx_gptq(float_copy, out, bits, gs, windows):
+def run_mlx_gptq(mlx_input, out, bits, gs, windows):
     import mlx.core as mx
     from mlx_lm.quant.gptq import gptq_quantize
     from mlx_lm.utils import save
 
-    model, tok, config = _mlx_lm_model(float_copy)
+    model, tok, config, restore = _mlx_lm_model(mlx_input)
     model, config["quantization"] = gptq_quantize(model, mx.array(windows), bits, gs, bits, gs, batch_size=4)
-    save(str(out), str(float_copy), model, tok, config)
+    restore(model)
+    save(str(out), str(mlx_input), model, tok, config)
 
 
-def run_mlx_dwq(float_copy, out, bits, gs, windows, lr, epochs):
+def run_mlx_dwq(mlx_input, out, bits, gs, windows, lr, epochs):
     import mlx.core as mx
     import mlx.optimizers as optimizers
     from mlx_lm.quant.dwq import dwq_quantize
     from mlx_lm.utils import quantize_model, save
 
-    model, tok, config = _mlx_lm_model(float_copy)
+    model, tok, config, restore = _mlx_lm_model(mlx_input)
     q_model = copy.deepcopy(model)
     _, qconfig = quantize_model(q_model, config, gs, bits)
     rows = [(list(map(int, w)), 0) for w in windows]
@@ -102,17 +165,19 @@ def run_mlx_dwq(float_copy, out, bits, gs, windows, lr, epochs):
     opt = optimizers.Adam(learning_rate=lr, bias_correction=True)
     dwq_quantize(q_model, target_fn, opt, train, valid, batch_size=4, max_seq_length=len(rows[0][0]) + 1,
                  seed=0, dtype=dtype)
-    save(str(out), str(float_copy), q_model, tok, qconfig)
+    restore(q_model)
+    save(str(out), str(mlx_input), q_model, tok, qconfig)
 
 
-def run_mlx_dynamic(float_copy, out, bits, gs, windows, target_bpw):
+def run_mlx_dynamic(mlx_input, out, bits, gs, windows, target_bpw):
     import mlx.core as mx
     from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
     from mlx_lm.utils import quantize_model, save
 
     low, high = bits - 1, bits + 1
-    model, tok, config = _mlx_lm_model(float_copy)
+    model, tok, config, restore = _mlx_lm_model(mlx_input)
     sens = dict(estimate_sensitivities(model, mx.array(windows), low, gs, high, gs, batch_size=4))
+    restore(model)  # the search counts bits as they will be stored (bf16 scales), not float32's
     threshold = estimate_threshold(model, sens, target_bpw, low, gs, high, gs)
 
     def predicate(p, m):
@@ -123,16 +188,29 @@ def run_mlx_dynamic(float_copy, out, bits, gs, windows, target_bpw):
         return True
 
     model, config = quantize_model(model, config, gs, low, quant_predicate=predicate)
-    save(str(out), str(float_copy), model, tok, config)
+    save(str(out), str(mlx_input), model, tok, config)
+
+
+def is_calibrated(method: str) -> bool:
+    return split_mix(method)[0] == "hc.calibrated" or method.startswith("hc.cal:")
+
+
+def widths(method: str, bits: int) -> dict:
+    if split_mix(method)[1]:
+        return {"recipe": f"mixed-{bits - 1}-{bits + 1}"}
+    return {"bits": bits}
 
 
 def trained_main(args) -> None:
+    if args.rows:  # print the table of earlier runs' --json rows (merged in the order given)
+        rows = [r for f in args.rows for r in json.loads(f.read_text())]
+        return print_table(rows, args)
     from mlx_lm.convert import convert as mlx_lm_convert
 
     from hybridconv.checkpoint import resolve
     from hybridconv.convert import convert as hc_convert
     from hybridconv.convert import plan
-    from hybridconv.quant.calibrate import CalibrationOptions
+    from hybridconv.quant.calibrate import DEFAULT_METHODS, CalibrationOptions, parse_methods
     from hybridconv.quant.calibration import calibration_tokens
     from hybridconv.quant.run import quantize
     from hybridconv.verify.reference import compute_reference
@@ -158,6 +236,7 @@ def trained_main(args) -> None:
                                          args.calibration_samples, args.calibration_length).sequences
             float_copy = work / f"{ckpt.name}-float"
             hc_convert(str(ckpt), float_copy)
+            mlx_input = mlx_lm_input(float_copy, work / f"{ckpt.name}-float-mlx-lm")
             act = json.loads((float_copy / "config.json").read_text())["dtype"]
             for bits in bits_list:
                 default_bpw = None
@@ -167,26 +246,29 @@ def trained_main(args) -> None:
                     t0 = time.time()
                     try:
                         if method == "mlx_lm.convert":
-                            mlx_lm_convert(str(float_copy), str(out), quantize=True, q_bits=bits, q_group_size=gs)
+                            mlx_lm_convert(str(mlx_input), str(out), quantize=True, q_bits=bits, q_group_size=gs)
                         elif method == "mlx_lm.gptq":
                             if bits not in (2, 4, 8):
                                 raise RuntimeError(f"mlx-lm's GPTQ supports 2, 4 or 8 bits, not {bits}")
-                            run_mlx_gptq(float_copy, out, bits, gs, windows)
+                            run_mlx_gptq(mlx_input, out, bits, gs, windows)
                         elif method == "mlx_lm.dwq":
-                            run_mlx_dwq(float_copy, out, bits, gs, windows, args.dwq_lr, args.dwq_epochs)
+                            run_mlx_dwq(mlx_input, out, bits, gs, windows, args.dwq_lr, args.dwq_epochs)
                         elif method == "mlx_lm.dynamic":
                             if default_bpw is None:
                                 tmp = work / "bpw-probe"
                                 quantize(str(ckpt), tmp, bits=bits, group_size=gs, force=True)
                                 default_bpw = files_bpw(tmp, params)
                                 shutil.rmtree(tmp)
-                            run_mlx_dynamic(float_copy, out, bits, gs, windows, default_bpw)
-                        elif method == "hc.default":
-                            quantize(str(ckpt), out, bits=bits, group_size=gs)
-                        elif method == "hc.calibrated":
+                            run_mlx_dynamic(mlx_input, out, bits, gs, windows, default_bpw)
+                        elif split_mix(method)[0] == "hc.default":
+                            quantize(str(ckpt), out, group_size=gs, **widths(method, bits))
+                        elif split_mix(method)[0] == "hc.calibrated" or method.startswith("hc.cal:"):
+                            base = split_mix(method)[0]
+                            chosen = parse_methods(base.split(":", 1)[1]) if ":" in base else DEFAULT_METHODS
                             opts = CalibrationOptions(file=cal_file, samples=args.calibration_samples,
-                                                      length=args.calibration_length, learn_steps=args.learn_steps)
-                            quantize(str(ckpt), out, bits=bits, group_size=gs, calibration=opts)
+                                                      length=args.calibration_length, learn_steps=args.learn_steps,
+                                                      methods=chosen)
+                            quantize(str(ckpt), out, group_size=gs, calibration=opts, **widths(method, bits))
                         row["seconds"] = round(time.time() - t0, 1)
                         m = verify_folder(out, ref, decode_steps=0, activation_dtype=act).report["metrics"]["overall"]
                         row.update(bpw=files_bpw(out, params), kl_mean=m["kl_mean"], kl_p99=m["kl_p99"],
@@ -220,23 +302,22 @@ def print_table(rows, args) -> None:
         by.setdefault((r["checkpoint"], r["bits"]), []).append(r)
     for (ck, bits), rs in by.items():
         base = next((r for r in rs if r["method"] == "mlx_lm.convert" and "kl_mean" in r), None)
-        cal = next((r for r in rs if r["method"] == "hc.calibrated" and "kl_mean" in r), None)
         mlx = [r for r in rs if r["method"].startswith("mlx_lm.") and "kl_mean" in r]
         for r in rs:
             if "error" in r:
-                print(f"| {ck} | {bits} | {LABELS[r['method']]} | — | does not run: {r['error']} | | | |")
+                print(f"| {ck} | {bits} | {label(r['method'], bits)} | — | does not run: {r['error']} | | | |")
                 continue
             ratio = r["kl_mean"] / base["kl_mean"] if base else float("nan")
             verdict = ""
-            if r is cal:
+            if is_calibrated(r["method"]):
                 best = min(mlx, key=lambda x: x["kl_mean"]) if mlx else None
                 same = [x for x in mlx if abs(x["bpw"] - r["bpw"]) <= 0.05]
                 checks = [
                     f"≤0.6x convert: {'yes' if base and r['kl_mean'] <= 0.6 * base['kl_mean'] else 'NO'}",
-                    f"≤ best mlx-lm ({LABELS[best['method']]}): {'yes' if r['kl_mean'] <= best['kl_mean'] else 'NO'}" if best else "",
+                    f"≤ best mlx-lm ({label(best['method'], bits)}): {'yes' if r['kl_mean'] <= best['kl_mean'] else 'NO'}" if best else "",
                     f"ppl ≤ all: {'yes' if all(r['ppl'] <= x['ppl'] for x in rs if 'ppl' in x) else 'NO'}",
                     f"bpw within ±0.05 of {len(same)}/{len(mlx)} mlx-lm",
                 ]
                 verdict = "; ".join(c for c in checks if c)
-            print(f"| {ck} | {bits} | {LABELS[r['method']]} | {r['bpw']:.3f} | {r['kl_mean']:.4g} | {ratio:.2f} | "
+            print(f"| {ck} | {bits} | {label(r['method'], bits)} | {r['bpw']:.3f} | {r['kl_mean']:.4g} | {ratio:.2f} | "
                   f"{r['ppl']:.3f} ({r['ppl_float']:.3f}) | {verdict} |")

@@ -261,8 +261,10 @@ def _calibration_options(ctx, calibrate, calibration, samples, length, methods, 
                          "drop --mode, or drop --calibrate")
     if learn_steps < 1:
         raise UsageError(f"--learn-steps {learn_steps}: expected at least 1", "or leave 'learn' out of --calibrate-methods")
-    if calibration is not None and not calibration.is_file():
-        raise UsageError(f"--calibration {calibration}: file not found")
+    if calibration is not None:
+        from ..quant.calibration import read_text
+
+        read_text(calibration)  # missing, unreadable, empty or malformed: refused before any work
     return CalibrationOptions(file=calibration, samples=samples, length=length,
                               methods=parse_methods(methods), learn_steps=learn_steps)
 

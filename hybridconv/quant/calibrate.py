@@ -60,7 +60,8 @@ from .gptq import gptq, rtn
 METHODS = ("awq", "gptq", "learn")
 DEFAULT_METHODS = ("awq", "gptq", "learn")
 BATCH = 4  # calibration windows per block call
-SAMPLE_ROWS = 4096  # token rows kept per matrix for the scale search
+SAMPLE_ROWS = 2048  # token rows kept per matrix (per expert) for the scale search
+CHECK_TOKENS = 64  # tokens of one window for the exactness check of a fold
 
 
 def parse_methods(value: str | None) -> tuple[str, ...]:
@@ -363,14 +364,15 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
     methods = options.methods
     float_dir = workdir / "float"
     temp_dtype = "float32" if any(t.step.scale is not None for t in qp.tensors) else None
+    cfg = qp.conversion.config
+    # the text first: a bad file fails before any conversion
+    cal = calibration_tokens(source.path, cfg["vocab_size"], options.file, options.samples, options.length)
+    say(f"calibration: {cal.description}")
     say("converting SOURCE to a temporary float folder")
     convert(str(source.path), float_dir, dtype=temp_dtype, allow_nonfinite=allow_nonfinite)
     model = load(float_dir, lazy=True)
     store = Store(workdir / "store")
     store.folder.mkdir()
-    cfg = qp.conversion.config
-    cal = calibration_tokens(source.path, cfg["vocab_size"], options.file, options.samples, options.length)
-    say(f"calibration: {cal.description}")
     # streams: batches of windows; the last quarter of the windows (at least one) held back for the learned step
     ids = cal.sequences
     n = len(ids)
@@ -401,7 +403,8 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
             for g in scaling.resolve(layer):
                 if not any(c in specs for c in g.consumers):
                     continue
-                err = _check_exact(model, layer, g, xq[:1], x0s[:1], rng)
+                probe = [xq[0][:1, :CHECK_TOKENS]], [x0s[0][:1, :CHECK_TOKENS]]
+                err = _check_exact(model, layer, g, *probe, rng)
                 if err > scaling.EXACT_TOL:
                     rec.setdefault("folds_skipped", []).append({"fold": g.label, "relative_change": err})
                     continue
@@ -429,14 +432,14 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
                     folds.append({"fold": g.label, "alpha": alpha,
                                   "error_ratio": losses[alpha] / losses[0.0] if losses[0.0] else None})
                 mx.eval(layer.parameters())
-                after = _run(model, layer, xq[:1], x0s[:1])
-                before = None
+                probe = [xq[0][:1, :CHECK_TOKENS]], [x0s[0][:1, :CHECK_TOKENS]]
+                after = _run(model, layer, *probe)
                 rec["folds"] = folds
                 if folds:
                     # the folded float block must compute what it computed before
                     layer_f = dict(tree_flatten(layer.parameters()))
                     layer.update(_unflatten(original))
-                    before = _run(model, layer, xq[:1], x0s[:1])
+                    before = _run(model, layer, *probe)
                     layer.update(_unflatten(layer_f))
                     mx.eval(layer.parameters())
                     rec["fold_relative_change"] = _rel(after, before)

@@ -104,6 +104,9 @@ def read_text(path: Path) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--calibration {path}: cannot be read as UTF-8 text ({exc})") from None
     lines = [l for l in raw.splitlines() if l.strip()]
+    if not lines:
+        raise UsageError(f"--calibration {path}: the file is empty (no text to calibrate on)",
+                         "pass text like the model's use (plain text, or JSONL), or drop --calibration for the built-in sample")
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
     if not jsonl and lines and all(l.lstrip()[:1] in "{\"" for l in lines):
         try:
@@ -122,6 +125,9 @@ def read_text(path: Path) -> str:
         except ValueError as exc:
             raise UsageError(f"{path}:{i}: not valid JSON ({exc})", "a .jsonl file holds one JSON value per line") from None
         texts.append(_json_text(value, path, i))
+    if not any(t.strip() for t in texts):
+        raise UsageError(f"--calibration {path}: every JSONL line holds empty text",
+                         "pass lines with text (a string, 'text', 'prompt'/'completion' or 'messages')")
     return "\n\n".join(texts)
 
 
