@@ -319,3 +319,21 @@ def test_cli_calibration_options(tmp_path):
     assert "calibrated (gptq)" in out and "Traceback" not in out
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 4 and cfg["hybridconv"]["calibration"] == "gptq"
+
+
+def test_target_kl_searches_with_calibration(tmp_path):
+    """--target-kl with --calibrate: the candidate measured is the calibrated one (its KL
+    is the written output's), and the output records the calibration."""
+    from hybridconv.checkpoint import resolve
+    from hybridconv.quant.calibrate import CalibrationOptions
+    from hybridconv.quant.run import search_target_kl
+    from hybridconv.verify.inputs import inputs_for
+    from hybridconv.verify.reference import compute_reference
+
+    src = HYBRIDS / "qwen3_5-tiny"
+    ref = compute_reference(resolve(str(src)), inputs_for(src), keep_hidden=False)
+    opts = CalibrationOptions(methods=("gptq",), samples=2, length=32)
+    res = search_target_kl(str(src), tmp_path / "q", 10.0, ref, calibration=opts)
+    assert res.result is not None and len(res.search) == 1  # the smallest candidate meets a loose target
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["hybridconv"]["calibration"] == "gptq"
+    assert _kl(tmp_path / "q", ref) == pytest.approx(res.search[0]["kl_mean"], rel=1e-6)

@@ -127,7 +127,7 @@ def quantize_cmd(
     show_plan: Annotated[bool, typer.Option("--show-plan", help="Print the plan of every tensor.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Verify the result (PyTorch reference of SOURCE, or --reference-logits) and store the report with it. A converted folder as SOURCE has no PyTorch original: --reference-logits is then required.")] = False,
     reference_logits: Annotated[Optional[Path], typer.Option("--reference-logits", help="Reference file for --verify / --target-kl (no torch needed).", show_default=False)] = None,
-    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Write the smallest plan whose mean KL on the verify inputs is <= this: candidate plans (uniform 2-8 bits, mixed recipes) are measured in increasing bits per weight (computed from each plan) and the first that meets the target is written, so every smaller candidate was measured and missed it (mean KL does not always fall as bits grow, so none is skipped).", show_default=False)] = None,
+    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Write the smallest plan whose mean KL on the verify inputs is <= this: candidate plans (uniform 2-8 bits, mixed recipes) are measured in increasing bits per weight (computed from each plan) and the first that meets the target is written, so every smaller candidate was measured and missed it (mean KL does not always fall as bits grow, so none is skipped). With --calibrate every candidate is quantized calibrated (the search costs one calibration per candidate).", show_default=False)] = None,
     calibrate: CalibrateOpt = False,
     calibration: CalibrationOpt = None,
     calibration_samples: CalibrationSamplesOpt = 32,
