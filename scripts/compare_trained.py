@@ -101,6 +101,38 @@ def mlx_lm_input(float_copy: Path, dst: Path) -> Path:
     return dst
 
 
+def hybridconv_names(folder: Path) -> None:
+    """mlx-lm saves a ``qwen3_5_text`` model under its multimodal layout
+    (``language_model.model.*``, ``language_model.lm_head.*``); hybridconv's loader
+    of a ``qwen3_5_text`` folder reads the text model's names. The same tensors are
+    renamed in place (prefix dropped, values untouched), so every output is measured
+    by the same model code."""
+    import mlx.core as mx
+
+    prefix = "language_model."
+    files = sorted(folder.glob("model*.safetensors"))
+    renamed = False
+    for f in files:
+        w = mx.load(str(f))
+        if not any(k.startswith(prefix) for k in w):
+            continue
+        mx.save_safetensors(str(f), {k.removeprefix(prefix): v for k, v in w.items()}, metadata={"format": "mlx"})
+        renamed = True
+    if not renamed:
+        return
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        idx = json.loads(index.read_text())
+        idx["weight_map"] = {k.removeprefix(prefix): v for k, v in idx["weight_map"].items()}
+        index.write_text(json.dumps(idx, indent=2))
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("quantization", "quantization_config"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key] = {k.removeprefix(prefix): v for k, v in cfg[key].items()}
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 def _mlx_lm_model(mlx_input: Path):
     """mlx-lm's model of ``mlx_input`` and a ``restore(model)`` to call before saving.
 
@@ -270,6 +302,8 @@ def trained_main(args) -> None:
                                                       methods=chosen)
                             quantize(str(ckpt), out, group_size=gs, calibration=opts, **widths(method, bits))
                         row["seconds"] = round(time.time() - t0, 1)
+                        if method.startswith("mlx_lm."):
+                            hybridconv_names(out)
                         m = verify_folder(out, ref, decode_steps=0, activation_dtype=act).report["metrics"]["overall"]
                         row.update(bpw=files_bpw(out, params), kl_mean=m["kl_mean"], kl_p99=m["kl_p99"],
                                    ppl=m["perplexity_mlx"], ppl_float=m["perplexity_ref"],
