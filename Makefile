@@ -86,8 +86,11 @@ demo: install-reference
 	@echo "== release plan (dry run): three variants, one reference run, verify before upload"
 	$(HC) release examples/demo-release.toml --dry-run
 
+# two worker processes, one test file each at a time (module-scoped conversions stay
+# shared within a file); TEST_WORKERS=0 runs everything in this process
+TEST_WORKERS ?= 2
 test: install-test
-	$(PY) -m pytest
+	$(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -23,18 +23,22 @@ def _carried_model_file(folder: Path) -> Path | None:
     return folder / name
 
 
-def weights_hash(folder: Path) -> str:
+def weights_hash(folder: Path, cancelled=None) -> str | None:
     """``sha256:<hex>`` over the weight files (names and contents), the index, and
     the model file the folder carries for mlx-lm when ``config.json`` names one
     (``model_file``: hybridconv's model, run with ``trust_remote_code``; a
-    missing one hashes as missing). Folders that carry no code hash as before."""
+    missing one hashes as missing). Folders that carry no code hash as before.
+    ``cancelled()``, when given, is asked between 16 MB reads: True stops (None is returned)."""
     folder = Path(folder)
     files = [p for p in index_weights(folder).shards]
     if (folder / INDEX_NAME).is_file():
         files.append(folder / INDEX_NAME)
     total = hashlib.sha256()
     for f in sorted(files, key=lambda p: p.name):
-        total.update(f"{f.name}\0{_file_sha(f)}\n".encode())
+        digest = _file_sha(f, cancelled)
+        if digest is None:
+            return None
+        total.update(f"{f.name}\0{digest}\n".encode())
     code = _carried_model_file(folder)
     if code is not None:
         digest = _file_sha(code) if code.is_file() else "missing"
@@ -42,9 +46,11 @@ def weights_hash(folder: Path) -> str:
     return "sha256:" + total.hexdigest()
 
 
-def _file_sha(path: Path) -> str:
+def _file_sha(path: Path, cancelled=None) -> str | None:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 24), b""):
+            if cancelled is not None and cancelled():
+                return None
             h.update(block)
     return h.hexdigest()

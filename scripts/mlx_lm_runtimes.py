@@ -1,7 +1,7 @@
 """What mlx-lm does with hybridconv's output of every oracle case, measured.
 
-For each case in ``../shared/fixtures`` and ``../shared/fixtures/hybrids``
-(or the folders given): convert it in float32 twice, with ``--mlx-lm-code
+For each case in ``../shared/fixtures``, ``../shared/fixtures/hybrids`` and
+``../shared/fixtures/wave3`` (or the folders given): convert it in float32 twice, with ``--mlx-lm-code
 never`` (mlx-lm's OWN model runs it: what every output was before outputs could
 carry hybridconv's model) and with the default ``--mlx-lm-code auto`` (what
 mlx-lm users get now: the output carries hybridconv's model where mlx-lm's own
@@ -44,8 +44,9 @@ AGREES = {"pass": ("computes", "depends"), "fail": ("differs", "depends"), "cann
 
 def cases() -> list[Path]:
     found = []
-    for base in (FIXTURES, FIXTURES / "hybrids"):
-        found += sorted(p for p in base.iterdir() if (p / "expected.safetensors").is_file())
+    for base in (FIXTURES, FIXTURES / "hybrids", FIXTURES / "wave3"):
+        if base.is_dir():
+            found += sorted(p for p in base.iterdir() if (p / "expected.safetensors").is_file())
     return found
 
 

@@ -7,6 +7,10 @@ import json
 import os
 from pathlib import Path
 
+# Rich fixes a console's width at creation when COLUMNS is set (pytest-xdist's workers
+# set COLUMNS=80): the CLI's consoles must read it per test (the helpers set 400)
+os.environ.pop("COLUMNS", None)
+
 import hybridconv  # noqa: F401  (first: loads an optimised BLAS before mlx; see hybridconv.blas)
 import mlx.core as mx
 import numpy as np

@@ -359,15 +359,16 @@ def test_release_network_failure_is_exit_5_and_the_summary_says_what_was_done(fi
 
 
 def _full_disk(*args, **kwargs):
-    from safetensors import SafetensorError
+    import errno
 
-    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_reference_on_a_full_disk_is_exit_3_naming_path_and_space(fixtures_dir, tmp_path, monkeypatch, capsys):
-    import safetensors.numpy
+    import hybridconv.safetensors_io
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", _full_disk)
+    # reference files are written tensor by tensor, one sequence's rows at a time
+    monkeypatch.setattr(hybridconv.safetensors_io, "write_all", _full_disk)
     target = tmp_path / "ref.safetensors"
     code, text = hc(monkeypatch, capsys, "reference", fixtures_dir / PLAMO, "-o", target, "--random-tokens", "8")
     assert code == EXIT_OUTPUT, text
@@ -376,9 +377,10 @@ def test_reference_on_a_full_disk_is_exit_3_naming_path_and_space(fixtures_dir, 
 
 
 def test_release_reference_on_a_full_disk_is_exit_3(fixtures_dir, tmp_path, monkeypatch, capsys):
-    import safetensors.numpy
+    import hybridconv.safetensors_io
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", _full_disk)
+    # reference files are written tensor by tensor, one sequence's rows at a time
+    monkeypatch.setattr(hybridconv.safetensors_io, "write_all", _full_disk)
     plan = tmp_path / "plan.toml"
     plan.write_text(f'[source]\npath = "{fixtures_dir / PLAMO}"\n[verify]\nrandom_tokens = 8\nnum_sequences = 1\n'
                     '[[variants]]\nname = "f"\ndtype = "float32"\n')

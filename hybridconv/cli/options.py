@@ -59,7 +59,15 @@ AllowPickleOpt = Annotated[
 ]
 MaxMemoryOpt = Annotated[
     Optional[str],
-    typer.Option("--max-memory", help="Memory the PyTorch reference may use, e.g. 16GB \\[default: the memory available now].", show_default=False),
+    typer.Option("--max-memory", help="Memory verify may use (the PyTorch reference, the MLX model), e.g. 16GB: it decides "
+                 "whole model or one block at a time, and what is refused \\[default: the memory available now].",
+                 show_default=False),
+]
+StreamOpt = Annotated[
+    Optional[bool],
+    typer.Option("--stream/--no-stream", help="Run the models one block at a time (memory: the largest block, not the "
+                 "model) or whole \\[default: whole when it fits in half the memory, else one block at a time].",
+                 show_default=False),
 ]
 
 

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..errors import EXIT_GATE_FAILED
 from . import app, console, err_console
+from .options import StreamOpt
 from .render import human_bytes
 
 
@@ -64,6 +65,7 @@ def release_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan: steps, sizes, what would be uploaded where.")] = False,
     no_upload: Annotated[bool, typer.Option("--no-upload", help="Build and verify, but upload nothing.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the release summary as JSON here; - writes it to stdout (the log and table then go to stderr).", show_default=False)] = None,
+    stream: StreamOpt = None,
 ):
     """Build, verify and publish every variant of a release plan.
 
@@ -71,7 +73,9 @@ def release_cmd(
     as a reference-logits file and reused by every variant) -> upload. A variant that fails
     its gate is never uploaded. Finished steps whose inputs are unchanged are skipped on a
     rerun. One release runs in a work folder at a time. The summary ends every run that
-    got past the plan's checks, saying which variants were done.
+    got past the plan's checks, saying which variants were done. The reference and each
+    verification run the model whole when it fits in half the memory, else one block at a
+    time (--stream / --no-stream force it).
 
     Exit codes: 0 every variant passed (and was uploaded); 1 a variant failed; 2 bad plan
     (or the work folder is in use by another release run); 3 an output could not be written
@@ -84,7 +88,8 @@ def release_cmd(
     to_stdout = json_path is not None and str(json_path) == "-"
     screen = err_console if to_stdout else console  # stdout carries the JSON alone
     rp = load_plan(plan)
-    summary = run_release(rp, workdir, dry_run=dry_run, upload=not no_upload, log=lambda m: screen.print(escape(m), soft_wrap=True))
+    summary = run_release(rp, workdir, dry_run=dry_run, upload=not no_upload, log=lambda m: screen.print(escape(m), soft_wrap=True),
+                          stream=stream)
     if to_stdout:
         import sys
 

@@ -27,6 +27,7 @@ from .options import (
     RecipeOpt,
     RevisionOpt,
     SourceArg,
+    StreamOpt,
     refuse_unused,
 )
 from .render import byte_progress, human_bytes, mlx_lm_line, output_notes
@@ -136,6 +137,7 @@ def quantize_cmd(
     learn_steps: LearnStepsOpt = 200,
     allow_nonfinite: AllowNonfiniteOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    stream: StreamOpt = None,
     mlx_lm_code: MlxLmCodeOpt = MlxLmCode.auto,
 ):
     """Quantize a checkpoint for MLX, keeping what hybrid models need in float32.
@@ -179,7 +181,7 @@ def quantize_cmd(
             raise UsageError(f"--mode {mode.value}: --target-kl searches affine widths only", "drop --mode, or drop --target-kl")
         if allow_pickle:
             raise UsageError("--allow-pickle: not supported with --target-kl", "convert the pickle checkpoint first, then quantize the converted folder")
-        ref = _reference(source, revision, reference_logits)
+        ref = _reference(source, revision, reference_logits, stream=stream)
         rows = Table(title=f"plans explored for --target-kl {target_kl}")
         for col in ("plan", "bits/weight", "KL mean", "meets"):
             rows.add_column(col)
@@ -190,7 +192,7 @@ def quantize_cmd(
         with console.status("searching"):
             res = search_target_kl(source, out, target_kl, ref, group_size, dtype.value if dtype else None,
                                    revision, force, keep, report, bits_for=bits_for, dry_run=dry_run,
-                                   allow_nonfinite=allow_nonfinite, mlx_lm_code=mlx_lm_code.value,
+                                   allow_nonfinite=allow_nonfinite, mlx_lm_code=mlx_lm_code.value, stream=stream,
                                    calibration=cal)
         for r in res.search:
             rows.add_row(r["plan"], f"{r['bits_per_weight']:.3f}", f"{r['kl_mean']:.4g}", "yes" if r["meets_target"] else "no")
@@ -214,8 +216,8 @@ def quantize_cmd(
             return
         console.print(f"[green]wrote {escape(str(out))}[/]: {escape(why)}")
         output_notes(err_console, res.result)
-        if verify:
-            _verify(source, revision, reference_logits, out)
+        if verify:  # against the reference the search used: it runs once
+            _verify(source, revision, reference_logits, out, ref=ref, stream=stream)
         return
 
     if cal is not None and not dry_run:
@@ -244,7 +246,7 @@ def quantize_cmd(
     output_notes(err_console, res.result)
     console.print(f"mlx-lm: {mlx_lm_line(out)}")
     if verify:
-        _verify(source, revision, reference_logits, out, allow_pickle)
+        _verify(source, revision, reference_logits, out, allow_pickle, stream=stream)
 
 
 def _calibration_options(ctx, calibrate, calibration, samples, length, methods, learn_steps, mode):
@@ -291,23 +293,26 @@ def _refuse_converted_source(source: str, option: str) -> None:
     )
 
 
-def _reference(source, revision, reference_logits, allow_pickle=False):
+def _reference(source, revision, reference_logits, allow_pickle=False, stream=None):
     from ..verify.reference import read_reference_file
     from .verify import _live_reference
 
     if reference_logits is not None:
         return read_reference_file(reference_logits)
-    return _live_reference(source, revision, allow_pickle=allow_pickle)[0]  # verify's default inputs
+    # verify's default inputs
+    return _live_reference(source, revision, allow_pickle=allow_pickle, stream=stream)[0]
 
 
-def _verify(source, revision, reference_logits, out: Path, allow_pickle: bool = False) -> None:
+def _verify(source, revision, reference_logits, out: Path, allow_pickle: bool = False, ref=None,
+            stream=None) -> None:
     from ..verify.run import REPORT_NAME, available_runtimes, verify_folder, write_report
     from .verify import render
 
-    ref = _reference(source, revision, reference_logits, allow_pickle)
+    if ref is None:
+        ref = _reference(source, revision, reference_logits, allow_pickle, stream)
     with console.status("verifying"):
         # as `verify` does by default: every installed runtime (the card says what mlx-lm does)
-        outcome = verify_folder(out, ref, runtimes=available_runtimes())
+        outcome = verify_folder(out, ref, runtimes=available_runtimes(), stream=stream)
     write_report(outcome.report, out / REPORT_NAME)
     render(outcome.report)
     if not outcome.passed:

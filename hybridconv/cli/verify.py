@@ -12,7 +12,7 @@ from rich.table import Table
 from ..checkpoint import source_folder
 from ..errors import EXIT_GATE_FAILED, UsageError
 from . import app, console, err_console
-from .options import AllowPickleOpt, MaxMemoryOpt, RevisionOpt, SourceArg, given, refuse_unused
+from .options import AllowPickleOpt, MaxMemoryOpt, RevisionOpt, SourceArg, StreamOpt, given, refuse_unused
 
 RefDtypeOpt = Annotated[
     str, typer.Option("--ref-dtype", help="dtype of the PyTorch reference: float32, bfloat16 or float16.")
@@ -40,7 +40,7 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for random tokens.")]
 
 def _live_reference(source, revision, ref_dtype="float32", trust_remote_code=False, prompt=None, text_file=None,
                     random_tokens=None, num_sequences=None, seed=0, keep_hidden=True, max_memory=None,
-                    allow_pickle=False, check_inputs=None):
+                    allow_pickle=False, stream=None, check_inputs=None):
     from ..verify.inputs import inputs_for
     from ..verify.reference import compute_reference
 
@@ -49,9 +49,11 @@ def _live_reference(source, revision, ref_dtype="float32", trust_remote_code=Fal
                             num_sequences=num_sequences, seed=seed)
         if check_inputs is not None:
             check_inputs(inputs.sequences)  # before the reference runs
-        with console.status(f"running the PyTorch reference on {inputs.description}"):
+        what = f"running the PyTorch reference on {inputs.description}"
+        with console.status(what) as status:
             return compute_reference(src, inputs, ref_dtype, trust_remote_code, keep_hidden=keep_hidden,
-                                     max_memory=max_memory), inputs
+                                     max_memory=max_memory, stream=stream,
+                                     progress=lambda msg: status.update(f"{what}: {msg}")), inputs
 
 
 @app.command("verify")
@@ -88,6 +90,7 @@ def verify_cmd(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here; - writes it to stdout (the tables then go to stderr).", show_default=False)] = None,
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not write OUT/verification.json.")] = False,
     max_memory: MaxMemoryOpt = None,
+    stream: StreamOpt = None,
     allow_pickle: AllowPickleOpt = False,
     runtime: Annotated[
         Optional[str],
@@ -113,6 +116,12 @@ def verify_cmd(
     and a decode check through the caches. Gates depend on OUT's precision
     (float32, bf16/fp16, N-bit) and can be overridden.
 
+    Models of any size: each side (the PyTorch reference, the MLX model) runs whole when
+    it fits in half the memory (faster), otherwise one block at a time (memory: the
+    largest block with the embedding and head, not the model); --stream / --no-stream
+    force it, and only a path that cannot fit is refused. The report records the path
+    taken, why, the peak memory and the seconds per part (execution).
+
     With --runtime all (the default when mlx-lm is installed) the same inputs and gates
     also run through mlx-lm's model of OUT (the reference runs once), loaded as mlx-lm
     loads it in a process that cannot import hybridconv's model code: where OUT carries
@@ -123,6 +132,8 @@ def verify_cmd(
     --require-runtime mlx-lm. The exit code follows hybridconv's runtime when it runs; with
     --runtime mlx-lm alone, mlx-lm is the only runtime run and its result is the verdict
     (exit 1 when it cannot load or run OUT, or fails a gate).
+    mlx-lm loads whole models: when the MLX side runs one block at a time, mlx-lm is not
+    run and its result says so ("not run: larger than memory").
 
     OUT must be a folder hybridconv wrote (convert, quantize): the report is written into
     it, and a Hugging Face checkpoint is refused.
@@ -185,19 +196,20 @@ def verify_cmd(
     if reference_logits is not None:
         refuse_unused(ctx, ("prompt", "text_file", "random_tokens", "num_sequences", "seed"),
                       "--reference-logits fixes the inputs (they are stored in the file)", "drop them")
-        refuse_unused(ctx, ("ref_dtype", "trust_remote_code", "revision", "max_memory", "allow_pickle"),
+        refuse_unused(ctx, ("ref_dtype", "trust_remote_code", "revision", "allow_pickle"),
                       "these set up a live PyTorch reference; --reference-logits runs none", "drop them, or use --reference")
         ref = read_reference_file(reference_logits)
         check_inputs(ref.sequences)
     else:
         ref, _ = _live_reference(reference, revision, ref_dtype, trust_remote_code, prompt, text_file,
                                  random_tokens, num_sequences, seed, max_memory=max_memory,
-                                 allow_pickle=allow_pickle, check_inputs=check_inputs)
+                                 allow_pickle=allow_pickle, check_inputs=check_inputs, stream=stream)
     to_stdout = json_path is not None and str(json_path) == "-"
     screen = err_console if to_stdout else console  # stdout carries the JSON alone
-    with screen.status("running the MLX model"):
+    with screen.status("running the MLX model") as status:
         outcome = verify_folder(out, ref, gate_overrides=overrides, decode_steps=decode_steps, compute=compute,
-                                runtimes=runtimes, require=require)
+                                runtimes=runtimes, require=require, stream=stream, max_memory=max_memory,
+                                progress=lambda msg: status.update(f"running the MLX model: {msg}"))
     report = outcome.report
     if not no_report:
         write_report(report, out / REPORT_NAME)
@@ -227,6 +239,9 @@ def render(report: dict, console=console) -> None:
     r = report["reference"]
     head.add_row("reference", escape(f"{r['implementation']} [{r['dtype']}] — {r['source']}" + (f" ({r['file']})" if r["file"] else "")))
     head.add_row("inputs", f"{report['inputs']['sequences']} sequence(s), {report['inputs']['tokens']} tokens")
+    for who, ex in (("reference run", r.get("execution")), ("MLX run", report.get("execution"))):
+        if ex:
+            head.add_row(who, escape(_execution_line(ex)))
     if report.get("compute"):
         c = report["compute"]
         head.add_row("arithmetic", escape(f"{c['path']}: weights {c['weights']}, activations {c['activations']}; "
@@ -291,6 +306,14 @@ def render(report: dict, console=console) -> None:
         console.print("[bold red]FAIL[/]: " + escape("; ".join(report["failure_reasons"])))
 
 
+def _execution_line(ex: dict) -> str:
+    """One line for how a side ran: path, why, peak memory, seconds per part."""
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in (ex.get("seconds") or {}).items())
+    peak = ex.get("peak_rss_bytes")
+    return (f"{ex['path']} ({ex.get('reason', '')})" + (f"; peak memory {peak / 1e9:.2f} GB" if peak else "")
+            + (f"; {parts}" if parts else ""))
+
+
 def render_runtimes(report: dict, console=console) -> None:
     """One row per runtime; a loud note for a runtime other than hybridconv that
     does not pass (what people who load OUT with it get)."""
@@ -321,12 +344,14 @@ def render_runtimes(report: dict, console=console) -> None:
         expected = (r.get("expected") or {}).get("reason")
         tail = ("[bold red]required (--require-runtime): the verification fails[/]" if name in required
                 else f"not a failure of the conversion (--require-runtime {name} makes it one)")
+        consequence = (f"what {name} computes with this folder was not measured" if r["verdict"] == "not run"
+                       else f"people who load this folder with {name} do not get the reference's function")
         fix = ("\n  convert with --mlx-lm-code auto (the default) or always: the output then carries hybridconv's "
                "model, which mlx-lm runs with --trust-remote-code"
                if name == "mlx-lm" and not r.get("trust_remote_code") and r["verdict"] != "not run" else "")
         console.print(f"[bold yellow]WARNING: {name} {r['verdict']}[/]: " + escape(why)
                       + (f"\n  known: {escape(expected)}" if expected else "")
-                      + f"\n  people who load this folder with {name} do not get the reference's function; {tail}"
+                      + f"\n  {consequence}; {tail}"
                       + fix)
 
 
@@ -346,12 +371,15 @@ def reference_cmd(
     hidden_states: Annotated[bool, typer.Option("--hidden-states", help="Also store every block's output (lets verify localise divergence).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing reference file.")] = False,
     max_memory: MaxMemoryOpt = None,
+    stream: StreamOpt = None,
     allow_pickle: AllowPickleOpt = False,
 ):
     """Run the PyTorch reference once and store its logits, to verify many variants later without torch.
 
     Writes input_ids int32 [B, T] and logits float32 [B, T, V] (the fixtures' format), or the
-    top-k form with --top-k; --hidden-states adds every block's output.
+    top-k form with --top-k; --hidden-states adds every block's output. The model runs whole
+    when it fits in half the memory, otherwise one block at a time (--stream / --no-stream
+    force it); the file is written one tensor and one sequence at a time.
 
     Exit codes: 0 written; 2 bad usage or input; 3 the file could not be written (a full disk:
     the path, the space needed and the space free are named); 130/143 interrupted.
@@ -367,14 +395,15 @@ def reference_cmd(
 
     ref, inputs = _live_reference(source, revision, ref_dtype, trust_remote_code, prompt, text_file,
                                   random_tokens, num_sequences, seed, keep_hidden=hidden_states,
-                                  max_memory=max_memory, allow_pickle=allow_pickle)
+                                  max_memory=max_memory, allow_pickle=allow_pickle, stream=stream)
     created = make_parents(out.parent)  # only now, and removed again if writing fails
     try:
         write_reference_file(ref, out, top_k=top_k, with_hidden=hidden_states)
     except BaseException:
         remove_parents(created)
         raise
-    console.print(escape(f"wrote {out}: {inputs.description}; reference: {ref.implementation} [{ref_dtype}]"))
+    console.print(escape(f"wrote {out}: {inputs.description}; reference: {ref.implementation} [{ref_dtype}]; "
+                         f"{_execution_line(ref.execution)}"))
     if created:
         err_console.print(f"[yellow]note:[/] created the missing folder(s) {escape(', '.join(map(str, created)))}",
                           highlight=False, soft_wrap=True)

@@ -38,9 +38,10 @@ Plan schema (TOML shown; YAML with the same keys works too)::
     recipe = "mixed-4-6"                 # also a quantized variant: the recipe sets the widths
     repo_id = "my-org/plamo-2-1b-mlx-mixed-4-6"   # (so `bits` is refused with it, as on the CLI)
 
-The PyTorch reference runs once; its logits (and block outputs) are stored in
+The PyTorch reference runs once (whole, or one block at a time when the model
+does not fit: see ``verify``); its logits (and block outputs) are stored in
 ``WORKDIR/reference.safetensors`` and every variant is verified against that
-file, by every runtime installed (hybridconv, and mlx-lm when present: the
+file (memory-mapped), by every runtime installed (hybridconv, and mlx-lm when present: the
 card says what mlx-lm does with the weights); ``require_runtimes`` makes a
 runtime's failure the variant's. Each step records a hash of what it was computed from in
 ``WORKDIR/release-state.json``; a rerun skips a step whose hash and output are
@@ -335,10 +336,13 @@ def run_release(
     dry_run: bool = False,
     upload: bool = True,
     log: Callable[[str], None] = print,
+    stream: bool | None = None,
 ) -> dict:
     """`hybridconv release`: per variant convert or quantize, verify against one shared
     reference run, upload; resumable from ``WORKDIR/release-state.json``. Returns the
-    summary dict (``ok`` is false when any variant failed)."""
+    summary dict (``ok`` is false when any variant failed). ``stream``: the reference
+    and each variant's verification run one block at a time (True), whole (False), or
+    as memory allows (None; see ``verify_folder``)."""
     from ..checkpoint import resolve
     from ..convert import plan as plan_conversion
     from ..quant.modes import validate
@@ -387,7 +391,7 @@ def run_release(
             )
     workdir.mkdir(parents=True, exist_ok=True)
     with _workdir_lock(workdir):
-        return _run(plan, workdir, src, summary, upload, log)
+        return _run(plan, workdir, src, summary, upload, log, stream)
 
 
 @contextlib.contextmanager
@@ -439,7 +443,7 @@ def _workdir_lock(workdir: Path):
         f.close()
 
 
-def _run(plan: ReleasePlan, workdir: Path, src, summary: dict, upload: bool, log) -> dict:
+def _run(plan: ReleasePlan, workdir: Path, src, summary: dict, upload: bool, log, stream: bool | None = None) -> dict:
     from ..convert import convert
     from ..hashing import weights_hash
     from ..quant.run import quantize
@@ -462,7 +466,7 @@ def _run(plan: ReleasePlan, workdir: Path, src, summary: dict, upload: bool, log
                             random_tokens=vcfg.get("random_tokens"), num_sequences=vcfg.get("num_sequences"),
                             seed=vcfg.get("seed", 0))
         log(f"reference: running the PyTorch reference on {inputs.description}")
-        ref = compute_reference(src, inputs, vcfg.get("ref_dtype", "float32"))
+        ref = compute_reference(src, inputs, vcfg.get("ref_dtype", "float32"), stream=stream)
         write_reference_file(ref, ref_file, with_hidden=True)
         state.set(ref_key, "reference")
         summary["reference_runs"] = 1
@@ -508,7 +512,7 @@ def _run(plan: ReleasePlan, workdir: Path, src, summary: dict, upload: bool, log
             else:
                 report = verify_folder(out, reference, gate_overrides=gates,
                                        decode_steps=vcfg.get("decode_steps", 8),
-                                       runtimes=runtimes, require=v.require_runtimes).report
+                                       runtimes=runtimes, require=v.require_runtimes, stream=stream).report
                 write_report(report, report_path)
                 state.set(verify_key, "variants", v.name, "verify")
                 row["verify"] = report["verdict"]

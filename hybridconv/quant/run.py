@@ -144,6 +144,7 @@ def search_target_kl(
     bits_for: list[str] | None = None,
     dry_run: bool = False,
     allow_nonfinite: bool = False,
+    stream: bool | None = None,
     mlx_lm_code: str = "auto",
     calibration=None,
 ) -> QuantResult:
@@ -163,7 +164,9 @@ def search_target_kl(
     uniform 4-bit, 5.30, meets), so no candidate is skipped by bisection. Cost: one
     trial quantization and one verify (KL only: no block comparison) per candidate
     up to the winner. ``QuantResult.search`` lists the rows; ``result`` is None when
-    none meets the target (nothing is written) or with ``dry_run``."""
+    none meets the target (nothing is written) or with ``dry_run``. ``reference`` is
+    computed once by the caller; each candidate's MLX model runs whole or one block at
+    a time (``stream``: as ``verify_folder``)."""
     from dataclasses import replace as dc_replace
 
     from ..verify.run import verify_folder
@@ -199,7 +202,7 @@ def search_target_kl(
             interrupt.check()  # a safe point: between candidates
             folder = workdir / f"candidate-{i}"
             _write(qp, folder, prepare_output(folder, False, None), False)
-            kl = verify_folder(folder, kl_reference).report["metrics"]["overall"]["kl_mean"]
+            kl = verify_folder(folder, kl_reference, stream=stream).report["metrics"]["overall"]["kl_mean"]
             shutil.rmtree(folder, ignore_errors=True)
             row = {
                 "plan": _plan_label(qp),

@@ -38,6 +38,7 @@ from .gates import Gates, gates_for, precision_of
 from .metrics import DECISIVE_GAP, MIN_DECISIVE, relative_error, summarise, token_stats
 from .onepass import decode_check, own_block_errors, run_sequences
 from .reference import Reference
+from .streamed import Measurement
 
 SCHEMA = "hybridconv.verification/2"
 REPORT_NAME = "verification.json"
@@ -90,6 +91,8 @@ def verify_folder(
     compute: str = "auto",
     runtimes: tuple[str, ...] | list[str] = ("hybridconv",),
     require: tuple[str, ...] | list[str] = (),
+    stream: bool | None = None,
+    max_memory: str | None = None,
 ) -> Outcome:
     """Compare ``out`` against a computed or loaded :class:`Reference`, once per
     runtime in ``runtimes`` (:data:`RUNTIMES`; the reference is computed once).
@@ -118,7 +121,7 @@ def verify_folder(
             "path": str(out),
             "model_type": arch.model_type,
             "precision": precision,
-            "weights_hash": weights_hash(out),
+            "weights_hash": None,  # hashed beside the runs (below)
         },
         "reference": {
             "mode": "file" if reference.file else "live",
@@ -156,12 +159,42 @@ def verify_folder(
             f"the reference file stores the top {top_k} logits per token: KL is computed over those "
             "and one bucket for the rest of the vocabulary, a lower bound of the full KL"
         )
+    # whole model or one block at a time (the same decision for every runtime)
+    plan = plan_mlx(out, config, reference, compute, activation_dtype, stream, max_memory)
+    # The weights' hash reads every weight file (14 GB: ~25 s on the 7B benchmark);
+    # hashlib releases the GIL, so it runs in a thread while the models run.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop = threading.Event()
+    hasher = ThreadPoolExecutor(max_workers=1)
+    hashed = hasher.submit(weights_hash, out, stop.is_set)
+    try:
+        _run_runtimes(report, out, arch, config, reference, gates, decode_steps, progress, activation_dtype, top_k,
+                      compute, runtimes, require, plan)
+    except BaseException:
+        stop.set()  # an interrupt or error: the hash stops at its next read
+        raise
+    finally:
+        hasher.shutdown(wait=True)
+    report["model"]["weights_hash"] = hashed.result()
+    return Outcome(report)
+
+
+def _run_runtimes(report, out, arch, config, reference, gates, decode_steps, progress, activation_dtype, top_k,
+                  compute, runtimes, require, plan) -> None:
+    """Every runtime's result, the verdict and the execution into ``report``."""
+    if reference.execution:
+        report["reference"]["execution"] = reference.execution
     results: dict = {}
     for name in runtimes:
         interrupt.check()
         say = (lambda msg, _n=name: progress(f"{_n}: {msg}")) if progress else None
         if name == "hybridconv":
-            results[name] = _run_hybridconv(out, reference, gates, decode_steps, say, activation_dtype, top_k, compute)
+            results[name] = _run_hybridconv(out, reference, gates, decode_steps, say, activation_dtype, top_k, compute,
+                                            plan)
+        elif plan["path"] == "streamed":
+            results[name] = _not_run_larger_than_memory(plan)
         else:
             results[name] = _run_mlx_lm(out, arch, config, reference, gates, decode_steps, say, top_k,
                                         compute, activation_dtype)
@@ -181,7 +214,11 @@ def verify_folder(
             report["verdict"] = "fail"
             report["failure_reasons"].append(f"required runtime {name}: {r['verdict']}: {why}")
     report["runtimes"] = results
-    return Outcome(report)
+    from ..resources import peak_rss
+
+    # how the MLX side ran (hybridconv's runtime: its seconds per part), and the
+    # process's peak memory over the whole verification
+    report["execution"] = {**(results.get("hybridconv", {}).get("execution") or plan), "peak_rss_bytes": peak_rss()}
 
 
 # The keys of one runtime's result that are also written at the top level of
@@ -193,31 +230,113 @@ def _arithmetic(out, reference, compute: str, activation_dtype) -> tuple[str, st
     """(compute, upcast, the report's ``compute`` entry) for one runtime: the
     arithmetic (loading.compute_path: float32 for low-precision weights on the CPU)
     and the BLAS behind it. Weights are held in float32 only where this process
-    already held the float32 model (a live float32 reference): the peak memory
-    stays the reference's."""
+    already held the float32 model (a live float32 reference run whole): the peak
+    memory stays the reference's."""
     compute = "native" if activation_dtype is not None and compute == "auto" else compute
-    upcast = "model" if reference.file is None and reference.dtype == "float32" else "layer"
+    whole_ref = (reference.execution or {}).get("path", "whole-model") == "whole-model"
+    upcast = "model" if reference.file is None and reference.dtype == "float32" and whole_ref else "layer"
     return compute, upcast, {**compute_path(out, compute, activation_dtype, upcast), "blas": blas.status()}
 
 
-def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dtype, top_k, compute="auto") -> dict:
+def plan_mlx(out, config, reference, compute: str = "auto", activation_dtype=None, stream: bool | None = None,
+             max_memory: str | None = None) -> dict:
+    """Whole-model or streamed for the MLX side of verify (``resources.choose_path``
+    on :func:`.streamed.estimate_mlx`); refuses (exit 2) when the path taken cannot fit."""
+    from ..resources import choose_path
+    from .streamed import MLX_HINT, estimate_mlx
+
+    _, upcast, entry = _arithmetic(out, reference, compute, activation_dtype)
+    float32 = entry["path"] == "float32"
+    whole, streamed = estimate_mlx(Path(out), config, float32, float32 and upcast == "model", reference)
+    # A live reference that had to run one block at a time sets the memory budget of
+    # the whole verification: the MLX side streams too (the peak stays the reference's).
+    follow = stream is None and (reference.execution or {}).get("path") == "streamed"
+    plan = choose_path("the MLX model", whole, streamed, True if follow else stream, max_memory, MLX_HINT)
+    if follow:
+        plan["reason"] = ("the PyTorch reference ran one block at a time, so does the MLX side "
+                          f"(reference: {reference.execution['reason']})")
+    return plan
+
+
+def _run_hybridconv(out, reference, gates, decode_steps, progress, activation_dtype, top_k, compute="auto",
+                    plan: dict | None = None) -> dict:
+    import time
+
     from ..loading import load
+    from ..resources import peak_rss
+    from .streamed import measure_streamed
 
     head = {"runtime": "hybridconv", "version": __version__, "loader": "hybridconv.load"}
+    streamed = plan is not None and plan["path"] == "streamed"
+    seconds: dict = {}
+    t = time.perf_counter()
     try:
         compute, upcast, head["compute"] = _arithmetic(out, reference, compute, activation_dtype)
-        model = load(out, activation_dtype=activation_dtype, compute=compute, upcast=upcast)
+        if streamed:
+            head["compute"] = {**compute_path(out, compute, activation_dtype, "layer"), "blas": blas.status()}
+            head["compute"]["weights"] = head["compute"]["weights"].replace(
+                "upcast to float32 one layer at a time", "upcast to float32 once per block, while it runs")
+        # streamed: every weight mapped lazily, each block read when its turn comes
+        model = load(out, lazy=streamed, activation_dtype=activation_dtype, compute=compute,
+                     upcast="layer" if streamed else upcast)
     except WeightMismatchError as exc:
         # A conversion that produced weights the model cannot even take is a failed
         # verification, localised to the block of the offending tensor.
         return {**head, "metrics": None, "blocks": [], "decode": None, "checks": [],
                 "first_divergent_block": layer_of(exc.parameter), "verdict": "fail",
                 "message": exc.message, "failure_reasons": [exc.message]}
+    seconds["load"] = time.perf_counter() - t
     try:
-        return {**head, **_compare(model, model.block_kinds(), reference, gates, decode_steps, progress, top_k)}
+        kinds = model.block_kinds()
+        if streamed:
+            def reopen():
+                return load(out, lazy=True, activation_dtype=activation_dtype, compute=compute, upcast="layer")
+
+            m = measure_streamed(model, reference, decode_steps, head["compute"]["path"] == "float32", progress,
+                                 gates.max_block_error, reopen)
+            seconds.update({k: seconds["load"] + v if k == "load" else v for k, v in m.seconds.items()})
+        else:
+            t = time.perf_counter()
+            m = _measure_whole(model, kinds, reference, decode_steps, progress)
+            seconds["forward_and_metrics"] = time.perf_counter() - t
+            if callable(m.own):
+                own = m.own
+
+                def timed_own():
+                    t1 = time.perf_counter()
+                    try:
+                        return own()
+                    finally:
+                        seconds["second_stage"] = time.perf_counter() - t1
+
+                m.own = timed_own
+        result = {**head, **_compare(model, kinds, reference, gates, decode_steps, progress, top_k, measured=m)}
     finally:
         del model
         _free()
+    if plan is not None:
+        result["execution"] = {**plan, "seconds": {k: round(v, 3) for k, v in seconds.items()},
+                               "peak_rss_bytes": peak_rss()}
+        if streamed and m.seconds_note:
+            result["execution"]["second_stage"] = m.seconds_note
+    return result
+
+
+def _not_run_larger_than_memory(plan: dict) -> dict:
+    """mlx-lm's result when the MLX side streams: mlx-lm loads a whole model (its
+    runtime is not run block by block here), so it is not run, and says so."""
+    import importlib.metadata as md
+
+    try:
+        version = md.version("mlx-lm")
+    except md.PackageNotFoundError:
+        version = None
+    why = (f"larger than memory: the MLX side runs one block at a time ({plan['reason']}), and mlx-lm "
+           "loads the whole model")
+    return {"runtime": "mlx-lm", "version": version, "loader": "mlx_lm.utils.load_model", "metrics": None,
+            "blocks": [], "decode": None, "checks": [], "first_divergent_block": None,
+            "block_comparison": "not available: mlx-lm was not run", "verdict": "not run", "message": why,
+            "failure_reasons": [f"not run: {why}"], "execution": plan}
 
 
 def _run_mlx_lm(out, arch, config, reference, gates, decode_steps, progress, top_k, compute="auto",
@@ -242,20 +361,24 @@ def _free() -> None:
     mx.clear_cache()
 
 
-def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int, progress, top_k) -> dict:
+def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int, progress, top_k,
+             measured=None) -> dict:
     """One runtime's metrics, block table, decode check and gates against the
     reference. ``kinds``: the block kinds when the model reports block outputs
-    (``hidden_states``), else None."""
+    (``hidden_states``), else None. ``measured``: a :class:`.streamed.Measurement`
+    computed already (the streamed path), else the whole model runs here."""
+    m = measured if measured is not None else _measure_whole(model, kinds, reference, decode_steps, progress)
+    return _judge(m, kinds, reference, gates, decode_steps, progress, top_k)
+
+
+def _measure_whole(model, kinds, reference: Reference, decode_steps: int, progress) -> Measurement:
+    """The whole model's pass over the sequences (one MLX pass per sequence, sequences
+    of one length batched); the second stage as a function, run only when needed."""
     import mlx.core as mx
 
-    report: dict = {}
     n_blocks = len(kinds) if kinds is not None else 0
     have_hidden = reference.hidden_files is not None and kinds is not None
-    sq_diff = np.zeros(n_blocks)
-    sq_ref = np.zeros(n_blocks)
-    stats, per_seq, decode_rows = [], [], []
-    steps_run: list[int] = []  # the decode steps each sequence ran (at most its length - 1)
-    # one MLX pass per sequence; sequences of one length batched (hybridconv's models)
+    m = Measurement(sq_diff=np.zeros(n_blocks), sq_ref=np.zeros(n_blocks))
     runs = run_sequences(model, reference.sequences, decode_steps, have_hidden, reference.vocab_size,
                          reference.hidden(0, 0).shape[-1] if have_hidden else 0, n_blocks, batch=kinds is not None)
     for s, ids in enumerate(reference.sequences):
@@ -264,19 +387,32 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
             progress(f"sequence {s + 1}/{len(reference.sequences)}")
         got, hidden, k = next(runs)  # prefill, then the decode check's steps through the caches
         if have_hidden:
-            dtypes = [h.dtype for h in hidden]
+            m.dtypes = [h.dtype for h in hidden]
             for b, h in enumerate(hidden):
                 r = np.asarray(reference.hidden(s, b), dtype=np.float64)
                 g = np.array(h[0].astype(mx.float32), dtype=np.float64)
-                sq_diff[b] += float(((g - r) ** 2).sum())
-                sq_ref[b] += float((r**2).sum())
+                m.sq_diff[b] += float(((g - r) ** 2).sum())
+                m.sq_ref[b] += float((r**2).sum())
             del hidden
-        st = token_stats(reference.outputs[s], got, ids)
-        stats.append(st)
-        per_seq.append({"sequence": s, **summarise([st])})
+        m.stats.append(token_stats(reference.outputs[s], got, ids))
         if k > 0:
-            decode_rows.append(decode_check(got, ids, k, reference.outputs[s]))
-            steps_run.append(k)
+            m.decode_rows.append(decode_check(got, ids, k, reference.outputs[s]))
+            m.steps_run.append(k)
+    if have_hidden:
+        m.own = lambda: own_block_errors(model, reference.sequences, decode_steps, reference.hidden, m.dtypes)
+    return m
+
+
+def _judge(m: Measurement, kinds, reference: Reference, gates: Gates, decode_steps: int, progress, top_k) -> dict:
+    """The report of one runtime from what its pass measured: metrics, block table
+    (the second stage's own errors when a chained error exceeds the gate), decode
+    check, gates and verdict."""
+    report: dict = {}
+    n_blocks = len(kinds) if kinds is not None else 0
+    have_hidden = reference.hidden_files is not None and kinds is not None
+    sq_diff, sq_ref = m.sq_diff, m.sq_ref
+    stats, decode_rows = m.stats, m.decode_rows
+    per_seq = [{"sequence": s, **summarise([st])} for s, st in enumerate(stats)]
     overall = summarise(stats)
     report["metrics"] = {"overall": overall, "per_sequence": per_seq}
 
@@ -288,10 +424,11 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
             # Over the gate in the chained pass: run each block on the reference's
             # input to it, to tell one wrong block from noise accumulated through
             # correct ones (see onepass.own_block_errors).
-            if progress:
-                progress("blocks on the reference's inputs")
-            sq_own = own_block_errors(model, reference.sequences, decode_steps, reference.hidden, dtypes)
-            own = [relative_error(sq_own[b], sq_ref[b]) for b in range(n_blocks)]
+            if callable(m.own):
+                if progress:
+                    progress("blocks on the reference's inputs")
+                m.own = m.own()
+            own = [relative_error(m.own[b], sq_ref[b]) for b in range(n_blocks)]
         for b in range(n_blocks):
             row = {"block": b, "kind": kinds[b], "relative_error": chained[b]}
             if own is not None:
@@ -350,8 +487,8 @@ def _compare(model, kinds, reference: Reference, gates: Gates, decode_steps: int
         worst_kl = max(r["kl_max"] for r in decode_rows)
         report["decode"] = {
             # what ran: a sequence of T tokens has at most T - 1 steps after its prefill
-            "steps_per_sequence": max(steps_run),
-            **({"requested_steps": decode_steps} if max(steps_run) != decode_steps else {}),
+            "steps_per_sequence": max(m.steps_run),
+            **({"requested_steps": decode_steps} if max(m.steps_run) != decode_steps else {}),
             "method": "each sequence's last steps run one token at a time through the caches after a cached prefill "
                       "of the rest: the same MLX pass gives the metrics' logits (one pass per sequence; sequences "
                       "of one length run as a batch)",
