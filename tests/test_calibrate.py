@@ -171,7 +171,7 @@ def trained_case(tmp_path_factory):
             ref = compute_reference(resolve(str(ckpt)), Inputs(list(held.sequences), "held-out"), keep_hidden=False)
             out = tmp_path_factory.mktemp("rtn") / name
             quantize(str(ckpt), out, bits=3)
-            cache[name] = (ckpt, ref, _kl(out, ref))
+            cache[name] = (ckpt, ref, _kl(out, ref), out)
         return cache[name]
 
     return get
@@ -196,7 +196,7 @@ def test_each_method_lowers_kl_below_round_to_nearest(trained_case, tmp_path, na
     from hybridconv.quant.calibrate import CalibrationOptions
     from hybridconv.quant.run import quantize
 
-    ckpt, ref, rtn_kl = trained_case(name)
+    ckpt, ref, rtn_kl, default_out = trained_case(name)
     out = tmp_path / "q"
     opts = CalibrationOptions(file=TRAINED / "calibration.txt", methods=methods, **KL_CAL)
     res = quantize(str(ckpt), out, bits=3, calibration=opts)
@@ -217,6 +217,26 @@ def test_each_method_lowers_kl_below_round_to_nearest(trained_case, tmp_path, na
     # same plan, same bits per weight as without calibration
     assert res.plan.summary()["bits_per_weight"] == pytest.approx(
         json.loads((out / "config.json").read_text())["hybridconv"]["bits_per_weight"])
+    _protected_as_default(out, default_out)
+
+
+def _protected_as_default(out: Path, default_out: Path) -> None:
+    """The calibrated output keeps the default output's plan: the same quantization config,
+    every tensor the policy keeps in float32 (SSM / recurrence dynamics) identical, bit for
+    bit, and every other unquantized tensor unquantized (a fold may change a norm's values,
+    exactly compensated: test_folds_leave_float_logits_unchanged)."""
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"] == json.loads((default_out / "config.json").read_text())["quantization"]
+    plan = json.loads((default_out / "conversion.json").read_text())["quantization"]["plan"]
+    got = mx.load(str(out / "model.safetensors"))
+    want = mx.load(str(default_out / "model.safetensors"))
+    kept32 = [r["tensor"] for r in plan if r["decision"] != "quantize" and r["dtype"] == "float32"]
+    assert kept32
+    for name in kept32:
+        assert got[name].dtype == mx.float32 and np.array_equal(np.array(got[name]), np.array(want[name])), name
+    for r in plan:
+        if r["decision"] != "quantize":
+            assert r["tensor"].removesuffix(".weight") + ".scales" not in got, r["tensor"]
 
 
 def test_no_method_is_the_default_quantizer_byte_for_byte(tmp_path):
@@ -250,6 +270,8 @@ def test_calibrated_output_opens_in_mlx_lm_and_passes_verify(tmp_path):
     out = tmp_path / "q"
     quantize(str(ckpt), out, bits=4, mlx_lm_code="always",
              calibration=CalibrationOptions(file=TRAINED / "calibration.txt", **FAST))
+    quantize(str(ckpt), tmp_path / "default", bits=4)
+    _protected_as_default(out, tmp_path / "default")
     assert json.loads((out / "config.json").read_text())["hybridconv"]["calibration"] == "awq+gptq+learn"
     ids = mx.array(np.random.default_rng(0).integers(0, 1024, size=(1, 32)))
     ours = np.array(load(out)(ids).astype(mx.float32))
