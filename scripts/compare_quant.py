@@ -22,7 +22,9 @@ method at --bits (default 4 3): mlx_lm.convert -q, mlx-lm's gptq / dwq /
 dynamic_quant where they run on the architecture (calibration = DIR/calibration.txt,
 the same windows for every method, given to their Python APIs: never a download),
 hybridconv default and hybridconv --calibrate. Printed per row: bits per weight,
-mean KL to the float model, held-out perplexity; see trained_main.
+mean KL to the float model, held-out perplexity; see trained_main. --methods picks
+some (names in compare_trained.py), --json FILE saves the rows, --rows FILE... prints
+the table of saved rows without running.
 """
 
 from __future__ import annotations

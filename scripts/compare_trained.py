@@ -16,7 +16,11 @@ the checkpoint: bfloat16):
 * ``hybridconv default``: ``hybridconv quantize`` (no calibration);
 * ``hybridconv calibrated``: ``hybridconv quantize --calibrate`` (methods ``awq,gptq,learn``);
   ``hc.cal:M1,M2`` in ``--methods`` runs ``--calibrate-methods M1,M2`` (ablations; ``hc.cal:rtn``
-  is the calibrated path with no method).
+  is the calibrated path with no method); a ``+mix`` suffix (``hc.default+mix``,
+  ``hc.calibrated+mix``) uses ``--recipe mixed-(bits-1)-(bits+1)`` instead of uniform widths.
+
+``--rows FILE...`` prints the table of earlier runs' ``--json`` rows (merged in order)
+without running anything: the way to split a long comparison into runs per checkpoint.
 
 mlx-lm's methods run on mlx-lm's own model of hybridconv's float conversion
 (``mlx_lm.load``: what they run on in practice) and get the calibration windows
