@@ -15,6 +15,16 @@ Usage: python scripts/compare_quant.py [--checkpoints DIR ...] [--bits 8 6 4 3 2
 RecurrentGemma-2B-shaped checkpoint of scripts/bench_convert.py, where a KL run costs
 minutes per variant on a CPU.
 Default checkpoints: the oracle fixtures in ../shared/fixtures.
+
+--trained [DIR] (default tests/data/trained, written by scripts/train_tiny.py): the
+trained checkpoints instead, inputs = held-out text (DIR/heldout.txt), and every
+method at --bits (default 4 3): mlx_lm.convert -q, mlx-lm's gptq / dwq /
+dynamic_quant where they run on the architecture (calibration = DIR/calibration.txt,
+the same windows for every method, given to their Python APIs: never a download),
+hybridconv default and hybridconv --calibrate. Printed per row: bits per weight,
+mean KL to the float model, held-out perplexity; see trained_main. --methods picks
+some (names in compare_trained.py), --json FILE saves the rows, --rows FILE... prints
+the table of saved rows without running.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import hybridconv  # noqa: E402,F401  (before mlx: its import loads the fast BLAS on Linux)
+
 
 def bits_per_weight(folder: Path, params: int) -> float:
     from hybridconv.checkpoint import index_weights
@@ -42,8 +54,20 @@ def bits_per_weight(folder: Path, params: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trained", nargs="?", const=REPO / "tests" / "data" / "trained", type=Path, default=None,
+                    help="compare every method on the trained checkpoints of this folder (train_tiny.py)")
+    ap.add_argument("--methods", nargs="*", default=None, help="--trained: the methods to run [default: all]")
+    ap.add_argument("--calibration-samples", type=int, default=32)
+    ap.add_argument("--calibration-length", type=int, default=256)
+    ap.add_argument("--learn-steps", type=int, default=200)
+    ap.add_argument("--dwq-lr", type=float, default=1e-5)
+    ap.add_argument("--dwq-epochs", type=int, default=8)
+    ap.add_argument("--debug", action="store_true", help="--trained: print the traceback of a method that fails")
+    ap.add_argument("--json", type=Path, default=None, help="--trained: also write the rows here")
+    ap.add_argument("--rows", nargs="*", type=Path, default=None,
+                    help="--trained: print the table of these --json files (merged) instead of running")
     ap.add_argument("--checkpoints", nargs="*", type=Path)
-    ap.add_argument("--bits", nargs="*", type=int, default=[8, 6, 4, 3, 2])
+    ap.add_argument("--bits", nargs="*", type=int, default=None, help="[default: 8 6 4 3 2; --trained: 4 3]")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--sequences", type=int, default=4)
@@ -51,7 +75,12 @@ def main() -> None:
                     help="float dtype of both outputs (scales, unquantized tensors) [default: the source's]")
     ap.add_argument("--no-kl", action="store_true", help="bits per weight only: no reference, no verify")
     args = ap.parse_args()
+    if args.trained is not None:
+        from compare_trained import trained_main
 
+        return trained_main(args)
+
+    args.bits = args.bits or [8, 6, 4, 3, 2]
     from mlx_lm.convert import convert as mlx_lm_convert
 
     from hybridconv.checkpoint import resolve

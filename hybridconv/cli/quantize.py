@@ -36,6 +36,34 @@ BitsForOpt = Annotated[
     Optional[list[str]],
     typer.Option("--bits-for", help="PATTERN=BITS: this width for matching tensors (glob on tensor name, module path or role; 're:' for a regex). Repeatable.", show_default=False),
 ]
+CalibrateOpt = Annotated[
+    bool,
+    typer.Option("--calibrate", help="Choose the codes with the model's activations on calibration text (affine): "
+                 "activation-aware scales folded exactly into the preceding norm or projection, GPTQ, then scales "
+                 "and biases learned against the float model's block outputs. Same plan, same MLX format. "
+                 "Without --calibration: a built-in sample (Python standard-library text)."),
+]
+CalibrationOpt = Annotated[
+    Optional[Path],
+    typer.Option("--calibration", help="Calibration text, a local file: plain text, or JSONL (a string, or 'text', "
+                 "'prompt'/'completion' or 'messages' per line). Implies --calibrate. Never downloaded.",
+                 show_default=False),
+]
+CalibrationSamplesOpt = Annotated[
+    int, typer.Option("--calibration-samples", help="Calibration windows (spread evenly over the text).")
+]
+CalibrationLengthOpt = Annotated[
+    int, typer.Option("--calibration-length", help="Tokens per calibration window.")
+]
+CalibrateMethodsOpt = Annotated[
+    Optional[str],
+    typer.Option("--calibrate-methods", help="Comma-separated, applied in this order: awq (activation-aware scales), "
+                 "gptq (Hessian error compensation), learn (scales/biases learned per block); 'rtn' for none "
+                 "\\[default: awq,gptq,learn].", show_default=False),
+]
+LearnStepsOpt = Annotated[
+    int, typer.Option("--learn-steps", help="Adam steps per block of the 'learn' method.")
+]
 KeepOpt = Annotated[
     Optional[list[str]],
     typer.Option("--keep", help="PATTERN: keep matching weights in float. Repeatable.", show_default=False),
@@ -100,7 +128,13 @@ def quantize_cmd(
     show_plan: Annotated[bool, typer.Option("--show-plan", help="Print the plan of every tensor.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Verify the result (PyTorch reference of SOURCE, or --reference-logits) and store the report with it. A converted folder as SOURCE has no PyTorch original: --reference-logits is then required.")] = False,
     reference_logits: Annotated[Optional[Path], typer.Option("--reference-logits", help="Reference file for --verify / --target-kl (no torch needed).", show_default=False)] = None,
-    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Write the smallest plan whose mean KL on the verify inputs is <= this: candidate plans (uniform 2-8 bits, mixed recipes) are measured in increasing bits per weight (computed from each plan) and the first that meets the target is written, so every smaller candidate was measured and missed it (mean KL does not always fall as bits grow, so none is skipped).", show_default=False)] = None,
+    target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Write the smallest plan whose mean KL on the verify inputs is <= this: candidate plans (uniform 2-8 bits, mixed recipes) are measured in increasing bits per weight (computed from each plan) and the first that meets the target is written, so every smaller candidate was measured and missed it (mean KL does not always fall as bits grow, so none is skipped). With --calibrate every candidate is quantized calibrated (the search costs one calibration per candidate).", show_default=False)] = None,
+    calibrate: CalibrateOpt = False,
+    calibration: CalibrationOpt = None,
+    calibration_samples: CalibrationSamplesOpt = 32,
+    calibration_length: CalibrationLengthOpt = 256,
+    calibrate_methods: CalibrateMethodsOpt = None,
+    learn_steps: LearnStepsOpt = 200,
     allow_nonfinite: AllowNonfiniteOpt = False,
     allow_pickle: AllowPickleOpt = False,
     stream: StreamOpt = None,
@@ -116,12 +150,18 @@ def quantize_cmd(
     mx.quantize), in MLX's format. The output opens in hybridconv and mlx_lm.load (mlx-lm's
     quantization config, per-layer entries when mixed).
 
+    --calibrate (or --calibration FILE) chooses the codes with calibration text run through
+    hybridconv's own model, block by block: exact power-of-two activation-aware scales,
+    GPTQ, learned scales and biases. The plan, the widths and the format are the same.
+
     Exit codes: 0 done (and verified, with --verify); 1 verification failed or no plan meets
     --target-kl; 2 bad usage or input (also an existing OUT without --force, or one written by
     another run meanwhile); 3 OUT could not be written; 130/143 interrupted.
     """
     from ..quant.run import quantize, search_target_kl
 
+    cal = _calibration_options(ctx, calibrate, calibration, calibration_samples, calibration_length,
+                               calibrate_methods, learn_steps, mode)
     if reference_logits is not None and not (verify or target_kl is not None):
         raise UsageError(
             "--reference-logits is used by --verify and --target-kl, and neither was given",
@@ -152,7 +192,8 @@ def quantize_cmd(
         with console.status("searching"):
             res = search_target_kl(source, out, target_kl, ref, group_size, dtype.value if dtype else None,
                                    revision, force, keep, report, bits_for=bits_for, dry_run=dry_run,
-                                   allow_nonfinite=allow_nonfinite, mlx_lm_code=mlx_lm_code.value, stream=stream)
+                                   allow_nonfinite=allow_nonfinite, mlx_lm_code=mlx_lm_code.value, stream=stream,
+                                   calibration=cal)
         for r in res.search:
             rows.add_row(r["plan"], f"{r['bits_per_weight']:.3f}", f"{r['kl_mean']:.4g}", "yes" if r["meets_target"] else "no")
         console.print(rows)
@@ -179,11 +220,24 @@ def quantize_cmd(
             _verify(source, revision, reference_logits, out, ref=ref, stream=stream)
         return
 
-    with byte_progress(console, "quantizing") as (on_plan, progress):
-        res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
-                       dtype.value if dtype else None, revision, force, dry_run, progress=progress,
-                       on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
-                       mlx_lm_code=mlx_lm_code.value)
+    if cal is not None and not dry_run:
+        def say(msg: str) -> None:
+            console.print(f"  [dim]{escape(msg)}[/]")
+
+        with console.status("calibrating"):
+            res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
+                           dtype.value if dtype else None, revision, force, dry_run,
+                           allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle, mlx_lm_code=mlx_lm_code.value,
+                           calibration=cal, report=say)
+        c = res.calibration
+        console.print(f"calibrated ({'+'.join(c['methods'])}) on {c['data']['sequences']} x {c['data']['length']} "
+                      f"tokens in {c['seconds']:.0f} s")
+    else:
+        with byte_progress(console, "quantizing") as (on_plan, progress):
+            res = quantize(source, out, bits, group_size, mode.value, recipe, bits_for, keep,
+                           dtype.value if dtype else None, revision, force, dry_run, progress=progress,
+                           on_plan=on_plan, allow_nonfinite=allow_nonfinite, allow_pickle=allow_pickle,
+                           mlx_lm_code=mlx_lm_code.value)
     print_plan(res.plan, show_plan or dry_run)
     if dry_run:
         console.print("[dim]--dry-run: nothing written[/]")
@@ -193,6 +247,28 @@ def quantize_cmd(
     console.print(f"mlx-lm: {mlx_lm_line(out)}")
     if verify:
         _verify(source, revision, reference_logits, out, allow_pickle, stream=stream)
+
+
+def _calibration_options(ctx, calibrate, calibration, samples, length, methods, learn_steps, mode):
+    """The CalibrationOptions of the command line, or None (no calibration); options
+    that need --calibrate are refused without it."""
+    from ..quant.calibrate import CalibrationOptions, parse_methods
+
+    if not (calibrate or calibration is not None):
+        refuse_unused(ctx, ("calibration_samples", "calibration_length", "calibrate_methods", "learn_steps"),
+                      "calibration options need --calibrate (or --calibration FILE)", "add --calibrate")
+        return None
+    if mode is not Mode.affine:
+        raise UsageError(f"--calibrate: affine mode only (MLX's scale-and-bias format), not --mode {mode.value}",
+                         "drop --mode, or drop --calibrate")
+    if learn_steps < 1:
+        raise UsageError(f"--learn-steps {learn_steps}: expected at least 1", "or leave 'learn' out of --calibrate-methods")
+    if calibration is not None:
+        from ..quant.calibration import read_text
+
+        read_text(calibration)  # missing, unreadable, empty or malformed: refused before any work
+    return CalibrationOptions(file=calibration, samples=samples, length=length,
+                              methods=parse_methods(methods), learn_steps=learn_steps)
 
 
 def _refuse_converted_source(source: str, option: str) -> None:

@@ -34,6 +34,7 @@ class QuantResult:
     result: Result | None  # None for --dry-run
     search: list[dict] = field(default_factory=list)  # --target-kl: the candidates measured, in order
     candidates: list[dict] = field(default_factory=list)  # --target-kl: every candidate, by bits per weight
+    calibration: dict | None = None  # the calibration record (quantize --calibrate)
 
 
 def plan_quantization(
@@ -88,18 +89,25 @@ def quantize(
     allow_nonfinite: bool = False,
     allow_pickle: bool = False,
     mlx_lm_code: str = "auto",
+    calibration=None,
+    report: Callable[[str], None] | None = None,
 ) -> QuantResult:
     """`hybridconv quantize`: convert and quantize ``source`` into ``out`` in one streamed
     pass (``bits`` defaults to the mode's width: 4, or 8 for mxfp8). ``recipe``:
     "uniform" or "mixed-L-H" (it sets the widths: ``bits`` then is L or None);
     ``bits_for``: ["PATTERN=BITS", ...]; ``keep``: [PATTERN, ...].
     ``mlx_lm_code``: whether the output carries hybridconv's model for mlx-lm
-    (``convert.carry_mlx_lm_code``). With ``dry_run`` nothing is written. Returns a
-    :class:`QuantResult`."""
+    (``convert.carry_mlx_lm_code``). With ``dry_run`` nothing is written.
+    ``calibration``: a :class:`~hybridconv.quant.calibrate.CalibrationOptions` for
+    calibrated codes (affine mode; the same plan), ``report`` its progress lines.
+    Returns a :class:`QuantResult`."""
     from ..mlx_lm_code import check_policy
 
     check_policy(mlx_lm_code)
     spec = validate(bits, group_size, mode)
+    if calibration is not None and spec.mode != "affine":
+        raise UsageError(f"--calibrate: affine mode only (MLX's scale-and-bias format), not --mode {spec.mode}",
+                         "drop --mode, or drop --calibrate")
     if bits is not None and is_mixed(recipe) and bits != recipe_widths(recipe, spec)[0]:
         # the recipe sets the widths (the CLI and release plans refuse bits with it; here
         # a bits equal to its L, the plan's default width, is accepted as redundant)
@@ -112,6 +120,12 @@ def quantize(
         if dry_run:
             return QuantResult(qp, None)
         tmp = prepare_output(Path(out), force, src)
+        if calibration is not None:
+            from .calibrate import write_calibrated_output
+
+            res, rep = write_calibrated_output(qp, src, Path(out), tmp, calibration, progress, report, allow_nonfinite,
+                                               force, mlx_lm_code)
+            return QuantResult(qp, res, calibration=rep)
         return QuantResult(qp, write_quantized_output(qp, Path(out), tmp, progress, allow_nonfinite, force,
                                                       mlx_lm_code))
 
@@ -132,10 +146,14 @@ def search_target_kl(
     allow_nonfinite: bool = False,
     stream: bool | None = None,
     mlx_lm_code: str = "auto",
+    calibration=None,
 ) -> QuantResult:
     """The smallest candidate plan (by its bits per weight, computed from the plan)
     whose mean KL on the reference's inputs is <= ``target_kl``; every candidate
-    measured is reported, in order.
+    measured is reported, in order. With ``calibration``
+    (:class:`~hybridconv.quant.calibrate.CalibrationOptions`) every candidate is
+    quantized with it: the search finds the smallest plan that the calibrated
+    method brings under the target.
 
     Rule: the candidates (uniform 2…8 bits and the mixed recipes of
     :data:`SEARCH_MIXED`, with ``bits_for`` / ``keep`` applied; candidates whose
@@ -167,6 +185,15 @@ def search_target_kl(
     # the KL only: block outputs would add a comparison (and maybe a second block stage) per candidate
     kl_reference = dc_replace(reference, hidden_files=None)
     explored: list[dict] = []
+
+    def _write(qp, folder, tmp, allow: bool, force: bool = False, code: str = "auto"):
+        if calibration is None:
+            return write_quantized_output(qp, folder, tmp, allow_nonfinite=allow, force=force, mlx_lm_code=code)
+        from .calibrate import write_calibrated_output
+
+        return write_calibrated_output(qp, src, folder, tmp, calibration, allow_nonfinite=allow, force=force,
+                                       mlx_lm_code=code)[0]
+
     parent = Path(out).resolve().parent
     workdir = Path(tempfile.mkdtemp(prefix="hybridconv-search-", dir=parent if parent.is_dir() else None))
     best = None
@@ -174,7 +201,7 @@ def search_target_kl(
         for i, qp in enumerate(plans):
             interrupt.check()  # a safe point: between candidates
             folder = workdir / f"candidate-{i}"
-            write_quantized_output(qp, folder, prepare_output(folder, False, None))
+            _write(qp, folder, prepare_output(folder, False, None), False)
             kl = verify_folder(folder, kl_reference, stream=stream).report["metrics"]["overall"]["kl_mean"]
             shutil.rmtree(folder, ignore_errors=True)
             row = {
@@ -197,8 +224,7 @@ def search_target_kl(
     if best is None or dry_run:
         return result
     tmp = prepare_output(Path(out), force, src)
-    result.result = write_quantized_output(best, Path(out), tmp, allow_nonfinite=allow_nonfinite, force=force,
-                                           mlx_lm_code=mlx_lm_code)
+    result.result = _write(best, Path(out), tmp, allow_nonfinite, force, mlx_lm_code)
     return result
 
 
