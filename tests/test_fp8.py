@@ -152,6 +152,20 @@ def test_reference_runs_the_dequantized_weights(fp8_case):
     assert torch.equal(up[2, 40:], dequant["model.layers.0.mlp.experts.2.up_proj.weight"])
 
 
+def test_streamed_reference_reads_the_same_dequantized_weights(fp8_case):
+    """The reference one block at a time (verify/torch_stream.py) reads the FP8 weights
+    through the same seam (checkpoint.model_tensors: scales attached, read dequantized):
+    its logits equal the whole-model reference's."""
+    from hybridconv.verify.inputs import Inputs
+    from hybridconv.verify.reference import compute_reference
+
+    src, _, ids, whole, _ = fp8_case
+    streamed = compute_reference(resolve(str(src)), Inputs([ids[0]], "ids"), stream=True)
+    assert streamed.execution["path"] == "streamed"
+    got = np.asarray(streamed.outputs[0]["logits"])[None]
+    assert float(np.abs(got - whole).max()) <= 1e-5 * max(1.0, float(np.abs(whole).max()))
+
+
 def test_inspect_shows_the_fp8_source(fp8_case):
     from hybridconv.inspect import describe
 
