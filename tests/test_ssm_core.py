@@ -182,7 +182,10 @@ def test_selective_scan_per_group_bc(chunk):
 def test_gated_rmsnorm_matches_transformers(groups):
     torch = pytest.importorskip("torch")
     from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated
-    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+    from transformers.models.mamba2 import modeling_mamba2
+
+    # transformers 5.25 renamed MambaRMSNormGated to Mamba2RMSNormGated (same signature)
+    MambaRMSNormGated = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
 
     rng = np.random.default_rng(groups)
     dims = 16
