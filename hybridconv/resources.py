@@ -101,17 +101,23 @@ def peak_rss() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def full_disk_error(exc: BaseException, folder, needed: int | None = None):
-    """An :class:`~hybridconv.errors.OutputError` (exit 3) naming ``folder`` and the
-    space needed when ``exc`` is a write that failed for lack of space (numpy's short
-    write says only "N requested and M written"), else None."""
+def is_full_disk(exc: BaseException) -> bool:
+    """A write that failed for lack of space (numpy's short write says only
+    "N requested and M written": then the disk is full too)."""
     import errno
 
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and "requested and" in str(exc))
+
+
+def full_disk_error(exc: BaseException, folder, needed: int | None = None):
+    """An :class:`~hybridconv.errors.OutputError` (exit 3) naming ``folder`` and the
+    space needed when ``exc`` is a write that failed for lack of space
+    (:func:`is_full_disk`), else None."""
     from .errors import OutputError
 
-    if not isinstance(exc, OSError):
-        return None
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not (exc.errno is None and "requested and" in str(exc)):
+    if not is_full_disk(exc):
         return None
     need = f"; about {_fmt(needed)} needed" if needed else ""
     return OutputError(f"{folder}: no space left on the device for verify's temporary outputs{need}",

@@ -315,7 +315,9 @@ def compute_reference(
         outputs.clear()  # drop the memory maps before their files go
         with interrupt.critical():
             tmp.cleanup()
-        if _full_disk(exc):  # the temporary outputs (TMPDIR) filled the disk
+        from ..resources import is_full_disk
+
+        if is_full_disk(exc):  # the temporary outputs (TMPDIR) filled the disk
             from ..convert import output_error
 
             err = output_error(Path(tmp.name), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
@@ -339,14 +341,6 @@ def compute_reference(
         execution={**decision, "seconds": {k: round(v, 3) for k, v in seconds.items()}, "peak_rss_bytes": peak_rss()},
         _tmp=tmp,
     )
-
-
-def _full_disk(exc: BaseException) -> bool:
-    """A write that failed for lack of space (numpy's short write says only
-    "N requested and M written": then the disk is full too)."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and "requested and" in str(exc))
-    return False
 
 
 def _outputs_bytes(source: Source, inputs: Inputs, keep_hidden: bool) -> int | None:
@@ -547,35 +541,12 @@ def write_reference_file(ref: Reference, path: Path, top_k: int | None = None, w
                     for _ in range(T - lengths[i]):
                         write_all(f, pad)
         tmp.replace(path)
-    except Exception as exc:  # noqa: BLE001  (safetensors reports I/O failures as SafetensorError)
-        failure = _io_failure(exc)
-        if failure is None:
-            raise
+    except OSError as exc:  # written here row by row: a failed write is an OSError
         from ..convert import output_error
 
-        raise output_error(path, failure, needed=total) from None
+        raise output_error(path, exc, needed=total) from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _io_failure(exc: BaseException) -> OSError | None:
-    """``exc`` as the OSError it reports (an OSError, or safetensors' SafetensorError
-    "I/O error: … (os error N)"), or None when it is not an I/O failure."""
-    import errno
-    import re
-
-    if isinstance(exc, OSError):
-        return exc
-    if type(exc).__name__ != "SafetensorError":
-        return None
-    text = str(exc)
-    m = re.search(r"os error (\d+)", text)
-    if m:
-        code = int(m.group(1))
-        return OSError(code, os.strerror(code))
-    if "No space left" in text:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return OSError(errno.EIO, text) if "I/O error" in text else None
 
 
 def read_reference_file(path: Path) -> Reference:
