@@ -398,11 +398,10 @@ def open_blocks(source: Source, dtype: str, trust_remote_code: bool):
     from .torch_stream import Plamo2Blocks, TransformersBlocks
 
     raw, arch, config = _source_config(source, trust_remote_code)
-    index = index_weights(source.path)
     kinds = [k for k, _ in arch.schedule(config)]
     tdtype = getattr(torch, dtype)
     if arch.model_type == "plamo2" and not trust_remote_code:
-        return Plamo2Blocks(source, index, tdtype), _plamo2_label(source), kinds, arch.model_type
+        return Plamo2Blocks(source, index_weights(source.path), tdtype), _plamo2_label(source), kinds, arch.model_type
     from types import SimpleNamespace
 
     from ..checkpoint import model_tensors
