@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
+
 SWITCH = "SwitchLinear"
 QUANTIZED_SWITCH = "QuantizedSwitchLinear"
 
@@ -46,15 +48,56 @@ def _dequantize_f32(layer, rows=None):
     if rows is not None:
         w, scales = w[rows], scales[rows]
         biases = biases[rows] if biases is not None else None
+    mode = getattr(layer, "mode", "affine")
+    if mode == "affine" and biases is not None and layer.bits in (2, 4, 8):
+        return _unpack_affine(w, scales, biases, layer.group_size, layer.bits)
     return mx.dequantize(w, scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32),
-                         group_size=layer.group_size, bits=layer.bits, mode=getattr(layer, "mode", "affine"))
+                         group_size=layer.group_size, bits=layer.bits, mode=mode)
+
+
+def _unpack_affine(w, scales, biases, group_size: int, bits: int):
+    """``mx.dequantize`` of affine 2/4/8-bit codes (whole codes per uint32 word, lowest
+    bits first) as shifts, masks and one ``scale·q + bias`` per element: the same
+    float32 values bit for bit (tests/test_float32_compute.py), about twice as fast on
+    the CPU, whose ``dequantize`` kernel is scalar (0.33 s -> 0.18 s for a 64-expert
+    stack of 50 M weights: most of a 4-bit MoE block's load in the streamed verify)."""
+    import mlx.core as mx
+
+    per_word = 32 // bits
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    codes = (w[..., None] >> shifts) & ((1 << bits) - 1)
+    n_in = w.shape[-1] * per_word
+    codes = codes.reshape(*w.shape[:-1], n_in // group_size, group_size)
+    y = codes.astype(mx.float32) * scales.astype(mx.float32)[..., None] + biases.astype(mx.float32)[..., None]
+    return y.reshape(*w.shape[:-1], n_in)
+
+
+def _per_expert(x, w, indices):
+    """``gather_mm`` of rows sorted by expert (``x [P, 1, in]``, ``indices [P]``
+    ascending, ``w [E, out, in]`` float32) as one dense product per expert over its
+    consecutive rows. MLX's CPU ``gather_mm`` multiplies row by row (a matrix–vector
+    product per row, each reading its expert's matrix again); a product per expert
+    reads each matrix once through the BLAS: 4-5x faster on a 64-expert layer's
+    prefill (``scripts/bench_verify.py``'s Granite-shaped block: 1.0 s -> 0.22 s for
+    1440 rows), equal to float32 rounding. The experts' row counts are read on the
+    host (a synchronisation: fine for verify's passes, which evaluate block by block)."""
+    import mlx.core as mx
+
+    counts = np.bincount(np.array(indices), minlength=w.shape[0])
+    ends = np.cumsum(counts)
+    rows = x.reshape(x.shape[0], x.shape[-1])
+    parts = [rows[int(end - c):int(end)] @ w[e].T for e, (c, end) in enumerate(zip(counts, ends)) if c]
+    return mx.concatenate(parts, axis=0)[:, None, :]
 
 
 def _switch_f32(layer, w, x, indices, sorted_indices):
     import mlx.core as mx
 
-    y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32).swapaxes(-1, -2), rhs_indices=indices,
-                     sorted_indices=sorted_indices)
+    x, w = x.astype(mx.float32), w.astype(mx.float32)
+    if sorted_indices and x.ndim == 3 and x.shape[1] == 1 and indices.ndim == 1 and mx.default_device() == mx.cpu:
+        y = _per_expert(x, w, indices)
+    else:
+        y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
     if "bias" in layer:
         y = y + mx.expand_dims(layer["bias"][indices].astype(mx.float32), -2)
     return y

@@ -406,3 +406,50 @@ def test_upcast_model_never_holds_both_copies():
     after = mx.get_active_memory()
     assert after - before < f32  # the low-precision copies are gone
     assert mx.get_peak_memory() < before + f32 + 2 * d * d * 4  # never both copies at once
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_float32_dequantize_equals_mlx_bit_for_bit(bits):
+    """The float32 path's dequantization (shifts and masks for 2/4/8 bits, MLX's kernel
+    otherwise) gives mx.dequantize's float32 values exactly, for stacked experts and
+    plain matrices, every scale dtype and group size."""
+    from hybridconv.float32_compute import _dequantize_f32
+
+    class Layer(dict):
+        pass
+
+    for shape, group, dtype in [((3, 16, 256), 64, mx.bfloat16), ((40, 128), 32, mx.float16),
+                                ((8, 512), 128, mx.float32)]:
+        w = mx.random.normal(shape, key=mx.random.key(bits)).astype(dtype)
+        q, s, b = mx.quantize(w, group_size=group, bits=bits)
+        layer = Layer(weight=q, scales=s, biases=b)
+        layer.group_size, layer.bits, layer.mode = group, bits, "affine"
+        want = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits)
+        got = _dequantize_f32(layer)
+        assert got.dtype == mx.float32 and got.shape == want.shape
+        assert mx.array_equal(got, want).item(), (bits, shape, group, dtype)
+        rows = mx.array([2, 0]) if len(shape) == 3 else mx.array([5, 1, 5])
+        assert mx.array_equal(_dequantize_f32(layer, rows), want[rows]).item()
+
+
+def test_float32_experts_per_expert_products_equal_gather_mm():
+    """Rows sorted by expert go through one BLAS product per expert on the float32
+    path: the same values as MLX's gather_mm to float32 rounding, experts without rows
+    skipped, bias added per row; unsorted (decode) calls keep gather_mm."""
+    from hybridconv.float32_compute import _experts_class
+
+    E, O, I, P = 6, 24, 16, 70
+    layer = _experts_class()()
+    layer.weight = mx.random.normal((E, O, I), key=mx.random.key(1))
+    layer.bias = mx.random.normal((E, O), key=mx.random.key(2))
+    idx = mx.sort(mx.array(np.random.default_rng(0).choice([0, 2, 3, 5], P).astype(np.uint32)))
+    x = mx.random.normal((P, 1, I), key=mx.random.key(3))
+    want = mx.gather_mm(x, layer.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=True) \
+        + mx.expand_dims(layer.bias[idx], -2)
+    got = layer(x, idx, sorted_indices=True)
+    assert got.shape == want.shape == (P, 1, O)
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
+    xu = mx.random.normal((2, 1, 1, 1, I), key=mx.random.key(4))
+    iu = mx.array([[[1, 4]], [[0, 0]]], dtype=mx.uint32)
+    assert mx.array_equal(layer(xu, iu), mx.gather_mm(xu, layer.weight.swapaxes(-1, -2), rhs_indices=iu)
+                          + mx.expand_dims(layer.bias[iu], -2)).item()

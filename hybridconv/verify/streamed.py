@@ -23,7 +23,9 @@ computation touches is ever read. Then, block after block:
    from the first block whose chained error reaches a quarter of the gate
    (:data:`ARM_SHARE`; chained errors grow from block to block); when the pass
    ends over the gate, the blocks before that point are read again for theirs.
-   A conversion whose errors stay well within the gate (a correct float one)
+   Once started, it runs in the chained pass's batches (the chained input and the
+   reference's input as one batch of twice the rows, where that fits the batch
+   bound): one pass of single-token steps serves both. A conversion whose errors stay well within the gate (a correct float one)
    runs each block once. As in the whole-model path, the report shows (and
    gates on) the own errors only when a chained error exceeds the gate, so the
    verdict means the same;
@@ -125,16 +127,24 @@ class _Carry:
         return mx.array(np.load(self.folder / f"{key}.npy")).astype(self.dtype[key])
 
 
+def _batch_limit(length: int, vocab: int, hidden: int) -> int:
+    """How many sequences of ``length`` tokens may run as one batch: their logits and
+    block outputs under :data:`.onepass.BATCH_BYTES` (as the whole-model path)."""
+    from .onepass import BATCH_BYTES, MAX_BATCH
+
+    if vocab <= 0:
+        return 1
+    per_seq = length * 4 * (max(vocab, 1) + 4 * hidden)
+    return max(1, min(MAX_BATCH, BATCH_BYTES // max(per_seq, 1)))
+
+
 def _batches(sequences, k: int, vocab: int, hidden: int) -> list[tuple[int, int]]:
     """(first, end) index ranges of the sequences run together: consecutive ones of one
     length whose outputs fit :data:`.onepass.BATCH_BYTES` (as the whole-model path)."""
-    from .onepass import BATCH_BYTES, MAX_BATCH
-
     out, i = [], 0
     while i < len(sequences):
         T = len(sequences[i])
-        per_seq = T * 4 * (max(vocab, 1) + 4 * hidden)
-        limit = max(1, min(MAX_BATCH, BATCH_BYTES // max(per_seq, 1))) if vocab > 0 else 1
+        limit = _batch_limit(T, vocab, hidden)
         j = i + 1
         while j < len(sequences) and j - i < limit and len(sequences[j]) == T:
             j += 1
@@ -189,28 +199,48 @@ def _load_block(layer, upcast: bool) -> None:
     mx.eval(layer.parameters())
 
 
-def _own_pass(model, layer, b: int, batches, carry, reference, m: Measurement, ks) -> None:
-    """Block ``b`` on the reference's input to it (the previous block's reference
-    output; block 0 on the embeddings), as :func:`.onepass.own_block_errors` runs it:
-    its squared differences into ``m.own[b]``."""
+def _own_input(model, b: int, i: int, j: int, bi: int, carry, reference, m: Measurement):
+    """Block ``b``'s input on the reference's side for sequences ``i:j`` (batch
+    ``bi``): the reference's output of block ``b - 1`` (the embeddings for block 0),
+    joined with the previous block's own output where the model passes more."""
     import mlx.core as mx
 
+    if b == 0:
+        return carry.get(f"x0-{bi}")
+    prev = np.stack([np.asarray(reference.hidden(s, b - 1), dtype=np.float32) for s in range(i, j)])
+    own = carry.get(f"own-{bi}") if f"own-{bi}" in carry.dtype else None  # (from block 0 where used)
+    return _block_input(model, mx.array(prev).astype(m.dtypes[b - 1]), own)
+
+
+def _score_own(model, out, b: int, i: int, bi: int, carry, reference, m: Measurement) -> None:
+    """Block ``b``'s output on the reference's input against the reference's output:
+    squared differences into ``m.own[b]``; kept as the next block's ``own`` input."""
+    import mlx.core as mx
+
+    got = np.array(_block_output(model, out).astype(mx.float32), dtype=np.float64)
+    for r in range(got.shape[0]):
+        ref = np.asarray(reference.hidden(i + r, b), dtype=np.float64)
+        m.own[b] += float(((got[r] - ref) ** 2).sum())
+    carry.put(f"own-{bi}", out)
+
+
+def _own_pass(model, layer, b: int, batches, carry, reference, m: Measurement, ks) -> None:
+    """Block ``b`` on the reference's input to it, as :func:`.onepass.own_block_errors`
+    runs it: its squared differences into ``m.own[b]``."""
     for bi, (i, j) in enumerate(batches):
         interrupt.check()
-        x0 = carry.get(f"x0-{bi}")
-        if b == 0:
-            inp = x0
-        else:
-            prev = np.stack([np.asarray(reference.hidden(s, b - 1), dtype=np.float32) for s in range(i, j)])
-            own = carry.get(f"own-{bi}") if f"own-{bi}" in carry.dtype else None  # (from block 0 where used)
-            inp = _block_input(model, mx.array(prev).astype(m.dtypes[b - 1]), own)
-        out = _through(model, layer, inp, x0, ks[i], True)
-        got = np.array(_block_output(model, out).astype(mx.float32), dtype=np.float64)
-        for r in range(j - i):
-            ref = np.asarray(reference.hidden(i + r, b), dtype=np.float64)
-            m.own[b] += float(((got[r] - ref) ** 2).sum())
-        carry.put(f"own-{bi}", out)
-        del out, inp, got
+        inp = _own_input(model, b, i, j, bi, carry, reference, m)
+        out = _through(model, layer, inp, carry.get(f"x0-{bi}"), ks[i], True)
+        _score_own(model, out, b, i, bi, carry, reference, m)
+        del out, inp
+
+
+def _joint(model, layer, k: int, rows: int, length: int, vocab: int, hidden: int) -> bool:
+    """Whether block ``layer``'s chained pass and second stage over one batch of
+    ``rows`` sequences can run as one batch of ``2 * rows``: it fits the batch bound
+    (:data:`.onepass.BATCH_BYTES`), and the block keeps a cache or runs in one call
+    (a stateless block's second stage is one call, as in the whole-model path)."""
+    return 2 * rows <= _batch_limit(length, vocab, hidden) and (k == 0 or model.layer_cache(layer) is not None)
 
 
 def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress=None, block_gate=None,
@@ -252,6 +282,7 @@ def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress
     chained_own = getattr(type(model), "block_input", None) is not getattr(CausalLM, "block_input", None)
     armed = have_hidden and (block_gate is None or chained_own or reopen is None)
     own_done: list[int] = []
+    joint_rows: set = set()  # (block, batch) whose second stage ran with the chained pass
     with tempfile.TemporaryDirectory(prefix="hybridconv-verify-") as tmp:
         carry = _Carry(Path(tmp))
         t = time.perf_counter()
@@ -267,9 +298,23 @@ def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress
             _load_block(layer, upcast)
             sec["load"] += time.perf_counter() - t
             t = time.perf_counter()
+            joint = armed and b > 0  # the second stage runs in the same batches as the chained pass
             for bi, (i, j) in enumerate(batches):
                 interrupt.check()  # a safe point: between sequences
-                out = _through(model, layer, carry.get(f"chain-{bi}"), carry.get(f"x0-{bi}"), ks[i], False)
+                x0 = carry.get(f"x0-{bi}")
+                if joint and _joint(model, layer, ks[i], j - i, len(seqs[i]), reference.vocab_size, hidden_size):
+                    # the chained input and the reference's input as one batch: one
+                    # pass of single-token steps for both (each weight read once per step)
+                    chain_in = carry.get(f"chain-{bi}")
+                    own_in = _own_input(model, b, i, j, bi, carry, reference, m).astype(chain_in.dtype)
+                    both = _through(model, layer, mx.concatenate([chain_in, own_in]), mx.concatenate([x0, x0]),
+                                    ks[i], False)
+                    out, own_out = both[: j - i], both[j - i:]
+                    _score_own(model, own_out, b, i, bi, carry, reference, m)
+                    joint_rows.add((b, bi))
+                    del both, chain_in, own_in, own_out
+                else:
+                    out = _through(model, layer, carry.get(f"chain-{bi}"), x0, ks[i], False)
                 if len(m.dtypes) <= b:
                     m.dtypes.append(out.dtype)
                 if have_hidden:
@@ -285,7 +330,14 @@ def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress
                 armed = relative_error(m.sq_diff[b], m.sq_ref[b]) >= ARM_SHARE * block_gate
             if armed:
                 t = time.perf_counter()
-                _own_pass(model, layer, b, batches, carry, reference, m, ks)
+                for bi, (i, j) in enumerate(batches):
+                    if (b, bi) in joint_rows:
+                        continue
+                    interrupt.check()
+                    inp = _own_input(model, b, i, j, bi, carry, reference, m)
+                    _score_own(model, _through(model, layer, inp, carry.get(f"x0-{bi}"), ks[i], True), b, i, bi,
+                               carry, reference, m)
+                    del inp
                 own_done.append(b)
                 sec["second_stage"] += time.perf_counter() - t
             _release(layer)  # its arrays go with their last reference (no gc pass: 0.4 s each
@@ -311,7 +363,9 @@ def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress
             del again
             sec["second_stage"] += time.perf_counter() - t
         if have_hidden:
+            in_batches = len({b for b, _ in joint_rows})
             m.seconds_note = (f"second stage: {len(own_done)} of {n} blocks in the chained pass's load"
+                              + (f" ({in_batches} in its batches: their time is under blocks)" if in_batches else "")
                               + (f", {len(missing)} read again" if missing and max(chained, default=0.0) > block_gate
                                  else ""))
         t = time.perf_counter()
@@ -365,11 +419,14 @@ def estimate_mlx(out: Path, config: dict, float32: bool, held_float32: bool, ref
     batch = max(j - i for i, j in _batches(seqs, 0, reference.vocab_size, hidden)) if seqs else 1
     longest = max(len(s) for s in seqs)
     acts = batch * longest * (3 * vocab * 4 + 32 * hidden * 4)
+    # streamed, the second stage may run in the chained pass's batches (twice the rows)
+    joint = 2 * batch if 2 * batch <= _batch_limit(longest, reference.vocab_size, hidden) else batch
     total_stored = g_stored + sum(stored.values())
     total_wide = g_wide + sum(wide.values())
     if held_float32:
         whole = total_wide + acts
     else:
         whole = total_stored + (block_wide if float32 else 0) + (g_wide if float32 else 0) + acts
-    streamed = g_stored + (g_wide if float32 else 0) + block_stored + (block_wide if float32 else 0) + acts
+    streamed = g_stored + (g_wide if float32 else 0) + block_stored + (block_wide if float32 else 0) \
+        + acts * joint // batch
     return int(whole), int(streamed)
