@@ -470,3 +470,42 @@ def test_untied_head_in_vocabulary_slices(refs, monkeypatch, case):
     assert len(head) > 2 and all(r is not None for r in head), head[:3]
     for s in range(2):
         assert _close(whole.outputs[s]["logits"], sliced.outputs[s]["logits"])
+
+
+def test_sliced_head_equals_whole_head(monkeypatch, tmp_path):
+    """On the float32 path a large head runs in vocabulary slices (each slice upcast or
+    dequantized when used): the same logits as the model's own head, tied (bf16 and
+    4-bit embedding) and untied; and the streamed verify with slices agrees with the
+    whole-model verify."""
+    import mlx.core as mx
+
+    from hybridconv.loading import load
+    from hybridconv.quant.run import quantize
+    from hybridconv.verify import streamed
+
+    monkeypatch.setattr(streamed, "HEAD_SLICE_BYTES", 4096)
+    seen = 0
+    for case, bits in [("recurrent_gemma-tiny", None), ("recurrent_gemma-tiny", 4), ("hybrids/nemotron_h-tiny", None)]:
+        out = tmp_path / f"{case.replace('/', '-')}-{bits}"
+        if bits:
+            quantize(str(FIXTURES / case), out, bits=bits)
+        else:
+            convert(str(FIXTURES / case), out, dtype="bfloat16")
+        model = load(out, lazy=True, compute="float32")
+        proj = streamed._head_matrix(model)
+        assert proj is not None and proj["weight"].shape[0] * model.args.hidden_size * 4 > 4096, case
+        h = mx.random.normal((2, 5, model.args.hidden_size), key=mx.random.key(0))
+        want = model.head(h, mx.float32)
+        got = streamed._head(model, h, mx.float32, True)
+        assert got.shape == want.shape and mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), case
+        seen += model.tied
+    assert seen >= 1  # (at least one tied head among the cases)
+    src = resolve(str(FIXTURES / "recurrent_gemma-tiny"))
+    inputs = build_inputs(src.path, _vocab(src.path), random_tokens=24, num_sequences=2, seed=0)
+    ref = compute_reference(src, inputs, stream=True)
+    q = tmp_path / "recurrent_gemma-tiny-4"
+    a = verify_folder(q, ref, stream=False, decode_steps=4).report
+    b = verify_folder(q, ref, stream=True, decode_steps=4).report
+    assert a["verdict"] == b["verdict"]
+    assert abs(a["metrics"]["overall"]["kl_mean"] - b["metrics"]["overall"]["kl_mean"]) <= 1e-6 + 1e-4 * a["metrics"]["overall"]["kl_mean"]
+    assert abs(a["metrics"]["overall"]["max_abs_logit_diff"] - b["metrics"]["overall"]["max_abs_logit_diff"]) <= 1e-4

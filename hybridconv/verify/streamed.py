@@ -33,9 +33,12 @@ computation touches is ever read. Then, block after block:
 
 Last, the final norm and the head on the chained output of the last block give
 the logits, rows for rows what the whole model's prefill and steps give (the
-head acts on each row alone), and the same metrics and decode check follow.
-Memory: the parameters outside the blocks (embedding, final norm, head), one
-block stored and in float32, and the activations of one batch of sequences.
+head acts on each row alone), and the same metrics and decode check follow; on
+the float32 path a head matrix larger than :data:`HEAD_SLICE_BYTES` in float32 is
+multiplied a vocabulary slice at a time, each slice upcast when used.
+Memory: the parameters outside the blocks as stored (embedding, final norm, head),
+one block stored and in float32, one head slice in float32, and the activations
+of one batch of sequences.
 
 What a model must offer (hybridconv's :class:`hybridconv.models.common.CausalLM`
 frame, which every architecture uses): ``embed``, ``layers``, ``call_layer``,
@@ -173,6 +176,56 @@ def _through(model, layer, inp, x0, k: int, whole_if_stateless: bool):
         parts.append(model.call_layer(layer, inp[:, t : t + 1], cache, x0[:, t : t + 1]))
         mx.eval(parts[-1])
     return mx.concatenate(parts, axis=1)
+
+
+# The head's matrix, when its float32 form is larger than this, is multiplied in
+# vocabulary slices, each upcast (or dequantized) when used: the float32 copy of a
+# 256k x 2560 embedding alone is 2.6 GB, more than the rest of the streamed MLX side.
+HEAD_SLICE_BYTES = 256 << 20
+
+
+def _head_matrix(model):
+    """The head's projection module when :func:`_sliced_head` can slice it (the
+    frame's own head: final norm, one matrix — the tied embedding or ``lm_head`` —,
+    then ``scale_logits``), else None."""
+    from ..models.common import CausalLM
+
+    if type(model).head is not CausalLM.head:
+        return None
+    proj = getattr(model.trunk, model.embedding_name) if model.tied else getattr(model, "lm_head", None)
+    if proj is None or "weight" not in proj or proj["weight"].ndim != 2:
+        return None
+    if "scales" in proj and getattr(proj, "mode", "affine") != "affine":
+        return None
+    return proj
+
+
+def _head(model, h, dtype, upcast: bool):
+    """``model.head(h, dtype)``; on the float32 path with a head matrix over
+    :data:`HEAD_SLICE_BYTES` in float32, the same product in vocabulary slices (each
+    slice's rows upcast or dequantized when used), then ``scale_logits`` on the whole."""
+    import mlx.core as mx
+
+    from ..float32_compute import _dequantize_f32
+
+    proj = _head_matrix(model) if upcast else None
+    vocab = proj["weight"].shape[0] if proj is not None else 0
+    width = h.shape[-1]
+    if proj is None or vocab * width * 4 <= HEAD_SLICE_BYTES:
+        return model.head(h, dtype)
+    x = model.final_norm(h, dtype).astype(mx.float32)
+    rows = max(1, HEAD_SLICE_BYTES // (width * 4))
+    parts = []
+    for a in range(0, vocab, rows):
+        b = min(vocab, a + rows)
+        w = _dequantize_f32(proj, mx.arange(a, b)) if "scales" in proj else proj["weight"][a:b].astype(mx.float32)
+        y = x @ w.T
+        if "bias" in proj:
+            y = y + proj["bias"][a:b].astype(mx.float32)
+        mx.eval(y)
+        parts.append(y)
+        del w
+    return model.scale_logits(mx.concatenate(parts, axis=-1))
 
 
 def _release(layer) -> None:
@@ -373,7 +426,7 @@ def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress
             interrupt.check()
             h = carry.get(f"chain-{bi}")
             x0 = carry.get(f"x0-{bi}")
-            got = np.array(model.head(h, x0.dtype).astype(mx.float32))
+            got = np.array(_head(model, h, x0.dtype, upcast).astype(mx.float32))
             del h
             for r in range(j - i):
                 s = i + r
@@ -405,12 +458,17 @@ def estimate_mlx(out: Path, config: dict, float32: bool, held_float32: bool, ref
     bits = quant.get("bits", 4) if quant else None
     stored: dict = {}
     wide: dict = {}
+    widest_global = 0
     for name, t in index_weights(Path(out)).tensors.items():
         b = layer_of(name)
         stored[b] = stored.get(b, 0) + t.nbytes
         unpacked = t.numel * (32 // bits) if (bits and t.dtype == "U32") else t.numel
         wide[b] = wide.get(b, 0) + unpacked * 4
+        if b is None:
+            widest_global = max(widest_global, unpacked * 4)
     g_stored, g_wide = stored.pop(None, 0), wide.pop(None, 0)
+    # streamed, the head's matrix is upcast a vocabulary slice at a time (_head)
+    g_wide_streamed = g_wide - widest_global + min(widest_global, HEAD_SLICE_BYTES)
     block_stored = max(stored.values(), default=0)
     block_wide = max(wide.values(), default=0)
     seqs = reference.sequences
@@ -427,6 +485,6 @@ def estimate_mlx(out: Path, config: dict, float32: bool, held_float32: bool, ref
         whole = total_wide + acts
     else:
         whole = total_stored + (block_wide if float32 else 0) + (g_wide if float32 else 0) + acts
-    streamed = g_stored + (g_wide if float32 else 0) + block_stored + (block_wide if float32 else 0) \
+    streamed = g_stored + (g_wide_streamed if float32 else 0) + block_stored + (block_wide if float32 else 0) \
         + acts * joint // batch
     return int(whole), int(streamed)
