@@ -57,7 +57,7 @@ from . import scaling
 from .calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, calibration_tokens
 from .gptq import gptq, rtn
 
-METHODS = ("awq", "gptq", "learn")
+METHODS = ("widths", "awq", "gptq", "learn")
 DEFAULT_METHODS = ("awq", "gptq", "learn")
 BATCH = 4  # calibration windows per block call
 SAMPLE_ROWS = 2048  # token rows kept per matrix (per expert) for the scale search
@@ -370,11 +370,25 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
     say(f"calibration: {cal.description}")
     say("converting SOURCE to a temporary float folder")
     convert(str(source.path), float_dir, dtype=temp_dtype, allow_nonfinite=allow_nonfinite)
+    ids = cal.sequences
+    widths_record = None
+    if "widths" in methods:
+        from . import widths
+
+        say("widths: measuring each quantized matrix's sensitivity")
+        tw = time.time()
+        measured = widths.measure(qp, float_dir, [mx.array(ids[i : i + BATCH]) for i in range(0, len(ids), BATCH)],
+                                  say)
+        widths_record = widths.choose(qp, measured)
+        widths_record["seconds"] = round(time.time() - tw, 1)
+        planned = {t.step.target: t for t in qp.tensors}
+        mv = widths_record["moved"]
+        say(f"widths: {mv['up']} matrices one bit wider, {mv['down']} one bit narrower, {mv['kept']} kept; "
+            f"{widths_record['bits_per_weight']:.4f} bits per weight (planned {widths_record['bits_per_weight_planned']:.4f})")
     model = load(float_dir, lazy=True)
     store = Store(workdir / "store")
     store.folder.mkdir()
     # streams: batches of windows; the last quarter of the windows (at least one) held back for the learned step
-    ids = cal.sequences
     n = len(ids)
     batches = [mx.array(ids[i : i + BATCH]) for i in range(0, n, BATCH)]
     x0s = [model.embed(b).astype(mx.float32) for b in batches]
@@ -505,6 +519,7 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
         "seconds": round(time.time() - t0, 1),
         "blocks": blocks_report,
         **({"head": head} if head else {}),
+        **({"widths": widths_record} if widths_record else {}),
     }
     return CalibrationResult(store, report_, float32_norms)
 
