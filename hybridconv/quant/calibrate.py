@@ -58,7 +58,7 @@ from .calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, calibration_tokens
 from .gptq import gptq, rtn
 
 METHODS = ("widths", "awq", "gptq", "learn")
-DEFAULT_METHODS = ("awq", "gptq", "learn")
+DEFAULT_METHODS = ("widths", "awq", "gptq", "learn")
 BATCH = 4  # calibration windows per block call
 SAMPLE_ROWS = 2048  # token rows kept per matrix (per expert) for the scale search
 CHECK_TOKENS = 64  # tokens of one window for the exactness check of a fold

@@ -231,6 +231,26 @@ def allocate(options: dict[str, list[tuple[int, int, float]]], budget: int) -> d
             break
         left -= best[1][1] - ch[best[0]][1]
         ch[best[0]] = best[1]
+    # exchanges: one matrix wider, paid by another narrower, while the cost falls
+    # (the Lagrangian's choice is coarse with few matrices)
+    for _ in range(4 * len(options) + 4):
+        best, saved = None, 0.0
+        ups = [(n, o) for n, opts in options.items() for o in opts if o[1] > ch[n][1] and o[2] < ch[n][2]]
+        downs = [(n, o) for n, opts in options.items() for o in opts if o[1] < ch[n][1]]
+        for n, o in ups:
+            need = o[1] - ch[n][1] - left
+            gain = ch[n][2] - o[2]
+            for n2, o2 in downs:
+                if n2 == n or ch[n2][1] - o2[1] < need:
+                    continue
+                net = gain - (o2[2] - ch[n2][2])
+                if net > saved * (1 + 1e-12) and net > 1e-15 * max(gain, 1e-300):
+                    best, saved = ((n, o), (n2, o2)), net
+        if best is None:
+            break
+        for n, o in best:
+            left -= o[1] - ch[n][1]
+            ch[n] = o
     return {n: o[0] for n, o in ch.items()}
 
 
