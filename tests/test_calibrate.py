@@ -468,8 +468,13 @@ def test_target_kl_searches_with_calibration(tmp_path):
 
     src = HYBRIDS / "qwen3_5-tiny"
     ref = compute_reference(resolve(str(src)), inputs_for(src), keep_hidden=False)
-    opts = CalibrationOptions(methods=("gptq",), samples=2, length=32)
+    opts = CalibrationOptions(methods=("widths", "gptq"), samples=2, length=32)
     res = search_target_kl(str(src), tmp_path / "q", 10.0, ref, calibration=opts)
     assert res.result is not None and len(res.search) == 1  # the smallest candidate meets a loose target
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["hybridconv"]["calibration"] == "gptq"
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["hybridconv"]["calibration"] == "widths+gptq"
+    # the written winner is the candidate measured (its widths chosen again from the plan's, not moved twice)
     assert _kl(tmp_path / "q", ref) == pytest.approx(res.search[0]["kl_mean"], rel=1e-6)
+    assert cfg["hybridconv"]["bits_per_weight"] <= res.search[0]["bits_per_weight"]
+    base = cfg["quantization"]["bits"]
+    assert all(abs(v["bits"] - base) <= 1 for v in cfg["quantization"].values() if isinstance(v, dict))

@@ -372,8 +372,10 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
     convert(str(source.path), float_dir, dtype=temp_dtype, allow_nonfinite=allow_nonfinite)
     ids = cal.sequences
     widths_record = None
+    from . import widths
+
+    widths.reset(qp)  # a plan calibrated before (--target-kl's winner): from its planned widths
     if "widths" in methods:
-        from . import widths
 
         say("widths: measuring each quantized matrix's sensitivity")
         tw = time.time()

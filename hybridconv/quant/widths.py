@@ -254,10 +254,21 @@ def allocate(options: dict[str, list[tuple[int, int, float]]], budget: int) -> d
     return {n: o[0] for n, o in ch.items()}
 
 
+def reset(qp) -> None:
+    """Undo an earlier choice on ``qp`` (a plan calibrated twice, as ``--target-kl`` writes
+    its winner again): widths move around the *planned* widths, never further."""
+    for t in qp.tensors:
+        planned = getattr(t, "planned", None)
+        if planned is not None:
+            t.spec, t.entries, t.reason = planned
+            t.planned = None
+
+
 def choose(qp, measured: dict, offsets=OFFSETS) -> dict:
     """Apply the width choice to ``qp`` in place (specs, stored entries, reasons) and
     return the record for conversion.json."""
     float_dtype = qp.conversion.dtype
+    reset(qp)
     costs = measured["costs"]
     tensors = [t for t in qp.tensors if t.step.target in costs and is_free(t)]
     options, planned_bits = {}, {}
@@ -277,6 +288,7 @@ def choose(qp, measured: dict, offsets=OFFSETS) -> dict:
         rows.append({"tensor": t.step.target, "planned_bits": t.spec.bits, "bits": b,
                      "cost": {str(k): v for k, v in sorted(costs[t.step.target].items())}})
         if b != t.spec.bits:
+            t.planned = (t.spec, t.entries, t.reason)
             t.spec = replace(t.spec, bits=b)
             t.entries = quantized_entries(t.step.target, t.step.shape, t.spec, float_dtype)
             t.reason = REASON
