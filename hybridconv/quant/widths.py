@@ -29,8 +29,10 @@ before the calibration proper; memory: one block):
   error, as an error that reaches the last block costs (the residual connection
   carries an error added in any block to the head nearly unchanged, so one
   factor serves every block);
-* the embedding at width ``w``: ``c · Σ‖Δx₀‖²`` of its rows as the tokens read
-  them (plus, for a tied embedding, the head's KL below);
+* the embedding at width ``w``: ``c ·`` the squared error its rows, as the tokens
+  read them, cause at the first block's output (the skip and the mixer pass it on:
+  the first block's norm sees it relative to the embeddings' small scale, so the
+  raw ``‖Δx₀‖²`` would undercount it) — plus, for a tied embedding, the head's KL;
 * an untied (or tied) head at width ``w``: ``KL(float ‖ head_w)`` on the float
   model's final hidden states, summed over the tokens.
 
@@ -126,6 +128,17 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
         quantized = {p: planned[f"{prefix}.{p}.weight"] for p in mats
                      if f"{prefix}.{p}.weight" in planned and planned[f"{prefix}.{p}.weight"].decision == "quantize"}
         yf = _run(model, layer, xf, x0s)
+        t = planned.get(emb_key)
+        if i == 0 and t is not None and is_free(t):
+            # the embedding: its rows' error as the first block passes it on (skip and mixer)
+            W = np.array(emb_module["weight"].astype(mx.float32))
+            row = {}
+            for spec in candidate_specs(t, offsets):
+                Q = mx.array(_quantize_matrix(W, None, spec, out_dtype, False)[3])
+                xs = [model.scale_embeddings(mx.take(Q, b, axis=0)).astype(mx.float32) for b in batches]
+                y = _run(model, layer, xs, xs)
+                row[spec.bits] = sum(_sq(a, b) for a, b in zip(y, yf))
+            residual[emb_key] = row
         for p, t in quantized.items():
             if not is_free(t):
                 continue
@@ -166,24 +179,15 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     c = kl_u / sq_u if sq_u > 0 else 0.0
     for name, row in residual.items():
         costs[name] = {b: c * e for b, e in row.items()}
-    # the embedding (rows as read) and the head
+    # the head (a tied embedding: on top of its cost as the embedding)
     ids = [np.array(b) for b in batches]
-    for name in (emb_key, head_key):
-        t = planned.get(name)
-        if t is None or not is_free(t) or name in costs:
-            continue
-        row = {}
-        W = W_head if name == head_key else np.array(emb_module["weight"].astype(mx.float32))
+    t = planned.get(head_key)
+    if t is not None and is_free(t):
+        row = dict(costs.get(head_key, {}))
         for spec in candidate_specs(t, offsets):
-            Q = _quantize_matrix(W, None, spec, out_dtype, False)[3]
-            cost = 0.0
-            if name == emb_key:
-                d = Q - W
-                cost += c * sum(float((np.array(model.scale_embeddings(mx.array(d[b]))) ** 2).sum()) for b in ids)
-            if name == head_key:
-                cost += sum(_kl_sum(r, logits(h, Q)) for r, h in zip(ref, xf))
-            row[spec.bits] = cost
-        costs[name] = row
+            Q = _quantize_matrix(W_head, None, spec, out_dtype, False)[3]
+            row[spec.bits] = row.get(spec.bits, 0.0) + sum(_kl_sum(r, logits(h, Q)) for r, h in zip(ref, xf))
+        costs[head_key] = row
     del model
     mx.clear_cache()
     return {"costs": costs, "kl_per_squared_error": c, "planned_stream_kl": kl_u / max(sum(int(np.prod(b.shape)) for b in ids), 1)}
@@ -294,7 +298,7 @@ def choose(qp, measured: dict, offsets=OFFSETS) -> dict:
             t.reason = REASON
     est = lambda pick: sum(costs[n][pick(n)] for n in options)
     return {
-        "measure": "residual squared error x KL per squared error (c); embedding rows; head KL",
+        "measure": "block-output squared error x KL per squared error (c); embedding through the first block; head KL",
         "offsets": list(offsets),
         "kl_per_squared_error": measured["kl_per_squared_error"],
         "planned_stream_kl_per_token": measured["planned_stream_kl"],
