@@ -5,7 +5,9 @@ Order of work
 -------------
 1. The quantization plan is built exactly as without calibration (policy,
    recipe, ``--bits-for``, ``--keep``): calibration changes *which codes* a
-   quantized matrix gets, never what is quantized or at what width; protected
+   quantized matrix gets and, with ``widths`` (:mod:`.widths`, first, in its own
+   streamed pass), a free matrix's width by one bit at no more bits in all;
+   never what is quantized, a ``--bits-for`` width or a ``--keep``; protected
    tensors (the SSM / recurrence dynamics, conv kernels, norms' protection from
    quantization) stay as the policy says.
 2. SOURCE is converted once into a temporary float folder (its own dtype;

@@ -41,7 +41,8 @@ matrices' costs (errors of different matrices are taken as adding) with
 ``Σ bits ≤`` the plan's bits for the free tensors: a Lagrangian search
 (``argmin_w cost(w) + λ·bits(w)`` per matrix, the smallest ``λ`` whose total
 fits), then the remaining bits given greedily to the upgrades with the largest
-cost saved per bit that still fit. The total never exceeds the plan's, so the
+cost saved per bit that still fit, then exchanges (one matrix wider, paid by
+another narrower) while the summed cost falls. The total never exceeds the plan's, so the
 output's bits per weight is at most the uniform plan's.
 """
 
