@@ -14,7 +14,10 @@ the checkpoint: bfloat16):
 * ``mlx-lm dynamic``: ``mlx_lm.quant.dynamic_quant`` — sensitivities, then
   widths ``bits - 1`` / ``bits + 1`` mixed to hybridconv default's bits per weight;
 * ``hybridconv default``: ``hybridconv quantize`` (no calibration);
-* ``hybridconv calibrated``: ``hybridconv quantize --calibrate`` (methods ``awq,gptq,learn``);
+* ``hybridconv calibrated``: ``hybridconv quantize --calibrate`` (its default methods,
+  ``widths,awq,gptq,learn``: widths by measured sensitivity at no more bits per weight
+  than the plan's, then the codes); ``hc.cal:awq,gptq,learn`` is the same at the plan's
+  uniform widths;
   ``hc.cal:M1,M2`` in ``--methods`` runs ``--calibrate-methods M1,M2`` (ablations; ``hc.cal:rtn``
   is the calibrated path with no method); a ``+mix`` suffix (``hc.default+mix``,
   ``hc.calibrated+mix``) uses ``--recipe mixed-(bits-1)-(bits+1)`` instead of uniform widths.

@@ -220,13 +220,132 @@ def test_each_method_lowers_kl_below_round_to_nearest(trained_case, tmp_path, na
     _protected_as_default(out, default_out)
 
 
-def _protected_as_default(out: Path, default_out: Path) -> None:
-    """The calibrated output keeps the default output's plan: the same quantization config,
-    every tensor the policy keeps in float32 (SSM / recurrence dynamics) identical, bit for
-    bit, and every other unquantized tensor unquantized (a fold may change a norm's values,
-    exactly compensated: test_folds_leave_float_logits_unchanged)."""
+# --- widths by measured sensitivity -----------------------------------------------------
+
+
+def test_allocation_fits_the_budget_and_is_optimal_on_small_cases():
+    """The width choice never exceeds the budget, is never worse than the planned widths,
+    and on small cases (2-5 matrices, where a knapsack heuristic has least room) finds the
+    brute force's optimum in most cases and stays within 1.5x of it in all."""
+    import itertools
+
+    from hybridconv.quant.widths import allocate
+
+    rng = np.random.default_rng(0)
+    optimal = 0
+    for trial in range(40):
+        n = int(rng.integers(2, 6))
+        options = {}
+        for i in range(n):
+            size = int(rng.integers(1, 20))
+            sens = float(rng.lognormal(0, 2))
+            options[f"m{i}"] = [(b, size * b, sens * 4.0 ** -b) for b in (2, 3, 4)]
+        budget = sum(size_b for size_b in (o[1][1] for o in options.values()))  # everything at 3 bits
+        got = allocate(options, budget)
+        bits = lambda ch: sum(next(o[1] for o in options[k] if o[0] == w) for k, w in ch.items())
+        cost = lambda ch: sum(next(o[2] for o in options[k] if o[0] == w) for k, w in ch.items())
+        assert bits(got) <= budget
+        best = min((dict(zip(options, ws)) for ws in itertools.product((2, 3, 4), repeat=n)
+                    if bits(dict(zip(options, ws))) <= budget), key=cost)
+        assert cost(got) <= cost(best) * 1.5, (trial, got, best)
+        optimal += cost(got) <= cost(best) * (1 + 1e-9)
+        assert cost(got) <= cost({k: 3 for k in options}) + 1e-12  # never worse than the planned widths
+    assert optimal >= 32
+
+
+@pytest.fixture(scope="module")
+def widths_output(tmp_path_factory):
+    """The trained Mamba-2/MoE hybrid at 3 bits, widths only (round to nearest), with a
+    user's --bits-for and --keep; and the default output of the same plan."""
+    from hybridconv.quant.calibrate import CalibrationOptions
+    from hybridconv.quant.run import quantize
+
+    ckpt = _trained("granitemoehybrid")
+    base = tmp_path_factory.mktemp("widths")
+    plan = dict(bits=3, bits_for=["*.layers.1.shared_mlp.output_linear*=5"], keep=["*.self_attn.q_proj*"])
+    res = quantize(str(ckpt), base / "w", calibration=CalibrationOptions(
+        file=TRAINED / "calibration.txt", samples=8, length=128, methods=("widths",)), **plan)
+    default = quantize(str(ckpt), base / "d", **plan)
+    return base / "w", base / "d", res, default
+
+
+def test_widths_stay_within_the_plans_bits_and_keep_fixed_tensors(widths_output):
+    from hybridconv.loading import load
+
+    out, default_out, res, default = widths_output
+    planned = default.plan.bits_per_weight
+    rec = json.loads((out / "conversion.json").read_text())["quantization"]
+    w = rec["calibration"]["widths"]
+    # bits per weight: never above the plan's, within 0.05 of it
+    assert res.plan.bits_per_weight <= planned and planned - res.plan.bits_per_weight <= 0.05
+    assert w["bits_per_weight"] == pytest.approx(res.plan.bits_per_weight, abs=1e-4)
+    assert w["moved"]["up"] > 0 and w["moved"]["down"] > 0
+    assert w["estimated_cost_chosen"] < w["estimated_cost_planned"]
+    rows = {r["tensor"]: r for r in rec["plan"]}
+    want = {r["tensor"]: r for r in json.loads((default_out / "conversion.json").read_text())["quantization"]["plan"]}
+    moved = {r["tensor"] for r in w["tensors"] if r["bits"] != r["planned_bits"]}
+    for name, r in want.items():
+        if r["decision"] != "quantize" or r["reason"].startswith("--bits-for"):
+            # protected, float, --keep and --bits-for tensors: as planned
+            assert rows[name] == r, name
+            assert name not in moved
+        else:
+            assert abs(rows[name]["bits"] - 3) <= 1
+            assert (rows[name]["bits"] != 3) == (name in moved)
+    assert rows["model.layers.1.shared_mlp.output_linear.weight"]["bits"] == 5
+    assert rows["model.layers.1.self_attn.q_proj.weight"]["decision"] == "float"
+    _protected_as_default(out, default_out, widths=True)
+    # config.json's per-layer entries are the chosen widths (mlx-lm's convention), and the folder loads
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    for name in moved:
+        assert q[name.removesuffix(".weight")] == {"group_size": 64, "bits": rows[name]["bits"], "mode": "affine"}
+    # mlx-lm's own granitemoehybrid opens it (the per-layer entries) and computes what
+    # hybridconv's model of the folder computes (both in float32: the bf16 activations'
+    # rounding aside)
+    from mlx_lm.utils import load_model
+
+    ids = mx.array(np.random.default_rng(0).integers(0, 1024, size=(1, 32)))
+    ours = np.array(load(out, compute="float32")(ids).astype(mx.float32))
+    theirs_model, _ = load_model(out)
+    assert type(theirs_model).__module__ == "mlx_lm.models.granitemoehybrid"
+    theirs_model.set_dtype(mx.float32)
+    theirs = np.array(theirs_model(ids).astype(mx.float32))
+    assert np.abs(ours - theirs).max() < 1e-5 * np.abs(ours).max()
+
+
+@pytest.mark.parametrize("name", ["granitemoehybrid", "qwen3_5_text"])
+def test_widths_lower_the_kl_of_calibrated_uniform_widths(trained_case, tmp_path, name):
+    """On a trained checkpoint at 3 bits: GPTQ with widths by sensitivity has a lower KL
+    than GPTQ at the plan's uniform widths, at no more bits per weight."""
+    from hybridconv.quant.calibrate import CalibrationOptions
+    from hybridconv.quant.run import quantize
+
+    ckpt, ref, rtn_kl, default_out = trained_case(name)
+    kl, bpw = {}, {}
+    for methods in (("gptq",), ("widths", "gptq")):
+        out = tmp_path / "+".join(methods)
+        opts = CalibrationOptions(file=TRAINED / "calibration.txt", methods=methods, **KL_CAL)
+        bpw[methods] = quantize(str(ckpt), out, bits=3, calibration=opts).plan.bits_per_weight
+        kl[methods] = _kl(out, ref)
+    assert bpw[("widths", "gptq")] <= bpw[("gptq",)]
+    assert kl[("widths", "gptq")] < kl[("gptq",)], kl
+
+
+def _protected_as_default(out: Path, default_out: Path, widths: bool = False) -> None:
+    """The calibrated output keeps the default output's plan: the same quantization config
+    (with ``widths``: the same defaults and float entries, a free matrix's width at most one
+    bit off the plan's), every tensor the policy keeps in float32 (SSM / recurrence dynamics)
+    identical, bit for bit, and every other unquantized tensor unquantized (a fold may change
+    a norm's values, exactly compensated: test_folds_leave_float_logits_unchanged)."""
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization"] == json.loads((default_out / "config.json").read_text())["quantization"]
+    want_q = json.loads((default_out / "config.json").read_text())["quantization"]
+    if widths:
+        got_q = cfg["quantization"]
+        assert {k: v for k, v in got_q.items() if not isinstance(v, dict)} == \
+            {k: v for k, v in want_q.items() if not isinstance(v, dict)}
+        assert all(abs(v["bits"] - want_q.get(k, want_q)["bits"]) <= 1 for k, v in got_q.items() if isinstance(v, dict))
+    else:
+        assert cfg["quantization"] == want_q
     plan = json.loads((default_out / "conversion.json").read_text())["quantization"]["plan"]
     got = mx.load(str(out / "model.safetensors"))
     want = mx.load(str(default_out / "model.safetensors"))
@@ -271,8 +390,12 @@ def test_calibrated_output_opens_in_mlx_lm_and_passes_verify(tmp_path):
     quantize(str(ckpt), out, bits=4, mlx_lm_code="always",
              calibration=CalibrationOptions(file=TRAINED / "calibration.txt", **FAST))
     quantize(str(ckpt), tmp_path / "default", bits=4)
-    _protected_as_default(out, tmp_path / "default")
-    assert json.loads((out / "config.json").read_text())["hybridconv"]["calibration"] == "awq+gptq+learn"
+    _protected_as_default(out, tmp_path / "default", widths=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["hybridconv"]["calibration"] == "widths+awq+gptq+learn"
+    # the widths chosen are mlx-lm's per-layer entries ({"group_size", "bits"} per module), both ways
+    per_layer = {k: v["bits"] for k, v in cfg["quantization"].items() if isinstance(v, dict)}
+    assert {3, 5} <= set(per_layer.values())
     ids = mx.array(np.random.default_rng(0).integers(0, 1024, size=(1, 32)))
     ours = np.array(load(out)(ids).astype(mx.float32))
     theirs_model, _ = load_model(out, trust_remote_code=True)
@@ -354,8 +477,13 @@ def test_target_kl_searches_with_calibration(tmp_path):
 
     src = HYBRIDS / "qwen3_5-tiny"
     ref = compute_reference(resolve(str(src)), inputs_for(src), keep_hidden=False)
-    opts = CalibrationOptions(methods=("gptq",), samples=2, length=32)
+    opts = CalibrationOptions(methods=("widths", "gptq"), samples=2, length=32)
     res = search_target_kl(str(src), tmp_path / "q", 10.0, ref, calibration=opts)
     assert res.result is not None and len(res.search) == 1  # the smallest candidate meets a loose target
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["hybridconv"]["calibration"] == "gptq"
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["hybridconv"]["calibration"] == "widths+gptq"
+    # the written winner is the candidate measured (its widths chosen again from the plan's, not moved twice)
     assert _kl(tmp_path / "q", ref) == pytest.approx(res.search[0]["kl_mean"], rel=1e-6)
+    assert cfg["hybridconv"]["bits_per_weight"] <= res.search[0]["bits_per_weight"]
+    base = cfg["quantization"]["bits"]
+    assert all(abs(v["bits"] - base) <= 1 for v in cfg["quantization"].values() if isinstance(v, dict))

@@ -38,9 +38,11 @@ BitsForOpt = Annotated[
 ]
 CalibrateOpt = Annotated[
     bool,
-    typer.Option("--calibrate", help="Choose the codes with the model's activations on calibration text (affine): "
-                 "activation-aware scales folded exactly into the preceding norm or projection, GPTQ, then scales "
-                 "and biases learned against the float model's block outputs. Same plan, same MLX format. "
+    typer.Option("--calibrate", help="Choose the widths and codes with the model's activations on calibration text "
+                 "(affine): each free matrix one bit wider or narrower by its measured sensitivity at no more bits "
+                 "per weight than the plan's, activation-aware scales folded exactly into the preceding norm or "
+                 "projection, GPTQ, then scales and biases learned against the float model's block outputs. Same "
+                 "MLX format; protected tensors, --bits-for and --keep as planned. "
                  "Without --calibration: a built-in sample (Python standard-library text)."),
 ]
 CalibrationOpt = Annotated[
@@ -57,9 +59,11 @@ CalibrationLengthOpt = Annotated[
 ]
 CalibrateMethodsOpt = Annotated[
     Optional[str],
-    typer.Option("--calibrate-methods", help="Comma-separated, applied in this order: awq (activation-aware scales), "
-                 "gptq (Hessian error compensation), learn (scales/biases learned per block); 'rtn' for none "
-                 "\\[default: awq,gptq,learn].", show_default=False),
+    typer.Option("--calibrate-methods", help="Comma-separated, applied in this order: widths (each free matrix at "
+                 "its width -1/+0/+1 chosen by measured sensitivity, total bits <= the plan's; leave it out for the "
+                 "plan's widths), awq (activation-aware scales), gptq (Hessian error compensation), learn "
+                 "(scales/biases learned per block); 'rtn' for none \\[default: widths,awq,gptq,learn].",
+                 show_default=False),
 ]
 LearnStepsOpt = Annotated[
     int, typer.Option("--learn-steps", help="Adam steps per block of the 'learn' method.")
@@ -151,8 +155,11 @@ def quantize_cmd(
     quantization config, per-layer entries when mixed).
 
     --calibrate (or --calibration FILE) chooses the codes with calibration text run through
-    hybridconv's own model, block by block: exact power-of-two activation-aware scales,
-    GPTQ, learned scales and biases. The plan, the widths and the format are the same.
+    hybridconv's own model, block by block: widths by measured sensitivity (a free matrix
+    one bit wider or narrower, the bits per weight at most the plan's; --bits-for and
+    --keep choices and protected tensors unchanged), exact power-of-two activation-aware
+    scales, GPTQ, learned scales and biases. The format is the same; the plan printed after
+    writing (and conversion.json) has the chosen widths, --dry-run shows the planned ones.
 
     Exit codes: 0 done (and verified, with --verify); 1 verification failed or no plan meets
     --target-kl; 2 bad usage or input (also an existing OUT without --force, or one written by

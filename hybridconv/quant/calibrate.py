@@ -5,7 +5,9 @@ Order of work
 -------------
 1. The quantization plan is built exactly as without calibration (policy,
    recipe, ``--bits-for``, ``--keep``): calibration changes *which codes* a
-   quantized matrix gets, never what is quantized or at what width; protected
+   quantized matrix gets and, with ``widths`` (:mod:`.widths`, first, in its own
+   streamed pass), a free matrix's width by one bit at no more bits in all;
+   never what is quantized, a ``--bits-for`` width or a ``--keep``; protected
    tensors (the SSM / recurrence dynamics, conv kernels, norms' protection from
    quantization) stay as the policy says.
 2. SOURCE is converted once into a temporary float folder (its own dtype;
@@ -57,8 +59,8 @@ from . import scaling
 from .calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, calibration_tokens
 from .gptq import gptq, rtn
 
-METHODS = ("awq", "gptq", "learn")
-DEFAULT_METHODS = ("awq", "gptq", "learn")
+METHODS = ("widths", "awq", "gptq", "learn")
+DEFAULT_METHODS = ("widths", "awq", "gptq", "learn")
 BATCH = 4  # calibration windows per block call
 SAMPLE_ROWS = 2048  # token rows kept per matrix (per expert) for the scale search
 CHECK_TOKENS = 64  # tokens of one window for the exactness check of a fold
@@ -370,11 +372,27 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
     say(f"calibration: {cal.description}")
     say("converting SOURCE to a temporary float folder")
     convert(str(source.path), float_dir, dtype=temp_dtype, allow_nonfinite=allow_nonfinite)
+    ids = cal.sequences
+    widths_record = None
+    from . import widths
+
+    widths.reset(qp)  # a plan calibrated before (--target-kl's winner): from its planned widths
+    if "widths" in methods:
+
+        say("widths: measuring each quantized matrix's sensitivity")
+        tw = time.time()
+        measured = widths.measure(qp, float_dir, [mx.array(ids[i : i + BATCH]) for i in range(0, len(ids), BATCH)],
+                                  say)
+        widths_record = widths.choose(qp, measured)
+        widths_record["seconds"] = round(time.time() - tw, 1)
+        planned = {t.step.target: t for t in qp.tensors}
+        mv = widths_record["moved"]
+        say(f"widths: {mv['up']} matrices one bit wider, {mv['down']} one bit narrower, {mv['kept']} kept; "
+            f"{widths_record['bits_per_weight']:.4f} bits per weight (planned {widths_record['bits_per_weight_planned']:.4f})")
     model = load(float_dir, lazy=True)
     store = Store(workdir / "store")
     store.folder.mkdir()
     # streams: batches of windows; the last quarter of the windows (at least one) held back for the learned step
-    ids = cal.sequences
     n = len(ids)
     batches = [mx.array(ids[i : i + BATCH]) for i in range(0, n, BATCH)]
     x0s = [model.embed(b).astype(mx.float32) for b in batches]
@@ -505,6 +523,7 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
         "seconds": round(time.time() - t0, 1),
         "blocks": blocks_report,
         **({"head": head} if head else {}),
+        **({"widths": widths_record} if widths_record else {}),
     }
     return CalibrationResult(store, report_, float32_norms)
 
