@@ -171,11 +171,20 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
 
     def logits(h, W):
         hn = model.final_norm(h.astype(mx.float32), mx.float32).astype(mx.float32)
-        return model.scale_logits(hn @ mx.array(W).T).astype(mx.float32)
+        return model.scale_logits(hn @ W.T).astype(mx.float32)
 
-    ref = [logits(h, W_head) for h in xf]
-    mx.eval(ref)
-    kl_u = sum(_kl_sum(r, logits(h, W_head)) for r, h in zip(ref, xu))
+    def kl_sum(W, stream):
+        # batch by batch: one batch's logits at a time (a 256k vocabulary's are ~1 GB per batch)
+        total = 0.0
+        for hf, h in zip(xf, stream):
+            r = logits(hf, W_float)
+            mx.eval(r)
+            total += _kl_sum(r, logits(h, W))
+            del r
+        return total
+
+    W_float = mx.array(W_head)
+    kl_u = kl_sum(W_float, xu)
     sq_u = sum(_sq(a, b) for a, b in zip(xf, xu))
     c = kl_u / sq_u if sq_u > 0 else 0.0
     for name, row in residual.items():
@@ -186,10 +195,11 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     if t is not None and is_free(t):
         row = dict(costs.get(head_key, {}))
         for spec in candidate_specs(t, offsets):
-            Q = _quantize_matrix(W_head, None, spec, out_dtype, False)[3]
-            row[spec.bits] = row.get(spec.bits, 0.0) + sum(_kl_sum(r, logits(h, Q)) for r, h in zip(ref, xf))
+            Q = mx.array(_quantize_matrix(W_head, None, spec, out_dtype, False)[3])
+            row[spec.bits] = row.get(spec.bits, 0.0) + kl_sum(Q, xf)
+            del Q
         costs[head_key] = row
-    del model
+    del model, W_float, W_head
     mx.clear_cache()
     return {"costs": costs, "kl_per_squared_error": c, "planned_stream_kl": kl_u / max(sum(int(np.prod(b.shape)) for b in ids), 1)}
 
