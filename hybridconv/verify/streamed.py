@@ -277,10 +277,13 @@ def _score_own(model, out, b: int, i: int, bi: int, carry, reference, m: Measure
     carry.put(f"own-{bi}", out)
 
 
-def _own_pass(model, layer, b: int, batches, carry, reference, m: Measurement, ks) -> None:
+def _own_pass(model, layer, b: int, batches, carry, reference, m: Measurement, ks, done=frozenset()) -> None:
     """Block ``b`` on the reference's input to it, as :func:`.onepass.own_block_errors`
-    runs it: its squared differences into ``m.own[b]``."""
+    runs it: its squared differences into ``m.own[b]``; the batches in ``done`` (by
+    index) ran it already, with the chained pass."""
     for bi, (i, j) in enumerate(batches):
+        if bi in done:
+            continue
         interrupt.check()
         inp = _own_input(model, b, i, j, bi, carry, reference, m)
         out = _through(model, layer, inp, carry.get(f"x0-{bi}"), ks[i], True)
@@ -383,14 +386,7 @@ def measure_streamed(model, reference, decode_steps: int, upcast: bool, progress
                 armed = relative_error(m.sq_diff[b], m.sq_ref[b]) >= ARM_SHARE * block_gate
             if armed:
                 t = time.perf_counter()
-                for bi, (i, j) in enumerate(batches):
-                    if (b, bi) in joint_rows:
-                        continue
-                    interrupt.check()
-                    inp = _own_input(model, b, i, j, bi, carry, reference, m)
-                    _score_own(model, _through(model, layer, inp, carry.get(f"x0-{bi}"), ks[i], True), b, i, bi,
-                               carry, reference, m)
-                    del inp
+                _own_pass(model, layer, b, batches, carry, reference, m, ks, {bi for bb, bi in joint_rows if bb == b})
                 own_done.append(b)
                 sec["second_stage"] += time.perf_counter() - t
             _release(layer)  # its arrays go with their last reference (no gc pass: 0.4 s each
