@@ -239,3 +239,18 @@ def hc(monkeypatch, capsys, *args) -> tuple[int, str]:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     out = capsys.readouterr()
     return code, " ".join((out.out + "\n" + out.err).split())
+
+
+@pytest.fixture
+def signals_not_ignored():
+    """SIGINT and SIGTERM not ignored during the test (the CLI installs its handlers only
+    for signals that are not), even when the test runner runs as a background job, which
+    inherits SIGINT ignored; restored after."""
+    import signal
+
+    ignored = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is signal.SIG_IGN]
+    for s in ignored:
+        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+    yield
+    for s in ignored:
+        signal.signal(s, signal.SIG_IGN)

@@ -81,7 +81,7 @@ def _plan(tmp_path, fixtures_dir):
 
 
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_signal_during_release(fixtures_dir, tmp_path, monkeypatch, capsys, request, sig, code, word):
+def test_signal_during_release(fixtures_dir, tmp_path, monkeypatch, capsys, signals_not_ignored, sig, code, word):
     """The signal arrives while the first variant is being verified (a real
     os.kill to this process, handled by the CLI's handler): the release stops
     before writing that variant's report, the second variant is never built, the
@@ -96,11 +96,6 @@ def test_signal_during_release(fixtures_dir, tmp_path, monkeypatch, capsys, requ
         return outcome
 
     monkeypatch.setattr(vrun, "verify_folder", verify_then_signal)
-    # not ignored, even when the test runner is a background job (SIGINT inherited ignored)
-    ignored = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) is signal.SIG_IGN]
-    for s in ignored:
-        signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
-    request.addfinalizer(lambda: [signal.signal(s, signal.SIG_IGN) for s in ignored])
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     work = tmp_path / "work"
     rc, out = hc(monkeypatch, capsys, "release", _plan(tmp_path, fixtures_dir), "--workdir", work, "--no-upload",
