@@ -15,7 +15,7 @@ calibration text is the built-in sample, tokenised with the checkpoint's
 (tiny) tokenizer. Run it on a quiet machine, with ``nice``.
 
 Usage: python scripts/bench_calibrate.py [--workdir bench-data] [--samples 8] [--length 256]
-       [--methods awq,gptq,learn] [--learn-steps 20] [--skip-default]
+       [--methods widths,awq,gptq,learn] [--learn-steps 20] [--skip-default]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=REPO / "bench-data")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--length", type=int, default=256)
-    ap.add_argument("--methods", default="awq,gptq,learn")
+    ap.add_argument("--methods", default="widths,awq,gptq,learn")
     ap.add_argument("--learn-steps", type=int, default=20)
     ap.add_argument("--skip-default", action="store_true", help="time only the calibrated run")
     args = ap.parse_args()
