@@ -99,6 +99,27 @@ def _kl_sum(ref_logits, logits) -> float:
     return float(mx.sum(mx.exp(lp) * (lp - lq)).item())
 
 
+ROW_CHUNK = 8192  # rows of a large matrix (a vocabulary's) rounded at a time
+
+
+def _rounded_rows(W, spec, out_dtype, rows=None):
+    """``W``'s rows (all, or the indices ``rows``) rounded to ``spec`` and dequantized,
+    float32, as an MLX array: a chunk of :data:`ROW_CHUNK` rows at a time (rows are
+    rounded independently: groups run along a row), so a 256k-row embedding's
+    rounding never holds more than a chunk's temporaries."""
+    import mlx.core as mx
+
+    from .calibrate import _quantize_matrix
+
+    index = np.arange(W.shape[0]) if rows is None else np.asarray(rows)
+    parts = []
+    for a in range(0, len(index), ROW_CHUNK):
+        chunk = np.array(W[mx.array(index[a:a + ROW_CHUNK])].astype(mx.float32))
+        parts.append(mx.array(_quantize_matrix(chunk, None, spec, out_dtype, False)[3]))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
 def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict:
     """Costs ``{tensor: {bits: cost}}`` of the free tensors of ``qp`` at their candidate
     widths, and the factor ``c`` (module docstring). ``batches``: lists of token ids
@@ -132,11 +153,13 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
         t = planned.get(emb_key)
         if i == 0 and t is not None and is_free(t):
             # the embedding: its rows' error as the first block passes it on (skip and mixer)
-            W = np.array(emb_module["weight"].astype(mx.float32))
+            # only the rows the calibration tokens read (each row is rounded alone)
+            used = np.unique(np.concatenate([np.array(b).ravel() for b in batches]))
+            at = [mx.array(np.searchsorted(used, np.array(b))) for b in batches]
             row = {}
             for spec in candidate_specs(t, offsets):
-                Q = mx.array(_quantize_matrix(W, None, spec, out_dtype, False)[3])
-                xs = [model.scale_embeddings(mx.take(Q, b, axis=0)).astype(mx.float32) for b in batches]
+                Q = _rounded_rows(emb_module["weight"], spec, out_dtype, used)
+                xs = [model.scale_embeddings(mx.take(Q, i, axis=0)).astype(mx.float32) for i in at]
                 y = _run(model, layer, xs, xs)
                 row[spec.bits] = sum(_sq(a, b) for a, b in zip(y, yf))
             residual[emb_key] = row
@@ -164,7 +187,6 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     # the head in float32, on the final hidden states of both streams
     head_key = emb_key if model.tied else "lm_head.weight"
     head_module = emb_module if model.tied else model.lm_head
-    W_head = np.array(head_module["weight"].astype(mx.float32))
     norm_module = getattr(model.trunk, getattr(model, "norm_name", "norm"), None)
     if norm_module is not None:
         norm_module.update(tree_map(lambda a: a.astype(mx.float32), norm_module.parameters()))
@@ -183,7 +205,8 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
             del r
         return total
 
-    W_float = mx.array(W_head)
+    W_float = head_module["weight"].astype(mx.float32)
+    mx.eval(W_float)
     kl_u = kl_sum(W_float, xu)
     sq_u = sum(_sq(a, b) for a, b in zip(xf, xu))
     c = kl_u / sq_u if sq_u > 0 else 0.0
@@ -195,11 +218,11 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     if t is not None and is_free(t):
         row = dict(costs.get(head_key, {}))
         for spec in candidate_specs(t, offsets):
-            Q = mx.array(_quantize_matrix(W_head, None, spec, out_dtype, False)[3])
+            Q = _rounded_rows(W_float, spec, out_dtype)
             row[spec.bits] = row.get(spec.bits, 0.0) + kl_sum(Q, xf)
             del Q
         costs[head_key] = row
-    del model, W_float, W_head
+    del model, W_float
     mx.clear_cache()
     return {"costs": costs, "kl_per_squared_error": c, "planned_stream_kl": kl_u / max(sum(int(np.prod(b.shape)) for b in ids), 1)}
 
