@@ -15,7 +15,7 @@ calibration text is the built-in sample, tokenised with the checkpoint's
 (tiny) tokenizer. Run it on a quiet machine, with ``nice``.
 
 Usage: python scripts/bench_calibrate.py [--workdir bench-data] [--samples 8] [--length 256]
-       [--methods widths,awq,gptq,learn] [--learn-steps 20] [--skip-default]
+       [--methods widths,awq,gptq,learn] [--learn-steps 20] [--skip-default] [--log FILE]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--methods", default="widths,awq,gptq,learn")
     ap.add_argument("--learn-steps", type=int, default=20)
     ap.add_argument("--skip-default", action="store_true", help="time only the calibrated run")
+    ap.add_argument("--log", type=Path, default=None,
+                    help="append the calibrated run's output (its progress) to this file as it runs")
     args = ap.parse_args()
     src = args.workdir / "recurrentgemma-2b-synthetic"
     build(src)
@@ -53,7 +55,8 @@ def main() -> None:
              + (f", {args.learn_steps} learn steps" if "learn" in args.methods else "") + ")")
     runs[label] = measure([*hc, "quantize", str(src), "-o", str(out), "--bits", "4", "--calibrate",
                            "--calibration-samples", str(args.samples), "--calibration-length", str(args.length),
-                           "--calibrate-methods", args.methods, "--learn-steps", str(args.learn_steps)])
+                           "--calibrate-methods", args.methods, "--learn-steps", str(args.learn_steps)],
+                          log=args.log)
     shutil.rmtree(out, ignore_errors=True)
     print("| command | wall | peak RSS |")
     print("|---|---|---|")

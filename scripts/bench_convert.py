@@ -143,20 +143,23 @@ def build(src: Path, n_shards: int = 3) -> None:
     print(f"built: {total / 1e9:.2f} GB in {len(groups)} shards", flush=True)
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GB) of the command's largest process."""
+def measure(cmd: list[str], log: Path | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of the command's largest process; ``log``: a file
+    that receives the command's output (its progress) as it runs, for long commands."""
     wrapper = (
         "import resource, subprocess, sys, time, json\n"
         "t = time.perf_counter()\n"
-        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+        "log = open(sys.argv[1], 'a') if sys.argv[1] else None\n"
+        "rc = subprocess.run(sys.argv[2:], stdout=log or subprocess.DEVNULL, stderr=log).returncode\n"
         "wall = time.perf_counter() - t\n"
         "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024\n"
         "print(json.dumps({'rc': rc, 'wall': wall, 'rss': rss}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", wrapper, str(log) if log else "", *cmd], capture_output=True, text=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
-        raise SystemExit(f"command failed ({res['rc']}): {' '.join(cmd)}\n{out.stderr}")
+        raise SystemExit(f"command failed ({res['rc']}): {' '.join(cmd)}\n{out.stderr}"
+                         + (f"(its output: {log})" if log else ""))
     return res["wall"], res["rss"] / 1e9
 
 
