@@ -141,3 +141,76 @@ def test_signal_after_the_last_safe_point_still_exits_with_its_code(fixtures_dir
     assert rc == 143 and "internal error" not in out
     assert (tmp_path / "out" / "conversion.json").is_file()  # the rename finished: a complete output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- calibrated quantization: its long passes stop at their own safe points -----------
+
+CAL_SRC = __import__("pathlib").Path(__file__).parent / "data" / "trained" / "recurrent_gemma"
+
+
+def _calibrate(tmp_path, methods, report=None):
+    from hybridconv.quant.calibrate import CalibrationOptions, parse_methods
+    from hybridconv.quant.run import quantize
+
+    opts = CalibrationOptions(samples=2, length=32, learn_steps=5, methods=parse_methods(methods))
+    return quantize(str(CAL_SRC), tmp_path / "out", bits=4, calibration=opts, report=report)
+
+
+def _no_output(tmp_path):
+    # neither the output nor a temporary folder (the calibration's float copy) is left
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_a_signal_during_the_widths_pass_stops_it_before_the_next_block(tmp_path):
+    said = []
+
+    def report(msg):
+        said.append(msg)
+        if msg.startswith("widths: block 1/"):
+            interrupt.request(signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        _calibrate(tmp_path, "widths", report)
+    assert said[-1].startswith("widths: block 1/")  # block 2 never ran
+    _no_output(tmp_path)
+
+
+def test_a_signal_during_gptq_stops_before_the_next_matrix(tmp_path, monkeypatch):
+    from hybridconv.quant import calibrate as C
+
+    calls = []
+    real = C._quantize_matrix
+
+    def first_then_signal(*a, **k):
+        calls.append(1)
+        interrupt.request(signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "_quantize_matrix", first_then_signal)
+    with pytest.raises(interrupt.Terminated):
+        _calibrate(tmp_path, "gptq")
+    assert len(calls) == 1
+    _no_output(tmp_path)
+
+
+def test_a_signal_during_the_learned_step_stops_before_the_next_step(tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    steps = []
+    real = mx.value_and_grad
+
+    def counting(fn):
+        g = real(fn)
+
+        def step(*a, **k):
+            steps.append(1)
+            interrupt.request(signal.SIGINT)
+            return g(*a, **k)
+
+        return step
+
+    monkeypatch.setattr(mx, "value_and_grad", counting)
+    with pytest.raises(KeyboardInterrupt):
+        _calibrate(tmp_path, "learn")
+    assert len(steps) == 1
+    _no_output(tmp_path)

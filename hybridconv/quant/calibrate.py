@@ -480,6 +480,7 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
         rec["error_float_input"] = None
         quantized_parts = {}
         for p, spec in specs.items():
+            interrupt.check()  # a safe point: between matrices (GPTQ of a wide one takes seconds)
             W = _weight_np(mats[p])
             packed, sc, bi, deq = _quantize_matrix(W, stats.get(p), spec, out_dtype, "gptq" in methods)
             quantized_parts[p] = (packed, sc, bi)

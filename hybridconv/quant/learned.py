@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import interrupt
 from ..safetensors_io import from_float32, to_float32
 from .gptq import unpack
 
@@ -82,6 +83,7 @@ def learn_block(model, layer, mats, specs, parts, xq, x0s, yf, dtype: str, steps
     rng = np.random.default_rng(seed)
     losses = []
     for step in range(steps):
+        interrupt.check()  # a safe point: between learning steps
         i = train[int(rng.integers(len(train)))]
         loss, g = grad(params, i)
         params = opt.apply_gradients(g, params)

@@ -53,6 +53,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .. import interrupt
 from .modes import MODES, can_quantize, quantized_entries, storage_bits
 
 OFFSETS = (-1, 0, 1)
@@ -143,6 +144,7 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     costs: dict[str, dict[int, float]] = {}
     residual: dict[str, dict[int, float]] = {}
     for i, (layer, prefix) in enumerate(zip(model.layers, _block_prefixes(model))):
+        interrupt.check()  # a safe point: between blocks (a 2B block takes about a minute)
         stored = dict(tree_flatten(layer.parameters()))
         layer.update(tree_map(lambda a: a.astype(mx.float32), layer.parameters()))
         mx.eval(layer.parameters())
@@ -166,6 +168,7 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
         for p, t in quantized.items():
             if not is_free(t):
                 continue
+            interrupt.check()  # a safe point: between matrices (every weight is back in place)
             W = _weight_np(mats[p])
             row = {}
             for spec in candidate_specs(t, offsets):
@@ -218,6 +221,7 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     if t is not None and is_free(t):
         row = dict(costs.get(head_key, {}))
         for spec in candidate_specs(t, offsets):
+            interrupt.check()
             Q = _rounded_rows(W_float, spec, out_dtype)
             row[spec.bits] = row.get(spec.bits, 0.0) + kl_sum(Q, xf)
             del Q
