@@ -313,6 +313,29 @@ def test_widths_stay_within_the_plans_bits_and_keep_fixed_tensors(widths_output)
     assert np.abs(ours - theirs).max() < 1e-5 * np.abs(ours).max()
 
 
+def test_widths_head_kl_in_pieces_measures_what_it_measures_whole(tmp_path, monkeypatch):
+    """The head's KL goes a few tokens at a time (a 256k vocabulary's logits are 1 MB per
+    token): pieces of 3 tokens give the costs that whole batches give."""
+    from hybridconv.quant import widths as W
+    from hybridconv.quant.calibrate import CalibrationOptions
+    from hybridconv.quant.run import quantize
+
+    got = []
+    real = W.measure
+    monkeypatch.setattr(W, "measure", lambda *a, **k: got.append(real(*a, **k)) or got[-1])
+    ckpt = _trained("qwen3_5_text")  # an untied head: its own candidates' KL
+    opts = CalibrationOptions(file=TRAINED / "calibration.txt", samples=4, length=64, methods=("widths",))
+    quantize(str(ckpt), tmp_path / "whole", bits=3, calibration=opts)
+    monkeypatch.setattr(W, "LOGIT_BYTES", 4 * 1024 * 3)  # vocabulary 1024: 3 tokens per piece
+    quantize(str(ckpt), tmp_path / "pieces", bits=3, calibration=opts)
+    whole, pieces = got
+    assert pieces["costs"].keys() == whole["costs"].keys() and "lm_head.weight" in whole["costs"]
+    for name, row in whole["costs"].items():
+        for bits, cost in row.items():
+            assert pieces["costs"][name][bits] == pytest.approx(cost, rel=1e-4, abs=1e-9), (name, bits)
+    assert pieces["kl_per_squared_error"] == pytest.approx(whole["kl_per_squared_error"], rel=1e-4)
+
+
 @pytest.mark.parametrize("name", ["granitemoehybrid", "qwen3_5_text"])
 def test_widths_lower_the_kl_of_calibrated_uniform_widths(trained_case, tmp_path, name):
     """On a trained checkpoint at 3 bits: GPTQ with widths by sensitivity has a lower KL

@@ -101,6 +101,7 @@ def _kl_sum(ref_logits, logits) -> float:
 
 
 ROW_CHUNK = 8192  # rows of a large matrix (a vocabulary's) rounded at a time
+LOGIT_BYTES = 256 << 20  # float32 logits per piece of the head's KL (256 tokens of a 256k vocabulary)
 
 
 def _rounded_rows(W, spec, out_dtype, rows=None):
@@ -199,17 +200,21 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
         return model.scale_logits(hn @ W.T).astype(mx.float32)
 
     def kl_sum(W, stream):
-        # batch by batch: one batch's logits at a time (a 256k vocabulary's are ~1 GB per batch)
+        # a few tokens at a time: a 256k vocabulary's logits are 1 MB per token, and the
+        # KL holds four such arrays (both logits, both log-softmaxes)
         total = 0.0
         for hf, h in zip(xf, stream):
-            r = logits(hf, W_float)
-            mx.eval(r)
-            total += _kl_sum(r, logits(h, W))
-            del r
+            hf, h = hf.reshape(-1, hf.shape[-1]), h.reshape(-1, h.shape[-1])
+            for a in range(0, hf.shape[0], step):
+                r = logits(hf[a:a + step], W_float)
+                mx.eval(r)
+                total += _kl_sum(r, logits(h[a:a + step], W))
+                del r
         return total
 
     W_float = head_module["weight"].astype(mx.float32)
     mx.eval(W_float)
+    step = max(1, LOGIT_BYTES // (4 * int(W_float.shape[0])))  # tokens per piece of the KL
     kl_u = kl_sum(W_float, xu)
     sq_u = sum(_sq(a, b) for a, b in zip(xf, xu))
     c = kl_u / sq_u if sq_u > 0 else 0.0
