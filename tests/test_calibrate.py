@@ -38,6 +38,20 @@ def test_pack_and_unpack_are_mlx_packing_bit_for_bit(bits):
     assert np.array_equal(deq, np.array(mx.dequantize(wq, s, b, group_size=64, bits=bits)))
 
 
+@pytest.mark.parametrize("n", [64, 300, 700])
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(n):
+    """GPTQ's U: upper, positive diagonal, UᵀU = (H + λI)⁻¹ (λ = 1% of the mean diagonal);
+    sizes above the triangular inverse's 256-row base case take its halving path."""
+    rng = np.random.default_rng(n)
+    X = rng.normal(size=(n // 2, n))  # fewer tokens than columns: H singular, the damping decides
+    X[:, :3] *= 30
+    H = X.T @ X
+    U = G.inverse_cholesky(H)
+    assert np.array_equal(U, np.triu(U)) and (np.diag(U) > 0).all()
+    Hd = H + G.DAMP * np.mean(np.diag(H)) * np.eye(n)
+    assert np.abs(U.T @ U @ Hd - np.eye(n)).max() < 1e-8
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_gptq_output_is_mlx_affine_and_beats_round_to_nearest(bits):
     rng = np.random.default_rng(0)
