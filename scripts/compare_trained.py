@@ -311,10 +311,14 @@ def trained_main(args) -> None:
                         row["seconds"] = round(time.time() - t0, 1)
                         if method.startswith("mlx_lm."):
                             hybridconv_names(out)
-                        m = verify_folder(out, ref, decode_steps=0, activation_dtype=act).report["metrics"]["overall"]
+                        metrics = verify_folder(out, ref, decode_steps=0, activation_dtype=act).report["metrics"]
+                        m = metrics["overall"]
                         row.update(bpw=files_bpw(out, params), kl_mean=m["kl_mean"], kl_p99=m["kl_p99"],
                                    ppl=m["perplexity_mlx"], ppl_float=m["perplexity_ref"],
-                                   top1=m["top1_agreement"])
+                                   top1=m["top1_agreement"],
+                                   # each window's mean NLL (log of its perplexity): the paired
+                                   # comparison of two methods' perplexities (ppl_gap)
+                                   nll_windows=[math.log(s["perplexity_mlx"]) for s in metrics["per_sequence"]])
                         if method == "hc.default":
                             default_bpw = row["bpw"]
                     except Exception as exc:  # a method that does not run here is a result, not a crash
@@ -329,6 +333,19 @@ def trained_main(args) -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print_table(rows, args)
+
+
+def ppl_gap(a: dict, b: dict) -> tuple[float, float | None]:
+    """How much higher ``a``'s held-out log-perplexity is than ``b``'s (nats per token) and
+    that gap in standard errors of the paired per-window differences (both measured on the
+    same windows of equal length; None where the rows carry no per-window values)."""
+    d = math.log(a["ppl"]) - math.log(b["ppl"])
+    wa, wb = a.get("nll_windows"), b.get("nll_windows")
+    if not wa or not wb or len(wa) != len(wb) or len(wa) < 2:
+        return d, None
+    diff = np.asarray(wa) - np.asarray(wb)
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size))
+    return d, (d / se if se > 0 else None)
 
 
 def print_table(rows, args) -> None:
@@ -351,12 +368,15 @@ def print_table(rows, args) -> None:
             ratio = r["kl_mean"] / base["kl_mean"] if base else float("nan")
             verdict = ""
             if is_calibrated(r["method"]):
+                worse = [(x, ppl_gap(r, x)) for x in rs if "ppl" in x and x is not r and r["ppl"] > x["ppl"]]
                 best = min(mlx, key=lambda x: x["kl_mean"]) if mlx else None
                 same = [x for x in mlx if abs(x["bpw"] - r["bpw"]) <= 0.05]
                 checks = [
                     f"≤0.6x convert: {'yes' if base and r['kl_mean'] <= 0.6 * base['kl_mean'] else 'NO'}",
                     f"≤ best mlx-lm ({label(best['method'], bits)}): {'yes' if r['kl_mean'] <= best['kl_mean'] else 'NO'}" if best else "",
-                    f"ppl ≤ all: {'yes' if all(r['ppl'] <= x['ppl'] for x in rs if 'ppl' in x) else 'NO'}",
+                    f"ppl ≤ all: {'yes' if not worse else 'NO'}"
+                    + "".join(f" (+{d:.4f} nats/token vs {label(x['method'], bits)}, {z:.1f} SE)" if z is not None
+                              else f" (vs {label(x['method'], bits)})" for x, (d, z) in worse),
                     f"bpw within ±0.05 of {len(same)}/{len(mlx)} mlx-lm",
                 ]
                 verdict = "; ".join(c for c in checks if c)

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Why a quantization with a lower KL can have a higher held-out perplexity: for one
+trained checkpoint (scripts/train_tiny.py) and width, quantize it several ways and print,
+per variant, on held-out windows of ``heldout.txt``:
+
+* ``kl``: mean KL(float ‖ quantized) per token (fidelity to the float model);
+* ``dnll``: the held-out NLL gap to the float model, nats per token (log of the
+  perplexity ratio), and ``dnll_se`` its standard error (tokens taken as independent);
+* ``dent``: how much higher the quantized distribution's entropy is than the float's
+  (positive: flatter);
+* ``slope``: the regression slope of the quantized logits on the float ones (below 1:
+  a higher temperature).
+
+Variants: ``convert`` (``mlx_lm.convert -q``), ``default`` (``hybridconv quantize``),
+``noshrink`` (hybridconv's range search with the min/max range only, refitted by least
+squares), ``mlxrange`` (MLX's own range only, codes from the float32 source),
+``cal:M1,M2`` (``--calibrate --calibrate-methods M1,M2``, 32 x 256 tokens of
+calibration.txt, 200 learning steps), ``calmlx:M1,M2`` (the same with MLX's own range as
+every group's grid, GPTQ's included).
+
+Usage: python scripts/ppl_vs_kl.py CHECKPOINT BITS VARIANT... [--windows 64]
+e.g.   python scripts/ppl_vs_kl.py qwen3_5_text 4 convert mlxrange noshrink default cal:gptq calmlx:gptq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from compare_trained import heldout_inputs, hybridconv_names, mlx_lm_input  # noqa: E402
+
+
+def _lsm(x):
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def measure(folder: Path, ref, seqs) -> dict:
+    import mlx.core as mx
+
+    from hybridconv.loading import load
+
+    model = load(folder, compute="float32")
+    kl, dn, de, slopes = [], [], [], []
+    for i, s in enumerate(seqs):
+        ids = np.asarray(s)
+        q = np.array(model(mx.array(ids[None]))[0].astype(mx.float32))
+        r = np.asarray(ref.outputs[i]["logits"])
+        lp, lq = _lsm(r), _lsm(q)
+        p = np.exp(lp)
+        kl.append((p * (lp - lq)).sum(-1))
+        t = np.arange(len(ids) - 1)
+        dn.append(lp[t, ids[1:]] - lq[t, ids[1:]])
+        de.append((p * lp).sum(-1) - (np.exp(lq) * lq).sum(-1))
+        rc, qc = r - r.mean(-1, keepdims=True), q - q.mean(-1, keepdims=True)
+        slopes.append((rc * qc).sum() / (rc * rc).sum())
+    kl, dn, de = np.concatenate(kl), np.concatenate(dn), np.concatenate(de)
+    return {"kl": kl.mean(), "dnll": dn.mean(), "dnll_se": dn.std() / math.sqrt(dn.size), "dent": de.mean(),
+            "slope": float(np.mean(slopes))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("bits", type=int)
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--windows", type=int, default=64, help="held-out windows of 256 tokens")
+    args = ap.parse_args()
+    from hybridconv.checkpoint import resolve
+    from hybridconv.convert import convert as hc_convert
+    from hybridconv.convert import plan
+    from hybridconv.quant import affine
+    from hybridconv.quant.calibrate import CalibrationOptions, parse_methods
+    from hybridconv.quant.run import quantize
+    from hybridconv.verify.reference import compute_reference
+
+    ck = REPO / "tests" / "data" / "trained" / args.checkpoint
+    src = resolve(str(ck))
+    inputs = heldout_inputs(ck, plan(src).config["vocab_size"], ck.parent / "heldout.txt", args.windows, 256)
+    ref = compute_reference(src, inputs, keep_hidden=False)
+    work = Path(tempfile.mkdtemp(prefix="ppl-vs-kl-"))
+    shrink = affine.SHRINK
+    try:
+        float_copy = work / "float"
+        hc_convert(str(ck), float_copy)
+        for i, v in enumerate(args.variants):
+            out = work / f"v{i}"
+            affine.SHRINK = {"noshrink": (1.0,), "mlxrange": ()}.get(v, () if v.startswith("calmlx:") else shrink)
+            try:
+                if v == "convert":
+                    from mlx_lm.convert import convert as mlx_lm_convert
+
+                    mlx_lm_convert(str(mlx_lm_input(float_copy, work / "float-mlx-lm")), str(out), quantize=True,
+                                   q_bits=args.bits, q_group_size=64)
+                    hybridconv_names(out)
+                elif v in ("default", "noshrink", "mlxrange"):
+                    quantize(str(ck), out, bits=args.bits, group_size=64)
+                elif v.startswith(("cal:", "calmlx:")):
+                    opts = CalibrationOptions(file=ck.parent / "calibration.txt", samples=32, length=256,
+                                              learn_steps=200, methods=parse_methods(v.split(":", 1)[1]))
+                    quantize(str(ck), out, bits=args.bits, group_size=64, calibration=opts)
+                else:
+                    raise SystemExit(f"unknown variant {v!r}")
+            finally:
+                affine.SHRINK = shrink
+            row = measure(out, ref, inputs.sequences)
+            print(json.dumps({"variant": v, **{k: round(float(x), 6) for k, x in row.items()}}), flush=True)
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
