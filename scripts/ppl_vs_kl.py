@@ -40,16 +40,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 from compare_trained import heldout_inputs, hybridconv_names, mlx_lm_input  # noqa: E402
 
 
-def _lsm(x):
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
 def measure(folder: Path, ref, seqs) -> dict:
     import mlx.core as mx
 
     from hybridconv.loading import load
+    from hybridconv.verify.metrics import log_softmax
 
     model = load(folder, compute="float32")
     kl, dn, de, slopes = [], [], [], []
@@ -57,7 +52,7 @@ def measure(folder: Path, ref, seqs) -> dict:
         ids = np.asarray(s)
         q = np.array(model(mx.array(ids[None]))[0].astype(mx.float32))
         r = np.asarray(ref.outputs[i]["logits"])
-        lp, lq = _lsm(r), _lsm(q)
+        lp, lq = log_softmax(r), log_softmax(q)
         p = np.exp(lp)
         kl.append((p * (lp - lq)).sum(-1))
         t = np.arange(len(ids) - 1)
