@@ -102,6 +102,8 @@ def mlx_lm_input(float_copy: Path, dst: Path) -> Path:
     tsl = cfg.get("time_step_limit")
     if not (isinstance(tsl, list) and len(tsl) == 2 and tsl[1] is None):
         return float_copy
+    if dst.is_dir():  # made by an earlier call
+        return dst
     shutil.copytree(float_copy, dst)
     cfg["time_step_limit"] = [tsl[0], 1e30]
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -14,7 +14,8 @@ per variant, on held-out windows of ``heldout.txt``:
 Variants: ``convert`` (``mlx_lm.convert -q``), ``default`` (``hybridconv quantize``),
 ``noshrink`` (hybridconv's range search with the min/max range only, refitted by least
 squares), ``mlxrange`` (MLX's own range only, codes from the float32 source),
-``cal:M1,M2`` (``--calibrate --calibrate-methods M1,M2``, 32 x 256 tokens of
+``mlxgptq`` (mlx-lm's ``gptq_quantize`` with the same 32 x 256 calibration windows, as
+``compare_quant.py --trained`` runs it), ``cal:M1,M2`` (``--calibrate --calibrate-methods M1,M2``, 32 x 256 tokens of
 calibration.txt, 200 learning steps), ``calmlx:M1,M2`` (the same with MLX's own range as
 every group's grid, GPTQ's included).
 
@@ -37,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from compare_trained import heldout_inputs, hybridconv_names, mlx_lm_input  # noqa: E402
+from compare_trained import heldout_inputs, hybridconv_names, mlx_lm_input, run_mlx_gptq  # noqa: E402
 
 
 def measure(folder: Path, ref, seqs) -> dict:
@@ -98,6 +99,13 @@ def main() -> None:
 
                     mlx_lm_convert(str(mlx_lm_input(float_copy, work / "float-mlx-lm")), str(out), quantize=True,
                                    q_bits=args.bits, q_group_size=64)
+                    hybridconv_names(out)
+                elif v == "mlxgptq":
+                    from hybridconv.quant.calibration import calibration_tokens
+
+                    windows = calibration_tokens(ck, plan(src).config["vocab_size"], ck.parent / "calibration.txt",
+                                                 32, 256).sequences
+                    run_mlx_gptq(mlx_lm_input(float_copy, work / "float-mlx-lm"), out, args.bits, 64, windows)
                     hybridconv_names(out)
                 elif v in ("default", "noshrink", "mlxrange"):
                     quantize(str(ck), out, bits=args.bits, group_size=64)
