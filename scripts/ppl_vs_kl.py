@@ -16,8 +16,9 @@ Variants: ``convert`` (``mlx_lm.convert -q``), ``default`` (``hybridconv quantiz
 squares), ``mlxrange`` (MLX's own range only, codes from the float32 source),
 ``mlxgptq`` (mlx-lm's ``gptq_quantize`` with the same 32 x 256 calibration windows, as
 ``compare_quant.py --trained`` runs it), ``cal:M1,M2`` (``--calibrate --calibrate-methods M1,M2``, 32 x 256 tokens of
-calibration.txt, 200 learning steps), ``calmlx:M1,M2`` (the same with MLX's own range as
-every group's grid, GPTQ's included).
+calibration.txt, 200 learning steps or ``--learn-steps``), ``calmlx:M1,M2`` (the same with MLX's own range as
+every group's grid, GPTQ's included); ``@N`` after the methods sets the calibration's seed
+(the learned step's order of windows), e.g. ``cal:default@1``.
 
 Usage: python scripts/ppl_vs_kl.py CHECKPOINT BITS VARIANT... [--windows 64]
 e.g.   python scripts/ppl_vs_kl.py qwen3_5_text 4 convert mlxrange noshrink default cal:gptq calmlx:gptq
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("bits", type=int)
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--windows", type=int, default=64, help="held-out windows of 256 tokens")
+    ap.add_argument("--learn-steps", type=int, default=200, help="the calibrated variants' learning steps per block")
     args = ap.parse_args()
     from hybridconv.checkpoint import resolve
     from hybridconv.convert import convert as hc_convert
@@ -110,8 +112,9 @@ def main() -> None:
                 elif v in ("default", "noshrink", "mlxrange"):
                     quantize(str(ck), out, bits=args.bits, group_size=64)
                 elif v.startswith(("cal:", "calmlx:")):
+                    methods, _, seed = v.split(":", 1)[1].partition("@")
                     opts = CalibrationOptions(file=ck.parent / "calibration.txt", samples=32, length=256,
-                                              learn_steps=200, methods=parse_methods(v.split(":", 1)[1]))
+                                              learn_steps=args.learn_steps, methods=parse_methods(methods), seed=int(seed or 0))
                     quantize(str(ck), out, bits=args.bits, group_size=64, calibration=opts)
                 else:
                     raise SystemExit(f"unknown variant {v!r}")
