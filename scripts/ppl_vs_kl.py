@@ -20,7 +20,7 @@ calibration.txt, 200 learning steps or ``--learn-steps``), ``calmlx:M1,M2`` (the
 every group's grid, GPTQ's included); ``@N`` after the methods sets the calibration's seed
 (the learned step's order of windows), e.g. ``cal:default@1``.
 
-Usage: python scripts/ppl_vs_kl.py CHECKPOINT BITS VARIANT... [--windows 64]
+Usage: python scripts/ppl_vs_kl.py CHECKPOINT BITS VARIANT... [--windows 64] [--learn-steps 200] [--text FILE]
 e.g.   python scripts/ppl_vs_kl.py qwen3_5_text 4 convert mlxrange noshrink default cal:gptq calmlx:gptq
 """
 
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("bits", type=int)
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--windows", type=int, default=64, help="held-out windows of 256 tokens")
+    ap.add_argument("--text", help="measure on this text instead of the checkpoint's heldout.txt (e.g. its "
+                    "calibration.txt: the windows the calibration uses are left out)")
     ap.add_argument("--learn-steps", type=int, default=200, help="the calibrated variants' learning steps per block")
     args = ap.parse_args()
     from hybridconv.checkpoint import resolve
@@ -85,7 +87,15 @@ def main() -> None:
 
     ck = REPO / "tests" / "data" / "trained" / args.checkpoint
     src = resolve(str(ck))
-    inputs = heldout_inputs(ck, plan(src).config["vocab_size"], ck.parent / "heldout.txt", args.windows, 256)
+    vocab = plan(src).config["vocab_size"]
+    inputs = heldout_inputs(ck, vocab, Path(args.text) if args.text else ck.parent / "heldout.txt", args.windows, 256)
+    if args.text:  # never a window the calibration itself uses
+        from hybridconv.quant.calibration import calibration_tokens
+        from hybridconv.verify.inputs import Inputs
+
+        used = {w.tobytes() for w in calibration_tokens(ck, vocab, ck.parent / "calibration.txt", 32, 256).sequences}
+        inputs = Inputs([w for w in inputs.sequences if w.tobytes() not in used], inputs.description)
+        print(f"{len(inputs.sequences)} windows of {args.text} (calibration windows left out)", file=sys.stderr)
     ref = compute_reference(src, inputs, keep_hidden=False)
     work = Path(tempfile.mkdtemp(prefix="ppl-vs-kl-"))
     shrink = affine.SHRINK
