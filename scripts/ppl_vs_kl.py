@@ -41,6 +41,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from compare_trained import heldout_inputs, hybridconv_names, mlx_lm_input, run_mlx_gptq  # noqa: E402
 
+CAL_SAMPLES, CAL_LENGTH = 32, 256  # calibration windows, as compare_quant.py --trained uses them
+
 
 def measure(folder: Path, ref, seqs) -> dict:
     import mlx.core as mx
@@ -82,18 +84,19 @@ def main() -> None:
     from hybridconv.convert import plan
     from hybridconv.quant import affine
     from hybridconv.quant.calibrate import CalibrationOptions, parse_methods
+    from hybridconv.quant.calibration import calibration_tokens
     from hybridconv.quant.run import quantize
+    from hybridconv.verify.inputs import Inputs
     from hybridconv.verify.reference import compute_reference
 
     ck = REPO / "tests" / "data" / "trained" / args.checkpoint
     src = resolve(str(ck))
     vocab = plan(src).config["vocab_size"]
+    # the calibration windows every calibrated variant (and mlx-lm's GPTQ) uses
+    cal_windows = calibration_tokens(ck, vocab, ck.parent / "calibration.txt", CAL_SAMPLES, CAL_LENGTH).sequences
     inputs = heldout_inputs(ck, vocab, Path(args.text) if args.text else ck.parent / "heldout.txt", args.windows, 256)
     if args.text:  # never a window the calibration itself uses
-        from hybridconv.quant.calibration import calibration_tokens
-        from hybridconv.verify.inputs import Inputs
-
-        used = {w.tobytes() for w in calibration_tokens(ck, vocab, ck.parent / "calibration.txt", 32, 256).sequences}
+        used = {w.tobytes() for w in cal_windows}
         inputs = Inputs([w for w in inputs.sequences if w.tobytes() not in used], inputs.description)
         print(f"{len(inputs.sequences)} windows of {args.text} (calibration windows left out)", file=sys.stderr)
     ref = compute_reference(src, inputs, keep_hidden=False)
@@ -113,17 +116,13 @@ def main() -> None:
                                    q_bits=args.bits, q_group_size=64)
                     hybridconv_names(out)
                 elif v == "mlxgptq":
-                    from hybridconv.quant.calibration import calibration_tokens
-
-                    windows = calibration_tokens(ck, plan(src).config["vocab_size"], ck.parent / "calibration.txt",
-                                                 32, 256).sequences
-                    run_mlx_gptq(mlx_lm_input(float_copy, work / "float-mlx-lm"), out, args.bits, 64, windows)
+                    run_mlx_gptq(mlx_lm_input(float_copy, work / "float-mlx-lm"), out, args.bits, 64, cal_windows)
                     hybridconv_names(out)
                 elif v in ("default", "noshrink", "mlxrange"):
                     quantize(str(ck), out, bits=args.bits, group_size=64)
                 elif v.startswith(("cal:", "calmlx:")):
                     methods, _, seed = v.split(":", 1)[1].partition("@")
-                    opts = CalibrationOptions(file=ck.parent / "calibration.txt", samples=32, length=256,
+                    opts = CalibrationOptions(file=ck.parent / "calibration.txt", samples=CAL_SAMPLES, length=CAL_LENGTH,
                                               learn_steps=args.learn_steps, methods=parse_methods(methods), seed=int(seed or 0))
                     quantize(str(ck), out, bits=args.bits, group_size=64, calibration=opts)
                 else:
