@@ -234,6 +234,63 @@ def test_each_method_lowers_kl_below_round_to_nearest(trained_case, tmp_path, na
     _protected_as_default(out, default_out)
 
 
+def test_gptq_chooses_a_tied_embeddings_codes_for_the_head(trained_case, tmp_path):
+    """RecurrentGemma's head is its embedding matrix: with ``gptq`` its codes come from GPTQ
+    on the final norm's outputs, so the logits' error on held-out text (the float model's
+    final hidden states times the rounding error of the matrix) is below round-to-nearest's,
+    and the model's KL too; the record names the tensor and the tokens."""
+    from hybridconv.convert import convert
+    from hybridconv.loading import load
+    from hybridconv.quant.calibrate import CalibrationOptions
+    from hybridconv.quant.calibration import calibration_tokens
+    from hybridconv.quant.run import quantize
+
+    ckpt, ref, rtn_kl, default_out = trained_case("recurrent_gemma")
+    out = tmp_path / "q"
+    quantize(str(ckpt), out, bits=3,
+             calibration=CalibrationOptions(file=TRAINED / "calibration.txt", methods=("gptq",), **KL_CAL))
+    head = json.loads((out / "conversion.json").read_text())["quantization"]["calibration"]["head"]
+    name = "model.embed_tokens.weight"
+    assert head["method"] == "gptq" and head["tied"] is True and head["tensor"] == name
+    assert head["tokens"] == KL_CAL["samples"] * KL_CAL["length"]
+    _protected_as_default(out, default_out)
+    convert(str(ckpt), tmp_path / "float")
+    model = load(tmp_path / "float", compute="float32")
+    E = np.array(model.model.embed_tokens.weight.astype(mx.float32))
+    hs = []
+    for ids in calibration_tokens(ckpt, 1024, TRAINED / "heldout.txt", 4, 128).sequences:
+        h = x0 = model.embed(mx.array(np.asarray(ids)[None]))
+        for layer in model.layers:
+            h = model.call_layer(layer, h, None, x0)
+        hs.append(np.array(model.final_norm(h.astype(mx.float32), mx.float32)).reshape(-1, E.shape[1]))
+    h = np.concatenate(hs)
+
+    def head_error(folder):
+        w = mx.load(str(folder / "model.safetensors"))
+        base = name.removesuffix(".weight")
+        deq = mx.dequantize(w[name], w[base + ".scales"], w[base + ".biases"], group_size=64, bits=3)
+        return float((((E - np.array(deq.astype(mx.float32))) @ h.T) ** 2).sum())
+
+    assert head_error(out) < head_error(default_out)
+    kl = _kl(out, ref)
+    assert kl < rtn_kl, f"KL {kl} not below round-to-nearest's {rtn_kl}"
+
+
+def test_gptq_in_pieces_of_rows_is_gptq_whole(monkeypatch):
+    """Rows go through GPTQ a piece at a time (bounded memory for a 256k-row embedding):
+    the same codes, scales and biases as all rows at once."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(512, 128)).astype(np.float32)
+    X[:, :3] *= 10
+    H = X.T.astype(np.float64) @ X
+    W = (rng.normal(size=(37, 128)) * 0.05).astype(np.float32)
+    whole = G.gptq(W, H, 4, 64, "BF16")
+    monkeypatch.setattr(G, "ROW_BYTES", 5 * 128 * 8)  # 5 rows a piece: 8 pieces, the last of 2
+    pieces = G.gptq(W, H, 4, 64, "BF16")
+    for a, b in zip(whole, pieces):
+        assert np.array_equal(a, b)
+
+
 # --- widths by measured sensitivity -----------------------------------------------------
 
 

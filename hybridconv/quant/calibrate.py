@@ -29,7 +29,8 @@ Order of work
       held-back calibration windows falls;
    e. the quantized block's output on ``x_q`` (the next ``x_q``).
 
-   Then the untied LM head (GPTQ with the final norm's outputs). Memory: one
+   Then the LM head — untied, or the embedding matrix where it is tied — by GPTQ
+   with the final norm's outputs (in pieces of rows). Memory: one
    block's weights and Hessians, and ``[windows, length, hidden]`` float32
    arrays for the streams.
 4. The output is written by the ordinary streamed writer: each calibrated
@@ -517,7 +518,7 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
         layer.update(tree_map(lambda a: mx.zeros((0,), a.dtype), _unflatten(stored)))
         del stored, original, float_block, stats
         mx.clear_cache()
-    head = _calibrate_head(model, planned, xq, out_dtype, methods, store)
+    head = _calibrate_head(model, planned, xq, out_dtype, methods, store, say)
     report_ = {
         "methods": list(methods) or ["rtn"],
         "data": cal.to_dict(),
@@ -529,24 +530,38 @@ def calibrate(qp, source, options: CalibrationOptions, workdir: Path,
     return CalibrationResult(store, report_, float32_norms)
 
 
-def _calibrate_head(model, planned, xq, out_dtype, methods, store) -> dict | None:
-    """GPTQ of an untied, quantized LM head on the final norm's outputs."""
+def _calibrate_head(model, planned, xq, out_dtype, methods, store, say) -> dict | None:
+    """GPTQ of the LM head on the final norm's outputs (the quantized stream's): an
+    untied ``lm_head``, or the embedding matrix where the head is tied to it.
+
+    A tied embedding is both the head and the input lookup; its codes are chosen for
+    the head (the logits ``h·Eᵀ``, where its error reaches every token's probability),
+    with GPTQ's usual damping keeping the rows close to the weights for the lookup
+    (measured on RecurrentGemma: README, "On trained models")."""
     import mlx.core as mx
 
-    if model.tied or "gptq" not in methods:
+    if "gptq" not in methods:
         return None
-    t = planned.get("lm_head.weight")
+    if model.tied:
+        module = getattr(model.trunk, model.embedding_name)
+        name = {id(m): p for p, m in model.named_modules()}[id(module)] + ".weight"
+    else:
+        module, name = model.lm_head, "lm_head.weight"
+    t = planned.get(name)
     if t is None or t.decision != "quantize":
         return None
-    head = model.lm_head
-    W = np.array(head["weight"].astype(mx.float32))
+    interrupt.check()
+    th = time.time()
+    W = np.array(module["weight"].astype(mx.float32))
     st = Stats(0, W.shape[1], keep_rows=False)
     for x in xq:
         h = model.final_norm(x.astype(mx.float32), mx.float32).astype(mx.float32)
         st.add(0, np.array(h).reshape(-1, W.shape[1]))
+    say(f"head: GPTQ of {name} ({W.shape[0]} x {W.shape[1]}{', tied to the embedding' if model.tied else ''})")
     packed, sc, bi, _ = gptq(W, st.H[0], t.spec.bits, t.spec.group_size, out_dtype)
-    store.put_quantized("lm_head.weight", packed, sc, bi, out_dtype)
-    return {"method": "gptq", "tokens": int(st.count[0])}
+    store.put_quantized(name, packed, sc, bi, out_dtype)
+    return {"method": "gptq", "tensor": name, "tied": model.tied, "tokens": int(st.count[0]),
+            "seconds": round(time.time() - th, 2)}
 
 
 def write_items(qp, result: CalibrationResult):

@@ -81,12 +81,35 @@ def _group_grid(w: np.ndarray, bits: int, group_size: int, dtype: str):
     return to_float32(sc, dtype).reshape(-1), to_float32(bi, dtype).reshape(-1)
 
 
+# Rows of ``W`` per piece: GPTQ's compensation runs along a row (its columns), so rows are
+# independent and go a piece at a time, the float64 working copy bounded (a 256k-row
+# tied embedding would otherwise take 5 GB in float64).
+ROW_BYTES = 1 << 28
+
+
 def gptq(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, dtype: str, damp: float = DAMP):
     """GPTQ of ``W [rows, cols]`` with Hessian ``H [cols, cols]``. Returns ``(packed uint32
     [rows, cols·bits/32], scales [rows, groups], biases [rows, groups], dequantized
     float32 [rows, cols])``; scales and biases float32 holding values of ``dtype``."""
     rows, cols = W.shape
     U = inverse_cholesky(H, damp)
+    groups = cols // group_size
+    scales = np.zeros((rows, groups), dtype=np.float32)
+    biases = np.zeros((rows, groups), dtype=np.float32)
+    codes = np.zeros((rows, cols), dtype=np.uint32)
+    step = max(1, ROW_BYTES // (cols * 8))
+    for r in range(0, rows, step):
+        rs = slice(r, min(r + step, rows))
+        codes[rs], scales[rs], biases[rs] = _gptq_rows(W[rs], U, bits, group_size, dtype)
+    packed = pack(codes, bits)
+    # the weights as every runtime computes them from the stored parts (float32 s·q + b)
+    return packed, scales, biases, dequantize(packed, scales, biases, bits, group_size)
+
+
+def _gptq_rows(W: np.ndarray, U: np.ndarray, bits: int, group_size: int, dtype: str):
+    """GPTQ's column loop over some rows of ``W`` (``U``: :func:`inverse_cholesky`'s factor):
+    their codes, scales and biases."""
+    rows, cols = W.shape
     W = np.array(W, dtype=np.float64, copy=True)
     qmax = float(2**bits - 1)
     groups = cols // group_size
@@ -115,9 +138,7 @@ def gptq(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, dtype: str, d
             E1[:, j] = e
         if i2 < cols:
             W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    packed = pack(codes, bits)
-    # the weights as every runtime computes them from the stored parts (float32 s·q + b)
-    return packed, scales, biases, dequantize(packed, scales, biases, bits, group_size)
+    return codes, scales, biases
 
 
 def rtn(W: np.ndarray, bits: int, group_size: int, dtype: str):
