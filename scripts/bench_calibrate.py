@@ -14,8 +14,13 @@ measured on trained checkpoints: scripts/compare_quant.py --trained). The
 calibration text is the built-in sample, tokenised with the checkpoint's
 (tiny) tokenizer. Run it on a quiet machine, with ``nice``.
 
+``--head`` times only the step that ends a calibration with ``gptq`` on this checkpoint:
+GPTQ of the tied 256000 x 2560 embedding as the LM head (a Hessian from random
+correlated hidden states), in a process of its own, with its peak RSS.
+
 Usage: python scripts/bench_calibrate.py [--workdir bench-data] [--samples 8] [--length 256]
        [--methods widths,awq,gptq,learn] [--learn-steps 20] [--skip-default] [--log FILE]
+       python scripts/bench_calibrate.py --head [--bits 4]
 """
 
 from __future__ import annotations
@@ -28,7 +33,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_convert import build, measure  # noqa: E402
+from bench_convert import CONFIG, build, measure  # noqa: E402
+
+
+def head_child(bits: int) -> None:
+    """GPTQ of a random bf16-valued [vocab, hidden] matrix with a random correlated
+    Hessian of 2048 hidden states (8 x 256 tokens), as calibrate's head step runs it."""
+    import hybridconv  # noqa: F401  (the fast BLAS before mlx's and numpy's work)
+    import mlx.core as mx
+    import numpy as np
+
+    from hybridconv.quant.gptq import gptq
+
+    v, h = CONFIG["vocab_size"], CONFIG["hidden_size"]
+    rng = np.random.default_rng(0)
+    # the embedding as the calibration's lazily loaded model holds it: an MLX bf16 array
+    W = mx.concatenate([mx.array(rng.standard_normal((16000, h), dtype=np.float32) * 0.02).astype(mx.bfloat16)
+                        for _ in range(v // 16000)])
+    mx.eval(W)
+    X = rng.standard_normal((2048, h), dtype=np.float32) @ (np.eye(h, dtype=np.float32)
+                                                            + 0.1 * rng.standard_normal((h, h), dtype=np.float32) / np.sqrt(h))
+    gptq(W, X.T.astype(np.float64) @ X, bits, 64, "BF16", dequantized=False)
 
 
 def main() -> None:
@@ -41,7 +66,14 @@ def main() -> None:
     ap.add_argument("--skip-default", action="store_true", help="time only the calibrated run")
     ap.add_argument("--log", type=Path, default=None,
                     help="append the calibrated run's output (its progress) to this file as it runs")
+    ap.add_argument("--head", action="store_true", help="time GPTQ of the tied 2B embedding only")
+    ap.add_argument("--bits", type=int, default=4, help="--head: the width")
     args = ap.parse_args()
+    if args.head:
+        wall, rss = measure([sys.executable, str(Path(__file__)), "--_head-child", str(args.bits)])
+        print(f"| GPTQ of the tied {CONFIG['vocab_size']} x {CONFIG['hidden_size']} embedding, {args.bits} bits "
+              f"| {wall:.0f} s | {rss:.2f} GB |")
+        return
     src = args.workdir / "recurrentgemma-2b-synthetic"
     build(src)
     hc = [sys.executable, "-m", "hybridconv"]
@@ -65,4 +97,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--_head-child":
+        head_child(int(sys.argv[2]))
+    else:
+        main()

@@ -552,13 +552,13 @@ def _calibrate_head(model, planned, xq, out_dtype, methods, store, say) -> dict 
         return None
     interrupt.check()
     th = time.time()
-    W = np.array(module["weight"].astype(mx.float32))
+    W = module["weight"]  # read by GPTQ a piece of rows at a time (a 256k-row embedding)
     st = Stats(0, W.shape[1], keep_rows=False)
     for x in xq:
         h = model.final_norm(x.astype(mx.float32), mx.float32).astype(mx.float32)
         st.add(0, np.array(h).reshape(-1, W.shape[1]))
     say(f"head: GPTQ of {name} ({W.shape[0]} x {W.shape[1]}{', tied to the embedding' if model.tied else ''})")
-    packed, sc, bi, _ = gptq(W, st.H[0], t.spec.bits, t.spec.group_size, out_dtype)
+    packed, sc, bi, _ = gptq(W, st.H[0], t.spec.bits, t.spec.group_size, out_dtype, dequantized=False)
     store.put_quantized(name, packed, sc, bi, out_dtype)
     return {"method": "gptq", "tensor": name, "tied": model.tied, "tokens": int(st.count[0]),
             "seconds": round(time.time() - th, 2)}

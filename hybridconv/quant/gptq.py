@@ -87,35 +87,45 @@ def _group_grid(w: np.ndarray, bits: int, group_size: int, dtype: str):
 ROW_BYTES = 1 << 28
 
 
-def gptq(W: np.ndarray, H: np.ndarray, bits: int, group_size: int, dtype: str, damp: float = DAMP):
-    """GPTQ of ``W [rows, cols]`` with Hessian ``H [cols, cols]``. Returns ``(packed uint32
-    [rows, cols·bits/32], scales [rows, groups], biases [rows, groups], dequantized
-    float32 [rows, cols])``; scales and biases float32 holding values of ``dtype``."""
+def gptq(W, H: np.ndarray, bits: int, group_size: int, dtype: str, damp: float = DAMP,
+         dequantized: bool = True):
+    """GPTQ of ``W [rows, cols]`` (numpy, or an MLX array read a piece of rows at a time)
+    with Hessian ``H [cols, cols]``. Returns ``(packed uint32 [rows, cols·bits/32], scales
+    [rows, groups], biases [rows, groups], dequantized float32 [rows, cols] or None)``;
+    scales and biases float32 holding values of ``dtype``."""
     rows, cols = W.shape
     U = inverse_cholesky(H, damp)
     groups = cols // group_size
     scales = np.zeros((rows, groups), dtype=np.float32)
     biases = np.zeros((rows, groups), dtype=np.float32)
-    codes = np.zeros((rows, cols), dtype=np.uint32)
+    packed = np.zeros((rows, cols * bits // 32), dtype=np.uint32)
     step = max(1, ROW_BYTES // (cols * 8))
     for r in range(0, rows, step):
         rs = slice(r, min(r + step, rows))
-        codes[rs], scales[rs], biases[rs] = _gptq_rows(W[rs], U, bits, group_size, dtype)
-    packed = pack(codes, bits)
+        codes, scales[rs], biases[rs] = _gptq_rows(_float64(W[rs]), U, bits, group_size, dtype)
+        packed[rs] = pack(codes, bits)
     # the weights as every runtime computes them from the stored parts (float32 s·q + b)
-    return packed, scales, biases, dequantize(packed, scales, biases, bits, group_size)
+    deq = dequantize(packed, scales, biases, bits, group_size) if dequantized else None
+    return packed, scales, biases, deq
+
+
+def _float64(w) -> np.ndarray:
+    if isinstance(w, np.ndarray):
+        return np.array(w, dtype=np.float64, copy=True)
+    import mlx.core as mx
+
+    return np.array(w.astype(mx.float32)).astype(np.float64)
 
 
 def _gptq_rows(W: np.ndarray, U: np.ndarray, bits: int, group_size: int, dtype: str):
-    """GPTQ's column loop over some rows of ``W`` (``U``: :func:`inverse_cholesky`'s factor):
-    their codes, scales and biases."""
+    """GPTQ's column loop over some rows of ``W`` (float64, worked on in place; ``U``:
+    :func:`inverse_cholesky`'s factor): their codes, scales and biases."""
     rows, cols = W.shape
-    W = np.array(W, dtype=np.float64, copy=True)
     qmax = float(2**bits - 1)
     groups = cols // group_size
     scales = np.zeros((rows, groups), dtype=np.float32)
     biases = np.zeros((rows, groups), dtype=np.float32)
-    codes = np.zeros((rows, cols), dtype=np.uint32)
+    codes = np.zeros((rows, cols), dtype=np.uint8)  # bits <= 8
     block = max(BLOCK // group_size, 1) * group_size
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -132,7 +142,7 @@ def _gptq_rows(W: np.ndarray, U: np.ndarray, bits: int, group_size: int, dtype: 
             w = W1[:, j]
             q = np.clip(np.rint((w - b64) * inv), 0, qmax)
             dq = q * s64 + b64
-            codes[:, i] = q.astype(np.uint32)
+            codes[:, i] = q
             e = (w - dq) / U[i, i]
             W1[:, j + 1 :] -= np.outer(e, U[i, i + 1 : i2])
             E1[:, j] = e
