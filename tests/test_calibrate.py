@@ -386,7 +386,9 @@ def test_widths_stay_within_the_plans_bits_and_keep_fixed_tensors(widths_output)
 
 def test_widths_head_kl_in_pieces_measures_what_it_measures_whole(tmp_path, monkeypatch):
     """The head's KL goes a few tokens at a time (a 256k vocabulary's logits are 1 MB per
-    token): pieces of 3 tokens give the costs that whole batches give."""
+    token) and its matrix a few rows at a time (each candidate kept packed): pieces of 3
+    tokens and of 100 rows (the last one short) give the costs that whole batches and the
+    whole matrix give."""
     from hybridconv.quant import widths as W
     from hybridconv.quant.calibrate import CalibrationOptions
     from hybridconv.quant.run import quantize
@@ -398,6 +400,7 @@ def test_widths_head_kl_in_pieces_measures_what_it_measures_whole(tmp_path, monk
     opts = CalibrationOptions(file=TRAINED / "calibration.txt", samples=4, length=64, methods=("widths",))
     quantize(str(ckpt), tmp_path / "whole", bits=3, calibration=opts)
     monkeypatch.setattr(W, "LOGIT_BYTES", 4 * 1024 * 3)  # vocabulary 1024: 3 tokens per piece
+    monkeypatch.setattr(W, "ROW_CHUNK", 100)  # 11 pieces of the head, the last of 24 rows
     quantize(str(ckpt), tmp_path / "pieces", bits=3, calibration=opts)
     whole, pieces = got
     assert pieces["costs"].keys() == whole["costs"].keys() and "lm_head.weight" in whole["costs"]

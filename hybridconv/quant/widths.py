@@ -100,8 +100,30 @@ def _kl_sum(ref_logits, logits) -> float:
     return float(mx.sum(mx.exp(lp) * (lp - lq)).item())
 
 
-ROW_CHUNK = 8192  # rows of a large matrix (a vocabulary's) rounded at a time
+ROW_CHUNK = 8192  # rows of a large matrix (a vocabulary's) rounded, and multiplied, at a time
 LOGIT_BYTES = 256 << 20  # float32 logits per piece of the head's KL (256 tokens of a 256k vocabulary)
+
+
+def _head_pieces(W, spec=None, out_dtype=None) -> list:
+    """The head matrix ``W`` (as loaded) as pieces of :data:`ROW_CHUNK` rows, each a
+    function giving its float32 rows: ``W``'s own, or (``spec``) rounded to ``spec`` —
+    kept packed (MLX's format, dequantized when used), so a 256k-row head costs its
+    codes, never a float32 copy per candidate."""
+    import mlx.core as mx
+
+    from .calibrate import _quantize_matrix
+
+    pieces = []
+    for a in range(0, W.shape[0], ROW_CHUNK):
+        if spec is None:
+            pieces.append(lambda a=a: W[a:a + ROW_CHUNK].astype(mx.float32))
+            continue
+        packed, sc, bi, _ = _quantize_matrix(np.array(W[a:a + ROW_CHUNK].astype(mx.float32)), None, spec, out_dtype,
+                                             False)
+        parts = mx.array(packed), mx.array(sc), mx.array(bi)
+        mx.eval(*parts)
+        pieces.append(lambda p=parts: mx.dequantize(*p, group_size=spec.group_size, bits=spec.bits))
+    return pieces
 
 
 def _rounded_rows(W, spec, out_dtype, rows=None):
@@ -195,27 +217,31 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     if norm_module is not None:
         norm_module.update(tree_map(lambda a: a.astype(mx.float32), norm_module.parameters()))
 
-    def logits(h, W):
+    def logits(h, pieces):
         hn = model.final_norm(h.astype(mx.float32), mx.float32).astype(mx.float32)
-        return model.scale_logits(hn @ W.T).astype(mx.float32)
+        out = []
+        for piece in pieces:  # the head's rows a piece at a time (module docstring of _head_pieces)
+            out.append(hn @ piece().T)
+            mx.eval(out[-1])
+        return model.scale_logits(mx.concatenate(out, axis=-1) if len(out) > 1 else out[0]).astype(mx.float32)
 
-    def kl_sum(W, stream):
+    def kl_sum(pieces, stream):
         # a few tokens at a time: a 256k vocabulary's logits are 1 MB per token, and the
         # KL holds four such arrays (both logits, both log-softmaxes)
         total = 0.0
         for hf, h in zip(xf, stream):
             hf, h = hf.reshape(-1, hf.shape[-1]), h.reshape(-1, h.shape[-1])
             for a in range(0, hf.shape[0], step):
-                r = logits(hf[a:a + step], W_float)
+                r = logits(hf[a:a + step], float_pieces)
                 mx.eval(r)
-                total += _kl_sum(r, logits(h[a:a + step], W))
+                total += _kl_sum(r, logits(h[a:a + step], pieces))
                 del r
         return total
 
-    W_float = head_module["weight"].astype(mx.float32)
-    mx.eval(W_float)
-    step = max(1, LOGIT_BYTES // (4 * int(W_float.shape[0])))  # tokens per piece of the KL
-    kl_u = kl_sum(W_float, xu)
+    W_head = head_module["weight"]  # as loaded: float32 only a piece of rows at a time
+    float_pieces = _head_pieces(W_head)
+    step = max(1, LOGIT_BYTES // (4 * int(W_head.shape[0])))  # tokens per piece of the KL
+    kl_u = kl_sum(float_pieces, xu)
     sq_u = sum(_sq(a, b) for a, b in zip(xf, xu))
     c = kl_u / sq_u if sq_u > 0 else 0.0
     for name, row in residual.items():
@@ -227,11 +253,11 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
         row = dict(costs.get(head_key, {}))
         for spec in candidate_specs(t, offsets):
             interrupt.check()
-            Q = _rounded_rows(W_float, spec, out_dtype)
+            Q = _head_pieces(W_head, spec, out_dtype)
             row[spec.bits] = row.get(spec.bits, 0.0) + kl_sum(Q, xf)
             del Q
         costs[head_key] = row
-    del model, W_float
+    del model, W_head, float_pieces
     mx.clear_cache()
     return {"costs": costs, "kl_per_squared_error": c, "planned_stream_kl": kl_u / max(sum(int(np.prod(b.shape)) for b in ids), 1)}
 
