@@ -14,9 +14,12 @@ measured on trained checkpoints: scripts/compare_quant.py --trained). The
 calibration text is the built-in sample, tokenised with the checkpoint's
 (tiny) tokenizer. Run it on a quiet machine, with ``nice``.
 
-``--head`` times only the step that ends a calibration with ``gptq`` on this checkpoint:
-GPTQ of the tied 256000 x 2560 embedding as the LM head (a Hessian from random
-correlated hidden states), in a process of its own, with its peak RSS.
+``--head`` times, each in a process of its own with its peak RSS, the two steps that
+work on the whole tied 256000 x 2560 embedding of this checkpoint: the widths pass's
+head (the KL of the float head and of each candidate width, 3/4/5 bits, on 8 x 256
+random final hidden states; the head of hybridconv's lazily loaded float model) and
+GPTQ of the embedding as the LM head (a Hessian from random correlated hidden states),
+which ends a calibration with ``gptq``.
 
 Usage: python scripts/bench_calibrate.py [--workdir bench-data] [--samples 8] [--length 256]
        [--methods widths,awq,gptq,learn] [--learn-steps 20] [--skip-default] [--log FILE]
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +38,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_convert import CONFIG, build, measure  # noqa: E402
+
+
+def widths_head_child(float_dir: str, bits: int) -> None:
+    """The widths pass's head costs (widths.HeadKL) on the converted float checkpoint."""
+    import hybridconv  # noqa: F401  (the fast BLAS before mlx's work)
+    import mlx.core as mx
+
+    from hybridconv.loading import load
+    from hybridconv.quant.modes import QuantSpec
+    from hybridconv.quant.widths import HeadKL
+
+    model = load(float_dir, lazy=True)
+    W = getattr(model.trunk, model.embedding_name)["weight"]
+    h = CONFIG["hidden_size"]
+    xf = [mx.random.normal((8, 256, h), key=mx.random.key(0))]
+    xu = [xf[0] + 0.05 * mx.random.normal((8, 256, h), key=mx.random.key(1))]
+    mx.eval(xf, xu)
+    head = HeadKL(model, W, xf)
+    head.kl_sum(xu)  # the planned stream's KL (for c)
+    for b in (bits - 1, bits, bits + 1):  # the candidate widths
+        head.kl_sum(xf, QuantSpec(b, 64), "BF16")
 
 
 def head_child(bits: int) -> None:
@@ -70,9 +95,19 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4, help="--head: the width")
     args = ap.parse_args()
     if args.head:
+        src = args.workdir / "recurrentgemma-2b-synthetic"
+        build(src)
+        float_dir = args.workdir / "float-2b"
+        if not (float_dir / "config.json").is_file():
+            subprocess.run([sys.executable, "-m", "hybridconv", "convert", str(src), "-o", str(float_dir)], check=True)
+        v, h = CONFIG["vocab_size"], CONFIG["hidden_size"]
+        print("| step | wall | peak RSS |")
+        print("|---|---|---|")
+        wall, rss = measure([sys.executable, str(Path(__file__)), "--_widths-head-child", str(float_dir), str(args.bits)])
+        print(f"| widths: the {v} x {h} tied head's KL, float and {args.bits - 1}/{args.bits}/{args.bits + 1} bits "
+              f"(8 x 256 tokens) | {wall:.0f} s | {rss:.2f} GB |", flush=True)
         wall, rss = measure([sys.executable, str(Path(__file__)), "--_head-child", str(args.bits)])
-        print(f"| GPTQ of the tied {CONFIG['vocab_size']} x {CONFIG['hidden_size']} embedding, {args.bits} bits "
-              f"| {wall:.0f} s | {rss:.2f} GB |")
+        print(f"| GPTQ of the tied {v} x {h} embedding, {args.bits} bits | {wall:.0f} s | {rss:.2f} GB |")
         return
     src = args.workdir / "recurrentgemma-2b-synthetic"
     build(src)
@@ -99,5 +134,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_head-child":
         head_child(int(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--_widths-head-child":
+        widths_head_child(sys.argv[2], int(sys.argv[3]))
     else:
         main()

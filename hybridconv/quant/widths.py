@@ -126,6 +126,49 @@ def _head_pieces(W, spec=None, out_dtype=None) -> list:
     return pieces
 
 
+class HeadKL:
+    """``Σ KL(float head(xf) ‖ head_w(h))`` over the tokens of the streams ``xf`` (the float
+    model's final hidden states) and ``h``, the head matrix ``W`` (as loaded) float or
+    rounded to a candidate ``spec``: a few tokens at a time (a 256k vocabulary's logits
+    are 1 MB per token, and the KL holds four such arrays) and the matrix a piece of rows
+    at a time (:func:`_head_pieces`)."""
+
+    def __init__(self, model, W, xf):
+        import mlx.core as mx
+        from mlx.utils import tree_map
+
+        self.model, self.W, self.xf = model, W, xf
+        norm = getattr(model.trunk, getattr(model, "norm_name", "norm"), None)  # the final norm in float32
+        if norm is not None:
+            norm.update(tree_map(lambda a: a.astype(mx.float32), norm.parameters()))
+        self.float_pieces = _head_pieces(W)
+        self.step = max(1, LOGIT_BYTES // (4 * int(W.shape[0])))  # tokens per piece of the KL
+
+    def logits(self, h, pieces):
+        import mlx.core as mx
+
+        hn = self.model.final_norm(h.astype(mx.float32), mx.float32).astype(mx.float32)
+        out = []
+        for piece in pieces:
+            out.append(hn @ piece().T)
+            mx.eval(out[-1])
+        return self.model.scale_logits(mx.concatenate(out, axis=-1) if len(out) > 1 else out[0]).astype(mx.float32)
+
+    def kl_sum(self, stream, spec=None, out_dtype=None) -> float:
+        import mlx.core as mx
+
+        pieces = self.float_pieces if spec is None else _head_pieces(self.W, spec, out_dtype)
+        total = 0.0
+        for hf, h in zip(self.xf, stream):
+            hf, h = hf.reshape(-1, hf.shape[-1]), h.reshape(-1, h.shape[-1])
+            for a in range(0, hf.shape[0], self.step):
+                r = self.logits(hf[a:a + self.step], self.float_pieces)
+                mx.eval(r)
+                total += _kl_sum(r, self.logits(h[a:a + self.step], pieces))
+                del r
+        return total
+
+
 def _rounded_rows(W, spec, out_dtype, rows=None):
     """``W``'s rows (all, or the indices ``rows``) rounded to ``spec`` and dequantized,
     float32, as an MLX array: a chunk of :data:`ROW_CHUNK` rows at a time (rows are
@@ -213,35 +256,8 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     # the head in float32, on the final hidden states of both streams
     head_key = emb_key if model.tied else "lm_head.weight"
     head_module = emb_module if model.tied else model.lm_head
-    norm_module = getattr(model.trunk, getattr(model, "norm_name", "norm"), None)
-    if norm_module is not None:
-        norm_module.update(tree_map(lambda a: a.astype(mx.float32), norm_module.parameters()))
-
-    def logits(h, pieces):
-        hn = model.final_norm(h.astype(mx.float32), mx.float32).astype(mx.float32)
-        out = []
-        for piece in pieces:  # the head's rows a piece at a time (module docstring of _head_pieces)
-            out.append(hn @ piece().T)
-            mx.eval(out[-1])
-        return model.scale_logits(mx.concatenate(out, axis=-1) if len(out) > 1 else out[0]).astype(mx.float32)
-
-    def kl_sum(pieces, stream):
-        # a few tokens at a time: a 256k vocabulary's logits are 1 MB per token, and the
-        # KL holds four such arrays (both logits, both log-softmaxes)
-        total = 0.0
-        for hf, h in zip(xf, stream):
-            hf, h = hf.reshape(-1, hf.shape[-1]), h.reshape(-1, h.shape[-1])
-            for a in range(0, hf.shape[0], step):
-                r = logits(hf[a:a + step], float_pieces)
-                mx.eval(r)
-                total += _kl_sum(r, logits(h[a:a + step], pieces))
-                del r
-        return total
-
-    W_head = head_module["weight"]  # as loaded: float32 only a piece of rows at a time
-    float_pieces = _head_pieces(W_head)
-    step = max(1, LOGIT_BYTES // (4 * int(W_head.shape[0])))  # tokens per piece of the KL
-    kl_u = kl_sum(float_pieces, xu)
+    head = HeadKL(model, head_module["weight"], xf)
+    kl_u = head.kl_sum(xu)
     sq_u = sum(_sq(a, b) for a, b in zip(xf, xu))
     c = kl_u / sq_u if sq_u > 0 else 0.0
     for name, row in residual.items():
@@ -253,11 +269,9 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
         row = dict(costs.get(head_key, {}))
         for spec in candidate_specs(t, offsets):
             interrupt.check()
-            Q = _head_pieces(W_head, spec, out_dtype)
-            row[spec.bits] = row.get(spec.bits, 0.0) + kl_sum(Q, xf)
-            del Q
+            row[spec.bits] = row.get(spec.bits, 0.0) + head.kl_sum(xf, spec, out_dtype)
         costs[head_key] = row
-    del model, W_head, float_pieces
+    del model, head
     mx.clear_cache()
     return {"costs": costs, "kl_per_squared_error": c, "planned_stream_kl": kl_u / max(sum(int(np.prod(b.shape)) for b in ids), 1)}
 
