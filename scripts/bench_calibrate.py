@@ -91,12 +91,13 @@ def main() -> None:
     ap.add_argument("--skip-default", action="store_true", help="time only the calibrated run")
     ap.add_argument("--log", type=Path, default=None,
                     help="append the calibrated run's output (its progress) to this file as it runs")
-    ap.add_argument("--head", action="store_true", help="time GPTQ of the tied 2B embedding only")
+    ap.add_argument("--head", action="store_true", help="time only the two steps on the whole tied 2B embedding: "
+                    "the widths pass's head and GPTQ of the head")
     ap.add_argument("--bits", type=int, default=4, help="--head: the width")
     args = ap.parse_args()
+    src = args.workdir / "recurrentgemma-2b-synthetic"
+    build(src)
     if args.head:
-        src = args.workdir / "recurrentgemma-2b-synthetic"
-        build(src)
         float_dir = args.workdir / "float-2b"
         if not (float_dir / "config.json").is_file():
             subprocess.run([sys.executable, "-m", "hybridconv", "convert", str(src), "-o", str(float_dir)], check=True)
@@ -109,8 +110,6 @@ def main() -> None:
         wall, rss = measure([sys.executable, str(Path(__file__)), "--_head-child", str(args.bits)])
         print(f"| GPTQ of the tied {v} x {h} embedding, {args.bits} bits | {wall:.0f} s | {rss:.2f} GB |")
         return
-    src = args.workdir / "recurrentgemma-2b-synthetic"
-    build(src)
     hc = [sys.executable, "-m", "hybridconv"]
     out = args.workdir / "out-calibrate"
     runs = {}

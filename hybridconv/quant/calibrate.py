@@ -224,6 +224,12 @@ def _block_prefixes(model) -> list[str]:
     return [ids[id(layer)] for layer in model.layers]
 
 
+def _embedding(model):
+    """The trunk's embedding module and its weight's tensor name (as the plan names it)."""
+    module = getattr(model.trunk, getattr(model, "embedding_name", "embed_tokens"))
+    return module, next(p for p, m in model.named_modules() if m is module) + ".weight"
+
+
 def _run(model, layer, xs, x0s):
     """The block on every batch of ``xs`` (lists of [B, T, H] arrays): outputs, evaluated."""
     import mlx.core as mx
@@ -543,8 +549,7 @@ def _calibrate_head(model, planned, xq, out_dtype, methods, store, say) -> dict 
     if "gptq" not in methods:
         return None
     if model.tied:
-        module = getattr(model.trunk, model.embedding_name)
-        name = {id(m): p for p, m in model.named_modules()}[id(module)] + ".weight"
+        module, name = _embedding(model)
     else:
         module, name = model.lm_head, "lm_head.weight"
     t = planned.get(name)

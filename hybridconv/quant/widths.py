@@ -169,8 +169,8 @@ class HeadKL:
         return total
 
 
-def _rounded_rows(W, spec, out_dtype, rows=None):
-    """``W``'s rows (all, or the indices ``rows``) rounded to ``spec`` and dequantized,
+def _rounded_rows(W, spec, out_dtype, rows):
+    """``W``'s rows (the indices ``rows``) rounded to ``spec`` and dequantized,
     float32, as an MLX array: a chunk of :data:`ROW_CHUNK` rows at a time (rows are
     rounded independently: groups run along a row), so a 256k-row embedding's
     rounding never holds more than a chunk's temporaries."""
@@ -178,7 +178,7 @@ def _rounded_rows(W, spec, out_dtype, rows=None):
 
     from .calibrate import _quantize_matrix
 
-    index = np.arange(W.shape[0]) if rows is None else np.asarray(rows)
+    index = np.asarray(rows)
     parts = []
     for a in range(0, len(index), ROW_CHUNK):
         chunk = np.array(W[mx.array(index[a:a + ROW_CHUNK])].astype(mx.float32))
@@ -195,15 +195,12 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
     from ..loading import load
-    from .calibrate import _block_prefixes, _matrices, _quantize_matrix, _run, _set_weight, _weight_np
+    from .calibrate import _block_prefixes, _embedding, _matrices, _quantize_matrix, _run, _set_weight, _weight_np
 
     out_dtype = qp.conversion.dtype
     planned = {t.step.target: t for t in qp.tensors}
     model = load(float_dir, lazy=True)
-    emb_name = getattr(model, "embedding_name", "embed_tokens")
-    emb_module = getattr(model.trunk, emb_name)
-    trunk_prefix = next(p for p, m in model.named_modules() if m is model.trunk)
-    emb_key = f"{trunk_prefix}.{emb_name}.weight" if trunk_prefix else f"{emb_name}.weight"
+    emb_module, emb_key = _embedding(model)
     x0s = [model.embed(b).astype(mx.float32) for b in batches]
     mx.eval(x0s)
     xf, xu = list(x0s), list(x0s)
