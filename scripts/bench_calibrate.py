@@ -56,9 +56,8 @@ def widths_head_child(float_dir: str, bits: int) -> None:
     xu = [xf[0] + 0.05 * mx.random.normal((8, 256, h), key=mx.random.key(1))]
     mx.eval(xf, xu)
     head = HeadKL(model, W, xf)
-    head.kl_sum(xu)  # the planned stream's KL (for c)
-    for b in (bits - 1, bits, bits + 1):  # the candidate widths
-        head.kl_sum(xf, QuantSpec(b, 64), "BF16")
+    # the planned stream's KL (for c) and the candidate widths', in one pass as widths.measure runs them
+    head.kl_sums([(xu, None)] + [(xf, QuantSpec(b, 64)) for b in (bits - 1, bits, bits + 1)], "BF16")
 
 
 def head_child(bits: int) -> None:

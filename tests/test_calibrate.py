@@ -410,6 +410,35 @@ def test_widths_head_kl_in_pieces_measures_what_it_measures_whole(tmp_path, monk
     assert pieces["kl_per_squared_error"] == pytest.approx(whole["kl_per_squared_error"], rel=1e-4)
 
 
+def test_widths_head_kl_of_several_candidates_in_one_pass_is_each_alone(tmp_path, monkeypatch):
+    """The widths pass measures the planned stream's KL and every head candidate's in one
+    pass over the tokens (the float logits computed once per piece of tokens): each sum is
+    the one that job gives alone, to the last bit, in pieces of tokens and of rows."""
+    import mlx.core as mx
+
+    from hybridconv.convert import convert
+    from hybridconv.loading import load
+    from hybridconv.quant import widths as W
+    from hybridconv.quant.modes import QuantSpec
+
+    convert(str(_trained("recurrent_gemma")), tmp_path / "float", dtype="float32")
+    model = load(tmp_path / "float", lazy=True)
+    weight = getattr(model.trunk, model.embedding_name)["weight"]  # tied: the head
+    h = weight.shape[1]
+    xf = [mx.random.normal((2, 5, h), key=mx.random.key(0)), mx.random.normal((1, 7, h), key=mx.random.key(1))]
+    xu = [x + 0.1 * mx.random.normal(x.shape, key=mx.random.key(2)) for x in xf]
+    monkeypatch.setattr(W, "LOGIT_BYTES", 4 * int(weight.shape[0]) * 3)  # 3 tokens per piece
+    monkeypatch.setattr(W, "ROW_CHUNK", 300)  # pieces of the head's rows, the last short
+    head = W.HeadKL(model, weight, xf)
+    jobs = [(xu, None)] + [(xf, QuantSpec(b, 32)) for b in (3, 4, 5)]
+    calls = []
+    together = head.kl_sums(jobs, "F32", check=lambda: calls.append(1))
+    alone = [head.kl_sum(stream, spec, "F32") for stream, spec in jobs]
+    assert together == alone
+    assert all(v > 0 for v in together) and together[1] > together[2] > together[3]  # fewer bits, more KL
+    assert len(calls) == 4 + 3  # the check once per piece of 3 tokens: 10 tokens in 4, 7 in 3
+
+
 @pytest.mark.parametrize("name", ["granitemoehybrid", "qwen3_5_text"])
 def test_widths_lower_the_kl_of_calibrated_uniform_widths(trained_case, tmp_path, name):
     """On a trained checkpoint at 3 bits: GPTQ with widths by sensitivity has a lower KL

@@ -155,18 +155,31 @@ class HeadKL:
         return self.model.scale_logits(mx.concatenate(out, axis=-1) if len(out) > 1 else out[0]).astype(mx.float32)
 
     def kl_sum(self, stream, spec=None, out_dtype=None) -> float:
+        """One stream's summed KL, the head float (``spec`` None) or rounded to ``spec``."""
+        return self.kl_sums([(stream, spec)], out_dtype)[0]
+
+    def kl_sums(self, jobs, out_dtype=None, check=lambda: None) -> list[float]:
+        """The summed KL of each ``(stream, spec)`` of ``jobs`` in one pass over the
+        tokens: the float reference logits of a piece of tokens are computed once for
+        every job (a 256k vocabulary's are the pass's main cost, and too large to keep
+        for all tokens). Each job's sum runs over the same pieces in the same order as
+        :meth:`kl_sum` alone, so the figures are identical. ``check`` runs per piece
+        (an interrupt)."""
         import mlx.core as mx
 
-        pieces = self.float_pieces if spec is None else _head_pieces(self.W, spec, out_dtype)
-        total = 0.0
-        for hf, h in zip(self.xf, stream):
-            hf, h = hf.reshape(-1, hf.shape[-1]), h.reshape(-1, h.shape[-1])
+        pieces = [self.float_pieces if spec is None else _head_pieces(self.W, spec, out_dtype) for _, spec in jobs]
+        totals = [0.0] * len(jobs)
+        for k, hf in enumerate(self.xf):
+            hf = hf.reshape(-1, hf.shape[-1])
+            hs = [stream[k].reshape(-1, stream[k].shape[-1]) for stream, _ in jobs]
             for a in range(0, hf.shape[0], self.step):
+                check()
                 r = self.logits(hf[a:a + self.step], self.float_pieces)
                 mx.eval(r)
-                total += _kl_sum(r, self.logits(h[a:a + self.step], pieces))
+                for j, h in enumerate(hs):
+                    totals[j] += _kl_sum(r, self.logits(h[a:a + self.step], pieces[j]))
                 del r
-        return total
+        return totals
 
 
 def _rounded_rows(W, spec, out_dtype, rows):
@@ -254,19 +267,20 @@ def measure(qp, float_dir, batches, say=lambda m: None, offsets=OFFSETS) -> dict
     head_key = emb_key if model.tied else "lm_head.weight"
     head_module = emb_module if model.tied else model.lm_head
     head = HeadKL(model, head_module["weight"], xf)
-    kl_u = head.kl_sum(xu)
+    t = planned.get(head_key)
+    specs = list(candidate_specs(t, offsets)) if t is not None and is_free(t) else []
+    # the planned stream's KL (for c) and each head candidate's, in one pass (HeadKL.kl_sums)
+    kl_u, *kl_head = head.kl_sums([(xu, None)] + [(xf, spec) for spec in specs], out_dtype, interrupt.check)
     sq_u = sum(_sq(a, b) for a, b in zip(xf, xu))
     c = kl_u / sq_u if sq_u > 0 else 0.0
     for name, row in residual.items():
         costs[name] = {b: c * e for b, e in row.items()}
     # the head (a tied embedding: on top of its cost as the embedding)
     ids = [np.array(b) for b in batches]
-    t = planned.get(head_key)
-    if t is not None and is_free(t):
+    if specs:
         row = dict(costs.get(head_key, {}))
-        for spec in candidate_specs(t, offsets):
-            interrupt.check()
-            row[spec.bits] = row.get(spec.bits, 0.0) + head.kl_sum(xf, spec, out_dtype)
+        for spec, kl in zip(specs, kl_head):
+            row[spec.bits] = row.get(spec.bits, 0.0) + kl
         costs[head_key] = row
     del model, head
     mx.clear_cache()
