@@ -11,6 +11,11 @@ per variant, on held-out windows of ``heldout.txt``:
 * ``slope``: the regression slope of the quantized logits on the float ones (below 1:
   a higher temperature).
 
+``--temperatures T...`` first prints, for the float model itself, the held-out NLL gap of
+its logits divided by each T (``float/T`` rows: no quantization): where a T above 1 has a
+negative gap, the float model is over-confident on that text, and any change that
+flattens its distributions lowers the held-out perplexity without being closer to it.
+
 Variants: ``convert`` (``mlx_lm.convert -q``), ``default`` (``hybridconv quantize``),
 ``noshrink`` (hybridconv's range search with the min/max range only, refitted by least
 squares), ``mlxrange`` (MLX's own range only, codes from the float32 source),
@@ -20,7 +25,7 @@ calibration.txt, 200 learning steps or ``--learn-steps``), ``calmlx:M1,M2`` (the
 every group's grid, GPTQ's included); ``@N`` after the methods sets the calibration's seed
 (the learned step's order of windows), e.g. ``cal:default@1``.
 
-Usage: python scripts/ppl_vs_kl.py CHECKPOINT BITS VARIANT... [--windows 64] [--learn-steps 200] [--text FILE]
+Usage: python scripts/ppl_vs_kl.py CHECKPOINT BITS VARIANT... [--windows 64] [--temperatures 1.05 1.1] [--learn-steps 200] [--text FILE]
 e.g.   python scripts/ppl_vs_kl.py qwen3_5_text 4 convert mlxrange noshrink default cal:gptq calmlx:gptq
 """
 
@@ -69,14 +74,32 @@ def measure(folder: Path, ref, seqs) -> dict:
             "slope": float(np.mean(slopes))}
 
 
+def float_temperature(ref, seqs, temp: float) -> dict:
+    """The float model's own held-out NLL gap and entropy change at softmax temperature ``temp``."""
+    from hybridconv.verify.metrics import log_softmax
+
+    dn, de = [], []
+    for i, s in enumerate(seqs):
+        ids = np.asarray(s)
+        r = np.asarray(ref.outputs[i]["logits"], dtype=np.float64)
+        lp, lt = log_softmax(r), log_softmax(r / temp)
+        t = np.arange(len(ids) - 1)
+        dn.append(lp[t, ids[1:]] - lt[t, ids[1:]])
+        de.append((np.exp(lp) * lp).sum(-1) - (np.exp(lt) * lt).sum(-1))
+    dn, de = np.concatenate(dn), np.concatenate(de)
+    return {"dnll": dn.mean(), "dnll_se": dn.std() / math.sqrt(dn.size), "dent": de.mean()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
     ap.add_argument("bits", type=int)
-    ap.add_argument("variants", nargs="+")
+    ap.add_argument("variants", nargs="*")
     ap.add_argument("--windows", type=int, default=64, help="held-out windows of 256 tokens")
     ap.add_argument("--text", help="measure on this text instead of the checkpoint's heldout.txt (e.g. its "
                     "calibration.txt: the windows the calibration uses are left out)")
+    ap.add_argument("--temperatures", type=float, nargs="*", default=[],
+                    help="also print the float model's own NLL gap at these softmax temperatures")
     ap.add_argument("--learn-steps", type=int, default=200, help="the calibrated variants' learning steps per block")
     args = ap.parse_args()
     from hybridconv.checkpoint import resolve
@@ -100,6 +123,10 @@ def main() -> None:
         inputs = Inputs([w for w in inputs.sequences if w.tobytes() not in used], inputs.description)
         print(f"{len(inputs.sequences)} windows of {args.text} (calibration windows left out)", file=sys.stderr)
     ref = compute_reference(src, inputs, keep_hidden=False)
+    for temp in args.temperatures:
+        print(json.dumps({"variant": f"float/{temp:g}", **{k: round(float(x), 6) for k, x in
+                                                          float_temperature(ref, inputs.sequences, temp).items()}}),
+              flush=True)
     work = Path(tempfile.mkdtemp(prefix="ppl-vs-kl-"))
     shrink = affine.SHRINK
     try:
