@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import EXIT_GATE_FAILED, UsageError
+from ..quant.calibration import DEFAULT_LEARN_STEPS, DEFAULT_LENGTH, DEFAULT_SAMPLES
 from . import app, console, err_console
 from .options import (
     AllowNonfiniteOpt,
@@ -135,10 +136,10 @@ def quantize_cmd(
     target_kl: Annotated[Optional[float], typer.Option("--target-kl", help="Write the smallest plan whose mean KL on the verify inputs is <= this: candidate plans (uniform 2-8 bits, mixed recipes) are measured in increasing bits per weight (computed from each plan) and the first that meets the target is written, so every smaller candidate was measured and missed it (mean KL does not always fall as bits grow, so none is skipped). With --calibrate every candidate is quantized calibrated (the search costs one calibration per candidate).", show_default=False)] = None,
     calibrate: CalibrateOpt = False,
     calibration: CalibrationOpt = None,
-    calibration_samples: CalibrationSamplesOpt = 32,
-    calibration_length: CalibrationLengthOpt = 256,
+    calibration_samples: CalibrationSamplesOpt = DEFAULT_SAMPLES,
+    calibration_length: CalibrationLengthOpt = DEFAULT_LENGTH,
     calibrate_methods: CalibrateMethodsOpt = None,
-    learn_steps: LearnStepsOpt = 200,
+    learn_steps: LearnStepsOpt = DEFAULT_LEARN_STEPS,
     allow_nonfinite: AllowNonfiniteOpt = False,
     allow_pickle: AllowPickleOpt = False,
     stream: StreamOpt = None,

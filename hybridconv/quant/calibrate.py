@@ -57,7 +57,7 @@ from .. import interrupt
 from ..errors import UsageError
 from ..safetensors_io import from_float32, has_nonfinite, write_all
 from . import scaling
-from .calibration import DEFAULT_LENGTH, DEFAULT_SAMPLES, calibration_tokens
+from .calibration import DEFAULT_LEARN_STEPS, DEFAULT_LENGTH, DEFAULT_SAMPLES, calibration_tokens
 from .gptq import gptq, rtn
 
 METHODS = ("widths", "awq", "gptq", "learn")
@@ -84,7 +84,7 @@ class CalibrationOptions:
     samples: int = DEFAULT_SAMPLES
     length: int = DEFAULT_LENGTH
     methods: tuple[str, ...] = DEFAULT_METHODS
-    learn_steps: int = 200
+    learn_steps: int = DEFAULT_LEARN_STEPS
     seed: int = 0
 
 

@@ -28,6 +28,7 @@ from ..errors import UsageError
 
 DEFAULT_SAMPLES = 32
 DEFAULT_LENGTH = 256
+DEFAULT_LEARN_STEPS = 200  # Adam steps per block of the 'learn' method (here: the CLI imports no MLX)
 MIN_LENGTH = 16
 
 # Standard-library modules whose text makes the built-in sample (prose in docstrings,
