@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--calibration-samples", type=int, default=32)
     ap.add_argument("--calibration-length", type=int, default=256)
     ap.add_argument("--learn-steps", type=int, default=200)
+    ap.add_argument("--calibration-seed", type=int, default=0,
+                    help="--trained: hybridconv calibrated's seed (the learned step's order of windows) [default: 0]")
     ap.add_argument("--dwq-lr", type=float, default=1e-5)
     ap.add_argument("--dwq-epochs", type=int, default=8)
     ap.add_argument("--debug", action="store_true", help="--trained: print the traceback of a method that fails")

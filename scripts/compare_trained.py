@@ -308,7 +308,7 @@ def trained_main(args) -> None:
                             chosen = parse_methods(base.split(":", 1)[1]) if ":" in base else DEFAULT_METHODS
                             opts = CalibrationOptions(file=cal_file, samples=args.calibration_samples,
                                                       length=args.calibration_length, learn_steps=args.learn_steps,
-                                                      methods=chosen)
+                                                      methods=chosen, seed=args.calibration_seed)
                             quantize(str(ckpt), out, group_size=gs, calibration=opts, **widths(method, bits))
                         row["seconds"] = round(time.time() - t0, 1)
                         if method.startswith("mlx_lm."):
