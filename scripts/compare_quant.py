@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import hybridconv  # noqa: E402,F401  (before mlx: its import loads the fast BLAS on Linux)
+from hybridconv.quant.calibration import DEFAULT_LEARN_STEPS, DEFAULT_LENGTH, DEFAULT_SAMPLES  # noqa: E402
 
 
 def bits_per_weight(folder: Path, params: int) -> float:
@@ -57,9 +58,9 @@ def main() -> None:
     ap.add_argument("--trained", nargs="?", const=REPO / "tests" / "data" / "trained", type=Path, default=None,
                     help="compare every method on the trained checkpoints of this folder (train_tiny.py)")
     ap.add_argument("--methods", nargs="*", default=None, help="--trained: the methods to run [default: all]")
-    ap.add_argument("--calibration-samples", type=int, default=32)
-    ap.add_argument("--calibration-length", type=int, default=256)
-    ap.add_argument("--learn-steps", type=int, default=200)
+    ap.add_argument("--calibration-samples", type=int, default=DEFAULT_SAMPLES)
+    ap.add_argument("--calibration-length", type=int, default=DEFAULT_LENGTH)
+    ap.add_argument("--learn-steps", type=int, default=DEFAULT_LEARN_STEPS)
     ap.add_argument("--calibration-seed", type=int, default=0,
                     help="--trained: hybridconv calibrated's seed (the learned step's order of windows) [default: 0]")
     ap.add_argument("--dwq-lr", type=float, default=1e-5)

@@ -46,7 +46,15 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from compare_trained import heldout_inputs, hybridconv_names, mlx_lm_input, run_mlx_gptq  # noqa: E402
 
-CAL_SAMPLES, CAL_LENGTH = 32, 256  # calibration windows, as compare_quant.py --trained uses them
+from hybridconv.quant.calibration import DEFAULT_LEARN_STEPS, DEFAULT_LENGTH, DEFAULT_SAMPLES  # noqa: E402
+
+CAL_SAMPLES, CAL_LENGTH = DEFAULT_SAMPLES, DEFAULT_LENGTH  # calibration windows, as compare_quant.py --trained uses them
+
+
+def nll_entropy_gaps(lp, lq, ids):
+    """Per position: the next-token NLL of ``lq`` minus ``lp``'s, and ``lq``'s entropy minus ``lp``'s."""
+    t = np.arange(len(ids) - 1)
+    return lp[t, ids[1:]] - lq[t, ids[1:]], (np.exp(lp) * lp).sum(-1) - (np.exp(lq) * lq).sum(-1)
 
 
 def measure(folder: Path, ref, seqs) -> dict:
@@ -62,11 +70,10 @@ def measure(folder: Path, ref, seqs) -> dict:
         q = np.array(model(mx.array(ids[None]))[0].astype(mx.float32))
         r = np.asarray(ref.outputs[i]["logits"])
         lp, lq = log_softmax(r), log_softmax(q)
-        p = np.exp(lp)
-        kl.append((p * (lp - lq)).sum(-1))
-        t = np.arange(len(ids) - 1)
-        dn.append(lp[t, ids[1:]] - lq[t, ids[1:]])
-        de.append((p * lp).sum(-1) - (np.exp(lq) * lq).sum(-1))
+        kl.append((np.exp(lp) * (lp - lq)).sum(-1))
+        n, e = nll_entropy_gaps(lp, lq, ids)
+        dn.append(n)
+        de.append(e)
         rc, qc = r - r.mean(-1, keepdims=True), q - q.mean(-1, keepdims=True)
         slopes.append((rc * qc).sum() / (rc * rc).sum())
     kl, dn, de = np.concatenate(kl), np.concatenate(dn), np.concatenate(de)
@@ -82,10 +89,9 @@ def float_temperature(ref, seqs, temp: float) -> dict:
     for i, s in enumerate(seqs):
         ids = np.asarray(s)
         r = np.asarray(ref.outputs[i]["logits"], dtype=np.float64)
-        lp, lt = log_softmax(r), log_softmax(r / temp)
-        t = np.arange(len(ids) - 1)
-        dn.append(lp[t, ids[1:]] - lt[t, ids[1:]])
-        de.append((np.exp(lp) * lp).sum(-1) - (np.exp(lt) * lt).sum(-1))
+        n, e = nll_entropy_gaps(log_softmax(r), log_softmax(r / temp), ids)
+        dn.append(n)
+        de.append(e)
     dn, de = np.concatenate(dn), np.concatenate(de)
     return {"dnll": dn.mean(), "dnll_se": dn.std() / math.sqrt(dn.size), "dent": de.mean()}
 
@@ -100,7 +106,7 @@ def main() -> None:
                     "calibration.txt: the windows the calibration uses are left out)")
     ap.add_argument("--temperatures", type=float, nargs="*", default=[],
                     help="also print the float model's own NLL gap at these softmax temperatures")
-    ap.add_argument("--learn-steps", type=int, default=200, help="the calibrated variants' learning steps per block")
+    ap.add_argument("--learn-steps", type=int, default=DEFAULT_LEARN_STEPS, help="the calibrated variants' learning steps per block")
     args = ap.parse_args()
     from hybridconv.checkpoint import resolve
     from hybridconv.convert import convert as hc_convert
