@@ -25,7 +25,7 @@ calibration.txt, 200 learning steps or ``--learn-steps``), ``calmlx:M1,M2`` (the
 every group's grid, GPTQ's included); ``@N`` after the methods sets the calibration's seed
 (the learned step's order of windows), e.g. ``cal:default@1``.
 
-Usage: python scripts/ppl_vs_kl.py CHECKPOINT BITS VARIANT... [--windows 64] [--temperatures 1.05 1.1] [--learn-steps 200] [--text FILE]
+Usage: python scripts/ppl_vs_kl.py CHECKPOINT BITS [VARIANT...] [--windows 64] [--temperatures 1.05 1.1] [--learn-steps 200] [--text FILE]
 e.g.   python scripts/ppl_vs_kl.py qwen3_5_text 4 convert mlxrange noshrink default cal:gptq calmlx:gptq
 """
 
@@ -48,7 +48,10 @@ from compare_trained import heldout_inputs, hybridconv_names, mlx_lm_input, run_
 
 from hybridconv.quant.calibration import DEFAULT_LEARN_STEPS, DEFAULT_LENGTH, DEFAULT_SAMPLES  # noqa: E402
 
-CAL_SAMPLES, CAL_LENGTH = DEFAULT_SAMPLES, DEFAULT_LENGTH  # calibration windows, as compare_quant.py --trained uses them
+
+
+def emit(variant: str, metrics: dict) -> None:
+    print(json.dumps({"variant": variant, **{k: round(float(x), 6) for k, x in metrics.items()}}), flush=True)
 
 
 def nll_entropy_gaps(lp, lq, ids):
@@ -108,6 +111,8 @@ def main() -> None:
                     help="also print the float model's own NLL gap at these softmax temperatures")
     ap.add_argument("--learn-steps", type=int, default=DEFAULT_LEARN_STEPS, help="the calibrated variants' learning steps per block")
     args = ap.parse_args()
+    if not args.variants and not args.temperatures:
+        ap.error("give at least one VARIANT or --temperatures")
     from hybridconv.checkpoint import resolve
     from hybridconv.convert import convert as hc_convert
     from hybridconv.convert import plan
@@ -122,7 +127,7 @@ def main() -> None:
     src = resolve(str(ck))
     vocab = plan(src).config["vocab_size"]
     # the calibration windows every calibrated variant (and mlx-lm's GPTQ) uses
-    cal_windows = calibration_tokens(ck, vocab, ck.parent / "calibration.txt", CAL_SAMPLES, CAL_LENGTH).sequences
+    cal_windows = calibration_tokens(ck, vocab, ck.parent / "calibration.txt", DEFAULT_SAMPLES, DEFAULT_LENGTH).sequences
     inputs = heldout_inputs(ck, vocab, Path(args.text) if args.text else ck.parent / "heldout.txt", args.windows, 256)
     if args.text:  # never a window the calibration itself uses
         used = {w.tobytes() for w in cal_windows}
@@ -130,9 +135,9 @@ def main() -> None:
         print(f"{len(inputs.sequences)} windows of {args.text} (calibration windows left out)", file=sys.stderr)
     ref = compute_reference(src, inputs, keep_hidden=False)
     for temp in args.temperatures:
-        print(json.dumps({"variant": f"float/{temp:g}", **{k: round(float(x), 6) for k, x in
-                                                          float_temperature(ref, inputs.sequences, temp).items()}}),
-              flush=True)
+        emit(f"float/{temp:g}", float_temperature(ref, inputs.sequences, temp))
+    if not args.variants:
+        return
     work = Path(tempfile.mkdtemp(prefix="ppl-vs-kl-"))
     shrink = affine.SHRINK
     try:
@@ -155,7 +160,7 @@ def main() -> None:
                     quantize(str(ck), out, bits=args.bits, group_size=64)
                 elif v.startswith(("cal:", "calmlx:")):
                     methods, _, seed = v.split(":", 1)[1].partition("@")
-                    opts = CalibrationOptions(file=ck.parent / "calibration.txt", samples=CAL_SAMPLES, length=CAL_LENGTH,
+                    opts = CalibrationOptions(file=ck.parent / "calibration.txt", samples=DEFAULT_SAMPLES, length=DEFAULT_LENGTH,
                                               learn_steps=args.learn_steps, methods=parse_methods(methods), seed=int(seed or 0))
                     quantize(str(ck), out, bits=args.bits, group_size=64, calibration=opts)
                 else:
@@ -163,7 +168,7 @@ def main() -> None:
             finally:
                 affine.SHRINK = shrink
             row = measure(out, ref, inputs.sequences)
-            print(json.dumps({"variant": v, **{k: round(float(x), 6) for k, x in row.items()}}), flush=True)
+            emit(v, row)
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
