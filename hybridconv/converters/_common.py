@@ -14,9 +14,11 @@ converter that needs something else spells it out itself.
   attention head counts, the ``silu`` activation check, and the Mamba-2 keys
   of transformers' Bamba-style configs (``mamba_*``).
 * Tensor rules: rotary ``inv_freq`` buffers dropped, a tied ``lm_head``
-  dropped, and the Mamba-2 mixer under the ``.mamba.`` name (Bamba,
-  GraniteMoeHybrid, Falcon-H1, Zamba2): conv kernels to MLX's layout, the SSM
-  dynamics (``A_log``, ``D``, ``dt_bias``) kept float32.
+  dropped, routed experts (one tensor per expert, or transformers 5's fused
+  ones) to mlx-lm's stacked ``switch_mlp`` layout, and the Mamba-2 mixer
+  under the ``.mamba.`` name (Bamba, GraniteMoeHybrid, Falcon-H1, Zamba2):
+  conv kernels to MLX's layout, the SSM dynamics (``A_log``, ``D``,
+  ``dt_bias``) kept float32.
 * Quantization: the protections and roles of that mixer, of Llama-layout
   attention and of a gated MLP under ``feed_forward``.
 """
@@ -28,7 +30,7 @@ import math
 from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from .registry import Protected, Role
-from .rules import ConvToMLX, Drop, KeepFloat32, Rule
+from .rules import ConvToMLX, Drop, KeepFloat32, Rename, Rule, Split, StackExperts
 
 # --- config readers ---------------------------------------------------------
 
@@ -162,6 +164,29 @@ def head_rules(cfg: dict, embedding: str = "model.embed_tokens.weight", rotary: 
     if cfg["tie_word_embeddings"]:
         out.append(Drop(r"^lm_head\.weight$", f"tied: the head is {embedding}", "lm_head.weight"))
     return out
+
+
+def fused_expert_rules(intermediate: int, dst: str = ".mlp.switch_mlp") -> list[Rule]:
+    """transformers 5's fused routed experts under ``.mlp.experts.``
+    (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) to mlx-lm's
+    ``dst.{gate,up,down}_proj.weight``: the gate/up halves split at ``I``."""
+    return [
+        Split(r"\.mlp\.experts\.gate_up_proj$", 1,
+              [(f"{dst}.gate_proj.weight", intermediate), (f"{dst}.up_proj.weight", intermediate)],
+              "fused expert gate_up_proj [E, 2I, H]"),
+        Rename(r"\.mlp\.experts\.down_proj$", f"{dst}.down_proj.weight"),
+    ]
+
+
+def switch_mlp_rules(experts: int, intermediate: int) -> list[Rule]:
+    """Routed experts under ``.mlp.experts.`` to ``.mlp.switch_mlp.``, whether the
+    checkpoint stores one tensor per expert (``experts.{e}.gate_proj.weight``;
+    stacked to ``[E, ...]``) or transformers 5's fused ones."""
+    return [
+        StackExperts(r"\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$",
+                     r".mlp.switch_mlp.\g<proj>.weight", experts, "per-expert MLP weights"),
+        *fused_expert_rules(intermediate),
+    ]
 
 
 MAMBA2_SSM_FLOAT32 = r"\.mamba\.(A_log|D|dt_bias)$"

@@ -83,9 +83,9 @@ from __future__ import annotations
 from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import bailing_hybrid as model_module
-from ._common import check_activation, head_rules
+from ._common import check_activation, head_rules, switch_mlp_rules
 from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, KeepFloat32, Regroup, Rename, Rule, Split, StackExperts
+from .rules import ConvToMLX, Drop, KeepFloat32, Regroup, Rename, Rule
 
 MIXERS = ("linear_attention", "full_attention")
 MLPS = ("dense", "sparse")
@@ -222,12 +222,7 @@ def rules(cfg: dict) -> list[Rule]:
         Rename(rf"^(model\.layers\.(?:{mla})\.)(?:attention|self_attn)\.o_proj\.", r"\1attention.dense."),
         Rename(r"\.self_attn\.", ".attention."),
         Rename(r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.gate.expert_bias"),
-        StackExperts(r"\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$",
-                     r".mlp.switch_mlp.\g<proj>.weight", E, "per-expert MLP weights"),
-        Split(r"\.mlp\.experts\.gate_up_proj$", 1,
-              [(".mlp.switch_mlp.gate_proj.weight", inter), (".mlp.switch_mlp.up_proj.weight", inter)],
-              "fused expert gate_up_proj [E, 2I, H]"),
-        Rename(r"\.mlp\.experts\.down_proj$", ".mlp.switch_mlp.down_proj.weight"),
+        *switch_mlp_rules(E, inter),
         Regroup(r"\.(?:attention|self_attn)\.(?P<piece>conv1d)\.weight$", ["conv1d"],
                 [(".attention.q_conv1d.weight", proj), (".attention.k_conv1d.weight", proj),
                  (".attention.v_conv1d.weight", proj)], kernel_size=K,

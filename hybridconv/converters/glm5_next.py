@@ -83,9 +83,9 @@ from __future__ import annotations
 from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import glm5_next as model_module
-from ._common import check_activation, head_rules
+from ._common import check_activation, head_rules, switch_mlp_rules
 from .registry import Architecture, Protected, Role, register
-from .rules import ConvToMLX, Drop, KeepFloat32, Regroup, Rename, Rule, Split, StackExperts
+from .rules import ConvToMLX, Drop, KeepFloat32, Regroup, Rename, Rule
 
 WRAPPER_PREFIX = r"^model\.language_model\."
 WRAPPER = "_multimodal_wrapper"  # planning note: the source is the Glm5NextForConditionalGeneration layout
@@ -247,12 +247,7 @@ def rules(cfg: dict) -> list[Rule]:
     out += [
         Rename(r"\.hc_(attn|ffn)_(fn|base|scale)$", r".\1_hc.\2"),
         Rename(r"\.self_attn\.forget_gate\.", ".self_attn."),
-        StackExperts(r"\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$",
-                     r".mlp.switch_mlp.\g<proj>.weight", E, "per-expert MLP weights"),
-        Split(r"\.mlp\.experts\.gate_up_proj$", 1,
-              [(".mlp.switch_mlp.gate_proj.weight", inter), (".mlp.switch_mlp.up_proj.weight", inter)],
-              "fused expert gate_up_proj [E, 2I, H]"),
-        Rename(r"\.mlp\.experts\.down_proj$", ".mlp.switch_mlp.down_proj.weight"),
+        *switch_mlp_rules(E, inter),
         Regroup(r"\.self_attn\.(?P<piece>conv1d)\.weight$", ["conv1d"],
                 [(".self_attn.q_conv1d.weight", proj), (".self_attn.k_conv1d.weight", proj),
                  (".self_attn.v_conv1d.weight", proj)], kernel_size=K,

@@ -67,10 +67,10 @@ from __future__ import annotations
 from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import lara_mini as model_module
-from ._common import check_activation, head_rules
+from ._common import check_activation, head_rules, switch_mlp_rules
 from .qwen3_next import PROTECTED, ROLES
 from .registry import Architecture, register
-from .rules import ConvToMLX, KeepFloat32, Rename, Rule, Split, StackExperts
+from .rules import ConvToMLX, KeepFloat32, Rename, Rule, Split
 
 LAYER_TYPES = ("linear_attention", "sliding_attention", "full_attention")
 
@@ -147,12 +147,7 @@ def rules(cfg: dict) -> list[Rule]:
                (".linear_attn.in_proj_b.weight", hv), (".linear_attn.in_proj_a.weight", hv)],
               "fused DeltaNet in_proj (rows q|k|v|z|b|a)"),
         Rename(r"\.linear_attn\.out_norm\.weight$", ".linear_attn.norm.weight"),
-        Split(r"\.mlp\.experts\.gate_up_proj$", 1,
-              [(".mlp.switch_mlp.gate_proj.weight", inter), (".mlp.switch_mlp.up_proj.weight", inter)],
-              "fused expert gate_up_proj [E, 2I, H]"),
-        Rename(r"\.mlp\.experts\.down_proj$", ".mlp.switch_mlp.down_proj.weight"),
-        StackExperts(r"\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$",
-                     r".mlp.switch_mlp.\g<proj>.weight", E, "per-expert MLP weights"),
+        *switch_mlp_rules(E, inter),
         ConvToMLX(r"\.linear_attn\.conv1d\.weight$", cfg["linear_conv_kernel_dim"], "DeltaNet conv1d weights"),
         KeepFloat32(r"\.linear_attn\.(A_log|dt_bias)$", "decay parameters: rounding compounds over every step",
                     "A_log, dt_bias"),

@@ -65,9 +65,9 @@ from __future__ import annotations
 from ..config import pick, positive_int
 from ..errors import ConfigError
 from ..models import minimax as model_module
-from ._common import check_activation, head_rules
+from ._common import check_activation, fused_expert_rules, head_rules
 from .registry import Architecture, Protected, Role, register
-from .rules import Drop, KeepFloat32, Rename, Rule, Split, StackExperts
+from .rules import Drop, KeepFloat32, Rename, Rule, StackExperts
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 FACTORS = {  # transformers' name -> the remote-code config's
@@ -164,11 +164,7 @@ def rules(cfg: dict) -> list[Rule]:
         out.append(StackExperts(rf"{MOE}experts\.(?P<expert>\d+)\.{src}\.weight$",
                                 rf".block_sparse_moe.switch_mlp.{dst}.weight", E, f"experts' {src} ({dst})"))
     out += [
-        Split(r"\.mlp\.experts\.gate_up_proj$", 1,
-              [(".block_sparse_moe.switch_mlp.gate_proj.weight", inter),
-               (".block_sparse_moe.switch_mlp.up_proj.weight", inter)],
-              "fused expert gate_up_proj [E, 2I, H]"),
-        Rename(r"\.mlp\.experts\.down_proj$", ".block_sparse_moe.switch_mlp.down_proj.weight"),
+        *fused_expert_rules(inter, ".block_sparse_moe.switch_mlp"),
         Rename(r"\.mlp\.gate\.weight$", ".block_sparse_moe.gate.weight"),
     ]
     return out

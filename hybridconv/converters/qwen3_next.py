@@ -69,8 +69,9 @@ from __future__ import annotations
 from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import qwen3_next as model_module
+from ._common import switch_mlp_rules
 from .registry import Architecture, Protected, Role, register
-from .rules import AddOffset, ConvToMLX, Drop, KeepFloat32, Rename, Rule, Split, StackExperts
+from .rules import AddOffset, ConvToMLX, Drop, KeepFloat32, Rule
 
 FOLDED = "norm_offset_folded"  # written config: the norm weights hold the scale 1 + w
 FOLD = "_fold_norm_offset"  # this conversion adds the 1 (the source has FOLDED unset)
@@ -226,17 +227,7 @@ def text_rules(cfg: dict) -> list[Rule]:
     if cfg["tie_word_embeddings"]:
         out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
     if cfg["num_experts"]:
-        E, inter = cfg["num_experts"], cfg["moe_intermediate_size"]
-        out += [
-            StackExperts(
-                r"\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$",
-                r".mlp.switch_mlp.\g<proj>.weight", E, "per-expert MLP weights",
-            ),
-            Split(r"\.mlp\.experts\.gate_up_proj$", 1,
-                  [(".mlp.switch_mlp.gate_proj.weight", inter), (".mlp.switch_mlp.up_proj.weight", inter)],
-                  "fused expert gate_up_proj [E, 2I, H]"),
-            Rename(r"\.mlp\.experts\.down_proj$", ".mlp.switch_mlp.down_proj.weight"),
-        ]
+        out += switch_mlp_rules(cfg["num_experts"], cfg["moe_intermediate_size"])
     out.append(ConvToMLX(r"\.linear_attn\.conv1d\.weight$", cfg["linear_conv_kernel_dim"], "DeltaNet conv1d weights"))
     out.append(KeepFloat32(r"\.linear_attn\.(A_log|dt_bias)$", "decay parameters: rounding compounds over every step",
                            "A_log, dt_bias"))
