@@ -367,14 +367,15 @@ def print_table(rows, args) -> None:
             if "error" in r:
                 print(f"| {ck} | {bits} | {label(r['method'], bits)} | — | does not run: {r['error']} | | | |")
                 continue
-            ratio = r["kl_mean"] / base["kl_mean"] if base else float("nan")
+            ratio = f"{r['kl_mean'] / base['kl_mean']:.2f}" if base else "—"
             verdict = ""
             if is_calibrated(r["method"]):
                 worse = [(x, ppl_gap(r, x)) for x in rs if "ppl" in x and x is not r and r["ppl"] > x["ppl"]]
                 best = min(mlx, key=lambda x: x["kl_mean"]) if mlx else None
                 same = [x for x in mlx if abs(x["bpw"] - r["bpw"]) <= 0.05]
                 checks = [
-                    f"≤0.6x convert: {'yes' if base and r['kl_mean'] <= 0.6 * base['kl_mean'] else 'NO'}",
+                    (f"≤0.6x convert: {'yes' if r['kl_mean'] <= 0.6 * base['kl_mean'] else 'NO'}" if base
+                     else "≤0.6x convert: — (no mlx_lm.convert row)"),
                     f"≤ best mlx-lm ({label(best['method'], bits)}): {'yes' if r['kl_mean'] <= best['kl_mean'] else 'NO'}" if best else "",
                     f"ppl ≤ all: {'yes' if not worse else 'NO'}"
                     + "".join(f" (+{d:.4f} nats/token vs {label(x['method'], bits)}, {z:.1f} SE)" if z is not None
@@ -382,5 +383,5 @@ def print_table(rows, args) -> None:
                     f"bpw within ±0.05 of {len(same)}/{len(mlx)} mlx-lm",
                 ]
                 verdict = "; ".join(c for c in checks if c)
-            print(f"| {ck} | {bits} | {label(r['method'], bits)} | {r['bpw']:.3f} | {r['kl_mean']:.4g} | {ratio:.2f} | "
+            print(f"| {ck} | {bits} | {label(r['method'], bits)} | {r['bpw']:.3f} | {r['kl_mean']:.4g} | {ratio} | "
                   f"{r['ppl']:.3f} ({r['ppl_float']:.3f}) | {verdict} |")
