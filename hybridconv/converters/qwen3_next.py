@@ -69,7 +69,7 @@ from __future__ import annotations
 from ..config import pick, positive, positive_int
 from ..errors import ConfigError
 from ..models import qwen3_next as model_module
-from ._common import switch_mlp_rules
+from ._common import head_rules, switch_mlp_rules
 from .registry import Architecture, Protected, Role, register
 from .rules import AddOffset, ConvToMLX, Drop, KeepFloat32, Rule
 
@@ -220,12 +220,9 @@ def normalize_config(raw: dict) -> dict:
 
 
 def text_rules(cfg: dict) -> list[Rule]:
-    out: list[Rule] = [
-        Drop(r"(^|\.)rotary_emb\.inv_freq$", "recomputed from rope_theta", "rotary inv_freq buffers"),
+    out: list[Rule] = head_rules(cfg) + [
         Drop(r"^mtp\.", "multi-token prediction head: not part of the causal LM", "mtp.*"),
     ]
-    if cfg["tie_word_embeddings"]:
-        out.append(Drop(r"^lm_head\.weight$", "tied: the head is model.embed_tokens.weight", "lm_head.weight"))
     if cfg["num_experts"]:
         out += switch_mlp_rules(cfg["num_experts"], cfg["moe_intermediate_size"])
     out.append(ConvToMLX(r"\.linear_attn\.conv1d\.weight$", cfg["linear_conv_kernel_dim"], "DeltaNet conv1d weights"))
