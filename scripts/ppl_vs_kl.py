@@ -49,7 +49,6 @@ from compare_trained import heldout_inputs, hybridconv_names, mlx_lm_input, run_
 from hybridconv.quant.calibration import DEFAULT_LEARN_STEPS, DEFAULT_LENGTH, DEFAULT_SAMPLES  # noqa: E402
 
 
-
 def emit(variant: str, metrics: dict) -> None:
     print(json.dumps({"variant": variant, **{k: round(float(x), 6) for k, x in metrics.items()}}), flush=True)
 
@@ -58,6 +57,12 @@ def nll_entropy_gaps(lp, lq, ids):
     """Per position: the next-token NLL of ``lq`` minus ``lp``'s, and ``lq``'s entropy minus ``lp``'s."""
     t = np.arange(len(ids) - 1)
     return lp[t, ids[1:]] - lq[t, ids[1:]], (np.exp(lp) * lp).sum(-1) - (np.exp(lq) * lq).sum(-1)
+
+
+def gap_summary(dn: list, de: list) -> dict:
+    """Mean NLL gap (± its standard error over tokens) and mean entropy change of per-window gaps."""
+    dn, de = np.concatenate(dn), np.concatenate(de)
+    return {"dnll": dn.mean(), "dnll_se": dn.std() / math.sqrt(dn.size), "dent": de.mean()}
 
 
 def measure(folder: Path, ref, seqs) -> dict:
@@ -79,9 +84,7 @@ def measure(folder: Path, ref, seqs) -> dict:
         de.append(e)
         rc, qc = r - r.mean(-1, keepdims=True), q - q.mean(-1, keepdims=True)
         slopes.append((rc * qc).sum() / (rc * rc).sum())
-    kl, dn, de = np.concatenate(kl), np.concatenate(dn), np.concatenate(de)
-    return {"kl": kl.mean(), "dnll": dn.mean(), "dnll_se": dn.std() / math.sqrt(dn.size), "dent": de.mean(),
-            "slope": float(np.mean(slopes))}
+    return {"kl": np.concatenate(kl).mean(), **gap_summary(dn, de), "slope": float(np.mean(slopes))}
 
 
 def float_temperature(ref, seqs, temp: float) -> dict:
@@ -95,8 +98,7 @@ def float_temperature(ref, seqs, temp: float) -> dict:
         n, e = nll_entropy_gaps(log_softmax(r), log_softmax(r / temp), ids)
         dn.append(n)
         de.append(e)
-    dn, de = np.concatenate(dn), np.concatenate(de)
-    return {"dnll": dn.mean(), "dnll_se": dn.std() / math.sqrt(dn.size), "dent": de.mean()}
+    return gap_summary(dn, de)
 
 
 def main() -> None:
